@@ -1,0 +1,1 @@
+"""mimlab: masked image modeling pre-training and transfer on Lightning + Hydra."""
