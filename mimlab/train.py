@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mimlab.callbacks.run_metadata import RunMetadata
+from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -1,4 +1,5 @@
-"""Stores the resolved config, code version and environment inside every checkpoint (``checkpoint["mimlab"]``)."""
+"""Stores the resolved config, code version and environment inside every checkpoint (``checkpoint["mimlab"]``)
+and hands the resolved config to every logger as its hyper-parameters (wandb run config, ``csv/hparams.yaml``)."""
 from __future__ import annotations
 
 import subprocess
@@ -26,6 +27,11 @@ class RunMetadata(L.Callback):
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.metadata = {"config": config, "code_version": code_version(), "torch": str(torch.__version__)}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        params = {**self.metadata["config"], "code_version": self.metadata["code_version"]}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["mimlab"] = self.metadata

@@ -1,0 +1,100 @@
+"""Training-health metrics for the dashboard: gradient norm, GPU memory, FLOPs per image and MFU.
+
+Keys (logged every ``trainer.log_every_n_steps`` optimiser steps, so they land in wandb and ``csv/metrics.csv``):
+``train/grad_norm`` (total L2 norm of all gradients, after AMP unscaling, before clipping),
+``perf/gpu_mem_alloc_gb`` / ``perf/gpu_mem_reserved_gb`` (peak since the last log step; CUDA only),
+``perf/train_gflops_per_img`` (once), ``perf/mfu`` (model FLOPs utilisation against ``peak_tflops`` per device).
+Lightning's ``ThroughputMonitor`` also reads ``flops_per_batch`` and logs ``train/device/mfu`` against its own table
+of spec peaks where it knows the device.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> float:
+    """FLOPs of one pre-training step (forward + backward) on ``images`` (N, C, H, W), counted by ``FlopCounterMode``.
+
+    Uses the pre-training contract (``make_mask``, ``forward(images, mask) -> (pred, target)``, ``loss(...)["loss"]``);
+    gradients are cleared afterwards. FlopCounterMode over-counts depthwise-conv backward (PERFORMANCE.md §2): modules
+    with an analytic count should set ``flops_per_batch`` themselves, which then wins.
+    """
+    was_training = pl_module.training
+    pl_module.train()
+    mask = pl_module.make_mask(images, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        pred, target = pl_module(images, mask)
+        pl_module.loss(pred, target, mask)["loss"].backward()
+    pl_module.zero_grad(set_to_none=True)
+    pl_module.train(was_training)
+    return float(counter.get_total_flops())
+
+
+class TrainingDashboard(L.Callback):
+    """Args: ``measure_flops`` (count FLOPs with ``flops_images`` images at the start of training when the module has
+    no ``flops_per_batch``), ``peak_tflops`` (per-device peak for ``perf/mfu``; PERFORMANCE.md uses 790 for a bf16 H100;
+    null = no ``perf/mfu``)."""
+
+    def __init__(self, measure_flops: bool = True, flops_images: int = 2, peak_tflops: float | None = None) -> None:
+        self.measure_flops = measure_flops
+        self.flops_images = flops_images
+        self.peak_tflops = peak_tflops
+        self.flops_per_image: float | None = None
+        self._t0: float | None = None
+        self._steps = 0
+
+    # --------------------------------------------------------------------------------------------- FLOPs
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batch_size = trainer.datamodule.batch_size
+        if getattr(pl_module, "flops_per_batch", None):
+            self.flops_per_image = pl_module.flops_per_batch / batch_size
+        elif self.measure_flops and hasattr(pl_module, "make_mask"):
+            dataset = trainer.datamodule.val_set
+            images = torch.stack([dataset[i][0] for i in range(min(self.flops_images, len(dataset)))])
+            self.flops_per_image = measure_train_flops(pl_module, images.to(pl_module.device)) / len(images)
+            pl_module.flops_per_batch = self.flops_per_image * batch_size
+        if self.flops_per_image:
+            rank_zero_info(f"TrainingDashboard: {self.flops_per_image / 1e9:.3f} GFLOP per image per training step")
+            for logger in trainer.loggers:
+                logger.log_metrics({"perf/train_gflops_per_img": self.flops_per_image / 1e9}, step=trainer.global_step)
+        self._t0, self._steps = None, 0
+
+    # --------------------------------------------------------------------------------------------- per step
+    def _log_step(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._log_step(trainer):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps += 1
+        if self._t0 is None:  # the first step (compilation, warm-up) is not timed
+            self._t0, self._steps = time.perf_counter(), 0
+            return
+        if not trainer._logger_connector.should_update_logs:
+            return
+        metrics: dict[str, float] = {}
+        if pl_module.device.type == "cuda":
+            metrics["perf/gpu_mem_alloc_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            metrics["perf/gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+            torch.cuda.synchronize(pl_module.device)
+        if self.flops_per_image and self.peak_tflops and self._steps > 0:
+            elapsed = time.perf_counter() - self._t0
+            batch_size = batch[0].shape[0] if isinstance(batch, (list, tuple)) else batch.shape[0]
+            achieved = self.flops_per_image * batch_size * self._steps / elapsed
+            metrics["perf/mfu"] = achieved / (self.peak_tflops * 1e12)
+        self._t0, self._steps = time.perf_counter(), 0
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
