@@ -14,7 +14,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
 DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
 
-.PHONY: help install data pretrain finetune linear-probe test clean
+.PHONY: help install data pretrain finetune linear-probe sweep report test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,14 @@ finetune: $(VENV)/.installed  ## ImageNet-style fine-tuning (issue #7)
 
 linear-probe: $(VENV)/.installed  ## linear probing of a pre-trained checkpoint (issue #7)
 	@echo "make linear-probe: not implemented yet — linear probing lands with issue #7 (ImageNet fine-tuning and linear probing)."; exit 2
+
+sweep: $(VENV)/.installed  ## Hydra multirun of a sweep file: make sweep SWEEP=conf/sweep/mae_mask_ratio.yaml [ARGS=...]
+	@test -n "$(SWEEP)" || { echo "make sweep: set SWEEP=conf/sweep/<name>.yaml (files: $$(ls conf/sweep))"; exit 2; }
+	@test -f "$(SWEEP)" || { echo "make sweep: $(SWEEP) not found (files: $$(ls conf/sweep))"; exit 2; }
+	$(PY) -m mimlab.train -m +sweep=$(basename $(notdir $(SWEEP))) $(ARGS)
+
+report: $(VENV)/.installed  ## table + plot of run folders: make report RUNS=outputs/sweeps/<name>/<time> [ARGS="--x masking.ratio"]
+	$(PY) -m mimlab.report $(or $(RUNS),outputs) $(ARGS)
 
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q
