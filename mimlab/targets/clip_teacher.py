@@ -13,6 +13,7 @@ dict (both go through timm's ``checkpoint_filter_fn``). No downloads; ``checkpoi
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +57,9 @@ class ClipTeacherTarget(Target):
         super().__init__()
         if checkpoint_path:
             load_teacher_weights(teacher, checkpoint_path)
+        else:
+            warnings.warn("target.checkpoint_path is not set: the CLIP teacher keeps RANDOM weights (fine for tests, "
+                          "meaningless for pre-training)", stacklevel=2)
         self.teacher = teacher.requires_grad_(False).eval()
         self.teacher_size = teacher_size
         self.num_prefix = int(getattr(teacher, "num_prefix_tokens", 1))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from mimlab.masking import keep_indices
+from mimlab.masking import keep_indices, num_visible
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -248,8 +248,7 @@ class HiViT(nn.Module):
             raise ValueError(f"mask has {mask.shape[1]} units but the {h}x{w} image has {grid[0] * grid[1]} "
                              f"units of {self.unit_size} px; set masking.unit_size={self.unit_size}")
         if mask is not None and self.drop_masked:
-            num_keep = int(mask.shape[1] - mask[0].sum().item())
-            ids_keep = keep_indices(mask, num_keep)
+            ids_keep = keep_indices(mask, num_visible(mask))
             x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
         for blk in self.stage4:
             x = blk(x)

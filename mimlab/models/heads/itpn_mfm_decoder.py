@@ -53,13 +53,20 @@ class LevelFeatureDecoder(nn.Module):
 
 
 class ITPNMFMDecoder(nn.Module):
-    """Args: pixel_decoder (an ``ITPNPixelDecoder`` or None), fpn_dim, out_dims (teacher feature dim per unit for
-    s4/s8/s16), embed_dim/depth/num_heads of each level decoder, img_size/unit_size (grid)."""
+    """Args: pixel_decoder (an ``ITPNPixelDecoder`` or None), fpn_dim, the per-unit target width of s4/s8/s16 as
+    ``out_dims`` or as ``teacher_embed_dim`` (teacher D) + ``stages`` (teacher stage per level, as in the target:
+    stage 0 gives 16·D/4 = 4D per unit, stage 1 gives 4·D/2 = 2D, stage 2 gives D), embed_dim/depth/num_heads of each
+    level decoder, img_size/unit_size (grid)."""
 
-    def __init__(self, out_dims: list[int] | tuple[int, int, int], pixel_decoder: nn.Module | None = None,
-                 fpn_dim: int = 256, embed_dim: int = 256, depth: int = 2, num_heads: int = 8,
-                 mlp_ratio: float = 4.0, img_size: int = 224, unit_size: int = 16) -> None:
+    def __init__(self, out_dims: list[int] | tuple[int, int, int] | None = None,
+                 pixel_decoder: nn.Module | None = None, fpn_dim: int = 256, embed_dim: int = 256, depth: int = 2,
+                 num_heads: int = 8, mlp_ratio: float = 4.0, img_size: int = 224, unit_size: int = 16,
+                 teacher_embed_dim: int | None = None, stages: list[int] | tuple[int, ...] | None = None) -> None:
         super().__init__()
+        if out_dims is None:
+            if teacher_embed_dim is None or stages is None:
+                raise ValueError("ITPNMFMDecoder: give out_dims, or teacher_embed_dim and stages (= target.stages)")
+            out_dims = [teacher_embed_dim * (4, 2, 1)[s] for s in stages]
         grid = (img_size // unit_size, img_size // unit_size)
         self.pixel_decoder = pixel_decoder
         self.level_decoders = nn.ModuleDict({

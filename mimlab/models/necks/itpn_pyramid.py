@@ -39,7 +39,8 @@ class ITPNPyramid(nn.Module):
     """Three-level C-MLP pyramid at ``fpn_dim`` channels, strides 4/8/16.
 
     Args:
-        in_channels: backbone channels at strides (4, 8, 16), e.g. ``[128, 256, 512]`` for iTPN-B.
+        in_channels: backbone channels at strides (4, 8, 16), e.g. ``[128, 256, 512]`` for iTPN-B; or give
+            ``embed_dim`` (the backbone's D) for ``[D/4, D/2, D]``.
         fpn_dim: pyramid width F (256). fpn_depth: C-MLP blocks in ``block_16to8``/``block_8to4``
             (2 for pixel pre-training and segmentation, 1 for CLIP pre-training and detection).
         mlp_ratio: hidden ratio of the pyramid MLP blocks (4).
@@ -49,10 +50,12 @@ class ITPNPyramid(nn.Module):
     ``(N, C_i, H/s_i, W/s_i)`` (returns ``[(N, F, H/4, W/4), (N, F, H/8, W/8), (N, F, H/16, W/16)]``).
     """
 
-    def __init__(self, in_channels: list[int] | tuple[int, ...], fpn_dim: int = 256, fpn_depth: int = 2,
-                 mlp_ratio: float = 4.0) -> None:
+    def __init__(self, in_channels: list[int] | tuple[int, ...] | None = None, fpn_dim: int = 256,
+                 fpn_depth: int = 2, mlp_ratio: float = 4.0, embed_dim: int | None = None) -> None:
         super().__init__()
-        c4, c8, c16 = in_channels
+        if (in_channels is None) == (embed_dim is None):
+            raise ValueError("ITPNPyramid: give exactly one of in_channels (3 values) or embed_dim (backbone D)")
+        c4, c8, c16 = in_channels if in_channels is not None else (embed_dim // 4, embed_dim // 2, embed_dim)
         self.out_channels = [fpn_dim] * 3
         self.out_strides = [4, 8, 16]
 
