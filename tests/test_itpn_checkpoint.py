@@ -1,6 +1,7 @@
 """Import of the official iTPN checkpoint layout (METHODS.md §4.7), on synthetic state dicts in that layout."""
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
@@ -55,7 +56,7 @@ def test_official_layout_round_trip():
 def test_pretrain_checkpoint_into_finetune_model_with_rpe_and_head(tmp_path):
     src = build(0)
     path = tmp_path / "itpn_pixel.pth"
-    torch.save(to_official(*src), path)
+    torch.save({**to_official(*src), "args": argparse.Namespace(model="itpn_base"), "epoch": 3}, path)  # MAE-style
     finetune = HiViT(embed_dim=32, mlp_depth=M, depth=2, num_heads=2, img_size=64, rpe=True, num_classes=10)
     parts = load_official_itpn(path, finetune, ITPNPyramid([8, 16, 32], 16, 2))
     torch.testing.assert_close(finetune.main_blocks[1].mlp.fc2.weight, src[0].main_blocks[1].mlp.fc2.weight)

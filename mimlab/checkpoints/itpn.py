@@ -14,6 +14,7 @@ not be given; a checkpoint that does not fit that pattern, or whose shapes do no
 """
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -27,6 +28,18 @@ BACKBONE_PREFIXES = ("patch_embed.", "absolute_pos_embed", "blocks.", "fc_norm."
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 
 
+def load_checkpoint_file(path: Path) -> dict:
+    """``torch.load`` with weights only; MAE-style files also pickle ``args`` (an ``argparse.Namespace``), which is
+    allow-listed. OpenAI CLIP ``.pt`` files are TorchScript archives and are read with ``torch.jit.load``."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as err:  # TorchScript archive
+        if "TorchScript" not in str(err) and "jit" not in str(err).lower():
+            raise
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
 def read_state_dict(source: str | Path | dict) -> dict[str, Tensor]:
     """A path or a loaded object -> flat state dict, unwrapping ``model``/``module``/``model_ema``/``state_dict`` and
     stripping ``module.`` / ``encoder.`` prefixes."""
@@ -35,7 +48,7 @@ def read_state_dict(source: str | Path | dict) -> dict[str, Tensor]:
         if not path.is_file():
             raise FileNotFoundError(f"iTPN checkpoint {path} does not exist (official weights are on Baidu/Google "
                                     "Drive only: download them yourself and pass the local path)")
-        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = load_checkpoint_file(path)
     for key in ("model", "module", "model_ema", "state_dict"):
         if isinstance(source, dict) and key in source and isinstance(source[key], dict):
             source = source[key]

@@ -73,11 +73,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rpe_index: Tensor | None = None) -> Tensor:
         n, k, d = x.shape
-        q, v_k, v = self.qkv(x).reshape(n, k, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, key, v = self.qkv(x).reshape(n, k, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         bias = None
         if self.relative_position_bias_table is not None and rpe_index is not None:
             bias = self.relative_position_bias_table[rpe_index].permute(0, 3, 1, 2).to(q.dtype)  # (N|1, H, K, K)
-        x = F.scaled_dot_product_attention(q, v_k, v, attn_mask=bias,
+        x = F.scaled_dot_product_attention(q, key, v, attn_mask=bias,
                                            dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(n, k, d)))
 
