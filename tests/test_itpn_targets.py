@@ -159,3 +159,21 @@ def test_ema_rejects_bad_config():
         EMATeacherTarget(tiny_backbone(0), stages=(0, 3, 2))
     with pytest.raises(ValueError, match="momentum"):
         EMATeacherTarget(tiny_backbone(0), momentum=1.2)
+
+
+def test_sync_callback_copies_once_and_not_after_resume():
+    from types import SimpleNamespace
+
+    from mimlab.callbacks.ema_teacher_sync import EMATeacherSync
+
+    student, target = tiny_backbone(0), EMATeacherTarget(tiny_backbone(1))
+    module = SimpleNamespace(target=target, backbone=student)
+    EMATeacherSync().on_train_start(None, module)
+    w = next(target.teacher.parameters())
+    torch.testing.assert_close(w, next(student.parameters()))
+    with torch.no_grad():
+        next(student.parameters()).add_(1.0)
+    EMATeacherSync().on_train_start(None, module)  # e.g. after a resume: synced is restored, nothing is copied
+    assert not torch.allclose(w, next(student.parameters()))
+    with pytest.raises(TypeError, match="sync_"):
+        EMATeacherSync().on_train_start(None, SimpleNamespace(target=nn.Identity(), backbone=student))

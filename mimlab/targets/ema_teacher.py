@@ -7,7 +7,8 @@ loss is the pixel reconstruction loss **plus** the MFM losses (three of them in 
 
 What is **our choice** (no public code exists; METHODS.md §4.3 marks all of it UNVERIFIED):
 * the teacher is an EMA copy of the student *backbone only* (not the pyramid), built from the same config;
-  it is hard-synced to the student on the first ``update`` call and never receives gradients;
+  it is hard-synced to the student before training (``mimlab.callbacks.ema_teacher_sync.EMATeacherSync``, or the
+  first ``update`` call otherwise) and never receives gradients;
 * momentum follows a cosine schedule from ``momentum`` (0.996) to ``final_momentum`` (1.0) over training progress
   (BYOL/DINO/data2vec convention): ``m(p) = final - (final - base) · (cos(π p) + 1) / 2``;
 * which teacher stage each pyramid level predicts is ``stages`` (indices into (f4, f8, x16)); the default
@@ -77,11 +78,18 @@ class EMATeacherTarget(Target):
         return self
 
     @torch.no_grad()
+    def sync_(self, student: nn.Module) -> bool:
+        """Copy the student into the teacher once (no-op when already synced, e.g. after a resume); True if copied."""
+        if bool(self.synced):
+            return False
+        ema_update_(self.teacher, student, 0.0)
+        self.synced.fill_(True)
+        return True
+
+    @torch.no_grad()
     def update(self, student: nn.Module, progress: float) -> None:
-        """Hard copy on the first call, then ``t ← m(p)·t + (1 − m(p))·s`` (see ``cosine_momentum``)."""
-        if not bool(self.synced):
-            ema_update_(self.teacher, student, 0.0)
-            self.synced.fill_(True)
+        """Hard copy if never synced (see ``sync_``), else ``t ← m(p)·t + (1 − m(p))·s`` (see ``cosine_momentum``)."""
+        if self.sync_(student):
             return
         self.current_momentum = cosine_momentum(self.momentum, self.final_momentum, progress)
         ema_update_(self.teacher, student, self.current_momentum)
