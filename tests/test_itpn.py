@@ -126,3 +126,26 @@ def test_clip_variant_both_terms_finite_and_total_decreases():
     hist = run(parts, BlockMasking(unit_size=16, num_masked=6, min_num_patches=2))
     assert set(hist[0]) == {"loss", "pyramid", "aux"}
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_heads_name_the_config_key_on_misuse():
+    backbone, neck = tiny_backbone(), ITPNPyramid(embed_dim=32, fpn_dim=16, fpn_depth=1)
+    head = ITPNClipHead(embed_dim=32, fpn_dim=16, teacher_dim=8, num_heads=2, aux_block=1, img_size=64)
+    mask = torch.zeros(1, 16)
+    mask[:, :8] = 1
+    with pytest.raises(ValueError, match="drop_masked=false"):
+        head(neck(backbone(torch.randn(1, 3, 64, 64), mask)))
+    inpaint = tiny_backbone(drop_masked=False)
+    with pytest.raises(KeyError, match=r"keep_hidden=\[1\]"):
+        head(neck(inpaint(torch.randn(1, 3, 64, 64), mask)))
+    with pytest.raises(ValueError, match="teacher_embed_dim"):
+        ITPNMFMDecoder(fpn_dim=16)
+    with pytest.raises(ValueError, match="exactly one"):
+        ITPNPyramid()
+
+
+def test_classification_head_for_fine_tuning():
+    model = tiny_backbone(rpe=True, num_classes=5)
+    assert model.forward_head(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+    with pytest.raises(ValueError, match="num_classes"):
+        tiny_backbone().forward_head(torch.randn(1, 3, 64, 64))
