@@ -107,5 +107,15 @@ def main(cfg: DictConfig) -> float | None:
     return result["metrics"].get("val/loss")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m mimlab.train``: name misspelled keys with a suggestion, then hand over to Hydra."""
+    from mimlab.utils.config_keys import unknown_key_messages
+
+    problems = unknown_key_messages(CONFIG_DIR, "train", sys.argv[1:])
+    if problems:
+        sys.exit("\n".join(problems))
     main()
+
+
+if __name__ == "__main__":
+    cli()
