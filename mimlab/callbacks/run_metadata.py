@@ -23,7 +23,8 @@ def code_version() -> str:
 
 
 class RunMetadata(L.Callback):
-    """Adds ``{"config", "code_version", "torch"}`` to each checkpoint so a checkpoint is self-describing."""
+    """Adds ``{"config", "code_version", "torch", "data"}`` to each checkpoint so a checkpoint is self-describing
+    (``data`` is the DataModule's ``fingerprint()`` when it has one)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.metadata = {"config": config, "code_version": code_version(), "torch": str(torch.__version__)}
@@ -34,4 +35,7 @@ class RunMetadata(L.Callback):
             logger.log_hyperparams(params)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if "data" not in self.metadata:
+            fingerprint = getattr(trainer.datamodule, "fingerprint", None)
+            self.metadata["data"] = fingerprint() if callable(fingerprint) else None
         checkpoint["mimlab"] = self.metadata
