@@ -1,0 +1,80 @@
+"""Dashboard pieces: kNN accuracy against a loop reference, FLOP counting behaviour, grad norm, wandb defaults."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from conftest import compose_config
+from mimlab.callbacks.dashboard import TrainingDashboard, measure_train_flops
+from mimlab.callbacks.knn import knn_accuracy
+from mimlab.loggers import override_tags, wandb_logger
+
+
+def _knn_reference(train, train_labels, val, val_labels, k, t):
+    correct = 0
+    for f, y in zip(val, val_labels):
+        sims = [(float(f @ g), int(c)) for g, c in zip(train, train_labels)]
+        top = sorted(sims, reverse=True)[:k]
+        votes = {}
+        for s, c in top:
+            votes[c] = votes.get(c, 0.0) + torch.tensor(s / t).exp().item()
+        correct += max(votes, key=votes.get) == int(y)
+    return correct / len(val)
+
+
+def test_knn_accuracy_matches_the_weighted_vote_reference():
+    g = torch.Generator().manual_seed(0)
+    centres = nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    train_labels, val_labels = torch.arange(40) % 4, torch.arange(20) % 4
+    noise = 0.5
+    train = nn.functional.normalize(centres[train_labels] + noise * torch.randn(40, 16, generator=g), dim=1)
+    val = nn.functional.normalize(centres[val_labels] + noise * torch.randn(20, 16, generator=g), dim=1)
+    acc = knn_accuracy(train, train_labels, val, val_labels, k=5, temperature=0.1)
+    assert acc == pytest.approx(_knn_reference(train, train_labels, val, val_labels, 5, 0.1))
+    assert 0.25 < acc < 1.0  # informative but not trivial at this noise level
+    assert knn_accuracy(centres[train_labels], train_labels, centres[val_labels], val_labels, k=3) == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_mae():
+    def build(ratio):
+        cfg = compose_config(["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "model.backbone.embed_dim=32",
+                              "model.backbone.depth=1", "model.backbone.num_heads=2", "model.decoder.embed_dim=32",
+                              "model.decoder.num_heads=2", f"masking.ratio={ratio}"])
+        return instantiate(cfg.method)
+    return build
+
+
+def test_flop_count_is_linear_in_batch_and_falls_with_the_mask_ratio(tiny_mae):
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    module = tiny_mae(0.5)
+    two, one = measure_train_flops(module, images), measure_train_flops(module, images[:1])
+    assert two == pytest.approx(2 * one, rel=1e-6) and one > 0
+    assert all(p.grad is None for p in module.parameters())  # measuring leaves no gradients behind
+    assert measure_train_flops(tiny_mae(0.9), images) < 0.9 * two  # fewer visible tokens in the encoder
+
+
+def test_grad_norm_is_the_total_l2_norm_of_all_gradients():
+    logged = {}
+    module = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    module(torch.randn(5, 4)).square().sum().backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in module.parameters()])
+    TrainingDashboard().on_before_optimizer_step(SimpleNamespace(global_step=0, log_every_n_steps=1), module, None)
+    assert logged["train/grad_norm"] == pytest.approx(float(expected), rel=1e-6)
+    logged.clear()
+    TrainingDashboard().on_before_optimizer_step(SimpleNamespace(global_step=3, log_every_n_steps=2), module, None)
+    assert logged == {}  # only on logging steps
+
+
+def test_wandb_logger_outside_a_sweep_and_override_tags(tmp_path):
+    logger = wandb_logger(project="t", save_dir=str(tmp_path), mode="offline")
+    assert logger._wandb_init.get("group") is None and logger._wandb_init.get("tags") is None
+    tags = override_tags(["masking.ratio=0.6", "paths.output_dir=/x", "hydra.run.dir=/y", "data.root=/d",
+                          "~callbacks.progress", "+sweep=s", "model.decoder.depth=" + "8" * 80])
+    assert tags[:3] == ["masking.ratio=0.6", "~callbacks.progress", "sweep=s"] and len(tags[3]) == 64
