@@ -78,3 +78,40 @@ def test_wandb_logger_outside_a_sweep_and_override_tags(tmp_path):
     tags = override_tags(["masking.ratio=0.6", "paths.output_dir=/x", "hydra.run.dir=/y", "data.root=/d",
                           "~callbacks.progress", "+sweep=s", "model.decoder.depth=" + "8" * 80])
     assert tags[:3] == ["masking.ratio=0.6", "~callbacks.progress", "sweep=s"] and len(tags[3]) == 64
+
+
+def test_token_diversity_matches_the_pairwise_reference_and_extremes():
+    from mimlab.callbacks.target_maps import similarity_maps, token_diversity
+
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 9, 8)
+    x = nn.functional.normalize(tokens, dim=-1)
+    ref = [1 - sum(float(x[n, i] @ x[n, k]) for i in range(9) for k in range(9) if i != k) / 72 for n in range(2)]
+    assert token_diversity(tokens).tolist() == pytest.approx(ref, rel=1e-5)
+    assert float(token_diversity(torch.ones(1, 9, 8))) == pytest.approx(0.0, abs=1e-6)  # collapsed teacher
+    maps = similarity_maps(tokens)
+    assert maps.shape == (2, 1, 3, 3) and torch.allclose(maps[:, 0, 1, 1], torch.ones(2))  # centre vs itself
+
+
+def test_teacher_panel_writes_diversity_csv_and_png_for_teachers_only(tmp_path):
+    from mimlab.callbacks.target_maps import TeacherTargetPanel
+
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 8, stride=8)
+
+        def forward(self, images, mask=None):
+            return self.conv(images)  # (N, 8, 4, 4) tokens
+
+    dataset = [(torch.randn(3, 32, 32), 0) for _ in range(8)]
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_set=dataset), default_root_dir=str(tmp_path),
+                              global_step=0, loggers=[])
+    module = SimpleNamespace(target=Teacher(), device=torch.device("cpu"),
+                             make_mask=lambda images, generator: torch.ones(images.shape[0], 16))
+    path = TeacherTargetPanel(num_images=2).render(trainer, module)
+    assert path is not None and path.stat().st_size > 500
+    rows = (tmp_path / "target_maps" / "token_diversity.csv").read_text().splitlines()
+    assert rows[0] == "step,target/token_diversity" and 0 < float(rows[1].split(",")[1]) <= 2
+    module.target = nn.Identity()  # no weights: a pixel target, nothing drawn
+    assert TeacherTargetPanel().render(trainer, module) is None
