@@ -104,3 +104,12 @@ def test_mismatch_error_lists_shapes_and_unexpected_keys():
     assert "stages.3.0.dwconv.weight: checkpoint (40, 1, 7, 7) vs model (32, 1, 7, 7)" in msg
     assert "unexpected in checkpoint (1): stages.9.0.grn.gamma" in msg
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
+
+
+def test_mimlab_pretraining_checkpoint_reads_the_backbone_only():
+    src = randomised()
+    lightning_ckpt = {"state_dict": {**{f"backbone.{k}": v for k, v in src.state_dict().items()},
+                                     "decoder.proj.weight": torch.zeros(512, 32, 1, 1)}, "global_step": 10}
+    dst = randomised(seed=1)
+    load_convnextv2_checkpoint(dst, lightning_ckpt)
+    assert_same(src, dst)

@@ -14,7 +14,8 @@ Accepted layouts (METHODS.md §3.6), detected per key:
   mlp.fc1, mlp.grn.weight/bias, mlp.fc2}``, ``head.norm``/``head.fc`` (1x1-conv MLP weights of the small
   ``conv_mlp`` variants are flattened).
 
-A checkpoint file may wrap the weights under ``'model'`` or ``'state_dict'``; a ``module.`` prefix is removed.
+A checkpoint file may wrap the weights under ``'model'`` or ``'state_dict'``; a ``module.`` prefix is removed, and
+from a mimlab pre-training checkpoint (Lightning ``state_dict`` with ``backbone.*`` keys) only the backbone is read.
 """
 from __future__ import annotations
 
@@ -64,7 +65,10 @@ def _unwrap(obj: Mapping) -> dict[str, torch.Tensor]:
     for key in ("model", "state_dict"):
         if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    if any(k.startswith("backbone.") for k in obj):  # a mimlab MaskedPretraining checkpoint: keep the encoder
+        obj = {k.removeprefix("backbone."): v for k, v in obj.items() if k.startswith("backbone.")}
+    return obj
 
 
 def _sparse_kernel_to_weight(v: torch.Tensor) -> torch.Tensor:
