@@ -12,7 +12,10 @@ from mimlab.models.heads.fcmae_decoder import FCMAEDecoder
 from mimlab.targets.pixels import NormPixTarget
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-SIZES = ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
+SIZES = {"atto": ([2, 2, 6, 2], [40, 80, 160, 320]), "femto": ([2, 2, 6, 2], [48, 96, 192, 384]),
+         "pico": ([2, 2, 6, 2], [64, 128, 256, 512]), "nano": ([2, 2, 8, 2], [80, 160, 320, 640]),
+         "tiny": ([3, 3, 9, 3], [96, 192, 384, 768]), "base": ([3, 3, 27, 3], [128, 256, 512, 1024]),
+         "large": ([3, 3, 27, 3], [192, 384, 768, 1536]), "huge": ([3, 3, 27, 3], [352, 704, 1408, 2816])}
 
 
 def composed(experiment):
@@ -37,11 +40,11 @@ def test_base_recipe_matches_row_28_and_model_rows_25_27():
 
 
 def test_every_size_has_an_experiment_with_the_same_recipe():
-    for size in SIZES:
+    for size, (depths, dims) in SIZES.items():  # METHODS.md §3.1
         cfg = composed(f"fcmae_convnextv2_{size}")
-        assert cfg.model.backbone.dims == composed(f"fcmae_convnextv2_{size}").model.backbone.dims
-        assert (cfg.masking.ratio, cfg.optim.blr, cfg.trainer.max_epochs) == (0.6, 1.5e-4, 1600), size
-        assert cfg.model.decoder.in_channels == cfg.model.backbone.dims[3]
+        assert (list(cfg.model.backbone.depths), list(cfg.model.backbone.dims)) == (depths, dims), size
+        assert (cfg.masking.ratio, cfg.masking.unit_size, cfg.optim.blr, cfg.trainer.max_epochs) == (0.6, 32, 1.5e-4, 1600)
+        assert (cfg.model.decoder.in_channels, cfg.model.decoder.embed_dim, cfg.model.decoder.depth) == (dims[3], 512, 1)
 
 
 def test_atto_at_224_masks_30_of_49_units_and_predicts_3072_values_each():
