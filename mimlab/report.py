@@ -158,6 +158,7 @@ def report(paths: list[str | Path], out: str | Path | None = None, x: str | None
     runs = find_runs(paths)
     rows = gather(runs, agg)
     keys = varying_keys(rows)
+    keys = keys if x is None or x in keys else [x, *keys]  # e.g. --x experiment: a varying key kept out by default
     available = set().union(*(r["metrics"] for r in rows))
     metrics = y or [m for m in DEFAULT_METRICS if m in available]
     missing = [m for m in metrics if m not in available]

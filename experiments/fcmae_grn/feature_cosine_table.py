@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's mimlab, run from anywhere
 
-from mimlab.analysis.feature_cosine import feature_cosine_distance, load_images, plot_feature_cosine
-from mimlab.report import find_runs, read_overrides
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from mimlab.analysis.feature_cosine import feature_cosine_distance, load_images, plot_feature_cosine  # noqa: E402
+from mimlab.report import find_runs, read_overrides  # noqa: E402
 
 
 def run_label(run: Path) -> str:
