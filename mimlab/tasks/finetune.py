@@ -129,6 +129,7 @@ class FineTuning(ImageClassification):
 
     def __init__(
         self,
+        backbone: nn.Module,
         *args: Any,
         mixup: Callable[..., Any] | None = None,
         label_smoothing: float = 0.1,
@@ -143,9 +144,10 @@ class FineTuning(ImageClassification):
         self.ema_warmup = ema_warmup
         self.mixup = None
         self.ema: ModelEmaV3 | None = None
-        super().__init__(*args, **kwargs)
-        if drop_backbone_norm and isinstance(getattr(self.backbone, "norm", None), nn.LayerNorm):
-            self.backbone.norm = nn.Identity()
+        if drop_backbone_norm and isinstance(getattr(backbone, "norm", None), nn.LayerNorm):
+            backbone.norm = nn.Identity()  # before loading and before the EMA copy; the checkpoint's norm.* is unused
+            kwargs["ignore_unexpected"] = (*kwargs.get("ignore_unexpected", ()), "norm.*")
+        super().__init__(backbone, *args, **kwargs)
 
     def on_head_built(self) -> None:
         self.mixup = self.mixup_factory(num_classes=self.num_classes) if self.mixup_factory is not None else None
@@ -180,14 +182,15 @@ class FineTuning(ImageClassification):
             self.ema.update(self._ema_source(), step=self.global_step)
 
     def evaluate(self, images: Tensor) -> Tensor:
+        """Validation logits: the EMA weights when model EMA is on, else the trained weights."""
         if self.ema is None:
             return self(images)
-        self.raw_acc1.update(self(images), self._val_labels)
         ema = self.ema.module
         return ema["head"](self.features(ema["backbone"], images))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._val_labels = batch[1]
+        if self.ema is not None:
+            self.raw_acc1.update(self(batch[0]), batch[1])
         super().validation_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
