@@ -195,3 +195,14 @@ def test_knn_predict_matches_brute_force():
         for i in idx:
             expected[labels[i]] += torch.exp(sims[i] / 0.07)
         assert torch.allclose(scores[q], expected, rtol=1e-5)
+
+
+def test_official_itpn_layout_is_routed_to_the_itpn_converter(tmp_path):
+    import importlib.util
+
+    torch.save({"model": {"blocks.3.reduction.weight": torch.zeros(4, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}},
+               tmp_path / "itpn.pth")
+    if importlib.util.find_spec("mimlab.checkpoints.itpn") is not None:
+        pytest.skip("mimlab.checkpoints.itpn present: covered by the HiViT import tests")
+    with pytest.raises(CheckpointMismatchError, match="official iTPN/HiViT checkpoint"):
+        load_backbone(tiny_vit(), tmp_path / "itpn.pth")

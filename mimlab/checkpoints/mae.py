@@ -6,7 +6,8 @@
 * Official ConvNeXt V2 FCMAE (``{'model': ...}``, dense naming, or Minkowski ``encoder.*`` / ``kernel`` naming, which is
   converted: conv ``kernel (k², in, out) -> (out, in, k, k)``, depthwise ``(k², C) -> (C, 1, k, k)``, biases ``(1, C) -> (C,)``,
   GRN params reshaped to the model's shape).
-* Official iTPN / HiViT (``{'model'|'module': ...}``): pyramid and decoder keys are dropped; the backbone keys must match.
+* Official iTPN / HiViT: the flat ``blocks`` list (PatchMerges at indices) is split by ``mimlab.checkpoints.itpn``
+  (stage4 / merge4 / stage8 / merge8 / main_blocks); pyramid and decoder keys are dropped.
 
 Every mismatch is reported at once: missing, unexpected and shape-mismatched keys, with the file name.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,6 +69,13 @@ def backbone_state_from(path: str | Path, prefix: str = "backbone.") -> tuple[di
     if any(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, "mimlab"
     state = _strip(state, ("module.", "encoder.", "model."))
+    if any(re.match(r"blocks\.\d+\.reduction\.weight$", k) for k in state):  # iTPN/HiViT: PatchMerges inside `blocks`
+        try:
+            from mimlab.checkpoints.itpn import convert_official_itpn
+        except ImportError as err:
+            raise CheckpointMismatchError(f"{path} is an official iTPN/HiViT checkpoint (PatchMerge inside `blocks`); "
+                                          "its import needs mimlab.checkpoints.itpn (the HiViT/iTPN issue)") from err
+        state = convert_official_itpn(state)["backbone"]
     state = {k: v for k, v in state.items() if not any(fnmatch.fnmatch(k, p) for p in OFFICIAL_NON_BACKBONE)}
     return remap_minkowski(state), "official"
 
