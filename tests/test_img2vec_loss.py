@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mimlab.losses.img2vec import Img2VecLoss, mask_on_grid
+from mimlab.losses.img2vec import Img2VecLoss
 
 
 def smooth_l1_reference(x, y, beta):
@@ -48,12 +48,17 @@ def test_patch_loss_only_sees_masked_teacher_tokens_in_row_major_order():
 
 
 def test_unit_mask_is_upsampled_onto_a_finer_teacher_grid():
-    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])  # 2x2 units of 32 px
-    fine = mask_on_grid(mask, (4, 4))  # ViT/16 teacher: 4x4 tokens, 2x2 per unit
-    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.float)
-    assert torch.equal(fine.view(4, 4), expected)
-    with pytest.raises(ValueError, match="unit_size"):
-        mask_on_grid(torch.zeros(1, 16), (2, 2))  # teacher coarser than the mask units
+    """32-px units over a stride-16 (ViT/16) teacher: each unit covers 2x2 teacher tokens."""
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])  # 2x2 units, row-major
+    target = torch.zeros(1, 3, 4, 4)
+    loss = Img2VecLoss()
+    for k in range(16):
+        r, c = divmod(k, 4)
+        pred = {"tokens": torch.zeros(1, 16, 3), "global": torch.zeros(1, 3)}
+        pred["tokens"][0, k] = 1.0
+        assert (loss(pred, target, mask)["loss_patch"] > 0) == bool(mask[0, (r // 2) * 2 + c // 2])
+    with pytest.raises(ValueError, match="unit_size"):  # teacher grid coarser than the mask units
+        loss({"tokens": torch.zeros(1, 4, 3), "global": torch.zeros(1, 3)}, torch.zeros(1, 3, 2, 2), torch.zeros(1, 16))
 
 
 def test_shape_mismatch_and_bad_positions_are_clear_errors():

@@ -18,23 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimlab.masking import upsample_mask
+from mimlab.masking import mask_to_token_grid
 
 Positions = Literal["masked", "visible", "all"]
-
-
-def mask_on_grid(mask: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Unit mask ``(N, L)`` (1 = masked) -> mask on a token ``grid`` that subdivides each unit: ``(N, h*w)``."""
-    h, w = grid
-    if mask.shape[1] == h * w:
-        return mask
-    factor = round((h * w / mask.shape[1]) ** 0.5)
-    if factor < 1 or h % factor or w % factor or (h // factor) * (w // factor) != mask.shape[1]:
-        raise ValueError(
-            f"mask with {mask.shape[1]} units cannot be mapped onto a {h}x{w} teacher grid: mask units must "
-            "be whole multiples of the teacher stride (masking.unit_size % target.stride == 0)"
-        )
-    return upsample_mask(mask, (h // factor, w // factor), factor)
 
 
 def position_weights(mask: Tensor, positions: Positions) -> Tensor:
@@ -56,7 +42,7 @@ class Img2VecLoss(nn.Module):
               ``"global": (N, C)`` projected GAP of the visible student tokens``}``.
         target: teacher feature map ``(N, C, h, w)`` with ``h * w = K``.
         mask: ``(N, L)`` over mask units (1 = masked); upsampled to the teacher grid when units are
-              larger than the teacher stride.
+              larger than the teacher stride (``mimlab.masking.mask_to_token_grid``).
     """
 
     def __init__(self, beta: float = 2.0, global_weight: float = 0.5, global_beta: float | None = None,
@@ -73,7 +59,7 @@ class Img2VecLoss(nn.Module):
                 f"Img2Vec prediction {tuple(pred['tokens'].shape)} does not match teacher tokens {tuple(tokens.shape)}: "
                 "check model.decoder.out_dim == target.dim and model.decoder.out_stride == target.stride"
             )
-        weights = position_weights(mask_on_grid(mask, grid).to(tokens.dtype), self.positions)
+        weights = position_weights(mask_to_token_grid(mask, grid).to(tokens.dtype), self.positions)
         per_token = F.smooth_l1_loss(pred["tokens"].float(), tokens, beta=self.beta, reduction="none").mean(-1)
         loss_patch = (per_token * weights).sum() / weights.sum().clamp_min(1.0)
         loss_global = F.smooth_l1_loss(pred["global"].float(), tokens.mean(1), beta=self.global_beta)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimlab.targets.base import Target
+
 log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("teacher", "state_dict", "model", "module")
@@ -91,7 +93,7 @@ def teacher_feature_map(model: nn.Module, images: Tensor) -> Tensor:
     return out
 
 
-class FrozenTeacher(nn.Module):
+class FrozenTeacher(Target):
     """Frozen teacher target: ``forward(images (N,3,H,W), mask) -> (N, C, H/stride, W/stride)``.
 
     Token ``(r, c)`` of the returned map covers pixels ``[r*stride, (r+1)*stride) x [c*stride, ...)``;
@@ -128,6 +130,9 @@ class FrozenTeacher(nn.Module):
             raise ValueError("target.model_kwargs only applies when target.teacher is a timm model name")
         if checkpoint:
             load_teacher_checkpoint(teacher, checkpoint)
+        else:
+            log.warning("target.checkpoint is null: the %s teacher has random weights (fine for tests and "
+                        "token-diversity baselines, not for reproducing Img2Vec)", type(teacher).__name__)
         self.teacher = teacher.requires_grad_(False).eval()
         self.stride, self.norm_tokens, self.keep_in_checkpoint = stride, norm_tokens, keep_in_checkpoint
         self.dim = dim if dim is not None else self._infer_dim()

@@ -22,6 +22,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from mimlab.models.backbones.vit import ViTEncoding, _init_linear_and_norm
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -30,8 +31,8 @@ class Img2VecDecoder(nn.Module):
 
     ``features`` must come from a ``MaskedViT`` built with ``keep_hidden_states=True``: ``tokens``
     ``(N, 1 + V, D)`` (cls first, V visible patches), ``ids_restore`` ``(N, L_p)`` over the patch grid,
-    ``hidden_states`` one ``(N, 1 + V, D)`` per block. ``mask`` (1 = masked) is only used for its batch
-    shape; the unshuffle follows ``ids_restore``. ``K_t = (H / out_stride) * (W / out_stride)``, row-major.
+    ``hidden_states`` one ``(N, 1 + V, D)`` per block. ``mask`` is not needed (the unshuffle follows
+    ``ids_restore``); it is accepted for the decoder contract. ``K_t = (H / out_stride) * (W / out_stride)``, row-major.
 
     Args:
         embed_dim: encoder width D.  out_dim: teacher channels (2048 for ResNet-50).
@@ -39,7 +40,7 @@ class Img2VecDecoder(nn.Module):
         out_stride: teacher stride; a multiple of ``patch_size``.
         decoder_dim, depth, num_heads, mlp_ratio: the transformer decoder (Img2Vec: depth 2 for ViT-B, 4 for ViT-L).
         proj_hidden_dim: hidden width of both projection MLPs (Linear -> ReLU -> Linear).
-        multi_block: average all encoder blocks (True, Img2Vec) or use only the last one (ablation).
+        multi_block: average all encoder blocks (True, Img2Vec) or decode the encoder output alone (ablation).
     """
 
     def __init__(self, embed_dim: int, out_dim: int, img_size: int = 224, patch_size: int = 16, out_stride: int = 32,
@@ -56,8 +57,8 @@ class Img2VecDecoder(nn.Module):
         self.aggregate_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        pos = sincos_2d_pos_embed(decoder_dim, self.grid, cls_token=True)
-        self.register_buffer("pos_embed", torch.as_tensor(pos, dtype=torch.float32).unsqueeze(0), persistent=False)
+        self.decoder_dim = decoder_dim
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, decoder_dim), requires_grad=False)
         self.blocks = nn.ModuleList(
             Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
             for _ in range(depth)
@@ -65,27 +66,32 @@ class Img2VecDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.proj = Mlp(decoder_dim, proj_hidden_dim, out_dim, act_layer=nn.ReLU)
         self.global_proj = Mlp(embed_dim, proj_hidden_dim, out_dim, act_layer=nn.ReLU)
-        self.apply(_init_weights)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MAE init: fixed sin-cos pos-embed (zero cls row), normal(0.02) mask token, xavier Linear, unit LayerNorm."""
+        self.decoder_pos_embed.data.copy_(sincos_2d_pos_embed(self.decoder_dim, self.grid, cls_token=True).unsqueeze(0))
         nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(_init_linear_and_norm)
 
-    def aggregate(self, features) -> Tensor:
-        """Multi-block feature: mean over the encoder's block outputs, ``(N, 1 + V, D)``."""
-        hidden = getattr(features, "hidden_states", None)
-        if self.multi_block:
-            if not hidden:
-                raise ValueError("Img2VecDecoder(multi_block=True) needs model.backbone.keep_hidden_states=true")
-            return torch.stack(list(hidden)).mean(0)
-        return hidden[-1] if hidden else features.tokens
+    def aggregate(self, features: ViTEncoding) -> Tensor:
+        """Multi-block feature: uniform mean of the encoder's block outputs (pre-norm), ``(N, 1 + V, D)``."""
+        if not self.multi_block:
+            return features.tokens
+        if not features.hidden_states:
+            raise ValueError("Img2VecDecoder(multi_block=True) needs model.backbone.keep_hidden_states=true")
+        return torch.stack(features.hidden_states).mean(0)
 
-    def forward(self, features, mask: Tensor) -> dict[str, Tensor]:
+    def forward(self, features: ViTEncoding, mask: Tensor | None = None) -> dict[str, Tensor]:
+        if tuple(features.grid) != self.grid:
+            raise ValueError(f"Img2VecDecoder was built for a {self.grid} patch grid but got {tuple(features.grid)}: "
+                             "model.decoder.img_size must equal the training crop (data.img_size)")
         x = self.decoder_embed(self.aggregate_norm(self.aggregate(features)))
         n, num_patches = x.shape[0], features.ids_restore.shape[1]
-        if num_patches != self.grid[0] * self.grid[1]:
-            raise ValueError(f"decoder built for a {self.grid} patch grid got {num_patches} patches: set model.decoder.img_size")
         fill = self.mask_token.expand(n, num_patches + 1 - x.shape[1], -1)
         patches = torch.cat([x[:, 1:], fill], dim=1)
         patches = torch.gather(patches, 1, features.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
         for block in self.blocks:
             x = block(x)
         x = self.decoder_norm(x)[:, 1:]  # drop cls: (N, L_p, decoder_dim)
@@ -95,13 +101,3 @@ class Img2VecDecoder(nn.Module):
         visible_mean = features.tokens[:, 1:].mean(1)  # GAP over the visible student tokens
         return {"tokens": self.proj(x), "global": self.global_proj(visible_mean)}
 
-
-def _init_weights(module: nn.Module) -> None:
-    """MAE initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
