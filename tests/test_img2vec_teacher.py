@@ -90,3 +90,12 @@ def test_teacher_weights_stay_out_of_checkpoints_unless_asked():
     full["target.teacher.conv1.weight"] = torch.zeros_like(full["target.teacher.conv1.weight"])
     kept.load_state_dict(full)
     assert kept["target"].teacher.conv1.weight.abs().sum() == 0
+
+
+def test_random_teacher_is_reproducible_whatever_the_global_rng():
+    torch.manual_seed(1)
+    a = FrozenTeacher("resnet18", init_seed=3)
+    torch.manual_seed(2)
+    b = FrozenTeacher("resnet18", init_seed=3)
+    assert torch.equal(a.teacher.conv1.weight, b.teacher.conv1.weight)
+    assert not torch.equal(a.teacher.conv1.weight, FrozenTeacher("resnet18", init_seed=4).teacher.conv1.weight)

@@ -79,7 +79,7 @@ class TokenDiversityConfig:
     img_size: int = 224
     batch_size: int = 16
     max_images: int | None = None
-    seed: int = 0
+    seed: int = 0  # initialisation seed of a random teacher
     device: str = "cpu"
     plot: str | None = "outputs/token_diversity/{teacher}.png"  # None / "" = no plot
     plot_image: int = 0  # index of the image whose similarity map is drawn
@@ -147,8 +147,8 @@ def run(cfg: TokenDiversityConfig) -> dict[str, float]:
     files = list_images(cfg.data, cfg.split)[: cfg.max_images]
     if not 0 <= cfg.plot_image < len(files):
         raise ValueError(f"plot_image={cfg.plot_image} but only {len(files)} images were found")
-    torch.manual_seed(cfg.seed)  # the random teacher is reproducible
-    teacher = FrozenTeacher(cfg.teacher, checkpoint=cfg.checkpoint, model_kwargs=dict(cfg.model_kwargs)).to(cfg.device)
+    teacher = FrozenTeacher(cfg.teacher, checkpoint=cfg.checkpoint, model_kwargs=dict(cfg.model_kwargs),
+                            init_seed=cfg.seed).to(cfg.device)
     sims, plot_map, plot_image = [], None, None
     for start in range(0, len(files), cfg.batch_size):
         images = load_images(files[start : start + cfg.batch_size], cfg.img_size)

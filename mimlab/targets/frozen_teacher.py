@@ -111,6 +111,8 @@ class FrozenTeacher(Target):
         keep_in_checkpoint: include teacher weights in ``state_dict()`` (off: they are reloaded from
             ``checkpoint`` when the run is rebuilt from its config).
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``img_size`` for ViT teachers).
+        init_seed: seed of the random initialisation of a teacher built by name (``None``: global RNG). Because
+            teacher weights are not checkpointed, this keeps a random teacher identical across resumes and ranks.
     """
 
     def __init__(
@@ -122,10 +124,14 @@ class FrozenTeacher(Target):
         norm_tokens: bool = False,
         keep_in_checkpoint: bool = False,
         model_kwargs: dict | None = None,
+        init_seed: int | None = 0,
     ) -> None:
         super().__init__()
         if isinstance(teacher, str):
-            teacher = timm.create_model(teacher, pretrained=False, num_classes=0, **dict(model_kwargs or {}))
+            with torch.random.fork_rng(devices=[]):  # a random teacher is the same in every run / resume / rank
+                if init_seed is not None:
+                    torch.manual_seed(init_seed)
+                teacher = timm.create_model(teacher, pretrained=False, num_classes=0, **dict(model_kwargs or {}))
         elif model_kwargs:
             raise ValueError("target.model_kwargs only applies when target.teacher is a timm model name")
         if checkpoint:
