@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except Exception as err:  # unknown key or bad type: name it and stop before touching data
         raise SystemExit(f"token_diversity: bad argument ({err}). Options:\n"
                          f"{OmegaConf.to_yaml(OmegaConf.structured(TokenDiversityConfig))}") from None
-    return run(OmegaConf.to_object(cfg))
+    try:
+        return run(OmegaConf.to_object(cfg))
+    except (FileNotFoundError, KeyError, ValueError) as err:  # bad data path / checkpoint / options: no traceback
+        raise SystemExit(f"token_diversity: {err}") from None
 
 
 if __name__ == "__main__":
