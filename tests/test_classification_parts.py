@@ -197,12 +197,39 @@ def test_knn_predict_matches_brute_force():
         assert torch.allclose(scores[q], expected, rtol=1e-5)
 
 
+def _official_hivit_layout(state, m):
+    """mimlab HiViT names -> the official flat `blocks` list (PatchMerges at indices m and 2m+1)."""
+    offsets = {"stage4": 0, "stage8": m + 1, "main_blocks": 2 * m + 2}
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in offsets:
+            index, _, rest = rest.partition(".")
+            key = f"blocks.{offsets[head] + int(index)}.{rest}"
+        elif head in ("merge4", "merge8"):
+            key = f"blocks.{m if head == 'merge4' else 2 * m + 1}.{rest}"
+        out[key] = value
+    return out
+
+
 def test_official_itpn_layout_is_routed_to_the_itpn_converter(tmp_path):
     import importlib.util
 
-    torch.save({"model": {"blocks.3.reduction.weight": torch.zeros(4, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}},
-               tmp_path / "itpn.pth")
-    if importlib.util.find_spec("mimlab.checkpoints.itpn") is not None:
-        pytest.skip("mimlab.checkpoints.itpn present: covered by the HiViT import tests")
-    with pytest.raises(CheckpointMismatchError, match="official iTPN/HiViT checkpoint"):
-        load_backbone(tiny_vit(), tmp_path / "itpn.pth")
+    if importlib.util.find_spec("mimlab.checkpoints.itpn") is None:
+        torch.save({"model": {"blocks.3.reduction.weight": torch.zeros(4, 8)}}, tmp_path / "itpn.pth")
+        with pytest.raises(CheckpointMismatchError, match="official iTPN/HiViT checkpoint"):
+            load_backbone(tiny_vit(), tmp_path / "itpn.pth")
+        return
+    from mimlab.models.backbones.hivit import HiViT
+
+    kw = dict(img_size=32, embed_dim=64, mlp_depth=1, depth=2, num_heads=2, num_classes=0)
+    src = HiViT(**kw)
+    official = _official_hivit_layout(src.state_dict(), m=1)
+    official.update({"fpn_modules.0.weight": torch.zeros(3), "decoder_pred.weight": torch.zeros(3), "mask_token": torch.zeros(1, 1, 64)})
+    torch.save({"model": official}, tmp_path / "itpn.pth")
+    dst = HiViT(**kw, rpe=True)  # fine-tuning turns the relative position bias on: new tables
+    report = load_backbone(dst, tmp_path / "itpn.pth", allow_missing=["*relative_position_bias_table"])
+    assert report["missing"] and all("relative_position_bias_table" in k for k in report["missing"])
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
+    with pytest.raises(CheckpointMismatchError, match="relative_position_bias_table"):
+        load_backbone(HiViT(**kw, rpe=True), tmp_path / "itpn.pth")
