@@ -39,6 +39,7 @@ def pretrained(chain_root, tmp_path_factory) -> Path:
     return Path(trainer.checkpoint_callback.last_model_path)
 
 
+@pytest.mark.slow
 def test_linear_probe_from_pretrain_checkpoint_beats_chance(pretrained, chain_root, tmp_path):
     module, trainer = _fit(["experiment=linprobe_vit_tiny_synthetic", f"method.pretrained={pretrained}",
                             f"data.root={chain_root}", "data.batch_size=48", "trainer.max_epochs=4", *COMMON], tmp_path)
@@ -49,6 +50,7 @@ def test_linear_probe_from_pretrain_checkpoint_beats_chance(pretrained, chain_ro
     assert Path(trainer.checkpoint_callback.best_model_path).is_file()
 
 
+@pytest.mark.slow
 def test_finetune_from_pretrain_checkpoint_beats_chance(pretrained, chain_root, tmp_path):
     module, trainer = _fit(["experiment=finetune_vit_tiny_synthetic", f"method.pretrained={pretrained}",
                             f"data.root={chain_root}", "data.batch_size=48", "trainer.max_epochs=4", *COMMON], tmp_path)
