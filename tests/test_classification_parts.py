@@ -233,3 +233,19 @@ def test_official_itpn_layout_is_routed_to_the_itpn_converter(tmp_path):
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
     with pytest.raises(CheckpointMismatchError, match="relative_position_bias_table"):
         load_backbone(HiViT(**kw, rpe=True), tmp_path / "itpn.pth")
+
+
+def test_official_fcmae_checkpoint_loads_into_convnextv2(tmp_path):
+    convnext = pytest.importorskip("mimlab.models.backbones.convnextv2")
+    kw = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=0)
+    src = convnext.MaskedConvNeXtV2(**kw)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()
+    official = {k: (v.reshape(1, 1, 1, -1) if ".grn." in k else v) for k, v in src.state_dict().items()}  # official GRN shape
+    official.update({"mask_token": torch.zeros(1, 512, 1, 1), "proj.weight": torch.zeros(512, 32, 1, 1),
+                     "decoder.0.dwconv.weight": torch.zeros(512, 1, 7, 7), "pred.weight": torch.zeros(3072, 512, 1, 1)})
+    torch.save({"model": official}, tmp_path / "convnextv2_fcmae.pt")
+    dst = convnext.MaskedConvNeXtV2(**kw)
+    load_backbone(dst, tmp_path / "convnextv2_fcmae.pt")
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
