@@ -37,11 +37,18 @@ pretrain: $(VENV)/.installed  ## short MAE pre-training on the embedded data (CP
 check: $(VENV)/.installed  ## validate data (DATA=...) and config (ARGS=...) without training; lists every bad file
 	$(PY) -m mimlab.check $(EXPERIMENT_ARG) $(DATA_ARGS) $(ARGS)
 
-finetune: $(VENV)/.installed  ## ImageNet-style fine-tuning (issue #7)
-	@echo "make finetune: not implemented yet — fine-tuning lands with issue #7 (ImageNet fine-tuning and linear probing)."; exit 2
+# The newest `make pretrain` checkpoint (override: CKPT=/path/to/last.ckpt); empty if there is none.
+PRETRAIN_EXPERIMENT ?= mae_vit_tiny_synthetic
+CKPT        ?= $(lastword $(sort $(wildcard outputs/$(PRETRAIN_EXPERIMENT)/*/checkpoints/last.ckpt)))
+NEED_CKPT    = @test -n "$(CKPT)" || { echo "no checkpoint under outputs/$(PRETRAIN_EXPERIMENT)/*/checkpoints/last.ckpt: run make pretrain first (or pass CKPT=/path/to/last.ckpt)"; exit 2; }
 
-linear-probe: $(VENV)/.installed  ## linear probing of a pre-trained checkpoint (issue #7)
-	@echo "make linear-probe: not implemented yet — linear probing lands with issue #7 (ImageNet fine-tuning and linear probing)."; exit 2
+finetune: $(VENV)/.installed  ## fine-tune the newest pretrain checkpoint on the embedded data (CPU, minutes)
+	$(NEED_CKPT)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,finetune_vit_tiny_synthetic) method.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
+
+linear-probe: $(VENV)/.installed  ## linear probe of the newest pretrain checkpoint on the embedded data (CPU, minutes)
+	$(NEED_CKPT)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,linprobe_vit_tiny_synthetic) method.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
 
 sweep: $(VENV)/.installed  ## Hydra multirun of a sweep file: make sweep SWEEP=conf/sweep/mae_mask_ratio.yaml [ARGS=...]
 	@test -n "$(SWEEP)" || { echo "make sweep: set SWEEP=conf/sweep/<name>.yaml (files: $$(ls conf/sweep))"; exit 2; }

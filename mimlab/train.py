@@ -90,7 +90,7 @@ def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, artefacts
 
     console = Console(soft_wrap=True)
     console.rule(f"mimlab run '{cfg.name}' finished after {trainer.global_step} steps")
-    for key in ("train/loss_epoch", "val/loss"):
+    for key in ("train/loss_epoch", "val/loss", "val/acc1", "val/acc5", "knn/acc1", "probe/val_acc1"):
         if key in metrics:
             console.print(f"{key:>20}: {metrics[key]:.4f}")
     for key, value in artefacts.items():

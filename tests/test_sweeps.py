@@ -68,15 +68,16 @@ def test_sweep_file_composes_and_names_real_keys(sweep, tmp_path):
     params = cfg.hydra.sweeper.params
     assert params, f"conf/sweep/{sweep}.yaml has no hydra.sweeper.params"
     groups = {p.parent.relative_to(CONFIG_DIR).as_posix() for p in Path(CONFIG_DIR).glob("**/*.yaml")}
-    experiment = params.get("experiment")
-    assert experiment and (Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").exists(), experiment
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        job = compose("train", overrides=[f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
-    for key in params:
-        if key.lstrip("+~") in groups:
-            continue
-        assert OmegaConf.select(job, key.lstrip("+~"), default="__missing__") != "__missing__", (
-            f"conf/sweep/{sweep}.yaml sweeps '{key}', which experiment={experiment} does not have")
+    experiments = str(params.get("experiment", "")).split(",")
+    for experiment in experiments:
+        assert experiment and (Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").exists(), experiment
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            job = compose("train", overrides=[f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
+        for key in params:
+            if key.lstrip("+~") in groups:
+                continue
+            assert OmegaConf.select(job, key.lstrip("+~"), default="__missing__") != "__missing__", (
+                f"conf/sweep/{sweep}.yaml sweeps '{key}', which experiment={experiment} does not have")
     assert f"/{sweep}/" in cfg.hydra.sweep.dir
 
 

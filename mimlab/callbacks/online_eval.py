@@ -1,0 +1,164 @@
+"""Representation-quality monitors for pre-training runs: a kNN classifier and an online linear probe.
+
+Both read image-level features ``GlobalAvgPool`` (mean of the last ``backbone.forward_features`` map, unmasked) from
+the task's ``backbone`` on the labelled ImageNet-layout data, without gradients into the backbone, and log per epoch:
+
+* :class:`KNNMonitor` - ``knn/acc1``: every ``every_n_epochs`` it embeds the train and val folders with the eval transform,
+  L2-normalises the features and votes with the ``k`` (20) most cosine-similar train features, each weighted by
+  ``exp(sim / T)`` (T 0.07; InstDisc / DINO weighted kNN).
+* :class:`OnlineLinearProbe` - ``probe/train_acc1``, ``probe/val_acc1``: a BatchNorm(affine=False) + Linear head trained
+  with its own AdamW on detached features of every training batch (labels come with the batch) and evaluated on the
+  validation batches.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from mimlab.data.image_folder import CheckedImageFolder
+from mimlab.data.transforms import eval_transform
+from mimlab.models.heads.classifier import GlobalAvgPool, LinearProbeHead
+
+
+def knn_predict(train_features: Tensor, train_labels: Tensor, query: Tensor, num_classes: int, k: int = 20,
+                temperature: float = 0.07) -> Tensor:
+    """Weighted kNN class scores (Q, num_classes): cosine similarity of L2-normalised features, weights exp(sim / T)."""
+    train = nn.functional.normalize(train_features, dim=1)
+    query = nn.functional.normalize(query, dim=1)
+    sim = query @ train.T                                     # (Q, M)
+    k = min(k, train.shape[0])
+    top_sim, top_idx = sim.topk(k, dim=1)                     # (Q, k)
+    weights = (top_sim / temperature).exp()
+    votes = nn.functional.one_hot(train_labels[top_idx], num_classes).to(weights.dtype)  # (Q, k, C)
+    return (votes * weights.unsqueeze(-1)).sum(1)
+
+
+@torch.no_grad()
+def embed(backbone: nn.Module, loader: DataLoader, device: torch.device, features=None) -> tuple[Tensor, Tensor]:
+    """Features (N, D) and labels (N,) of every image of ``loader``, backbone in eval mode (mode restored after)."""
+    features = features or GlobalAvgPool()
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for images, target in loader:
+        feats.append(features(backbone, images.to(device)).float().cpu())
+        labels.append(target)
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class KNNMonitor(L.Callback):
+    """kNN accuracy of the backbone's pooled features (see module docstring).
+
+    Args:
+        root: ImageNet-layout folder; None uses ``trainer.datamodule.root``. img_size: None uses the datamodule's.
+        k, temperature: 20 and 0.07. every_n_epochs: how often (the last epoch always runs).
+        batch_size, num_workers: of the embedding loaders. max_train: cap on train images (first ones, sorted order).
+    """
+
+    def __init__(self, root: str | None = None, img_size: int | None = None, k: int = 20, temperature: float = 0.07,
+                 every_n_epochs: int = 1, batch_size: int = 128, num_workers: int = 0, max_train: int | None = None) -> None:
+        self.root, self.img_size, self.k, self.temperature = root, img_size, k, temperature
+        self.every_n_epochs, self.batch_size, self.num_workers, self.max_train = every_n_epochs, batch_size, num_workers, max_train
+        self.last_acc: float | None = None
+
+    def _loader(self, trainer: L.Trainer, split: str) -> DataLoader:
+        dm = trainer.datamodule
+        root = Path(self.root if self.root is not None else dm.root)
+        size = self.img_size or dm.img_size
+        dataset = CheckedImageFolder(root / split, eval_transform(size), "fail", f"kNN monitor: {root} needs {split}/<class>/<image>")
+        if split == "train" and self.max_train is not None and len(dataset) > self.max_train:
+            dataset = torch.utils.data.Subset(dataset, range(self.max_train))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not last:
+            return
+        backbone = pl_module.backbone
+        train_f, train_y = embed(backbone, self._loader(trainer, "train"), pl_module.device)
+        val_f, val_y = embed(backbone, self._loader(trainer, "val"), pl_module.device)
+        num_classes = int(max(train_y.max(), val_y.max())) + 1
+        scores = knn_predict(train_f, train_y, val_f, num_classes, self.k, self.temperature)
+        self.last_acc = float((scores.argmax(1) == val_y).float().mean() * 100)
+        pl_module.log("knn/acc1", self.last_acc, on_epoch=True, sync_dist=True)
+
+
+class OnlineLinearProbe(L.Callback):
+    """Online linear probe on detached pooled features (see module docstring).
+
+    Args: num_classes (None: ``trainer.datamodule.num_classes``), lr / weight_decay of its AdamW.
+    """
+
+    def __init__(self, num_classes: int | None = None, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        self.num_classes, self.lr, self.weight_decay = num_classes, lr, weight_decay
+        self.head: LinearProbeHead | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.features = GlobalAvgPool()
+        self._counts = {"train": [0, 0], "val": [0, 0]}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.head is None:
+            num_classes = self.num_classes or trainer.datamodule.num_classes
+            self.head = LinearProbeHead(self.features.dim(pl_module.backbone), num_classes)
+            self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.head.to(pl_module.device)
+
+    def _features(self, pl_module: L.LightningModule, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.features(pl_module.backbone, images).float().detach()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        images, labels = batch[0], batch[1]
+        self.head.train()
+        with torch.enable_grad():
+            logits = self.head(self._features(pl_module, images))
+            loss = nn.functional.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self._count("train", logits, labels)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.head.eval()
+        with torch.no_grad():
+            logits = self.head(self._features(pl_module, batch[0]))
+        self._count("val", logits, batch[1])
+
+    def _count(self, split: str, logits: Tensor, labels: Tensor) -> None:
+        counts = self._counts[split]
+        counts[0] += int((logits.argmax(-1) == labels).sum())
+        counts[1] += labels.numel()
+
+    def _log(self, pl_module: L.LightningModule, split: str) -> None:
+        correct, total = self._counts[split]
+        if total:
+            pl_module.log(f"probe/{split}_acc1", 100.0 * correct / total, on_epoch=True, sync_dist=True)
+        self._counts[split] = [0, 0]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self._counts["val"] = [0, 0]
+            return
+        self._log(pl_module, "val")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()} if self.head is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict and self.head is not None:
+            self.head.load_state_dict(state_dict["head"])
+            self.optimizer.load_state_dict(state_dict["optimizer"])

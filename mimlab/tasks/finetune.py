@@ -1,0 +1,200 @@
+"""Supervised fine-tuning of a pre-trained backbone on an ImageNet-layout data set (MAE / ConvNeXt V2 / iTPN recipes).
+
+``images (N, C, H, W) -> features(backbone, images) (N, D) -> head -> logits (N, K)``. The backbone is any module of
+the backbone contract (``forward_features`` / ``out_channels``); its weights come from ``pretrained`` (a mimlab
+``.ckpt`` or an official file, see :mod:`mimlab.checkpoints.mae`). Mixup/CutMix + label smoothing (timm), layer-wise
+lr decay (``optim.param_groups``), drop path (backbone config) and model EMA (timm ``ModelEmaV3``; validated instead of
+the raw weights when enabled) are configured in ``conf/method/finetune.yaml`` and the ``finetune_*`` experiments.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mimlab.checkpoints.mae import load_backbone
+from mimlab.models.heads.classifier import GlobalAvgPool
+from mimlab.optim import OptimizerFactory
+
+log = logging.getLogger(__name__)
+
+
+class ImageClassification(L.LightningModule):
+    """Shared classification plumbing: weights, head, metrics (top-1/top-5 via torchmetrics), optimiser.
+
+    Args:
+        backbone: the encoder (weights loaded from ``pretrained`` unless None: random init, with a warning).
+        head: partial ``head(in_dim, num_classes) -> nn.Module``.
+        optim: the optimiser factory (lr = blr * effective batch / 256).
+        num_classes: classes; None reads ``trainer.datamodule.num_classes`` at setup (the head is built then).
+        features: ``f(backbone, images) -> (N, D)`` (``GlobalAvgPool()`` or ``ClsToken()``).
+        pretrained: checkpoint path or None. allow_missing / ignore_unexpected: see :func:`load_backbone`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: Callable[[int, int], nn.Module],
+        optim: OptimizerFactory,
+        num_classes: int | None = None,
+        features: Callable[[nn.Module, Tensor], Tensor] | None = None,
+        pretrained: str | None = None,
+        allow_missing: Iterable[str] = (),
+        ignore_unexpected: Iterable[str] = (),
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.features = features if features is not None else GlobalAvgPool()
+        self.head_factory = head
+        self.optim = optim
+        self.num_classes = num_classes
+        self.pretrained = pretrained
+        self.head: nn.Module | None = None
+        self.load_report: dict[str, list[str]] = {}
+        if pretrained:
+            self.load_report = load_backbone(backbone, pretrained, allow_missing=allow_missing, ignore_unexpected=ignore_unexpected)
+        else:
+            log.warning("%s: no `pretrained` checkpoint given; the backbone starts from random init", type(self).__name__)
+        if num_classes is not None:
+            self._build_head(num_classes)
+
+    # ------------------------------------------------------------------------------------------------ building
+    def _build_head(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+        self.head = self.head_factory(self.features.dim(self.backbone), self.num_classes)
+        top5 = min(5, self.num_classes)
+        self.metrics = nn.ModuleDict({
+            "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+            "acc5": MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"),
+        })
+        self.on_head_built()
+
+    def on_head_built(self) -> None:
+        """Hook for subclasses (EMA copy, freezing)."""
+
+    def setup(self, stage: str) -> None:
+        if self.head is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "num_classes"):
+                raise ValueError("method.num_classes is null and the datamodule does not report num_classes; set method.num_classes")
+            self._build_head(datamodule.num_classes)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, num_classes) logits."""
+        return self.head(self.features(self.backbone, images))
+
+    def evaluate(self, images: Tensor) -> Tensor:
+        """Logits used for validation (subclasses: EMA weights)."""
+        return self(images)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = batch[0], batch[1]
+        logits = self.evaluate(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        self.metrics["acc1"].update(logits, labels)
+        self.metrics["acc5"].update(logits, labels)
+        self.log("val/loss", loss, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.metrics.items():
+            self.log(f"val/{name}", metric.compute() * 100, prog_bar=name == "acc1", sync_dist=True)
+            metric.reset()
+
+    # ------------------------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict:
+        return self.optim(self, self.trainer, self.trainer.datamodule.batch_size)
+
+
+class FineTuning(ImageClassification):
+    """End-to-end fine-tuning (see module docstring).
+
+    Args (in addition to :class:`ImageClassification`):
+        mixup: partial ``timm.data.Mixup(num_classes=...)`` or None; when set the loss is soft-target CE on its targets
+            (label smoothing is then part of Mixup, as in timm/MAE).
+        label_smoothing: smoothing for the plain CE when ``mixup`` is None.
+        ema_decay: model EMA decay (ConvNeXt V2: 0.9999) or None; validation then uses the EMA weights and also logs
+            the raw weights' top-1 as ``val/acc1_raw``.
+        ema_warmup: timm's EMA decay warm-up (useful for short runs).
+        drop_backbone_norm: replace the backbone's final ``norm`` by Identity (MAE global-pool fine-tuning: the pooled
+            patch tokens go through ``fc_norm`` instead).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *args: Any,
+        mixup: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.1,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
+        drop_backbone_norm: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.mixup_factory = mixup
+        self.label_smoothing = label_smoothing
+        self.ema_decay = ema_decay
+        self.ema_warmup = ema_warmup
+        self.mixup = None
+        self.ema: ModelEmaV3 | None = None
+        if drop_backbone_norm and isinstance(getattr(backbone, "norm", None), nn.LayerNorm):
+            backbone.norm = nn.Identity()  # before loading and before the EMA copy; the checkpoint's norm.* is unused
+            kwargs["ignore_unexpected"] = (*kwargs.get("ignore_unexpected", ()), "norm.*")
+        super().__init__(backbone, *args, **kwargs)
+
+    def on_head_built(self) -> None:
+        self.mixup = self.mixup_factory(num_classes=self.num_classes) if self.mixup_factory is not None else None
+        if self.mixup is not None:
+            self.train_loss = SoftTargetCrossEntropy()
+        elif self.label_smoothing > 0:
+            self.train_loss = LabelSmoothingCrossEntropy(self.label_smoothing)
+        else:
+            self.train_loss = nn.CrossEntropyLoss()
+        if self.ema_decay is not None:
+            self.ema = ModelEmaV3(self._ema_source(), decay=self.ema_decay, use_warmup=self.ema_warmup)
+            self.ema.requires_grad_(False)
+            self.raw_acc1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+
+    def _ema_source(self) -> nn.ModuleDict:
+        """A view (not registered) of the trained parts, in the layout the EMA copy keeps: ``backbone.*``, ``head.*``."""
+        return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch[0], batch[1]
+        targets = labels
+        if self.mixup is not None:
+            if images.shape[0] % 2:
+                images, labels = images[:-1], labels[:-1]
+            images, targets = self.mixup(images, labels)
+        loss = self.train_loss(self(images), targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self._ema_source(), step=self.global_step)
+
+    def evaluate(self, images: Tensor) -> Tensor:
+        """Validation logits: the EMA weights when model EMA is on, else the trained weights."""
+        if self.ema is None:
+            return self(images)
+        ema = self.ema.module
+        return ema["head"](self.features(ema["backbone"], images))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.raw_acc1.update(self(batch[0]), batch[1])
+        super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.ema is not None:
+            self.log("val/acc1_raw", self.raw_acc1.compute() * 100, sync_dist=True)
+            self.raw_acc1.reset()
+        super().on_validation_epoch_end()
