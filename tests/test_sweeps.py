@@ -24,7 +24,7 @@ TINY = [
     "experiment=mae_vit_tiny_synthetic", "data.img_size=32", "data.batch_size=8", "hardware.num_workers=0",
     "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
     "model.decoder.embed_dim=32", "model.decoder.num_heads=2", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.knn.max_train_samples=20",
+    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.knn.max_train=20",
     "~callbacks.progress", "~callbacks.reconstruction",
 ]
 

@@ -1,6 +1,6 @@
 """Online k-nearest-neighbour accuracy of the backbone's pooled features, a label-cheap probe during pre-training.
 
-Every ``every_n_epochs`` validation epochs (and at the last epoch) the backbone embeds up to ``max_train_samples``
+Every ``every_n_epochs`` validation epochs (and at the last epoch) the backbone embeds up to ``max_train``
 training images (with the *evaluation* transform) and the validation set, unmasked: features are the global average of
 the last ``forward_features`` map (N, C), L2-normalised. Each validation image is classified by a temperature-weighted
 vote of its ``k`` most cosine-similar training images (the InstDisc / DINO weighted kNN). Logged as ``val/knn_acc``.
@@ -39,14 +39,16 @@ def embed(backbone: torch.nn.Module, loader: DataLoader, device: torch.device) -
 
 
 class KNNMonitor(L.Callback):
-    """Needs a datamodule with ``train_set`` / ``val_set`` (labelled image folders) and ``val_transform``."""
+    """Needs a datamodule with ``train_set`` / ``val_set`` (labelled image folders) and ``val_transform``.
+    Arguments share their names with ``mimlab.callbacks.online_eval.KNNMonitor`` (``callbacks=pretrain_with_probes``
+    replaces this one with it under the same ``knn`` key)."""
 
     def __init__(self, every_n_epochs: int = 5, k: int = 20, temperature: float = 0.07,
-                 max_train_samples: int = 2000, batch_size: int = 128) -> None:
+                 max_train: int | None = 2000, batch_size: int = 128) -> None:
         self.every_n_epochs = every_n_epochs
         self.k = k
         self.temperature = temperature
-        self.max_train_samples = max_train_samples
+        self.max_train = max_train
         self.batch_size = batch_size
 
     def _due(self, trainer: L.Trainer) -> bool:
@@ -56,8 +58,9 @@ class KNNMonitor(L.Callback):
     def _loaders(self, datamodule) -> tuple[DataLoader, DataLoader]:
         train = copy.copy(datamodule.train_set)
         train.transform = datamodule.val_transform
-        step = max(len(train) // self.max_train_samples, 1)
-        train = Subset(train, list(range(0, len(train), step))[: self.max_train_samples])
+        cap = self.max_train or len(train)  # null = every training image
+        step = max(len(train) // cap, 1)
+        train = Subset(train, list(range(0, len(train), step))[:cap])
         make = lambda ds: DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=0)  # noqa: E731
         return make(train), make(datamodule.val_set)
 
