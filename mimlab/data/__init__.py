@@ -1,0 +1,1 @@
+"""LightningDataModules, datasets and transforms (import submodules directly, e.g. ``mimlab.data.imagenet``)."""

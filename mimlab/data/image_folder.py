@@ -1,0 +1,78 @@
+"""ImageNet-layout folder dataset (``<split>/<class>/<image>``) with layout checks and a corrupt-file policy."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+
+class DataLayoutError(ValueError):
+    """The data folder does not have the layout a DataModule needs; the message says what to do."""
+
+
+class CorruptImageError(RuntimeError):
+    """An image file cannot be decoded; the message names it."""
+
+
+def check_image_folder(split_dir: Path, hint: str) -> None:
+    """Raise :class:`DataLayoutError` unless ``split_dir`` holds class folders that each contain images."""
+    if not split_dir.is_dir():
+        raise DataLayoutError(f"data folder {split_dir} does not exist. {hint}")
+    entries = sorted(split_dir.iterdir())
+    loose = [p.name for p in entries if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+    if loose:
+        raise DataLayoutError(
+            f"{split_dir} holds image files directly ({', '.join(loose[:3])}, ...); expected one sub-folder per class: "
+            f"{split_dir}/<class>/<image>. Move the images into class folders (any single folder name works for unlabelled data)."
+        )
+    classes = [p for p in entries if p.is_dir()]
+    if not classes:
+        raise DataLayoutError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>. {hint}")
+    empty = [p.name for p in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in p.rglob("*") if f.is_file())]
+    if empty:
+        raise DataLayoutError(
+            f"class folder(s) without images under {split_dir}: {', '.join(empty[:10])}. "
+            f"Add images ({', '.join(IMG_EXTENSIONS[:4])}, ...) or remove the empty folder(s)."
+        )
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any PIL-readable image as RGB (grayscale, CMYK, RGBA, palette are converted); raise CorruptImageError."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise CorruptImageError(
+            f"cannot decode image {path}: {err}. Replace or delete the file, or set data.on_corrupt=skip to skip bad files."
+        ) from err
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision ``ImageFolder`` that checks the layout first and applies ``on_corrupt`` ('fail' or 'skip')."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, on_corrupt: str = "fail", hint: str = "") -> None:
+        if on_corrupt not in ("fail", "skip"):
+            raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+        check_image_folder(Path(root), hint)
+        super().__init__(str(root), transform=transform, loader=load_rgb)
+        self.on_corrupt = on_corrupt
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            try:
+                return super().__getitem__((index + attempt) % len(self.samples))
+            except CorruptImageError as err:
+                if self.on_corrupt == "fail":
+                    raise
+                log.warning("skipping %s", err)
+        raise CorruptImageError(f"no readable image in {self.root}")
