@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mimlab.callbacks.run_metadata import RunMetadata
+from mimlab.utils.fast_paths import apply_fast_paths
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -36,7 +37,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the composed experiment; returns the final metrics and the artefact paths."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
-    fit_module = torch.compile(module) if cfg.hardware.compile else module
+    fit_module = apply_fast_paths(module, cfg.hardware)
     trainer.fit(fit_module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artefacts = _artefacts(trainer)
