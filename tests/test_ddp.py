@@ -16,6 +16,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 BATCH, DEVICES, ACCUM, BLR = 4, 2, 2, 1e-3
 
 
