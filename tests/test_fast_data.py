@@ -80,3 +80,24 @@ def test_gpu_decode_datamodule_feeds_the_trainer_hook_path(synthetic_root):
     assert images.shape == (6, 3, 32, 32) and images.dtype == torch.float32
     assert -2.2 < images.min() and images.max() < 2.7  # ImageNet-normalised range
     assert module.val_set[0][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("data", ["imagenet_gpu_decode", "imagenet_shards"])
+def test_pretraining_fits_on_the_fast_data_options(data, synthetic_root, shards, tmp_path):
+    import warnings
+
+    from mimlab.train import build
+
+    root = shards[0] if data == "imagenet_shards" else synthetic_root
+    cfg = compose_config(["experiment=mae_vit_tiny_synthetic", f"data={data}", f"data.root={root}", "logger=none",
+                          "data.img_size=32", "data.batch_size=4", "hardware.num_workers=0", "model.backbone.depth=1",
+                          "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.decoder.embed_dim=32",
+                          "model.decoder.num_heads=2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                          "trainer.limit_val_batches=1", "~callbacks.progress", "~callbacks.throughput",
+                          "~callbacks.lr_monitor"], output_dir=tmp_path)
+    datamodule, module, trainer = build(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert trainer.checkpoint_callback.last_model_path and any((tmp_path / "reconstructions").iterdir())
