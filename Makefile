@@ -14,7 +14,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
 DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
 
-.PHONY: help install data pretrain finetune linear-probe bench shards test clean
+.PHONY: help install data pretrain check finetune linear-probe bench shards test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ data: $(VENV)/.installed  ## write the embedded synthetic data set to data/synth
 
 pretrain: $(VENV)/.installed  ## short MAE pre-training on the embedded data (CPU, a few minutes)
 	$(PY) -m mimlab.train $(EXPERIMENT_ARG) $(DATA_ARGS) $(ARGS)
+
+check: $(VENV)/.installed  ## validate data (DATA=...) and config (ARGS=...) without training; lists every bad file
+	$(PY) -m mimlab.check $(EXPERIMENT_ARG) $(DATA_ARGS) $(ARGS)
 
 finetune: $(VENV)/.installed  ## ImageNet-style fine-tuning (issue #7)
 	@echo "make finetune: not implemented yet — fine-tuning lands with issue #7 (ImageNet fine-tuning and linear probing)."; exit 2

@@ -5,6 +5,8 @@ fits, and prints where the checkpoints, logs and pictures went.
 """
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,14 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mimlab.callbacks.resume import PreemptionCheckpoint, RNGState
 from mimlab.callbacks.run_metadata import RunMetadata
+from mimlab.checkpoints.atomic import AtomicCheckpointIO
+from mimlab.checkpoints.auto_resume import resolve_ckpt_path
+from mimlab.checkpoints.compat import check_resume_config
 from mimlab.utils.fast_paths import apply_fast_paths
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -27,18 +34,40 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.method)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [RunMetadata(resolved)]
+    infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints")]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + infrastructure
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    plugins = [AtomicCheckpointIO(), *(instantiate(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     return datamodule, module, trainer
+
+
+def preflight(cfg: DictConfig, module: L.LightningModule) -> None:
+    """Checks that need no data and no training: writable run folder, resume compatibility, composition fit."""
+    output_dir = Path(cfg.paths.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"run folder {output_dir} is not writable ({err.strerror}); "
+                              "choose another with hydra.run.dir=/writable/path") from err
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    if ckpt_path:
+        check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True), cfg.allow_config_change)
+    if hasattr(module, "check_composition"):
+        size = cfg.data.img_size
+        module.check_composition((size, size))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the composed experiment; returns the final metrics and the artefact paths."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
+    preflight(cfg, module)
     fit_module = apply_fast_paths(module, cfg.hardware)
-    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artefacts = _artefacts(trainer)
     _print_summary(cfg, trainer, metrics, artefacts)
@@ -75,9 +104,22 @@ def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, artefacts
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except SIGTERMException:  # preempted: the checkpoint is saved; exit like a terminated process so schedulers requeue
+        sys.exit(128 + signal.SIGTERM)
     return result["metrics"].get("val/loss")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m mimlab.train``: name misspelled keys with a suggestion, then hand over to Hydra."""
+    from mimlab.utils.config_keys import unknown_key_messages
+
+    problems = unknown_key_messages(CONFIG_DIR, "train", sys.argv[1:])
+    if problems:
+        sys.exit("\n".join(problems))
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -99,3 +99,25 @@ def test_other_colour_modes_are_converted_to_rgb(tmp_path, mode):
         img.save(tmp_path / split / "c" / f"x.{ext}")
     dm = make_dm(tmp_path, batch_size=1)
     assert dm.train_set[0][0].shape == (3, 32, 32)
+
+
+def test_check_reports_every_unreadable_file_at_once(tmp_path, synthetic_root):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from conftest import compose_config
+    from mimlab.check import check
+
+    root = tmp_path / "d"
+    shutil.copytree(synthetic_root, root)
+    bad = [sorted((root / "train" / c).glob("*.JPEG"))[0] for c in ("00_circle", "03_ring")]
+    for path in bad:
+        path.write_bytes(b"not a jpeg")
+    cfg = compose_config(["experiment=mae_vit_tiny_synthetic", f"data.root={root}", "data.img_size=32",
+                          "model.backbone.depth=1"], tmp_path / "run")
+    out = StringIO()
+    assert check(cfg, Console(file=out, width=200)) is False
+    text = out.getvalue()
+    assert all(p.name in text for p in bad) and "2 unreadable file(s)" in text
+    assert "01_square" in text and "total" in text

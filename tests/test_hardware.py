@@ -83,7 +83,10 @@ class _StartStep(L.Callback):
 
 def test_ckpt_path_last_resumes_a_requeued_run(synthetic_root, tmp_path):
     """The SLURM resume path: a second launch into the same run folder continues from checkpoints/last.ckpt."""
+    from mimlab.checkpoints.auto_resume import resolve_ckpt_path
     from mimlab.train import build
+
+    assert resolve_ckpt_path("last", tmp_path) is None  # first launch: start fresh
 
     overrides = ["experiment=mae_vit_tiny_synthetic", "logger=none", f"data.root={synthetic_root}", "data.img_size=32",
                  "data.batch_size=4", "hardware.num_workers=0", "model.backbone.depth=1", "model.backbone.embed_dim=32",
@@ -98,6 +101,8 @@ def test_ckpt_path_last_resumes_a_requeued_run(synthetic_root, tmp_path):
         trainer.callbacks.append(probe)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, tmp_path))
         steps.append((probe.step, trainer.global_step))
     assert steps == [(0, 2), (2, 4)]
+    assert resolve_ckpt_path("last", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path("/x/y.ckpt", tmp_path) == "/x/y.ckpt"

@@ -57,5 +57,12 @@ def test_cli_rejects_a_misspelled_key_before_touching_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mimlab.train", "masking.ratoi=0.5", f"hydra.run.dir={tmp_path}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "masking.ratoi" in proc.stderr
+    assert "masking.ratoi" in proc.stderr and "masking.ratio" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_suggests_the_closest_key():
+    proc = subprocess.run([sys.executable, "-m", "mimlab.train", "experiment=mae_vit_tiny_synthetic", "model.decoder.dept=2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown config key 'model.decoder.dept'. Did you mean 'model.decoder.depth'" in proc.stderr

@@ -22,10 +22,14 @@ def code_version() -> str:
 
 
 class RunMetadata(L.Callback):
-    """Adds ``{"config", "code_version", "torch"}`` to each checkpoint so a checkpoint is self-describing."""
+    """Adds ``{"config", "code_version", "torch", "data"}`` to each checkpoint so a checkpoint is self-describing
+    (``data`` is the DataModule's ``fingerprint()`` when it has one)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.metadata = {"config": config, "code_version": code_version(), "torch": str(torch.__version__)}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if "data" not in self.metadata:
+            fingerprint = getattr(trainer.datamodule, "fingerprint", None)
+            self.metadata["data"] = fingerprint() if callable(fingerprint) else None
         checkpoint["mimlab"] = self.metadata

@@ -34,6 +34,7 @@ class EncodedImageFolder(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} does not exist. {hint}")
+        self.root = root
         self.classes, class_to_idx = find_classes(str(root))
         self.samples = make_dataset(str(root), class_to_idx, extensions=(".jpg", ".jpeg"))
 
@@ -106,7 +107,7 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
     """:class:`ImageNetDataModule` whose workers read bytes and whose device decodes and augments (see module doc)."""
 
     def __init__(self, root: str, crop_scale: tuple[float, float] = (0.2, 1.0), seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(root, **kwargs)
+        super().__init__(root, seed=seed, **kwargs)
         self.train_device_transform = DeviceTransform(self.img_size, train=True, scale=tuple(crop_scale), seed=seed)
         self.val_device_transform = DeviceTransform(self.img_size, train=False, seed=seed)
 
@@ -116,11 +117,10 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
             self.val_set = _DecodedView(EncodedImageFolder(self.root / "val", self.hint), self.val_device_transform)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        dataset = dataset.encoded if isinstance(dataset, _DecodedView) else dataset
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, collate_fn=collate_encoded,
-                          drop_last=train and self.drop_last and len(dataset) >= self.batch_size,
-                          num_workers=self.num_workers, pin_memory=False, persistent_workers=self.persistent_workers,
-                          prefetch_factor=self.prefetch_factor)
+        """The parent's loader (resumable seeded sampler, DDP split) over the bytes, collated as a list."""
+        loader = super()._loader(dataset.encoded if isinstance(dataset, _DecodedView) else dataset, train)
+        loader.collate_fn = collate_encoded
+        return loader
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         encoded, labels = batch
@@ -134,6 +134,7 @@ class _DecodedView(Dataset):
 
     def __init__(self, encoded: EncodedImageFolder, transform: DeviceTransform) -> None:
         self.encoded, self.transform = encoded, transform
+        self.root, self.classes, self.samples = encoded.root, encoded.classes, encoded.samples
 
     def __len__(self) -> int:
         return len(self.encoded)

@@ -1,6 +1,7 @@
 """ImageNet-style LightningDataModule: ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from mimlab.data.image_folder import CheckedImageFolder
+from mimlab.data.resumable import ResumableSampler, SeededDataset
 from mimlab.data.transforms import eval_transform, pretrain_transform
 
 
@@ -20,6 +22,7 @@ class ImageNetDataModule(L.LightningDataModule):
         img_size: crop size; transforms default to the MAE pre-training / eval transforms at this size.
         num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings.
         on_corrupt: 'fail' (default, error names the file) or 'skip' undecodable images.
+        seed: fixes the per-epoch order and every sample's augmentation (exactly resumable mid-epoch).
         train_transform, val_transform: optional callables replacing the defaults.
     """
 
@@ -36,6 +39,7 @@ class ImageNetDataModule(L.LightningDataModule):
         drop_last: bool = True,
         train_transform: Callable | None = None,
         val_transform: Callable | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -49,8 +53,10 @@ class ImageNetDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.train_transform = train_transform or pretrain_transform(img_size)
         self.val_transform = val_transform or eval_transform(img_size)
+        self.seed = seed
         self.train_set: CheckedImageFolder | None = None
         self.val_set: CheckedImageFolder | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed in it)
 
     @property
     def hint(self) -> str:
@@ -66,12 +72,22 @@ class ImageNetDataModule(L.LightningDataModule):
         self.setup()
         return len(self.train_set.classes)
 
+    def _replicas(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _loader(self, dataset: CheckedImageFolder, train: bool) -> DataLoader:
+        num_replicas, rank = self._replicas()
+        drop_last = train and self.drop_last and len(dataset) >= self.batch_size * num_replicas
+        sampler = ResumableSampler(len(dataset), self.seed, shuffle=train, num_replicas=num_replicas, rank=rank,
+                                   drop_last=drop_last)
+        if train and self._resume is not None:
+            sampler.resume_at(self._resume[0], self._resume[1] * self.batch_size)
         return DataLoader(
-            dataset,
+            SeededDataset(dataset),
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last and len(dataset) >= self.batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
@@ -83,3 +99,24 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
+
+    def fingerprint(self) -> str:
+        """A short hash of the root, class list and relative file list of both splits (identifies the data a run saw)."""
+        self.setup()
+        digest = hashlib.sha1(str(self.root.resolve()).encode())
+        for dataset in (self.train_set, self.val_set):
+            digest.update("\n".join(dataset.classes).encode())
+            digest.update("\n".join(str(Path(p).relative_to(dataset.root)) for p, _ in dataset.samples).encode())
+        return f"{len(self.train_set)}+{len(self.val_set)} images, sha1 {digest.hexdigest()[:16]}"
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the epoch and how many of its batches were trained on (mid-epoch resume)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume = (state["epoch"], state["batches_done"])

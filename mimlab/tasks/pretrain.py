@@ -14,12 +14,18 @@ from torch import Tensor, nn
 
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
+from mimlab.utils.nan_guard import check_finite
+
+
+class CompositionError(ValueError):
+    """The parts chosen in the config do not fit together; raised before any training step."""
 
 
 class MaskedPretraining(L.LightningModule):
     """Args: the composed parts (``nn.Module`` each, ``neck`` optional), the mask generator, the optimiser factory,
     and ``seed``: masks are drawn from a generator seeded by (seed, global step, rank), so they are reproducible and
-    resume exactly; validation masks depend only on (seed, batch index) and are therefore identical every epoch."""
+    resume exactly; validation masks depend only on (seed, batch index) and are therefore identical every epoch.
+    ``nan_guard``: 'stop' (raise naming step, batch and loss term), 'skip' (skip that update) or 'off'."""
 
     def __init__(
         self,
@@ -31,6 +37,7 @@ class MaskedPretraining(L.LightningModule):
         optim: OptimizerFactory,
         neck: nn.Module | None = None,
         seed: int = 0,
+        nan_guard: str = "stop",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -41,6 +48,7 @@ class MaskedPretraining(L.LightningModule):
         self.masking = masking
         self.optim = optim
         self.seed = seed
+        self.nan_guard = nan_guard
 
     # ----------------------------------------------------------------------------------------------- masks
     def _generator(self, *keys: int) -> torch.Generator:
@@ -65,9 +73,11 @@ class MaskedPretraining(L.LightningModule):
         pred, target = self(images, mask)
         return self.loss(pred, target, mask)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         images = batch[0]
         losses = self._shared_step(images, self._generator(0, self.global_step, self.global_rank, batch_idx))
+        if not check_finite(losses, self.nan_guard, self.global_step, batch_idx):
+            return None
         self._log_losses("train", losses, images.shape[0])
         return losses["loss"]
 
@@ -81,6 +91,23 @@ class MaskedPretraining(L.LightningModule):
         for name, value in losses.items():
             self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=name == "loss",
                      batch_size=batch_size, sync_dist=not on_step)
+
+    @torch.no_grad()
+    def check_composition(self, image_size: tuple[int, int]) -> None:
+        """Run two blank images through masking -> backbone -> neck -> decoder -> target -> loss on the CPU, so parts
+        that do not fit (shapes, strides, dims) fail here with :class:`CompositionError`, before data or training."""
+        images = torch.zeros(2, 3, *image_size, device=self.device)
+        try:
+            losses = self._shared_step(images, self._generator(3))
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            raise CompositionError(
+                f"the configured parts do not fit together at image size {image_size}: {type(err).__name__}: {err}. "
+                f"backbone={type(self.backbone).__name__}, neck={type(self.neck).__name__}, "
+                f"decoder={type(self.decoder).__name__}, target={type(self.target).__name__}, masking={self.masking!r}, "
+                f"loss={type(self.loss).__name__}"
+            ) from err
+        if "loss" not in losses:
+            raise CompositionError(f"loss {type(self.loss).__name__} returned {sorted(losses)}; it must return a 'loss' entry")
 
     # ----------------------------------------------------------------------------------------------- visualisation
     @torch.no_grad()

@@ -1,0 +1,19 @@
+"""Copy the student backbone into an EMA teacher before the first training step (iTPN-EMA / any EMA target).
+
+``MaskedPretraining`` calls ``target.update(backbone, progress)`` only *after* optimiser steps, so without this the very
+first batch would be scored against an unsynced teacher. On resume the target's ``synced`` buffer comes back from the
+checkpoint and nothing is copied, so resumed runs stay exact.
+"""
+from __future__ import annotations
+
+import lightning as L
+
+
+class EMATeacherSync(L.Callback):
+    """``on_train_start``: ``pl_module.target.sync_(pl_module.backbone)`` if the target has not been synced yet."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync = getattr(pl_module.target, "sync_", None)
+        if sync is None:
+            raise TypeError(f"EMATeacherSync needs a target with sync_(student); got {type(pl_module.target).__name__}")
+        sync(pl_module.backbone)

@@ -1,0 +1,170 @@
+"""ConvNeXt V2 backbone that can run **masked-dense** (FCMAE) or dense (fine-tuning / features).
+
+Architecture as ConvNeXt-V2 ``models/convnextv2.py`` (METHODS.md §3.1): stem Conv2d(k4, s4) + channels-first LN,
+three downsamples LN + Conv2d(k2, s2), blocks ``dwconv 7x7 -> LN -> Linear C->4C -> GELU -> GRN -> Linear 4C->C
+-> DropPath -> +x`` with no LayerScale; optional head = global average pool -> LN -> Linear.
+Module and parameter names follow the official dense layout (``downsample_layers.k.*``, ``stages.s.b.dwconv``,
+``pwconv1``, ``grn.gamma``, ``pwconv2``, ``norm``, ``head``) so official checkpoints load by renaming nothing
+(see ``mimlab.checkpoints.convnextv2`` for the sparse / timm layouts).
+
+Masked-dense convention (replaces MinkowskiEngine, see METHODS.md §3.3 and PERFORMANCE.md §5):
+``mask`` is ``(N, L)`` over a ``gh x gw`` grid of square mask units (row-major), ``1 = masked``. It is upsampled
+to every stage's resolution; masked positions are set to zero after the stem, after every depthwise conv, after
+every block and after every downsample, and GRN statistics use visible positions only (per sample). Masked
+pixels therefore cannot influence any visible output, which is what a submanifold sparse conv computes.
+Mask units must be a multiple of the total stride (32 px) so that each stage's map is an integer upsampling
+of the unit grid.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from torch import nn
+
+from mimlab.models.layers.grn import GRN
+
+__all__ = ["ConvNeXtV2Block", "MaskedConvNeXtV2", "mask_to_map"]
+
+
+def mask_to_map(mask: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Upsample a unit mask ``(N, gh*gw)`` (1 = masked) to a ``(N, 1, h, w)`` map by repetition.
+
+    ``h`` and ``w`` must be integer multiples of ``gh`` and ``gw``.
+    """
+    (gh, gw), (h, w) = grid, size
+    if h % gh or w % gw:
+        raise ValueError(
+            f"MaskedConvNeXtV2: a feature map of {h}x{w} is not an integer upsampling of the {gh}x{gw} mask grid; "
+            "the mask unit (masking.unit_size) must be a multiple of 32 px and divide the image size")
+    m = mask.reshape(mask.shape[0], 1, gh, gw)
+    return m.repeat_interleave(h // gh, dim=2).repeat_interleave(w // gw, dim=3)
+
+
+class ConvNeXtV2Block(nn.Module):
+    """One ConvNeXt V2 block on ``(N, C, H, W)``; ``8C^2 + 65C`` parameters.
+
+    ``mask``: optional ``(N, 1, H, W)`` float, 1 = masked. Input is expected to be zero at masked positions;
+    the output is zero there too.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        shortcut = x
+        x = self.dwconv(x)
+        if mask is not None:
+            x = x * (1.0 - mask)
+        x = x.permute(0, 2, 3, 1)  # (N, H, W, C)
+        x = self.act(self.pwconv1(self.norm(x)))
+        x = self.grn(x, None if mask is None else mask.permute(0, 2, 3, 1))
+        x = self.pwconv2(x).permute(0, 3, 1, 2)
+        x = shortcut + self.drop_path(x)
+        if mask is not None:
+            x = x * (1.0 - mask)
+        return x
+
+
+class MaskedConvNeXtV2(nn.Module):
+    """ConvNeXt V2 encoder, mask-aware.
+
+    Args:
+        depths, dims: blocks and widths of the four stages (sizes in ``conf/model/backbone/convnextv2_*.yaml``).
+        in_chans: image channels.
+        drop_path_rate: stochastic depth, linearly increasing over all blocks.
+        num_classes: 0 (default) builds no final norm and no head, the FCMAE pre-training layout
+            (official FCMAE checkpoints have neither); > 0 adds ``norm`` (LN) and ``head`` (Linear).
+        head_init_scale: multiplies the initial head weight and bias (1e-3 in official fine-tuning).
+
+    Init: ``trunc_normal_(std=0.02)`` for conv / linear weights, zero biases (official dense ConvNeXt V2).
+    ``out_channels = dims``, ``out_strides = [4, 8, 16, 32]``.
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (3, 3, 9, 3),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 0,
+        head_init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"MaskedConvNeXtV2 needs 4 stages, got depths={list(depths)} dims={list(dims)}")
+        self.depths, self.dims = list(depths), list(dims)
+        self.out_channels = list(dims)
+        self.out_strides = [4, 8, 16, 32]
+        self.num_classes = num_classes
+
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(
+                LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: works under meta
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            start = sum(depths[:i])
+            self.stages.append(nn.ModuleList(ConvNeXtV2Block(dims[i], rates[start + j]) for j in range(depth)))
+        if num_classes > 0:
+            self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+            self.head = nn.Linear(dims[-1], num_classes)
+        self.apply(self._init_weights)
+        if num_classes > 0:
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def _mask_grid(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+        """The ``(gh, gw)`` grid of square mask units implied by the image and ``mask`` (N, L)."""
+        h, w = x.shape[-2:]
+        n_units = mask.shape[1]
+        unit = round((h * w / n_units) ** 0.5)
+        if unit == 0 or h % unit or w % unit or (h // unit) * (w // unit) != n_units:
+            raise ValueError(
+                f"MaskedConvNeXtV2: mask has L={n_units} units, which is not a grid of square units over a "
+                f"{h}x{w} image; pass the (N, gh*gw) unit mask from mimlab.masking")
+        return h // unit, w // unit
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``x`` (N, in_chans, H, W), ``mask`` optional (N, L), 1 = masked.
+
+        Returns the four stage outputs ``(N, dims[i], H / 4·2^i, W / 4·2^i)``; masked positions are zero.
+        """
+        grid = None if mask is None else self._mask_grid(x, mask)
+        feats = []
+        for i in range(4):
+            x = self.downsample_layers[i](x)
+            m = None if mask is None else mask_to_map(mask.to(x.dtype), grid, x.shape[-2:])
+            if m is not None:
+                x = x * (1.0 - m)
+            for block in self.stages[i]:
+                x = block(x, m)
+            feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked encoding for FCMAE: the last stage ``(N, dims[-1], H/32, W/32)``, zero at masked positions."""
+        return self.forward_features(x, mask)[-1]
+
+    def forward_head(self, feature: torch.Tensor) -> torch.Tensor:
+        """Global average pool -> LN -> Linear on the last stage map ``(N, C, h, w)`` -> ``(N, num_classes)``."""
+        if self.num_classes == 0:
+            raise RuntimeError("MaskedConvNeXtV2 was built with num_classes=0 (no head); set num_classes > 0")
+        return self.head(self.norm(feature.mean(dim=(-2, -1))))

@@ -1,0 +1,317 @@
+"""HiViT backbone (Zhang et al., ICLR'23) as used by iTPN, with MAE-style dropping of masked 16-px mask units.
+
+Layout (METHODS.md §4.1). An image is cut into 16×16-px *mask units* (grid ``gh × gw``, ``L = gh·gw``). Every unit is
+embedded as 4×4 inner tokens of 4 px, so the whole early network runs **per unit**:
+
+    patch_embed  (N, L, 4, 4, D/4)   Conv2d(3, D/4, k=4, s=4) + LN
+    stage4       C-MLP blocks (MLP only, no attention) at D/4, mlp ratio 3     -> f4  (N, K, 4, 4, D/4)  stride 4
+    merge4       PatchMerge (2×2 concat, LN(4C), Linear(4C→2C, no bias))
+    stage8       C-MLP blocks at D/2                                           -> f8  (N, K, 2, 2, D/2)  stride 8
+    merge8       PatchMerge
+    main_blocks  pre-norm transformer blocks at D with global attention        -> x16 (N, K, D)          stride 16
+
+Masked units (``mask = 1``) are gathered away **before** ``stage4`` (only the ``K`` visible units are computed), or,
+with ``drop_masked=False`` (BEiT-style, iTPN-CLIP), replaced by a learned ``mask_token`` at the input of the main stage.
+The absolute position embedding is a trainable (1, L, D) Parameter initialised to fixed 2-D sin-cos (no cls row) and
+added at the start of the main stage. The relative position bias (one ``(2g-1)²×heads`` table per main block) is off
+for pre-training and on for fine-tuning (``rpe``).
+
+Module names follow the official code so that ``mimlab.checkpoints.itpn`` can map official keys one-to-one, except
+that the official flat ``blocks`` list (PatchMerge at list indices) is split into ``stage4/merge4/stage8/merge8/main_blocks``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import Tensor, nn
+
+from mimlab.masking import keep_indices, num_visible
+from mimlab.models.pos_embed import sincos_2d_pos_embed
+
+
+def relative_position_index(grid: tuple[int, int]) -> Tensor:
+    """(L, L) index into a ``(2gh-1)(2gw-1)`` bias table, Swin/BEiT convention (row offset major)."""
+    gh, gw = grid
+    coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")).flatten(1)  # (2, L)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (L, L, 2)
+    return (rel[..., 0] + gh - 1) * (2 * gw - 1) + (rel[..., 1] + gw - 1)
+
+
+def init_weights(m: nn.Module) -> None:
+    """Official iTPN/HiViT init: Linear trunc-normal(0.02) with zero bias, LayerNorm weight 1 / bias 0."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (SDPA) with an optional relative position bias table.
+
+    ``forward(x (N, K, D), rpe_index (N or 1, K, K) long | None) -> (N, K, D)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], rpe: bool, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.relative_position_bias_table = (
+            nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1), num_heads)) if rpe else None
+        )
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, rpe_index: Tensor | None = None) -> Tensor:
+        n, k, d = x.shape
+        q, key, v = self.qkv(x).reshape(n, k, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = None
+        if self.relative_position_bias_table is not None and rpe_index is not None:
+            bias = self.relative_position_bias_table[rpe_index].permute(0, 3, 1, 2).to(q.dtype)  # (N|1, H, K, K)
+        x = F.scaled_dot_product_attention(q, key, v, attn_mask=bias,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(n, k, d)))
+
+
+class HiViTBlock(nn.Module):
+    """Pre-norm block. ``num_heads = 0`` gives a C-MLP block (``x + MLP(LN(x))`` only, any leading shape ``(..., C)``).
+
+    ``init_values`` enables layer scale (``gamma_1``/``gamma_2``, iTPN-CLIP uses 0.1).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, grid: tuple[int, int], rpe: bool = False,
+                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 init_values: float | None = None, eps: float = 1e-6) -> None:
+        super().__init__()
+        with_attn = num_heads > 0
+        self.norm1 = nn.LayerNorm(dim, eps=eps) if with_attn else None
+        self.attn = Attention(dim, num_heads, grid, rpe, qkv_bias, attn_drop, drop) if with_attn else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        if init_values is not None:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values))) if with_attn else None
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x: Tensor, rpe_index: Tensor | None = None) -> Tensor:
+        if self.attn is not None:
+            y = self.attn(self.norm1(x), rpe_index)
+            x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
+        y = self.mlp(self.norm2(x))
+        return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
+
+
+class UnitPatchEmbed(nn.Module):
+    """(N, 3, H, W) -> (N, L, r, r, C) with ``r = unit_size / 4`` inner tokens per unit, row-major units and tokens."""
+
+    def __init__(self, in_chans: int, dim: int, unit_size: int = 16, inner: int = 4, eps: float = 1e-6) -> None:
+        super().__init__()
+        if unit_size % inner:
+            raise ValueError(f"unit_size {unit_size} must be divisible by inner {inner}")
+        self.unit_size, self.inner = unit_size, inner
+        k = unit_size // inner
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=k, stride=k)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        if h % self.unit_size or w % self.unit_size:
+            raise ValueError(f"image {h}x{w} is not divisible by the HiViT mask unit size {self.unit_size}")
+        gh, gw, r = h // self.unit_size, w // self.unit_size, self.inner
+        x = self.proj(x)  # (N, C, gh*r, gw*r)
+        x = x.reshape(n, -1, gh, r, gw, r).permute(0, 2, 4, 3, 5, 1).reshape(n, gh * gw, r, r, -1)
+        return self.norm(x)
+
+
+class PatchMerge(nn.Module):
+    """(N, K, 2s, 2s, C) -> (N, K, s, s, 2C): concat [x00, x10, x01, x11] of every 2×2, LN(4C), Linear(4C→2C, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], -1)
+        return self.reduction(self.norm(x))
+
+
+@dataclass
+class HiViTEncoding:
+    """Masked HiViT output, unit layout. ``features = (f4 (N,K,4,4,D/4), f8 (N,K,2,2,D/2), x16 (N,K,D))``.
+
+    ``K`` = visible units (dropping) or all ``L`` units (``drop_masked=False``). ``mask`` (N, L) 1 = masked;
+    ``ids_keep`` (N, K) the unit index of every row (``None`` when nothing was dropped); ``grid`` = (gh, gw);
+    ``hidden`` = main-block outputs requested by ``HiViT(keep_hidden=...)`` keyed by block index.
+    """
+
+    features: tuple[Tensor, ...]
+    mask: Tensor | None
+    ids_keep: Tensor | None
+    grid: tuple[int, int]
+    hidden: dict[int, Tensor]
+
+
+def units_to_map(x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(N, L, r, r, C) or (N, L, C) over a full ``grid`` -> dense (N, C, gh*r, gw*r)."""
+    if x.dim() == 3:
+        x = x[:, :, None, None, :]
+    n, _, r, _, c = x.shape
+    gh, gw = grid
+    return x.reshape(n, gh, gw, r, r, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, gh * r, gw * r)
+
+
+def map_to_units(x: Tensor, unit: int) -> Tensor:
+    """Dense (N, C, H, W) -> (N, L, unit, unit, C) with ``L = (H/unit)(W/unit)``; inverse of ``units_to_map``."""
+    n, c, h, w = x.shape
+    gh, gw = h // unit, w // unit
+    return x.reshape(n, c, gh, unit, gw, unit).permute(0, 2, 4, 3, 5, 1).reshape(n, gh * gw, unit, unit, c)
+
+
+class HiViT(nn.Module):
+    """HiViT / iTPN backbone (see module docstring).
+
+    Args:
+        embed_dim: main-stage width D (stages run at D/4, D/2, D).
+        mlp_depth: C-MLP blocks per early stage (iTPN convention: counts blocks; HiViT configs' ``depths[i]`` ×2).
+        depth: main transformer blocks. num_heads: heads of the main blocks.
+        img_size: training resolution; fixes the ape grid and the RPE tables.
+        rpe: relative position bias (False for pre-training, True for fine-tuning).
+        drop_masked: True drops masked units (MAE); False keeps them and inpaints ``mask_token`` (BEiT/iTPN-CLIP).
+        keep_hidden: main-block indices (0-based) whose outputs are returned in ``HiViTEncoding.hidden``.
+        num_classes: > 0 adds mean-pool + ``fc_norm`` + ``head`` (classification, ``forward_head``).
+    """
+
+    def __init__(self, embed_dim: int = 512, mlp_depth: int = 3, depth: int = 24, num_heads: int = 8,
+                 img_size: int = 224, unit_size: int = 16, in_chans: int = 3, stem_mlp_ratio: float = 3.0,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, ape: bool = True, rpe: bool = False, drop_masked: bool = True,
+                 init_values: float | None = None, keep_hidden: tuple[int, ...] = (), num_classes: int = 0) -> None:
+        super().__init__()
+        if embed_dim % 4:
+            raise ValueError(f"HiViT embed_dim must be divisible by 4, got {embed_dim}")
+        self.embed_dim, self.depth, self.mlp_depth = embed_dim, depth, mlp_depth
+        self.unit_size, self.drop_masked = unit_size, drop_masked
+        self.keep_hidden = tuple(int(i) for i in keep_hidden)
+        self.grid = (img_size // unit_size, img_size // unit_size)
+        d4, d8 = embed_dim // 4, embed_dim // 2
+        self.out_channels = [d4, d8, embed_dim]
+        self.out_strides = [4, 8, 16]
+        n_blocks = 2 * mlp_depth + depth
+        dpr = iter([drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)])  # linspace(0, rate)
+
+        def block(dim: int, heads: int, ratio: float) -> HiViTBlock:
+            return HiViTBlock(dim, heads, ratio, self.grid, rpe=rpe, qkv_bias=qkv_bias, drop=drop_rate,
+                              attn_drop=attn_drop_rate, drop_path=next(dpr), init_values=init_values)
+
+        self.patch_embed = UnitPatchEmbed(in_chans, d4, unit_size)
+        self.stage4 = nn.ModuleList([block(d4, 0, stem_mlp_ratio) for _ in range(mlp_depth)])
+        self.merge4 = PatchMerge(d4)
+        self.stage8 = nn.ModuleList([block(d8, 0, stem_mlp_ratio) for _ in range(mlp_depth)])
+        self.merge8 = PatchMerge(d8)
+        self.main_blocks = nn.ModuleList([block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.absolute_pos_embed = (
+            nn.Parameter(sincos_2d_pos_embed(embed_dim, self.grid)[None]) if ape else None
+        )  # trainable, sin-cos initialised, no cls row
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.mask_token = None if drop_masked else nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("relative_position_index", relative_position_index(self.grid), persistent=False)
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+            self.head = nn.Linear(embed_dim, num_classes)
+        self.apply(init_weights)
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"absolute_pos_embed", "mask_token"}
+
+    def forward_units(self, x: Tensor, mask: Tensor | None = None) -> HiViTEncoding:
+        """Run the three stages on (N, 3, H, W); ``mask`` (N, L) over 16-px units, 1 = masked (None = full image)."""
+        n, _, h, w = x.shape
+        grid = (h // self.unit_size, w // self.unit_size)
+        x = self.patch_embed(x)  # (N, L, 4, 4, D/4)
+        ids_keep = None
+        if mask is not None and mask.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"mask has {mask.shape[1]} units but the {h}x{w} image has {grid[0] * grid[1]} "
+                             f"units of {self.unit_size} px; set masking.unit_size={self.unit_size}")
+        if mask is not None and self.drop_masked:
+            ids_keep = keep_indices(mask, num_visible(mask))
+            x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
+        for blk in self.stage4:
+            x = blk(x)
+        f4 = x
+        x = self.merge4(x)
+        for blk in self.stage8:
+            x = blk(x)
+        f8 = x
+        x = self.merge8(x)[:, :, 0, 0, :]  # (N, K, D)
+        if mask is not None and not self.drop_masked:
+            w_ = mask[:, :, None].to(x.dtype)
+            x = x * (1 - w_) + self.mask_token.to(x.dtype) * w_
+        if self.absolute_pos_embed is not None:
+            pos = self._pos_embed(grid)
+            if ids_keep is not None:
+                pos = torch.gather(pos.expand(n, -1, -1), 1, ids_keep[:, :, None].expand(-1, -1, pos.shape[-1]))
+            x = x + pos
+        x = self.pos_drop(x)
+        rpe_index = self._rpe_index(grid, ids_keep)
+        hidden = {}
+        for i, blk in enumerate(self.main_blocks):
+            x = blk(x, rpe_index)
+            if i in self.keep_hidden:
+                hidden[i] = x
+        return HiViTEncoding((f4, f8, x), mask, ids_keep, grid, hidden)
+
+    def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        pos = self.absolute_pos_embed
+        if tuple(grid) == self.grid:
+            return pos
+        pos = pos.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+
+    def _rpe_index(self, grid: tuple[int, int], ids_keep: Tensor | None) -> Tensor | None:
+        if not self.main_blocks or self.main_blocks[0].attn.relative_position_bias_table is None:
+            return None
+        if tuple(grid) != self.grid:
+            raise ValueError(f"rpe=True fixes the unit grid to {self.grid}; got {grid}. Use img_size matching the data.")
+        idx = self.relative_position_index
+        if ids_keep is None:
+            return idx[None]
+        return idx[ids_keep[:, :, None], ids_keep[:, None, :]]  # (N, K, K)
+
+    def forward(self, x: Tensor, mask: Tensor) -> HiViTEncoding:
+        """Masked encoding for pre-training (see ``forward_units``)."""
+        return self.forward_units(x, mask)
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """Dense maps ``[(N, D/4, H/4, W/4), (N, D/2, H/8, W/8), (N, D, H/16, W/16)]``; masked units are zero."""
+        enc = self.forward_units(x, mask)
+        if enc.ids_keep is None:
+            return [units_to_map(f, enc.grid) for f in enc.features]
+        out = []
+        for f in enc.features:
+            full = f.new_zeros(f.shape[0], enc.grid[0] * enc.grid[1], *f.shape[2:])
+            idx = enc.ids_keep.reshape(*enc.ids_keep.shape, *([1] * (f.dim() - 2))).expand_as(f)
+            out.append(units_to_map(full.scatter(1, idx, f), enc.grid))
+        return out
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Classification: mean-pool of the main stage -> fc_norm -> head; (N, 3, H, W) -> (N, num_classes)."""
+        if self.num_classes <= 0:
+            raise ValueError("HiViT was built with num_classes=0; set model.backbone.num_classes for fine-tuning")
+        x16 = self.forward_units(x).features[-1]
+        return self.head(self.fc_norm(x16.mean(dim=1)))

@@ -1,0 +1,1 @@
+"""Small reusable layers that timm does not provide (e.g. mask-aware GRN)."""
