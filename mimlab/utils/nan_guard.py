@@ -20,7 +20,7 @@ def check_finite(losses: dict[str, Tensor], mode: str, step: int, batch_idx: int
         return True
     bad = [name for name, value in losses.items() if not bool(torch.isfinite(value).all().item())]
     message = (f"non-finite loss at global step {step}, batch {batch_idx}: term(s) {', '.join(bad)} "
-               f"= {', '.join(f'{float(losses[n].float().mean()):.4g}' for n in bad)}")
+               f"= {', '.join(f'{float(losses[n].detach().float().mean()):.4g}' for n in bad)}")
     if mode == "stop":
         raise NonFiniteLossError(message + ". Lower the lr, check the data, or set nan_guard=skip to skip such steps.")
     if mode == "skip":
