@@ -14,7 +14,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
 DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
 
-.PHONY: help install data pretrain check finetune linear-probe sweep report test clean
+.PHONY: help install data pretrain check finetune linear-probe sweep report bench shards test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -57,6 +57,13 @@ sweep: $(VENV)/.installed  ## Hydra multirun of a sweep file: make sweep SWEEP=c
 
 report: $(VENV)/.installed  ## table + plot of run folders: make report RUNS=outputs/sweeps/<name>/<time> [ARGS="--x masking.ratio"]
 	$(PY) -m mimlab.report $(or $(RUNS),outputs) $(ARGS)
+
+bench: $(VENV)/.installed  ## img/s, ms/step, memory, FLOPs/img, MFU -> outputs/bench/bench.json (tiny on CPU); ARGS="model=mae_vit_b batch=256"
+	$(PY) -m mimlab.bench out=outputs/bench/bench.json $(ARGS)
+
+shards: $(VENV)/.installed  ## WebDataset shards of an ImageNet folder: make shards SRC=/data/imagenet DST=/data/imagenet-shards
+	@if [ -z "$(SRC)" ] || [ -z "$(DST)" ]; then echo "make shards: set SRC=<ImageNet-layout folder> DST=<output folder>"; exit 2; fi
+	$(PY) -m mimlab.data.shards --src $(SRC) --dst $(DST) $(ARGS)
 
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q

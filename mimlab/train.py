@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from mimlab.callbacks.resume import PreemptionCheckpoint, RNGState
 from mimlab.callbacks.run_metadata import RunMetadata
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
+from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
+from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -36,7 +38,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints")]
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + infrastructure
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    plugins = [AtomicCheckpointIO(), *(instantiate(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     return datamodule, module, trainer
 
 
@@ -51,8 +54,9 @@ def preflight(cfg: DictConfig, module: L.LightningModule) -> None:
     except OSError as err:
         raise PermissionError(f"run folder {output_dir} is not writable ({err.strerror}); "
                               "choose another with hydra.run.dir=/writable/path") from err
-    if cfg.ckpt_path:
-        check_resume_config(cfg.ckpt_path, OmegaConf.to_container(cfg, resolve=True), cfg.allow_config_change)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    if ckpt_path:
+        check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True), cfg.allow_config_change)
     if hasattr(module, "check_composition"):
         size = cfg.data.img_size
         module.check_composition((size, size))
@@ -63,8 +67,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     preflight(cfg, module)
-    fit_module = torch.compile(module) if cfg.hardware.compile else module
-    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    fit_module = apply_fast_paths(module, cfg.hardware)
+    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artefacts = _artefacts(trainer)
     _print_summary(cfg, trainer, metrics, artefacts)

@@ -73,7 +73,7 @@ def test_teacher_stays_frozen_through_a_training_step():
 
 def test_block_mask_lines_up_with_teacher_grid_through_the_decoder():
     encoder, decoder, _ = tiny_parts()
-    decoder.blocks = nn.ModuleList()  # no attention: each output token can only see its own patches
+    decoder.decoder.decoder_blocks = nn.ModuleList()  # no attention: each output token can only see its own patches
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])  # 2x2 units of 32 px; units 0 and 3 visible
     enc = encoder(torch.randn(1, 3, 64, 64), mask)
     # the ViT's 4x4 patch mask pools back to the unit mask: unit k = patches of teacher token k

@@ -14,16 +14,13 @@ Two outputs, one per loss of ``mimlab.losses.img2vec``:
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mimlab.models.backbones.vit import ViTEncoding, _init_linear_and_norm
-from mimlab.models.pos_embed import sincos_2d_pos_embed
+from mimlab.models.heads.mae_decoder import MAEDecoder
 
 
 class Img2VecDecoder(nn.Module):
@@ -55,24 +52,12 @@ class Img2VecDecoder(nn.Module):
             raise ValueError(f"img_size={img_size} is not a multiple of model.decoder.out_stride={out_stride}")
         self.multi_block = multi_block
         self.aggregate_norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_dim = decoder_dim
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, decoder_dim), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for _ in range(depth)
-        )
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder = MAEDecoder(embed_dim, img_size, patch_size, decoder_dim, depth, num_heads, mlp_ratio,
+                                  with_prediction=False)
         self.proj = Mlp(decoder_dim, proj_hidden_dim, out_dim, act_layer=nn.ReLU)
         self.global_proj = Mlp(embed_dim, proj_hidden_dim, out_dim, act_layer=nn.ReLU)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """MAE init: fixed sin-cos pos-embed (zero cls row), normal(0.02) mask token, xavier Linear, unit LayerNorm."""
-        self.decoder_pos_embed.data.copy_(sincos_2d_pos_embed(self.decoder_dim, self.grid, cls_token=True).unsqueeze(0))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_linear_and_norm)
+        for module in (self.aggregate_norm, self.proj, self.global_proj):
+            module.apply(_init_linear_and_norm)
 
     def aggregate(self, features: ViTEncoding) -> Tensor:
         """Multi-block feature: uniform mean of the encoder's block outputs (pre-norm), ``(N, 1 + V, D)``."""
@@ -86,15 +71,8 @@ class Img2VecDecoder(nn.Module):
         if tuple(features.grid) != self.grid:
             raise ValueError(f"Img2VecDecoder was built for a {self.grid} patch grid but got {tuple(features.grid)}: "
                              "model.decoder.img_size must equal the training crop (data.img_size)")
-        x = self.decoder_embed(self.aggregate_norm(self.aggregate(features)))
-        n, num_patches = x.shape[0], features.ids_restore.shape[1]
-        fill = self.mask_token.expand(n, num_patches + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], fill], dim=1)
-        patches = torch.gather(patches, 1, features.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        for block in self.blocks:
-            x = block(x)
-        x = self.decoder_norm(x)[:, 1:]  # drop cls: (N, L_p, decoder_dim)
+        n = features.tokens.shape[0]
+        x = self.decoder.decode(self.aggregate_norm(self.aggregate(features)), features.ids_restore)  # (N, L_p, dim)
         if self.pool > 1:
             grid = x.transpose(1, 2).reshape(n, -1, *self.grid)
             x = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # (N, K_t, decoder_dim)

@@ -18,7 +18,8 @@ from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 class MAEDecoder(nn.Module):
     """Args: in_dim (encoder width), embed_dim/depth/num_heads (512/8/16 in MAE), img_size and patch_size (grid),
-    out_dim (defaults to patch_size**2 * in_chans, i.e. 768 for p16 / 588 for p14)."""
+    out_dim (defaults to patch_size**2 * in_chans, i.e. 768 for p16 / 588 for p14). ``with_prediction=False`` drops
+    ``decoder_pred`` for heads that only need :meth:`decode` (e.g. Img2Vec's feature head)."""
 
     def __init__(
         self,
@@ -31,6 +32,7 @@ class MAEDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         in_chans: int = 3,
         out_dim: int | None = None,
+        with_prediction: bool = True,
     ) -> None:
         super().__init__()
         self.grid = (img_size // patch_size, img_size // patch_size)
@@ -44,7 +46,7 @@ class MAEDecoder(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
         )
         self.decoder_norm = norm_layer(embed_dim)
-        self.decoder_pred = nn.Linear(embed_dim, out_dim or patch_size**2 * in_chans)
+        self.decoder_pred = nn.Linear(embed_dim, out_dim or patch_size**2 * in_chans) if with_prediction else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -52,14 +54,19 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_linear_and_norm)
 
-    def forward(self, enc: ViTEncoding, mask: Tensor | None = None) -> Tensor:
-        """(N, 1+K, D_enc) encoding -> (N, L, out_dim) predictions for all L patches."""
-        x = self.decoder_embed(enc.tokens)
-        n, length = enc.ids_restore.shape
+    def decode(self, tokens: Tensor, ids_restore: Tensor) -> Tensor:
+        """(N, 1+K, D_enc) cls + visible tokens, (N, L) unshuffle indices -> (N, L, embed_dim) normed features of
+        every patch (mask tokens filled in at masked positions; the cls output is dropped)."""
+        x = self.decoder_embed(tokens)
+        n, length = ids_restore.shape
         mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        patches = torch.gather(patches, 1, enc.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_norm(x)[:, 1:]
+
+    def forward(self, enc: ViTEncoding, mask: Tensor | None = None) -> Tensor:
+        """(N, 1+K, D_enc) encoding -> (N, L, out_dim) predictions for all L patches."""
+        return self.decoder_pred(self.decode(enc.tokens, enc.ids_restore))

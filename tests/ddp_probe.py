@@ -1,0 +1,53 @@
+"""Test-only callback loaded into a real DDP run by tests/test_ddp.py (``+callbacks.probe._target_=tests.ddp_probe.DDPProbe``).
+
+Every rank writes ``<out_dir>/rank<r>.pt`` with its parameters before the first and after the first optimiser step,
+the base lr of the optimiser, the world size, and how many checkpoint writes reached this rank's CheckpointIO
+and how many metric rows reached this rank's CSV writer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+
+
+class DDPProbe(L.Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.record: dict = {"checkpoint_writes": 0, "log_writes": 0}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        original = io.save_checkpoint
+
+        def counting_save(*args, **kwargs):
+            self.record["checkpoint_writes"] += 1
+            return original(*args, **kwargs)
+
+        io.save_checkpoint = counting_save
+        writer = _ExperimentWriter.log_metrics
+
+        def counting_log(writer_self, *args, **kwargs):
+            self.record["log_writes"] += 1
+            return writer(writer_self, *args, **kwargs)
+
+        _ExperimentWriter.log_metrics = counting_log  # this process only
+
+    def _params(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record["before"] = self._params(pl_module)
+        self.record["base_lr"] = trainer.optimizers[0].param_groups[0]["initial_lr"]
+        self.record["world_size"] = trainer.world_size
+        self.record["is_global_zero"] = trainer.is_global_zero
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 1 and "after_step_1" not in self.record:
+            self.record["after_step_1"] = self._params(pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")

@@ -1,0 +1,74 @@
+"""``python -m mimlab.bench`` in its CPU tiny mode: correctness of the figures and the JSON, not speed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mimlab.bench import FinetuneWorkload, PretrainWorkload, conv_linear_macs, load_config, run, train_flops
+from mimlab.utils.fast_paths import set_fused_attn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench_json(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    run(["model=mae_vit_b,vit_b_finetune,fcmae_convnextv2_b", "batch=4", "steps=2", "warmup=1", "compile=[false]",
+         f"data_root={synthetic_root}", "workers=0", f"out={out}", "device=cpu"])
+    return json.loads(out.read_text())
+
+
+def test_bench_reports_every_figure_for_each_loop(bench_json):
+    assert bench_json["peak_tflops"] == 790
+    by_model = {r["model"]: r for r in bench_json["results"]}
+    assert by_model["fcmae_convnextv2_b"]["flops_method"] == "analytic"
+    for name in ("mae_vit_b", "vit_b_finetune", "fcmae_convnextv2_b"):
+        res = by_model[name]
+        assert res["tiny"] and res["train_gflop_per_img"] > 0
+        assert {r["loop"] for r in res["runs"]} == {"plain", "lightning"}
+        for r in res["runs"]:
+            assert r["img_s"] > 0 and r["ms_step"] > 0
+            assert r["img_s"] == pytest.approx(4 * 1000 / r["ms_step"])
+            assert r["mfu"] == pytest.approx(r["img_s"] * res["train_gflop_per_img"] * 1e9 / 790e12)
+        assert "lightning_overhead_eager" in res
+        real = res["real_data"]
+        assert real["loader_img_s"] > 0 and real["end_to_end"]["img_s"] > 0
+
+
+def test_bench_skips_methods_that_have_not_landed_with_a_reason():
+    assert "conf/experiment/not_landed.yaml does not exist" in PretrainWorkload("not_landed").unavailable(tiny=False)
+    assert "tiny_overrides" in PretrainWorkload("mae_vit_b").unavailable(tiny=True)
+    assert PretrainWorkload("mae_vit_b").unavailable(tiny=False) is None
+
+
+def test_unknown_model_names_the_config():
+    with pytest.raises(SystemExit, match="conf/bench.yaml"):
+        run(["model=nope", "device=cpu"])
+    with pytest.raises(SystemExit, match="key=value"):
+        load_config(["model"])
+
+
+def test_conv_linear_macs_matches_the_hand_count():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.Flatten(),
+                        nn.Linear(8 * 6 * 6, 5))
+    macs = conv_linear_macs(net, lambda: net(torch.randn(2, 3, 6, 6)))
+    assert macs == 2 * (8 * 36 * 3 * 9 + 8 * 36 * 1 * 49 + 5 * 288)
+
+
+def test_flop_counter_counts_attention_whichever_kernel_runs():
+    cfg = load_config(["batch=2"])
+    workload = FinetuneWorkload("vit_tiny_p8", img_size=32, tiny_overrides=["model.backbone.depth=1",
+                                "model.backbone.embed_dim=32", "model.backbone.num_heads=2"])
+    module, _ = workload.build(cfg, "cpu", tiny=True)
+    batch = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    set_fused_attn(module, True)
+    counted = train_flops(module, batch, "counter")
+    assert all(m.fused_attn for m in module.modules() if hasattr(m, "fused_attn"))  # restored
+    linear_only = train_flops(module, batch, "analytic")
+    tokens, dim = 1 + 16, 32
+    attention = 6 * 2 * tokens * tokens * dim  # q@k^T and attn@v, forward + backward, one block, per image
+    patch_input_grad = 2 * 16 * dim * 3 * 8 * 8  # never computed: the images need no gradient
+    assert counted == pytest.approx(linear_only + attention - patch_input_grad, rel=1e-3)
