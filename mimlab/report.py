@@ -1,6 +1,6 @@
 """Gather run folders (one run, a sweep, or all of ``outputs/``) into a markdown table, a CSV and a plot.
 
-    python -m mimlab.report outputs/sweeps/mae_mask_ratio/2026-11-25_22-21-40 --x masking.ratio --y val/knn_acc,val/loss
+    python -m mimlab.report outputs/sweeps/mae_mask_ratio/2026-11-25_22-21-40 --x masking.ratio --y knn/acc1,val/loss
     python -m mimlab.report outputs/ --out experiments/my_study          # every run found below outputs/
 
 A run folder is any folder with ``.hydra/config.yaml``; its varying settings come from ``.hydra/overrides.yaml`` (keys
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-DEFAULT_METRICS = ("val/knn_acc", "val/loss", "train/loss_epoch")
+DEFAULT_METRICS = ("knn/acc1", "val/loss", "train/loss_epoch")
 _LOCATION_KEYS = ("paths.", "hydra.", "data.root", "ckpt_path", "sweep", "experiment", "logger", "hardware")
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import compose_config
 from mimlab.callbacks.dashboard import TrainingDashboard, measure_train_flops
-from mimlab.callbacks.knn import knn_accuracy
+from mimlab.callbacks.online_eval import knn_predict
 from mimlab.loggers import override_tags, wandb_logger
 
 
@@ -24,6 +24,11 @@ def _knn_reference(train, train_labels, val, val_labels, k, t):
             votes[c] = votes.get(c, 0.0) + torch.tensor(s / t).exp().item()
         correct += max(votes, key=votes.get) == int(y)
     return correct / len(val)
+
+
+def knn_accuracy(train, train_labels, val, val_labels, k, temperature=0.07):
+    scores = knn_predict(train, train_labels, val, num_classes=4, k=k, temperature=temperature)
+    return float((scores.argmax(1) == val_labels).float().mean())
 
 
 def test_knn_accuracy_matches_the_weighted_vote_reference():

@@ -50,13 +50,13 @@ def test_two_job_multirun_gives_two_runs_one_wandb_group_and_a_report(tmp_path, 
         assert f"masking.ratio={ratio}" in summary["tags"] and summary["job_type"] == "sweep"
         assert summary["config"]["masking"]["ratio"] == ratio
         assert f"masking.ratio={ratio}" in summary["config"]["hydra"]["overrides"]
-        assert {"train/loss_step", "val/loss", "lr/pg1", "train/grad_norm", "val/knn_acc",
+        assert {"train/loss_step", "val/loss", "lr/pg1", "train/grad_norm", "knn/acc1",
                 "perf/train_gflops_per_img"} <= summary["history_keys"]
 
-    result = report([sweep_dir], out=tmp_path / "report", x="masking.ratio", y=["val/loss", "val/knn_acc"])
+    result = report([sweep_dir], out=tmp_path / "report", x="masking.ratio", y=["val/loss", "knn/acc1"])
     assert result["keys"] == ["masking.ratio"]
     lines = result["markdown"].splitlines()
-    assert lines[0] == "| run | masking.ratio | val/loss | val/knn_acc | steps |"
+    assert lines[0] == "| run | masking.ratio | val/loss | knn/acc1 | steps |"
     assert lines[2].startswith("| job 0 | 0.5 |") and lines[3].startswith("| job 1 | 0.75 |")
     assert result["plot"].stat().st_size > 5000
 

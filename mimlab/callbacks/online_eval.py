@@ -58,7 +58,7 @@ class KNNMonitor(L.Callback):
     Args:
         root: ImageNet-layout folder; None uses ``trainer.datamodule.root``. img_size: None uses the datamodule's.
         k, temperature: 20 and 0.07. every_n_epochs: how often (the last epoch always runs).
-        batch_size, num_workers: of the embedding loaders. max_train: cap on train images (first ones, sorted order).
+        batch_size, num_workers: of the embedding loaders. max_train: cap on train images (an evenly strided subset, so every class stays represented).
     """
 
     def __init__(self, root: str | None = None, img_size: int | None = None, k: int = 20, temperature: float = 0.07,
@@ -73,7 +73,8 @@ class KNNMonitor(L.Callback):
         size = self.img_size or dm.img_size
         dataset = CheckedImageFolder(root / split, eval_transform(size), "fail", f"kNN monitor: {root} needs {split}/<class>/<image>")
         if split == "train" and self.max_train is not None and len(dataset) > self.max_train:
-            dataset = torch.utils.data.Subset(dataset, range(self.max_train))
+            stride = len(dataset) // self.max_train
+            dataset = torch.utils.data.Subset(dataset, range(0, stride * self.max_train, stride))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
