@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+
+from mimlab.data.coco import read_rgb
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,7 +85,7 @@ class ADE20KSegmentation(Dataset):
         return torch.from_numpy(reduce_zero_label(raw, self.num_classes, source=str(path)))
 
     def __getitem__(self, index: int):
-        image = tv_tensors.Image(decode_image(str(self.images[index]), mode=ImageReadMode.RGB))
+        image = tv_tensors.Image(read_rgb(self.images[index]))
         label = tv_tensors.Mask(self.load_label(index))
         if self.transforms is None:
             return image, label

@@ -25,11 +25,17 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """Decode an image file to a (3, H, W) uint8 RGB tensor."""
+    with Image.open(path) as im:
+        return v2.functional.pil_to_tensor(im.convert("RGB"))
 
 
 def annotation_file(root: str | Path, split: str) -> Path:
@@ -127,7 +133,7 @@ class COCOInstances(Dataset):
 
     def __getitem__(self, index: int):
         path = self.image_dir / self.images[index]["file_name"]
-        image = tv_tensors.Image(decode_image(str(path), mode=ImageReadMode.RGB))
+        image = tv_tensors.Image(read_rgb(path))
         target = self.load_target(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
