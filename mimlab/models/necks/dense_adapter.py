@@ -116,10 +116,10 @@ class DenseFeatureAdapter(nn.Module):
             by_stride = dict(zip(self.backbone.out_strides, feats))
             src_strides = self.neck.out_strides if self.neck is not None else self.backbone.out_strides
             maps = [torch.cat([m, by_stride[s]], dim=1) for m, s in zip(maps, src_strides)]
-        outs: list[torch.Tensor] = []
-        for sel, s in zip(self._select, self.out_strides):
-            y = maps[sel] if sel is not None else self.extra_pool(outs[-1])
-            outs.append(y[..., : math.ceil(h / s), : math.ceil(w / s)])
+        full: list[torch.Tensor] = []  # on the padded grid, so that pooling sees whole windows
+        for sel in self._select:
+            full.append(maps[sel] if sel is not None else self.extra_pool(full[-1]))
+        outs = [y[..., : math.ceil(h / s), : math.ceil(w / s)] for y, s in zip(full, self.out_strides)]
         return OrderedDict(zip(self.names(), outs))
 
     # ----- layer-wise lr decay -------------------------------------------------------------------------------
