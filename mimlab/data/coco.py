@@ -189,12 +189,14 @@ class COCODataModule(L.LightningDataModule):
         root: COCO folder. With ``generate_if_missing`` the embedded synthetic COCO-format set is written there
             first when its annotation files are absent (see :mod:`mimlab.data.synthetic_dense`).
         train_transforms / val_transforms: v2 pipelines (e.g. :func:`lsj_transforms`), built by Hydra.
+        num_classes: expected category count (checked against the json at ``setup``; the task reads it from config).
     """
 
     def __init__(self, root: str, batch_size: int = 2, num_workers: int = 0, train_transforms: Callable | None = None,
                  val_transforms: Callable | None = None, generate_if_missing: bool = False, synthetic_size: int = 64,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, num_classes: int | None = None):
         super().__init__()
+        self.expected_num_classes = num_classes
         self.root = Path(root)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.train_transforms = train_transforms if train_transforms is not None else lsj_transforms(synthetic_size)
@@ -212,6 +214,10 @@ class COCODataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set = COCOInstances(self.root, "train", self.train_transforms, keep_crowd=False)
             self.val_set = COCOInstances(self.root, "val", self.val_transforms, keep_crowd=True)
+            n = self.train_set.num_classes
+            if self.expected_num_classes is not None and n != self.expected_num_classes:
+                raise ValueError(f"data.num_classes={self.expected_num_classes} but {self.root} has {n} categories; "
+                                 f"set data.num_classes={n} (the detector's class count follows it).")
 
     @property
     def num_classes(self) -> int:

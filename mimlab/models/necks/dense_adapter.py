@@ -38,7 +38,7 @@ class DenseFeatureAdapter(nn.Module):
 
     Args:
         backbone: a mimlab backbone (``forward_features(x) -> list``, ``out_channels``, ``out_strides``).
-        neck: ``None``, a module mapping the backbone list to a list (with ``out_channels``/``out_strides``),
+        neck: ``None`` (or ``nn.Identity``), a module mapping the backbone list to a list (with ``out_channels``/``out_strides``),
             or a factory for one (see module docstring).
         out_strides: strides to return; coarser ones than the neck provides are made with ``extra_pool``.
         extra_pool: module applied to the coarsest map to halve its resolution (default ``MaxPool2d(1, 2)``
@@ -59,6 +59,8 @@ class DenseFeatureAdapter(nn.Module):
                 raise TypeError(f"{type(backbone).__name__} lacks '{attr}': dense transfer needs the backbone contract "
                                 f"of CONTRIBUTING.md (forward_features, out_channels, out_strides).")
         self.backbone = backbone
+        if isinstance(neck, nn.Identity):  # the pre-training default "no neck"
+            neck = None
         if neck is not None and not isinstance(neck, nn.Module):
             neck = neck(in_channels=list(backbone.out_channels), in_strides=list(backbone.out_strides))
         self.neck = neck
