@@ -1,0 +1,1 @@
+"""Lightning callbacks: reconstruction panels, run metadata in checkpoints."""

@@ -1,0 +1,53 @@
+"""Random masking over a grid of mask units (MAE ``random_masking``; FCMAE ``gen_random_mask``).
+
+Mask convention: ``mask[n, l] = 1`` means unit ``l`` is masked (removed), ``0`` means visible.
+Every sample keeps exactly ``num_keep(L) = int(L * (1 - ratio))`` units, so shapes are static.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class RandomMasking:
+    """Uniformly random masking of ``ratio`` of the ``unit_size``-pixel units of an image.
+
+    Args:
+        ratio: fraction of units to mask, in [0, 1).
+        unit_size: side of a mask unit in pixels (16 = one ViT-B/16 patch, 32 = FCMAE / Img2Vec).
+    """
+
+    def __init__(self, ratio: float, unit_size: int) -> None:
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"masking.ratio must be in [0, 1), got {ratio}")
+        self.ratio = float(ratio)
+        self.unit_size = int(unit_size)
+
+    def num_keep(self, num_units: int) -> int:
+        return int(num_units * (1 - self.ratio))
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        h, w = image_size
+        if h % self.unit_size or w % self.unit_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by masking.unit_size={self.unit_size}")
+        return h // self.unit_size, w // self.unit_size
+
+    def __call__(
+        self,
+        batch_size: int,
+        grid: tuple[int, int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Return a float mask (N, gh*gw), 1 = masked; noise is drawn on the CPU from ``generator``."""
+        length = grid[0] * grid[1]
+        noise = torch.rand(batch_size, length, generator=generator)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        mask = torch.ones(batch_size, length)
+        mask[:, : self.num_keep(length)] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return mask.to(device) if device is not None else mask
+
+    def __repr__(self) -> str:
+        return f"RandomMasking(ratio={self.ratio}, unit_size={self.unit_size})"

@@ -1,0 +1,40 @@
+"""Mask helpers shared by every mask-aware backbone. Convention: 1 = masked, 0 = visible."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def upsample_mask(mask: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
+    """(N, gh*gw) unit mask -> (N, gh*f * gw*f) mask on a ``factor``-times finer grid (row-major)."""
+    if factor == 1:
+        return mask
+    n = mask.shape[0]
+    m = mask.reshape(n, grid[0], grid[1])
+    m = m.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+    return m.reshape(n, -1)
+
+
+def mask_to_token_grid(mask: Tensor, token_grid: tuple[int, int]) -> Tensor:
+    """Bring a square-unit mask (N, L_units) onto a token grid (gh, gw) that is an integer multiple of it."""
+    num_tokens = token_grid[0] * token_grid[1]
+    if mask.shape[1] == num_tokens:
+        return mask
+    ratio = num_tokens / mask.shape[1]
+    factor = int(round(ratio**0.5))
+    if factor * factor != ratio or token_grid[0] % factor or token_grid[1] % factor:
+        raise ValueError(
+            f"mask with {mask.shape[1]} units does not tile the {token_grid[0]}x{token_grid[1]} token grid; "
+            "masking.unit_size must be a multiple of the backbone's patch size"
+        )
+    return upsample_mask(mask, (token_grid[0] // factor, token_grid[1] // factor), factor)
+
+
+def keep_indices(mask: Tensor, num_keep: int) -> Tensor:
+    """(N, L) mask -> (N, num_keep) indices of the visible units in ascending spatial order."""
+    return torch.argsort(mask, dim=1, stable=True)[:, :num_keep]
+
+
+def num_visible(mask: Tensor) -> int:
+    """Visible units per sample (identical for every row by construction)."""
+    return int(mask.shape[1] - mask[0].sum().item())

@@ -1,0 +1,156 @@
+"""Mask-aware Vision Transformer (the MAE encoder) built from timm blocks.
+
+Masked patches are *dropped* before the transformer blocks (MAE): only the visible tokens are computed.
+Mask convention: ``mask[n, l] = 1`` means patch (or mask unit) ``l`` is removed, ``0`` visible; a mask on a
+coarser unit grid (e.g. 32-px units on a 16-px patch grid) is upsampled to the patch grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block, PatchEmbed
+from torch import Tensor, nn
+
+from mimlab.masking import keep_indices, mask_to_token_grid, num_visible
+from mimlab.models.pos_embed import sincos_2d_pos_embed
+
+
+@dataclass
+class ViTEncoding:
+    """Output of :meth:`MaskedViT.forward`.
+
+    tokens: (N, 1+K, D) final-normed cls + visible tokens (K visible patches, ascending spatial order).
+    mask: (N, L) patch-grid mask, 1 = masked.  ids_restore: (N, L) unshuffle indices for [visible, masked] order.
+    hidden_states: per-block outputs (N, 1+K, D) before the final norm, when ``keep_hidden_states``.
+    grid: (gh, gw) patch grid.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    ids_restore: Tensor
+    grid: tuple[int, int]
+    hidden_states: list[Tensor] = field(default_factory=list)
+
+
+class MaskedViT(nn.Module):
+    """ViT encoder with MAE masking: cls token, fixed 2-D sin-cos pos-embed (zero cls row), pre-norm timm blocks.
+
+    Args:
+        img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: ViT geometry (ViT-B/16: 224, 16, 3, 768, 12, 12, 4).
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        keep_hidden_states: also return every block's output (multi-block targets, Img2Vec).
+        learnable_pos_embed: make the pos-embed trainable (fine-tuning); it is always *initialised* to sin-cos.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        keep_hidden_states: bool = False,
+        learnable_pos_embed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.keep_hidden_states = keep_hidden_states
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.grid = self.patch_embed.grid_size
+        num_patches = self.grid[0] * self.grid[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=learnable_pos_embed)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.out_channels = [embed_dim]
+        self.out_strides = [patch_size]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MAE init: sin-cos pos-embed, xavier-uniform Linear and patch-embed, normal(0.02) cls token."""
+        self.pos_embed.data.copy_(sincos_2d_pos_embed(self.embed_dim, self.grid, cls_token=True).unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.blocks.apply(_init_linear_and_norm)
+        self.norm.reset_parameters()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Patch-embed and add the patch pos-embed: (N, C, H, W) -> (N, L, D), grid."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        tokens = self.patch_embed(x)
+        pos = self.pos_embed
+        if grid != tuple(self.grid):
+            pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=1)
+        return tokens + pos[:, 1:], grid
+
+    def _prepend_cls(self, tokens: Tensor) -> Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
+
+    def _run_blocks(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        hidden = []
+        for block in self.blocks:
+            x = block(x)
+            if self.keep_hidden_states:
+                hidden.append(x)
+        return self.norm(x), hidden
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> ViTEncoding:
+        """Encode the visible patches of ``x`` (N, C, H, W) given ``mask`` (N, L_units), 1 = masked."""
+        tokens, grid = self._embed(x)
+        n, length, dim = tokens.shape
+        if mask is None:
+            mask = torch.zeros(n, length, device=x.device)
+        mask = mask_to_token_grid(mask.to(tokens.dtype), grid)
+        ids_shuffle = torch.argsort(mask, dim=1, stable=True)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = keep_indices(mask, num_visible(mask))
+        visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        out, hidden = self._run_blocks(self._prepend_cls(visible))
+        return ViTEncoding(tokens=out, mask=mask, ids_restore=ids_restore, grid=grid, hidden_states=hidden)
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Unmasked encoding: (N, C, H, W) -> (N, 1+L, D) final-normed tokens (cls first)."""
+        tokens, _ = self._embed(x)
+        out, _ = self._run_blocks(self._prepend_cls(tokens))
+        return out
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """Backbone contract: one map (N, D, H/p, W/p) at stride ``patch_size`` (masked patches zeroed if a mask is given)."""
+        if mask is None:
+            tokens = self.forward_tokens(x)[:, 1:]
+            grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        else:
+            enc = self.forward(x, mask)
+            grid = enc.grid
+            visible = enc.tokens[:, 1:]
+            full = torch.cat([visible, visible.new_zeros(visible.shape[0], enc.mask.shape[1] - visible.shape[1], visible.shape[2])], 1)
+            tokens = torch.gather(full, 1, enc.ids_restore.unsqueeze(-1).expand(-1, -1, full.shape[2]))
+        n, _, d = tokens.shape
+        return [tokens.transpose(1, 2).reshape(n, d, grid[0], grid[1])]
+
+
+def _init_linear_and_norm(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

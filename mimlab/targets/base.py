@@ -1,0 +1,12 @@
+"""Base class for pre-training targets: ``forward(images, mask)`` returns what the decoder must predict."""
+from __future__ import annotations
+
+from torch import nn
+
+
+class Target(nn.Module):
+    """A target generator. Stateful targets (EMA teachers) override :meth:`update`, which the pre-training
+    module calls after every optimiser step with the student backbone and the training progress in [0, 1]."""
+
+    def update(self, student: nn.Module, progress: float) -> None:  # noqa: B027 - deliberately a no-op
+        """Follow the student after an optimiser step (no-op for stateless targets)."""

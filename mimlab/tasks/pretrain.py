@@ -1,0 +1,104 @@
+"""The one generic masked-image-modeling pre-training LightningModule.
+
+``masking -> backbone(x, mask) -> neck -> decoder(features, mask) -> target(x, mask) -> loss(pred, target, mask)``.
+A method (MAE, FCMAE, iTPN, Img2Vec) is a composition of these parts chosen in ``conf/experiment/*.yaml``.
+Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from mimlab.optim import OptimizerFactory
+from mimlab.targets.base import Target
+
+
+class MaskedPretraining(L.LightningModule):
+    """Args: the composed parts (``nn.Module`` each, ``neck`` optional), the mask generator, the optimiser factory,
+    and ``seed``: masks are drawn from a generator seeded by (seed, global step, rank), so they are reproducible and
+    resume exactly; validation masks depend only on (seed, batch index) and are therefore identical every epoch."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decoder: nn.Module,
+        target: Target,
+        loss: nn.Module,
+        masking: Any,
+        optim: OptimizerFactory,
+        neck: nn.Module | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck if neck is not None else nn.Identity()
+        self.decoder = decoder
+        self.target = target
+        self.loss = loss
+        self.masking = masking
+        self.optim = optim
+        self.seed = seed
+
+    # ----------------------------------------------------------------------------------------------- masks
+    def _generator(self, *keys: int) -> torch.Generator:
+        value = self.seed
+        for key in keys:
+            value = (value * 1_000_003 + key) % (2**63 - 1)
+        return torch.Generator().manual_seed(value)
+
+    def make_mask(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked."""
+        grid = self.masking.grid(tuple(images.shape[-2:]))
+        return self.masking(images.shape[0], grid, generator=generator, device=images.device)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Any, Any]:
+        """Return (prediction, target) for ``images`` under ``mask``."""
+        features = self.neck(self.backbone(images, mask))
+        return self.decoder(features, mask), self.target(images, mask)
+
+    def _shared_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        mask = self.make_mask(images, generator)
+        pred, target = self(images, mask)
+        return self.loss(pred, target, mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = batch[0]
+        losses = self._shared_step(images, self._generator(0, self.global_step, self.global_rank, batch_idx))
+        self._log_losses("train", losses, images.shape[0])
+        return losses["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images = batch[0]
+        losses = self._shared_step(images, self._generator(1, batch_idx, self.global_rank))
+        self._log_losses("val", losses, images.shape[0])
+
+    def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
+        on_step = stage == "train"
+        for name, value in losses.items():
+            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=name == "loss",
+                     batch_size=batch_size, sync_dist=not on_step)
+
+    # ----------------------------------------------------------------------------------------------- visualisation
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, seed: int = 0) -> dict[str, Tensor]:
+        """Pixel-space view of a prediction (pixel targets only): ``mask`` (N, 1, H, W) with 1 = masked, ``pred`` (N, C, H, W)."""
+        mask = self.make_mask(images, self._generator(2, seed))
+        pred, _ = self(images, mask)
+        unit = self.masking.unit_size
+        gh, gw = images.shape[-2] // unit, images.shape[-1] // unit
+        mask_px = mask.reshape(-1, 1, gh, gw).repeat_interleave(unit, 2).repeat_interleave(unit, 3)
+        return {"mask": mask_px, "pred": self.target.to_image(pred, images)}
+
+    # ----------------------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict:
+        batch_size = self.trainer.datamodule.batch_size
+        return self.optim(self, self.trainer, batch_size)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        self.target.update(self.backbone, min((self.global_step + 1) / total, 1.0))

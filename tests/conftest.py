@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny synthetic ImageNet-layout folder and Hydra composition of conf/."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mimlab.data.synthetic import write_synthetic_imagenet
+from mimlab.train import CONFIG_DIR
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """10 classes x (6 train, 2 val) small JPEGs in the ImageNet layout."""
+    return write_synthetic_imagenet(tmp_path_factory.mktemp("synthetic"), train_per_class=6, val_per_class=2,
+                                    min_size=64, max_size=96)
+
+
+def compose_config(overrides: list[str], output_dir: Path | str = "/tmp/mimlab-test") -> DictConfig:
+    """Compose conf/train.yaml like the CLI would, outside a Hydra run (no run dir)."""
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
