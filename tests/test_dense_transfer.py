@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dense_stubs import TinyPyramidNeck, TinyPyramidNet, TinyViT
+from mimlab.checkpoints import CheckpointMismatchError
 from mimlab.data.ade20k import ADE20KDataModule
 from mimlab.data.coco import COCODataModule, COCOInstances, lsj_transforms
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
@@ -86,6 +87,8 @@ def test_single_scale_backbone_without_neck_is_an_error():
 def test_simple_fpn_vitdet_shapes():
     fpn = SimpleFeaturePyramid([768], [16], out_channels=256)
     assert fpn.out_strides == [4, 8, 16, 32]
+    p8 = SimpleFeaturePyramid([192], [8], out_channels=32)  # patch-8 ViT: one deconv, identity, two max-pools
+    assert [y.shape[-1] for y in p8([torch.randn(1, 192, 8, 8)])] == [16, 8, 4, 2]
     # the stride-4 path is two 2x2 deconvolutions 768→384→192, the stride-8 path one 768→384
     assert fpn.stages[0][0][0].weight.shape == (768, 384, 2, 2) and fpn.stages[0][0][3].weight.shape == (384, 192, 2, 2)
     assert fpn.stages[1][1].weight.shape == (256, 384, 1, 1) and fpn.stages[3][1].weight.shape == (256, 768, 1, 1)
@@ -138,7 +141,7 @@ def test_segmentation_loads_vit_backbone_only(tmp_path):
 
 def test_checkpoint_shape_mismatch_names_the_key(tmp_path):
     _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(TinyViT(dim=64), out_strides=(16,)))
-    with pytest.raises(KeyError, match=r"patch_embed\.weight.*\(64, 3, 16, 16\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"blocks\.0\.attn\.proj\.bias: checkpoint \(64,\) vs model \(32,\)"):
         vit_adapter().load_pretrained(tmp_path / "pt.ckpt")
     with pytest.raises(FileNotFoundError, match="make pretrain"):
         vit_adapter().load_pretrained(tmp_path / "absent.ckpt")

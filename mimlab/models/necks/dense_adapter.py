@@ -161,29 +161,17 @@ class DenseFeatureAdapter(nn.Module):
     def load_pretrained(self, path: str | Path, load_neck: bool = False) -> dict[str, list[str]]:
         """Fill the backbone (``backbone.*`` keys) and optionally the neck (``neck.*``) from a pre-training checkpoint.
 
-        Accepts a Lightning ``.ckpt`` (``state_dict``) or a plain ``{'model': ...}`` / state dict saved with the same
-        prefixes. Raises with the offending keys when a module's parameters are missing or have other shapes; keys of
-        the checkpoint that the module does not use (decoder, target, ...) are ignored and returned.
+        Uses :func:`mimlab.checkpoints.load_pretrained` (strict per prefix: a missing, unexpected or mis-shaped key
+        raises ``CheckpointMismatchError`` listing them). Keys under other prefixes (decoder, target) are ignored.
         """
+        from mimlab.checkpoints import load_pretrained
+
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set model.pretrained or run `make pretrain`).")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else ckpt
-        report = {}
-        targets = [("backbone.", self.backbone)] + ([("neck.", self.neck)] if load_neck else [])
-        for prefix, module in targets:
-            if module is None:
-                raise ValueError(f"load_neck=True but the adapter has no neck to load {prefix}* keys into.")
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            own = module.state_dict()
-            missing = [k for k in own if k not in sub]
-            mismatched = [f"{k}: ckpt {tuple(sub[k].shape)} vs model {tuple(own[k].shape)}"
-                          for k in own if k in sub and sub[k].shape != own[k].shape]
-            if missing or mismatched:
-                raise KeyError(f"{path}: cannot load '{prefix}*' into {type(module).__name__}. "
-                               f"missing ({len(missing)}): {missing[:8]}; shape mismatches: {mismatched[:8]}. "
-                               f"Was the checkpoint pre-trained with the same model/backbone (and neck) config?")
-            module.load_state_dict({k: sub[k] for k in own}, strict=True)
-            report[prefix] = sorted(set(sub) - set(own))
+            raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set method.pretrained, or run `make pretrain`).")
+        report = {"backbone.": load_pretrained(self.backbone, path, prefix="backbone.", strict=True)}
+        if load_neck:
+            if self.neck is None:
+                raise ValueError(f"load_neck=True but the adapter has no neck to load 'neck.*' keys of {path} into.")
+            report["neck."] = load_pretrained(self.neck, path, prefix="neck.", strict=True)
         return report

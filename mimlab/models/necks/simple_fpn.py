@@ -21,6 +21,7 @@ from torch import nn
 
 
 def _scale_stage(dim: int, scale: float) -> tuple[nn.Module, int]:
+    """The resampling path for ``scale`` = source stride / output stride (ViTDet's 4, 2, 1, 0.5; 0.25 for patch-8 ViTs)."""
     if scale == 4.0:
         return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
                              nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
@@ -28,9 +29,10 @@ def _scale_stage(dim: int, scale: float) -> tuple[nn.Module, int]:
         return nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
     if scale == 1.0:
         return nn.Identity(), dim
-    if scale == 0.5:
-        return nn.MaxPool2d(2, 2), dim
-    raise ValueError(f"SimpleFeaturePyramid: unsupported scale {scale}; use 4.0, 2.0, 1.0 or 0.5.")
+    if scale in (0.5, 0.25):
+        k = int(round(1 / scale))
+        return nn.MaxPool2d(k, k), dim
+    raise ValueError(f"SimpleFeaturePyramid: output stride gives scale {scale} of the source map; supported: 4, 2, 1, 0.5, 0.25.")
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -40,24 +42,24 @@ class SimpleFeaturePyramid(nn.Module):
         in_channels: channels of the input maps (the backbone's ``out_channels``); the last one is used.
         in_strides: strides of the input maps; the last one is the source stride (16 for ViT-B/16).
         out_channels: width of every output level (256 in ViTDet).
-        scales: output scale factors relative to the source map.
+        out_strides: output strides; each must be source stride × {1/4, 1/2, 1, 2, 4} (ViT-B/16: 4, 8, 16, 32).
 
     ``forward(features: list[(N, C_i, H/s_i, W/s_i)]) -> list[(N, out, H/s, W/s)]`` for ``s`` in ``out_strides``.
     """
 
     def __init__(self, in_channels: Sequence[int], in_strides: Sequence[int], out_channels: int = 256,
-                 scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5)):
+                 out_strides: Sequence[int] = (4, 8, 16, 32)):
         super().__init__()
         dim, stride = int(in_channels[-1]), int(in_strides[-1])
         self.stages = nn.ModuleList()
-        for scale in scales:
-            up, width = _scale_stage(dim, float(scale))
+        for out_stride in out_strides:
+            up, width = _scale_stage(dim, stride / out_stride)
             self.stages.append(nn.Sequential(
                 up,
                 nn.Conv2d(width, out_channels, 1, bias=False), LayerNorm2d(out_channels),
                 nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)))
-        self.out_channels = [out_channels] * len(scales)
-        self.out_strides = [int(stride / s) for s in scales]
+        self.out_channels = [out_channels] * len(out_strides)
+        self.out_strides = [int(s) for s in out_strides]
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         x = features[-1]
