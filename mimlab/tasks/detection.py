@@ -69,6 +69,7 @@ class MaskRCNNDetection(L.LightningModule):
         conv_heads: 4conv1fc box head + normed 4-conv mask head + 2-conv RPN (ViTDet / iTPN / torchvision v2 style)
             instead of the 2-fc box head of the original Mask R-CNN.
         head_channels, representation_size: RoI head widths (256 / 1024 in the paper configs).
+        monitor: the metric the best checkpoint follows (read by ``callbacks/dense``).
         box_batch_size_per_image, rpn_pre_nms_top_n, rpn_post_nms_top_n: RoI sampling / proposal counts (512, 2000,
             1000 as torchvision; CPU-fast configs shrink them).
     """
@@ -81,7 +82,7 @@ class MaskRCNNDetection(L.LightningModule):
                  anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), conv_heads: bool = True,
                  head_channels: int = 256, representation_size: int = 1024, box_batch_size_per_image: int = 512,
                  rpn_pre_nms_top_n: int = 2000, rpn_post_nms_top_n: int = 1000,
-                 detections_per_img: int = 100, mask_threshold: float = 0.5):
+                 detections_per_img: int = 100, mask_threshold: float = 0.5, monitor: str = "val/bbox_mAP"):
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "lr_schedule"])
         if pretrained:
@@ -112,7 +113,8 @@ class MaskRCNNDetection(L.LightningModule):
         self.model.transform = _EvalResizeTransform(min_size, max_size, self.model.transform.image_mean,
                                                     self.model.transform.image_std, size_divisible=32)
         self.lr_schedule = lr_schedule
-        self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools")
+        with torch.device("cpu"):  # the metric builds its COCO thresholds with .tolist(): not on the meta device
+            self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools")
 
     @property
     def adapter(self) -> DenseFeatureAdapter:

@@ -57,6 +57,7 @@ class UperNetSegmentation(L.LightningModule):
         pretrained / load_neck: pre-training checkpoint filling ``backbone.*`` (and ``neck.*``).
         lr, weight_decay, betas, layer_decay, lr_schedule: AdamW + layer decay + per-step schedule factory.
         crop_size, stride: sliding-window evaluation (512 / 341).
+        monitor: the metric the best checkpoint follows (read by ``callbacks/dense``).
     """
 
     def __init__(self, adapter: DenseFeatureAdapter, decode_head: Callable[..., nn.Module],
@@ -64,7 +65,7 @@ class UperNetSegmentation(L.LightningModule):
                  pretrained: str | None = None, load_neck: bool = False, lr: float = 1e-4, weight_decay: float = 0.05,
                  betas: Sequence[float] = (0.9, 0.999), layer_decay: float = 0.65,
                  lr_schedule: Callable[[int], Callable[[int], float]] | None = None,
-                 crop_size: int = 512, stride: int = 341):
+                 crop_size: int = 512, stride: int = 341, monitor: str = "val/mIoU"):
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "decode_head", "aux_head", "lr_schedule"])
         if pretrained:
