@@ -137,3 +137,14 @@ def test_shared_ade20k_sample():
     assert len(ds) == 3
     label = ds.load_label(0)  # ADE_val_00000001: raw labels [0, 1, 2, 3, 5, 7, 10, 18]
     assert sorted(label.unique().tolist()) == [0, 1, 2, 4, 6, 9, 17, 255]
+
+
+def test_synthetic_dense_cli_writes_both_layouts(tmp_path):
+    from mimlab.data.synthetic_dense import main
+
+    main(["--root", str(tmp_path), "--size", "32"])
+    coco = json.loads((tmp_path / "coco" / "annotations" / "instances_train2017.json").read_text())
+    assert len(coco["images"]) == 32 and {c["id"] for c in coco["categories"]} == {1, 3, 5}
+    assert all((tmp_path / "coco" / "train2017" / im["file_name"]).is_file() for im in coco["images"])
+    labels = sorted((tmp_path / "ade20k" / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))
+    assert len(labels) == 8 and Image.open(labels[0]).mode == "L" and np.asarray(Image.open(labels[0])).max() <= 150

@@ -236,3 +236,19 @@ def test_trainer_fit_logs_map_and_miou(coco_root, ade_root, tmp_path):
     trainer = L.Trainer(**kw)
     trainer.fit(seg, ADE20KDataModule(str(ade_root), crop_size=32, batch_size=2))
     assert 0.0 <= float(trainer.callback_metrics["val/mIoU"]) <= 1.0
+
+
+def test_masked_vit_from_pretraining_checkpoint_through_simple_fpn(tmp_path):
+    from mimlab.models.backbones.vit import MaskedViT
+
+    def vit():
+        return MaskedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+    state = _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(vit(), out_strides=(8,)))
+    adapter = DenseFeatureAdapter(vit(), partial(SimpleFeaturePyramid, out_channels=16), out_strides=DET_STRIDES,
+                                  pool_name="pool")
+    adapter.load_pretrained(tmp_path / "pt.ckpt")
+    for k, v in adapter.backbone.state_dict().items():
+        torch.testing.assert_close(v, state[f"backbone.{k}"])
+    out = adapter(torch.randn(1, 3, 64, 48))  # larger than pre-training: the pos-embed is resampled
+    assert [tuple(y.shape[-2:]) for y in out.values()] == [(16, 12), (8, 6), (4, 3), (2, 2), (1, 1)]
