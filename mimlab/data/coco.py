@@ -1,0 +1,236 @@
+"""COCO instance detection / segmentation: dataset, transforms and ``COCODataModule``.
+
+Layout (standard COCO 2017)::
+
+    <root>/annotations/instances_{train,val}2017.json
+    <root>/train2017/*.jpg   <root>/val2017/*.jpg
+
+A sample is ``(image, target)``: ``image`` a ``tv_tensors.Image`` (3, H, W) float in [0, 1] after the transforms,
+``target`` a dict with ``boxes`` (K, 4) XYXY ``tv_tensors.BoundingBoxes`` in pixels, ``masks`` (K, H, W) uint8
+``tv_tensors.Mask``, ``labels`` (K,) int64 contiguous labels 1..C (0 is background, as torchvision detectors expect),
+``image_id`` (int) and, when crowd regions are kept, ``iscrowd`` (K,) and ``area`` (K,).
+Polygons and RLE (compressed or uncompressed) are decoded with ``pycocotools.mask``.
+
+Crowd handling follows the torchvision / Detectron2 references: crowd regions are dropped from *training*
+targets (``keep_crowd=False``) and kept with ``iscrowd=1`` for *evaluation*, where COCO matching ignores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """Decode an image file to a (3, H, W) uint8 RGB tensor."""
+    with Image.open(path) as im:
+        return v2.functional.pil_to_tensor(im.convert("RGB"))
+
+
+def annotation_file(root: str | Path, split: str) -> Path:
+    """``<root>/annotations/instances_<split>2017.json``, with a clear error when it is missing."""
+    path = Path(root) / "annotations" / f"instances_{split}2017.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"COCO annotation file not found: {path}. Expected the standard layout "
+            f"<root>/annotations/instances_{{train,val}}2017.json; set data.root to the COCO folder "
+            f"(or use data=coco_synthetic to write the embedded set).")
+    return path
+
+
+def _segmentation_to_mask(segm, height: int, width: int) -> np.ndarray:
+    """Decode a COCO polygon list, uncompressed RLE (``counts`` a list) or compressed RLE to an (H, W) uint8 mask."""
+    if isinstance(segm, list):  # polygons
+        rles = mask_utils.frPyObjects(segm, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:
+        rle = segm
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+class COCOInstances(Dataset):
+    """COCO images with boxes, masks and contiguous labels.
+
+    Args:
+        root: COCO folder (see module docstring).
+        split: ``"train"`` or ``"val"``.
+        transforms: a ``torchvision.transforms.v2`` callable ``(image, target) -> (image, target)``.
+        keep_crowd: keep ``iscrowd=1`` annotations (for evaluation) or drop them (for training).
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", transforms: Callable | None = None, keep_crowd: bool = False):
+        self.root = Path(root)
+        self.split = split
+        self.transforms = transforms
+        self.keep_crowd = keep_crowd
+        ann_path = annotation_file(root, split)
+        with open(ann_path) as f:
+            data = json.load(f)
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise KeyError(f"{ann_path} has no '{key}' list; it is not a COCO instances file.")
+        self.image_dir = self.root / f"{split}2017"
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder not found: {self.image_dir} (listed by {ann_path}).")
+        present = set(os.listdir(self.image_dir))
+        missing = [im["file_name"] for im in data["images"] if im["file_name"] not in present]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) listed in {ann_path} are absent from {self.image_dir}: "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Restore them or remove their entries from the json.")
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_id_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
+        self.label_to_cat_id = {v: k for k, v in self.cat_id_to_label.items()}
+        self.images = sorted(data["images"], key=lambda im: im["id"])
+        self.anns_by_image: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
+        for ann in data["annotations"]:
+            if ann["image_id"] not in self.anns_by_image:
+                raise KeyError(f"{ann_path}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}.")
+            if ann["category_id"] not in self.cat_id_to_label:
+                raise KeyError(f"{ann_path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}.")
+            self.anns_by_image[ann["image_id"]].append(ann)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes (background excluded)."""
+        return len(self.categories)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_target(self, index: int) -> dict:
+        """Target of image ``index`` before transforms (see module docstring)."""
+        info = self.images[index]
+        h, w = info["height"], info["width"]
+        anns = [a for a in self.anns_by_image[info["id"]] if self.keep_crowd or not a.get("iscrowd", 0)]
+        anns = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        masks = np.stack([_segmentation_to_mask(a["segmentation"], h, w) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+            "masks": tv_tensors.Mask(torch.from_numpy(masks)),
+            "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+            "image_id": info["id"],
+        }
+        if self.keep_crowd:
+            target["iscrowd"] = torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)
+            target["area"] = torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32)
+        return target
+
+    def __getitem__(self, index: int):
+        path = self.image_dir / self.images[index]["file_name"]
+        image = tv_tensors.Image(read_rgb(path))
+        target = self.load_target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def _labels_and_coco_fields(inputs):
+    target = inputs[1]
+    return tuple(target[k] for k in ("labels", "iscrowd", "area") if k in target)
+
+
+def lsj_transforms(size: int = 1024, scale_range: Sequence[float] = (0.1, 2.0), train: bool = True) -> v2.Compose:
+    """Large-scale jitter (ViTDet / Copy-Paste recipe): rescale by U(scale_range) of ``size``, crop/pad to size², flip.
+
+    Eval: only converts to float; the detector resizes the longer side to ``size``.
+    """
+    if not train:
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
+    return v2.Compose([
+        v2.ScaleJitter(target_size=(size, size), scale_range=tuple(scale_range), antialias=True),
+        v2.RandomCrop(size, pad_if_needed=True),
+        v2.RandomHorizontalFlip(),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(labels_getter=_labels_and_coco_fields),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+def multiscale_transforms(min_sizes: Sequence[int] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),
+                          max_size: int = 1333, train: bool = True) -> v2.Compose:
+    """Multi-scale training (shorter side drawn from ``min_sizes``, longer ≤ ``max_size``) + flip, as in the 1× recipes."""
+    if not train:
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
+    return v2.Compose([
+        v2.RandomShortestSize(min_size=list(min_sizes), max_size=max_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(labels_getter=_labels_and_coco_fields),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+def detection_collate(batch):
+    """List of ``(image, target)`` → ``(list[image], list[target])`` (detectors take variable-size lists)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class COCODataModule(L.LightningDataModule):
+    """COCO train/val loaders for instance detection/segmentation.
+
+    Args:
+        root: COCO folder. With ``generate_if_missing`` the embedded synthetic COCO-format set is written there
+            first when its annotation files are absent (see :mod:`mimlab.data.synthetic_dense`).
+        train_transforms / val_transforms: v2 pipelines (e.g. :func:`lsj_transforms`), built by Hydra.
+        num_classes: expected category count (checked against the json at ``setup``; the task reads it from config).
+    """
+
+    def __init__(self, root: str, batch_size: int = 2, num_workers: int = 0, train_transforms: Callable | None = None,
+                 val_transforms: Callable | None = None, generate_if_missing: bool = False, synthetic_size: int = 64,
+                 pin_memory: bool = False, num_classes: int | None = None):
+        super().__init__()
+        self.expected_num_classes = num_classes
+        self.root = Path(root)
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.train_transforms = train_transforms if train_transforms is not None else lsj_transforms(synthetic_size)
+        self.val_transforms = val_transforms if val_transforms is not None else lsj_transforms(synthetic_size, train=False)
+        self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
+        self.train_set = self.val_set = None
+
+    def prepare_data(self) -> None:
+        if self.generate_if_missing and not (self.root / "annotations" / "instances_val2017.json").exists():
+            from mimlab.data.synthetic_dense import write_coco
+            write_coco(self.root, size=self.synthetic_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # idempotent; makes the module usable without a Trainer
+        if self.train_set is None:
+            self.train_set = COCOInstances(self.root, "train", self.train_transforms, keep_crowd=False)
+            self.val_set = COCOInstances(self.root, "val", self.val_transforms, keep_crowd=True)
+            n = self.train_set.num_classes
+            if self.expected_num_classes is not None and n != self.expected_num_classes:
+                raise ValueError(f"data.num_classes={self.expected_num_classes} but {self.root} has {n} categories; "
+                                 f"set data.num_classes={n} (the detector's class count follows it).")
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return self.train_set.num_classes
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=detection_collate, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
