@@ -14,7 +14,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
 DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
 
-.PHONY: help install data pretrain check finetune linear-probe sweep report bench shards test clean
+.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench shards test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install mimlab with its dependencies
 
-data: $(VENV)/.installed  ## write the embedded synthetic data set to data/synthetic
+data: $(VENV)/.installed  ## write the embedded synthetic data sets (ImageNet, COCO and ADE20K layouts) to data/synthetic
 	$(PY) -m mimlab.data.synthetic --root data/synthetic
+	$(PY) -m mimlab.data.synthetic_dense --root data/synthetic
 
 pretrain: $(VENV)/.installed  ## short MAE pre-training on the embedded data (CPU, a few minutes)
 	$(PY) -m mimlab.train $(EXPERIMENT_ARG) $(DATA_ARGS) $(ARGS)
@@ -49,6 +50,14 @@ finetune: $(VENV)/.installed  ## fine-tune the newest pretrain checkpoint on the
 linear-probe: $(VENV)/.installed  ## linear probe of the newest pretrain checkpoint on the embedded data (CPU, minutes)
 	$(NEED_CKPT)
 	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,linprobe_vit_tiny_synthetic) method.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
+
+detect: $(VENV)/.installed  ## Mask R-CNN on the embedded COCO-format set from the newest pretrain checkpoint (CPU)
+	$(NEED_CKPT)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,detect_mae_vit_tiny_synthetic) method.pretrained=$(CKPT) $(ARGS)
+
+segment: $(VENV)/.installed  ## UperNet on the embedded ADE20K-format set from the newest pretrain checkpoint (CPU)
+	$(NEED_CKPT)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,segment_mae_vit_tiny_synthetic) method.pretrained=$(CKPT) $(ARGS)
 
 sweep: $(VENV)/.installed  ## Hydra multirun of a sweep file: make sweep SWEEP=conf/sweep/mae_mask_ratio.yaml [ARGS=...]
 	@test -n "$(SWEEP)" || { echo "make sweep: set SWEEP=conf/sweep/<name>.yaml (files: $$(ls conf/sweep))"; exit 2; }

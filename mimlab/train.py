@@ -94,9 +94,9 @@ def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, artefacts
 
     console = Console(soft_wrap=True)
     console.rule(f"mimlab run '{cfg.name}' finished after {trainer.global_step} steps")
-    for key in ("train/loss_epoch", "val/loss", "val/acc1", "val/acc5", "knn/acc1", "probe/val_acc1"):
-        if key in metrics:
-            console.print(f"{key:>20}: {metrics[key]:.4f}")
+    shown = [k for k in metrics if k == "train/loss_epoch" or k.split("/")[0] in ("val", "knn", "probe")]
+    for key in sorted(shown, key=lambda k: (k.count("_"), k))[:12]:  # headline metrics first (val/mIoU before val/mIoU_x)
+        console.print(f"{key:>20}: {metrics[key]:.4f}")
     for key, value in artefacts.items():
         if value:
             shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
