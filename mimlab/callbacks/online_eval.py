@@ -17,10 +17,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mimlab.data.image_folder import CheckedImageFolder
+from mimlab.data.image_folder import CheckedImageFolder, DataLayoutError
 from mimlab.data.transforms import eval_transform
 from mimlab.models.heads.classifier import GlobalAvgPool, LinearProbeHead
 
@@ -66,6 +67,7 @@ class KNNMonitor(L.Callback):
         self.root, self.img_size, self.k, self.temperature = root, img_size, k, temperature
         self.every_n_epochs, self.batch_size, self.num_workers, self.max_train = every_n_epochs, batch_size, num_workers, max_train
         self.last_acc: float | None = None
+        self.disabled = False
 
     def _loader(self, trainer: L.Trainer, split: str) -> DataLoader:
         dm = trainer.datamodule
@@ -83,9 +85,18 @@ class KNNMonitor(L.Callback):
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if (trainer.current_epoch + 1) % self.every_n_epochs and not last:
             return
+        if self.disabled:
+            return
+        try:
+            train_loader, val_loader = self._loader(trainer, "train"), self._loader(trainer, "val")
+        except (DataLayoutError, AttributeError) as err:  # sharded / unlabelled data: no class folders to vote with
+            self.disabled = True
+            rank_zero_warn(f"kNN monitor turned off for this run: {err} (point callbacks.knn.root at a labelled "
+                           "ImageNet-layout folder, or drop it with ~callbacks.knn)")
+            return
         backbone = pl_module.backbone
-        train_f, train_y = embed(backbone, self._loader(trainer, "train"), pl_module.device)
-        val_f, val_y = embed(backbone, self._loader(trainer, "val"), pl_module.device)
+        train_f, train_y = embed(backbone, train_loader, pl_module.device)
+        val_f, val_y = embed(backbone, val_loader, pl_module.device)
         num_classes = int(max(train_y.max(), val_y.max())) + 1
         scores = knn_predict(train_f, train_y, val_f, num_classes, self.k, self.temperature)
         self.last_acc = float((scores.argmax(1) == val_y).float().mean() * 100)
