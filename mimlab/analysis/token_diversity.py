@@ -30,7 +30,7 @@ from torch import Tensor
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
-def _as_tokens(features: Tensor) -> Tensor:
+def as_tokens(features: Tensor) -> Tensor:
     """``(N, C, h, w)`` feature map or ``(N, K, C)`` tokens -> ``(N, K, C)``."""
     if features.ndim == 4:
         return features.flatten(2).transpose(1, 2)
@@ -41,7 +41,7 @@ def _as_tokens(features: Tensor) -> Tensor:
 
 def pairwise_cosine(features: Tensor) -> Tensor:
     """Cosine similarity of every token pair: ``(N, K, C)`` or ``(N, C, h, w)`` -> ``(N, K, K)``."""
-    tokens = F.normalize(_as_tokens(features).float(), dim=-1)
+    tokens = F.normalize(as_tokens(features).float(), dim=-1)
     return tokens @ tokens.transpose(1, 2)
 
 

@@ -23,25 +23,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from mimlab.analysis.token_diversity import as_tokens, token_diversity
 from mimlab.callbacks.reconstruction import _denormalise
-
-
-def as_tokens(features: Tensor) -> Tensor:
-    """(N, C, h, w) map or (N, K, C) tokens -> (N, K, C)."""
-    if features.ndim == 4:
-        return features.flatten(2).transpose(1, 2)
-    if features.ndim == 3:
-        return features
-    raise ValueError(f"target features must be (N, K, C) or (N, C, h, w), got {tuple(features.shape)}")
-
-
-def token_diversity(tokens: Tensor) -> Tensor:
-    """(N, K, C) -> (N,): 1 − mean cosine similarity over the K·(K−1) ordered pairs of distinct tokens."""
-    x = F.normalize(tokens.float(), dim=-1)
-    cos = x @ x.transpose(1, 2)                                      # (N, K, K)
-    k = tokens.shape[1]
-    off_diagonal = cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(1)
-    return 1 - off_diagonal / (k * (k - 1))
 
 
 def similarity_maps(tokens: Tensor, query: int | None = None) -> Tensor:
