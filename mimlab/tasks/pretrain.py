@@ -58,20 +58,22 @@ class MaskedPretraining(L.LightningModule):
         return torch.Generator().manual_seed(value)
 
     def make_mask(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked."""
+        """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked, **on the host**: backbones read the
+        (static) visible count there without a device sync and move the mask to the images' device themselves."""
         grid = self.masking.grid(tuple(images.shape[-2:]))
-        return self.masking(images.shape[0], grid, generator=generator, device=images.device)
+        return self.masking(images.shape[0], grid, generator=generator)
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Any, Any]:
-        """Return (prediction, target) for ``images`` under ``mask``."""
+        """Return (prediction, target) for ``images`` under ``mask`` (host or device; the backbone gets it as given)."""
         features = self.neck(self.backbone(images, mask))
-        return self.decoder(features, mask), self.target(images, mask)
+        device_mask = mask.to(images.device, non_blocking=True)
+        return self.decoder(features, device_mask), self.target(images, device_mask)
 
     def _shared_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         mask = self.make_mask(images, generator)
         pred, target = self(images, mask)
-        return self.loss(pred, target, mask)
+        return self.loss(pred, target, mask.to(images.device, non_blocking=True))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         images = batch[0]
@@ -117,7 +119,7 @@ class MaskedPretraining(L.LightningModule):
         pred, _ = self(images, mask)
         unit = self.masking.unit_size
         gh, gw = images.shape[-2] // unit, images.shape[-1] // unit
-        mask_px = mask.reshape(-1, 1, gh, gw).repeat_interleave(unit, 2).repeat_interleave(unit, 3)
+        mask_px = mask.to(images.device).reshape(-1, 1, gh, gw).repeat_interleave(unit, 2).repeat_interleave(unit, 3)
         return {"mask": mask_px, "pred": self.target.to_image(pred, images)}
 
     # ----------------------------------------------------------------------------------------------- optimisation

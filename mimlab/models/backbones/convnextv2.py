@@ -151,7 +151,7 @@ class MaskedConvNeXtV2(nn.Module):
         feats = []
         for i in range(4):
             x = self.downsample_layers[i](x)
-            m = None if mask is None else mask_to_map(mask.to(x.dtype), grid, x.shape[-2:])
+            m = None if mask is None else mask_to_map(mask.to(device=x.device, dtype=x.dtype), grid, x.shape[-2:])
             if m is not None:
                 x = x * (1.0 - m)
             for block in self.stages[i]:

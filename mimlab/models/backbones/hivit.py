@@ -247,8 +247,11 @@ class HiViT(nn.Module):
         if mask is not None and mask.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"mask has {mask.shape[1]} units but the {h}x{w} image has {grid[0] * grid[1]} "
                              f"units of {self.unit_size} px; set masking.unit_size={self.unit_size}")
+        if mask is not None:
+            num_keep = num_visible(mask)  # counted before the move: a host-side mask costs no device sync
+            mask = mask.to(x.device)
         if mask is not None and self.drop_masked:
-            ids_keep = keep_indices(mask, num_visible(mask))
+            ids_keep = keep_indices(mask, num_keep)
             x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
         for blk in self.stage4:
             x = blk(x)

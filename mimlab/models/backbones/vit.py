@@ -112,15 +112,20 @@ class MaskedViT(nn.Module):
         return self.norm(x), hidden
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> ViTEncoding:
-        """Encode the visible patches of ``x`` (N, C, H, W) given ``mask`` (N, L_units), 1 = masked."""
+        """Encode the visible patches of ``x`` (N, C, H, W) given ``mask`` (N, L_units), 1 = masked.
+
+        The mask may live on the host (as in pre-training): its visible count is read there, without a device sync,
+        and it is then moved to the device of ``x``."""
         tokens, grid = self._embed(x)
         n, length, dim = tokens.shape
         if mask is None:
             mask = torch.zeros(n, length, device=x.device)
-        mask = mask_to_token_grid(mask.to(tokens.dtype), grid)
+        mask = mask_to_token_grid(mask, grid)
+        num_keep = num_visible(mask)  # counted before the move: a host-side mask costs no device sync
+        mask = mask.to(device=tokens.device, dtype=tokens.dtype)
         ids_shuffle = torch.argsort(mask, dim=1, stable=True)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = keep_indices(mask, num_visible(mask))
+        ids_keep = keep_indices(mask, num_keep)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
         out, hidden = self._run_blocks(self._prepend_cls(visible))
         return ViTEncoding(tokens=out, mask=mask, ids_restore=ids_restore, grid=grid, hidden_states=hidden)
