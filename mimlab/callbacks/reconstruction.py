@@ -37,6 +37,12 @@ def reconstruction_grid(images: Tensor, mask: Tensor, pred: Tensor) -> Tensor:
     return make_grid(columns.flatten(0, 1), nrow=4, padding=2, pad_value=1.0)
 
 
+def evenly_spaced_images(dataset, count: int) -> Tensor:
+    """(count, C, H, W): ``count`` images spread evenly over ``dataset`` (the same ones every call)."""
+    step = max(len(dataset) // count, 1)
+    return torch.stack([dataset[i * step][0] for i in range(min(count, len(dataset)))])
+
+
 class ReconstructionPanel(L.Callback):
     """Every ``every_n_steps`` training steps (and at the end of fitting) render ``num_images`` fixed validation images."""
 
@@ -49,9 +55,7 @@ class ReconstructionPanel(L.Callback):
 
     def _fixed_images(self, trainer: L.Trainer) -> Tensor:
         if self.images is None:
-            dataset = trainer.datamodule.val_set
-            step = max(len(dataset) // self.num_images, 1)
-            self.images = torch.stack([dataset[i * step][0] for i in range(min(self.num_images, len(dataset)))])
+            self.images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images)
         return self.images
 
     @rank_zero_only

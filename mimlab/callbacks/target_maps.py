@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from mimlab.analysis.token_diversity import as_tokens, token_diversity
-from mimlab.callbacks.reconstruction import _denormalise
+from mimlab.callbacks.reconstruction import _denormalise, evenly_spaced_images
 
 
 def similarity_maps(tokens: Tensor, query: int | None = None) -> Tensor:
@@ -59,10 +59,7 @@ class TeacherTargetPanel(L.Callback):
         target = pl_module.target
         if not any(True for _ in target.parameters()):
             return None  # pixel targets: nothing to map
-        dataset = trainer.datamodule.val_set
-        step = max(len(dataset) // self.num_images, 1)
-        images = torch.stack([dataset[i * step][0] for i in range(min(self.num_images, len(dataset)))])
-        images = images.to(pl_module.device)
+        images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images).to(pl_module.device)
         mask = torch.zeros_like(pl_module.make_mask(images, torch.Generator().manual_seed(0)))
         features = self._named_features(target(images, mask))
         if not features:
