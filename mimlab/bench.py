@@ -57,7 +57,7 @@ def _data_overrides(cfg: DictConfig, img_size: int | None) -> list[str]:
 
 
 class PretrainWorkload:
-    """Pre-training: compose ``conf/experiment/<experiment>.yaml`` and instantiate its ``method`` (any MIM method)."""
+    """Pre-training: compose ``conf/experiment/<experiment>.yaml`` and instantiate its ``task`` (any MIM method)."""
 
     def __init__(self, experiment: str, flops: str = "counter", tiny_overrides: list[str] | None = None) -> None:
         self.experiment = experiment
@@ -75,7 +75,7 @@ class PretrainWorkload:
         overrides = [f"experiment={self.experiment}", f"hardware={hardware}", "logger=none",
                      *(self.tiny_overrides if tiny else []), *_data_overrides(cfg, None), *cfg.overrides]
         composed = _compose(overrides)
-        return instantiate(composed.method), composed
+        return instantiate(composed.task), composed
 
 
 class ClassifierTask(L.LightningModule):
