@@ -145,8 +145,10 @@ class MaskedViT(nn.Module):
         else:
             idx = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], dim=1)
             bias = bias[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)
-        device = x.device.type
-        return bias.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else bias.to(x.dtype)
+        device = x.device.type  # under autocast the attention logits are in the autocast dtype: the mask must match
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            return bias.to(torch.get_autocast_dtype(device))
+        return bias.to(x.dtype)
 
     def _run_blocks(self, x: Tensor, attn_bias: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         hidden = []
