@@ -116,3 +116,16 @@ def test_block_masking_masks_40_percent_in_blocks(tmp_path):
     grid = mask.reshape(8, 14, 14)
     neighbours = (grid[:, 1:] * grid[:, :-1]).sum() + (grid[:, :, 1:] * grid[:, :, :-1]).sum()
     assert neighbours / (8 * 78) > 1.0  # blocks: a masked patch has masked neighbours (uniform masking: about 0.7)
+
+
+def test_weight_decay_spares_only_1d_params_and_biases(tmp_path):
+    """SlowFast construct_optimizer with ZERO_WD_1D_PARAM and ZERO_DECAY_POS_CLS: False: pos-embed, cls and mask token
+    decay; only 1-D parameters and biases do not."""
+    cfg = compose_config(["experiment=maskfeat_vit_b", "logger=csv"], tmp_path)
+    with torch.device("meta"):
+        module = instantiate(cfg.method)
+    ids = {id(p): n for n, p in module.named_parameters()}
+    groups = instantiate(cfg.optim).param_groups(module, 0.05)
+    no_decay = {ids[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert no_decay == {n for n, p in module.named_parameters() if p.ndim == 1}
+    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.mask_token"}.isdisjoint(no_decay)

@@ -155,3 +155,22 @@ def test_relative_bias_refuses_another_image_size():
                          rel_pos_bias=True, block=BEIT_BLOCK)
     with pytest.raises(ValueError, match="model.backbone.img_size"):
         model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 16))
+
+
+@pytest.mark.parametrize("experiment,skip,keywords", [
+    ("simmim_vit_b", {"cls_token", "pos_embed"}, set()),  # VisionTransformer.no_weight_decay(); the mask token decays
+    ("simmim_swin_b", {"absolute_pos_embed", "mask_token"}, {"relative_position_bias_table"}),
+])
+def test_weight_decay_groups_follow_the_official_pretrain_optimizer(experiment, skip, keywords, tmp_path):
+    """SimMIM optimizer.get_pretrain_param_groups: no decay for 1-D params, biases, the encoder's no_weight_decay()
+    names and its no_weight_decay_keywords()."""
+    cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
+    with torch.device("meta"):
+        module = instantiate(cfg.method)
+    factory = instantiate(cfg.optim)
+    ids = {id(p): n for n, p in module.named_parameters()}
+    no_decay = {ids[id(p)] for g in factory.param_groups(module, 0.05) if g["weight_decay"] == 0.0 for p in g["params"]}
+    official = {n for n, p in module.named_parameters()
+                if p.ndim == 1 or n.endswith(".bias") or n.removeprefix("backbone.") in skip or any(k in n for k in keywords)}
+    assert no_decay == official
+    assert ("backbone.mask_token" in no_decay) == (experiment == "simmim_swin_b")

@@ -32,9 +32,6 @@ class MaskTokenViT(MaskedViT):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
 
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}
-
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
         """(N, C, H, W), (N, L_units) -> (N, 1+L, D) final-normed cls + every patch, masked ones as the mask token."""
         tokens, grid = self._patch_tokens(x)
