@@ -129,3 +129,11 @@ def test_weight_decay_spares_only_1d_params_and_biases(tmp_path):
     no_decay = {ids[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     assert no_decay == {n for n, p in module.named_parameters() if p.ndim == 1}
     assert {"backbone.pos_embed", "backbone.cls_token", "backbone.mask_token"}.isdisjoint(no_decay)
+
+
+def test_recipe_crops_like_the_official_config(tmp_path):
+    """TRAIN_JITTER_SCALES_RELATIVE [0.5, 1.0], TRAIN_JITTER_ASPECT_RELATIVE [0.75, 1.3333], bicubic, no colour jitter."""
+    cfg = compose_config(["experiment=maskfeat_vit_b", "logger=csv"], tmp_path)
+    crop = instantiate(cfg.data.train_transform).transforms[0]
+    assert (crop.size, crop.scale, crop.interpolation.value) == ((224, 224), (0.5, 1.0), "bicubic")
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))

@@ -174,3 +174,12 @@ def test_weight_decay_groups_follow_the_official_pretrain_optimizer(experiment, 
                 if p.ndim == 1 or n.endswith(".bias") or n.removeprefix("backbone.") in skip or any(k in n for k in keywords)}
     assert no_decay == official
     assert ("backbone.mask_token" in no_decay) == (experiment == "simmim_swin_b")
+
+
+@pytest.mark.parametrize("experiment", ["simmim_vit_b", "simmim_swin_b"])
+def test_recipe_crops_like_data_simmim(experiment, tmp_path):
+    """SimMIMTransform: RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3, torchvision's default bilinear) + flip."""
+    cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
+    crop = instantiate(cfg.data.train_transform).transforms[0]
+    assert (crop.size, crop.scale, crop.interpolation.value) == ((cfg.data.img_size,) * 2, (0.67, 1.0), "bilinear")
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
