@@ -183,3 +183,19 @@ def test_recipe_crops_like_data_simmim(experiment, tmp_path):
     crop = instantiate(cfg.data.train_transform).transforms[0]
     assert (crop.size, crop.scale, crop.interpolation.value) == ((cfg.data.img_size,) * 2, (0.67, 1.0), "bilinear")
     assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
+
+
+def test_beit_init_truncates_at_one_std_and_rescales_by_depth():
+    from mimlab.models.backbones.vit import beit_init
+
+    torch.manual_seed(0)
+    model = MaskTokenViT(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, abs_pos_embed=False,
+                         rel_pos_bias=True, block=BEIT_BLOCK, weight_init=beit_init)
+    assert model.patch_embed.proj.weight.abs().max() <= 0.02 and model.cls_token.abs().max() <= 0.02
+    for i, blk in enumerate(model.blocks):
+        bound = 0.02 / math.sqrt(2 * (i + 1))
+        assert 0.02 * 0.95 < blk.attn.qkv.weight.abs().max() <= 0.02
+        for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
+            assert 0.95 * bound < w.abs().max() <= bound
+        assert not blk.mlp.fc1.bias.any() and torch.all(blk.gamma_1 == 0.1)
+    assert not model.rel_pos_bias.relative_position_bias_table.any()

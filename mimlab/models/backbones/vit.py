@@ -11,6 +11,7 @@ attention logits through the blocks' ``attn_mask``).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,6 +55,7 @@ class MaskedViT(nn.Module):
         rel_pos_bias: one relative position bias table ``(heads, 1+L, 1+L)`` shared by every block (BEiT "shared rel pos").
         block: builds one block from ``dim, num_heads, mlp_ratio, drop_path, norm_layer`` (default timm ``Block`` with
             qkv bias; timm ``EvaBlock(qkv_fused=True, init_values=0.1)`` is BEiT's block). Blocks take ``attn_mask``.
+        weight_init: ``f(vit)`` initialising the weights; default :meth:`reset_parameters` (MAE), :func:`beit_init` (SimMIM).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class MaskedViT(nn.Module):
         abs_pos_embed: bool = True,
         rel_pos_bias: bool = False,
         block: Callable[..., nn.Module] | None = None,
+        weight_init: Callable[[nn.Module], None] | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -93,7 +96,7 @@ class MaskedViT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.out_channels = [embed_dim]
         self.out_strides = [patch_size]
-        self.reset_parameters()
+        (weight_init or MaskedViT.reset_parameters)(self)
 
     def reset_parameters(self) -> None:
         """MAE init: sin-cos pos-embed, xavier-uniform Linear and patch-embed, normal(0.02) cls token (the relative
@@ -196,6 +199,32 @@ class MaskedViT(nn.Module):
             tokens = torch.gather(full, 1, enc.ids_restore.unsqueeze(-1).expand(-1, -1, full.shape[2]))
         n, _, d = tokens.shape
         return [tokens.transpose(1, 2).reshape(n, d, grid[0], grid[1])]
+
+
+@torch.no_grad()
+def beit_init(vit: MaskedViT, std: float = 0.02) -> None:
+    """BEiT / SimMIM init (microsoft/SimMIM ``models/vision_transformer.py``, ``VisionTransformerForSimMIM``):
+    truncated-normal(0, std) cut at ±std for the cls token, a learnable pos-embed, Linear and patch-embed weights; zero
+    biases; unit LayerNorms; then block i's ``attn.proj`` and ``mlp.fc2`` weights divided by sqrt(2 (i + 1)).
+    A fixed (non-learnable) pos-embed keeps its sin-cos values; relative bias tables start at zero, layer scales at
+    the blocks' ``init_values``."""
+    trunc = partial(nn.init.trunc_normal_, std=std, a=-std, b=std)
+    if vit.pos_embed is not None and vit.pos_embed.requires_grad:
+        trunc(vit.pos_embed)
+    elif vit.pos_embed is not None:
+        vit.pos_embed.copy_(sincos_2d_pos_embed(vit.embed_dim, vit.grid, cls_token=True).unsqueeze(0))
+    trunc(vit.cls_token)
+    for m in vit.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for i, blk in enumerate(vit.blocks):
+        blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+        blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
 
 def _init_linear_and_norm(m: nn.Module) -> None:
