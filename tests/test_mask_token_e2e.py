@@ -1,10 +1,27 @@
-"""SimMIM and MaskFeat through the real composition on the synthetic images: the mask-token encoders train (val loss
-falls) and the checkpoint holds the encoder with its mask token under ``backbone.``."""
+"""SimMIM and MaskFeat through the real composition: every parameter gets a gradient (DDP runs with a static graph and
+``find_unused_parameters=False``), the mask-token encoders train on the synthetic images (val loss falls) and the
+checkpoint holds the encoder with its mask token under ``backbone.``."""
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from conftest import compose_config
 from mimlab.train import build, run
+
+TINY_SWIN = ["data.img_size=64", "model.backbone.embed_dim=16", "model.backbone.depths=[1,1,1,1]",
+             "model.backbone.num_heads=[1,2,2,4]", "model.backbone.window_size=2", "model.decoder.in_channels=128"]
+
+
+@pytest.mark.parametrize("experiment,extra", [
+    ("simmim_vit_tiny_synthetic", []), ("maskfeat_vit_tiny_synthetic", []), ("simmim_swin_b", TINY_SWIN),
+])
+def test_every_parameter_gets_a_gradient(experiment, extra, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", "logger=csv", *extra], tmp_path)
+    module = instantiate(cfg.method)
+    size = cfg.data.img_size
+    module._shared_step(torch.randn(2, 3, size, size), torch.Generator().manual_seed(0))["loss"].backward()
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing
 
 SMALL = ["data.img_size=32", "data.batch_size=8", "hardware.num_workers=0", "model.backbone.embed_dim=64",
          "model.backbone.depth=2", "model.backbone.num_heads=2", "optim.warmup_epochs=1", "optim.blr=5e-3",
