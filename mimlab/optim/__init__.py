@@ -1,4 +1,4 @@
-"""Optimiser factory (lr scaling, param groups) and the per-step warm-up cosine schedule."""
+"""Optimiser factory (lr scaling, param groups) and the per-step lr schedules (warm-up + cosine or multi-step)."""
 from mimlab.optim.factory import OptimizerFactory, weight_decay_groups
 from mimlab.optim.schedule import WarmupCosine, WarmupMultiStep
 

@@ -96,7 +96,7 @@ class MaskedViT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.out_channels = [embed_dim]
         self.out_strides = [patch_size]
-        (weight_init or MaskedViT.reset_parameters)(self)
+        weight_init(self) if weight_init is not None else self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """MAE init: sin-cos pos-embed, xavier-uniform Linear and patch-embed, normal(0.02) cls token (the relative
