@@ -12,16 +12,30 @@ TINY_SWIN = ["data.img_size=64", "model.backbone.embed_dim=16", "model.backbone.
              "model.backbone.num_heads=[1,2,2,4]", "model.backbone.window_size=2", "model.decoder.in_channels=128"]
 
 
-@pytest.mark.parametrize("experiment,extra", [
-    ("simmim_vit_tiny_synthetic", []), ("maskfeat_vit_tiny_synthetic", []), ("simmim_swin_b", TINY_SWIN),
-])
-def test_every_parameter_gets_a_gradient(experiment, extra, tmp_path):
+COMPOSITIONS = [("simmim_vit_tiny_synthetic", []), ("maskfeat_vit_tiny_synthetic", []), ("simmim_swin_b", TINY_SWIN)]
+
+
+def _step_loss(experiment, extra, tmp_path) -> tuple[torch.nn.Module, torch.Tensor]:
     cfg = compose_config([f"experiment={experiment}", "logger=csv", *extra], tmp_path)
     module = instantiate(cfg.method)
     size = cfg.data.img_size
-    module._shared_step(torch.randn(2, 3, size, size), torch.Generator().manual_seed(0))["loss"].backward()
+    return module, module._shared_step(torch.randn(2, 3, size, size), torch.Generator().manual_seed(0))["loss"]
+
+
+@pytest.mark.parametrize("experiment,extra", COMPOSITIONS)
+def test_every_parameter_gets_a_gradient(experiment, extra, tmp_path):
+    module, loss = _step_loss(experiment, extra, tmp_path)
+    loss.backward()
     missing = [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing
+
+
+@pytest.mark.parametrize("experiment,extra", COMPOSITIONS)
+def test_a_step_runs_under_bf16_autocast(experiment, extra, tmp_path):
+    """hardware=gpu trains under bf16 autocast: relative bias, HOG target and losses must keep their dtypes apart."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = _step_loss(experiment, extra, tmp_path)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 SMALL = ["data.img_size=32", "data.batch_size=8", "hardware.num_workers=0", "model.backbone.embed_dim=64",
          "model.backbone.depth=2", "model.backbone.num_heads=2", "optim.warmup_epochs=1", "optim.blr=5e-3",

@@ -137,3 +137,11 @@ def test_recipe_crops_like_the_official_config(tmp_path):
     crop = instantiate(cfg.data.train_transform).transforms[0]
     assert (crop.size, crop.scale, crop.interpolation.value) == ((224, 224), (0.5, 1.0), "bicubic")
     assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
+
+
+def test_hog_is_computed_in_float32_under_autocast():
+    images = torch.randn(2, 3, 32, 32)
+    target = HOGTarget(patch_size=16, cell_size=8, nbins=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = target(images)
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, target(images))

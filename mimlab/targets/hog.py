@@ -36,7 +36,12 @@ class HOGTarget(Target):
 
     @torch.no_grad()
     def cell_histograms(self, images: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, C, nbins, H / cell_size, W / cell_size), each histogram L2-normalised, float32."""
+        """(N, C, H, W) -> (N, C, nbins, H / cell_size, W / cell_size), each histogram L2-normalised, float32 (also
+        under autocast: bf16 gradients would move orientations across bin edges)."""
+        device = images.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self.cell_histograms(images)
         n, c, h, w = images.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}x{w} is not divisible by target.patch_size={self.patch_size}")
