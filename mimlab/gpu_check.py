@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/gpu_check")
     parser.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto")
     parser.add_argument("--budget", type=float, default=None, help="seconds (default: 480 on a GPU, 300 on a CPU)")
-    parser.add_argument("--parallel", type=int, default=6, help="concurrent phase-1 checks on a GPU")
+    parser.add_argument("--parallel", type=int, default=8, help="concurrent phase-1 checks on a GPU")
     parser.add_argument("--loader", help=argparse.SUPPRESS)       # internal: one loader timing (a subprocess of run)
     parser.add_argument("--loader-root", help=argparse.SUPPRESS)
     parser.add_argument("--loader-batch", type=int, help=argparse.SUPPRESS)
