@@ -17,9 +17,9 @@ COMPOSITIONS = [("simmim_vit_tiny_synthetic", []), ("maskfeat_vit_tiny_synthetic
 
 def _step_loss(experiment, extra, tmp_path) -> tuple[torch.nn.Module, torch.Tensor]:
     cfg = compose_config([f"experiment={experiment}", "logger=csv", *extra], tmp_path)
-    module = instantiate(cfg.method)
+    module = instantiate(cfg.task)
     size = cfg.data.img_size
-    return module, module._shared_step(torch.randn(2, 3, size, size), torch.Generator().manual_seed(0))["loss"]
+    return module, module.compute_losses(torch.randn(2, 3, size, size), torch.Generator().manual_seed(0))["loss"]
 
 
 @pytest.mark.parametrize("experiment,extra", COMPOSITIONS)

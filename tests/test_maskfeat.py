@@ -26,7 +26,7 @@ def test_parameter_count_matches_the_official_model(tmp_path):
     Here the LayerNorm is the encoder's final norm, so the split differs and the total does not."""
     cfg = compose_config(["experiment=maskfeat_vit_b", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     assert count(module) == 85_882_476
     assert (count(module.backbone), count(module.decoder)) == (85_797_888 + 1_536, 83_052)
     assert module.target.dim == 108
@@ -123,7 +123,7 @@ def test_weight_decay_spares_only_1d_params_and_biases(tmp_path):
     decay; only 1-D parameters and biases do not."""
     cfg = compose_config(["experiment=maskfeat_vit_b", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     ids = {id(p): n for n, p in module.named_parameters()}
     groups = instantiate(cfg.optim).param_groups(module, 0.05)
     no_decay = {ids[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}

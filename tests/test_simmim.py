@@ -37,7 +37,7 @@ def count(module) -> int:
 def test_parameter_counts_match_the_official_models(experiment, total, encoder, decoder, tmp_path):
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     assert (count(module), count(module.backbone), count(module.decoder)) == (total, encoder, decoder)
 
 
@@ -166,7 +166,7 @@ def test_weight_decay_groups_follow_the_official_pretrain_optimizer(experiment, 
     names and its no_weight_decay_keywords()."""
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     factory = instantiate(cfg.optim)
     ids = {id(p): n for n, p in module.named_parameters()}
     no_decay = {ids[id(p)] for g in factory.param_groups(module, 0.05) if g["weight_decay"] == 0.0 for p in g["params"]}
