@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+from mimlab.data.image_folder import DataLayoutError
 from mimlab.data.imagenet import ImageNetDataModule
 from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -30,13 +31,21 @@ from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 class EncodedImageFolder(Dataset):
     """``root/<class>/*.jp(e)g`` -> (uint8 tensor of the file bytes, class index); classes in ImageFolder order."""
 
-    def __init__(self, root: str | Path, hint: str = "") -> None:
+    def __init__(self, root: str | Path, hint: str = "", class_to_idx: dict[str, int] | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} does not exist. {hint}")
         self.root = root
-        self.classes, class_to_idx = find_classes(str(root))
-        self.samples = make_dataset(str(root), class_to_idx, extensions=(".jpg", ".jpeg"))
+        self.classes, self.class_to_idx = find_classes(str(root))
+        if class_to_idx is not None:  # label by the training split's names (see CheckedImageFolder)
+            unknown = [c for c in self.classes if c not in class_to_idx]
+            if unknown:
+                raise DataLayoutError(f"{root} has class folder(s) that the training split does not have: "
+                                      f"{', '.join(unknown[:10])}. Labels are matched by folder name: rename them to "
+                                      "training class names, or remove them.")
+            self.classes, self.class_to_idx = sorted(class_to_idx, key=class_to_idx.get), dict(class_to_idx)
+        self.samples = make_dataset(str(root), self.class_to_idx, extensions=(".jpg", ".jpeg"),
+                                    allow_empty=class_to_idx is not None)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -111,16 +120,16 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
         self.train_device_transform = DeviceTransform(self.img_size, train=True, scale=tuple(crop_scale), seed=seed)
         self.val_device_transform = DeviceTransform(self.img_size, train=False, seed=seed)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = EncodedImageFolder(self.root / "train", self.hint)
-            self.val_set = _DecodedView(EncodedImageFolder(self.root / "val", self.hint), self.val_device_transform)
+    train_collate = val_collate = staticmethod(collate_encoded)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        """The parent's loader (resumable seeded sampler, DDP split) over the bytes, collated as a list."""
-        loader = super()._loader(dataset.encoded if isinstance(dataset, _DecodedView) else dataset, train)
-        loader.collate_fn = collate_encoded
-        return loader
+    def build_datasets(self) -> tuple[EncodedImageFolder, _DecodedView]:
+        train = EncodedImageFolder(self.root / "train", self.hint)
+        val = EncodedImageFolder(self.root / "val", self.hint, class_to_idx=train.class_to_idx)
+        return train, _DecodedView(val, self.val_device_transform)
+
+    def _loader(self, dataset: Dataset, *args: Any, **kwargs: Any) -> DataLoader:
+        """The base loader (resumable seeded sampler, DDP split) over the bytes; validation reads the encoded view."""
+        return super()._loader(dataset.encoded if isinstance(dataset, _DecodedView) else dataset, *args, **kwargs)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         encoded, labels = batch
