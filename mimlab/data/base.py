@@ -92,6 +92,7 @@ class ResumableDataModule(L.LightningDataModule):
                             persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
 
     def train_dataloader(self) -> DataLoader:
+        self.setup()
         num_replicas, rank = self._replicas()
         dataset = self.train_set
         drop_last = self.drop_last and len(dataset) >= self.batch_size * num_replicas
@@ -102,6 +103,7 @@ class ResumableDataModule(L.LightningDataModule):
         return self._loader(dataset, sampler, self.batch_size, drop_last, self.train_collate, EpochAwareDataLoader)
 
     def val_dataloader(self) -> DataLoader:
+        self.setup()
         num_replicas, rank = self._replicas()
         if len(self.val_set) < num_replicas:
             raise ValueError(f"the validation split of {self.root} has {len(self.val_set)} samples, fewer than the "
