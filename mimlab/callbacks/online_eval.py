@@ -7,8 +7,8 @@ the task's ``backbone`` on the labelled ImageNet-layout data, without gradients 
   L2-normalises the features and votes with the ``k`` (20) most cosine-similar train features, each weighted by
   ``exp(sim / T)`` (T 0.07; InstDisc / DINO weighted kNN).
 * :class:`OnlineLinearProbe` - ``probe/train_acc1``, ``probe/val_acc1``: a BatchNorm(affine=False) + Linear head trained
-  with its own AdamW on detached features of every training batch (labels come with the batch) and evaluated on the
-  validation batches.
+  with its own AdamW on detached features of every training batch (labels come with the batch; under DDP its gradients
+  are averaged over the ranks, so every rank keeps the same head) and evaluated on the validation batches.
 """
 from __future__ import annotations
 
@@ -154,7 +154,12 @@ class OnlineLinearProbe(L.Callback):
             loss = nn.functional.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for p in self.head.parameters():  # average over the ranks' batches: every rank keeps the same head
+                p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
             self.optimizer.step()
+        for buffer in self.head.buffers():  # and the same BatchNorm statistics
+            if buffer.is_floating_point():
+                buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
         self._count("train", logits, labels)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -8,7 +8,7 @@ rescaling (LSJ or multi-scale), so the detector's own transform only normalises,
 
 Validation computes COCO box and mask mAP with ``torchmetrics.detection.MeanAveragePrecision`` (pycocotools backend:
 the official COCOeval, crowd regions honoured through ``iscrowd``/``area``) and logs ``val/bbox_mAP``, ``val/segm_mAP``
-(and the AP50/AP75/S/M/L variants) once per validation epoch. Under DDP every rank evaluates its own block of
+(the AP50/AP75/S/M/L variants and ``val/bbox_mAR_100``, ``val/segm_mAR_100``) once per validation epoch. Under DDP every rank evaluates its own block of
 validation images and the per-image results are gathered in data set order before COCOeval runs.
 """
 
@@ -157,10 +157,11 @@ class MaskRCNNDetection(L.LightningModule):
         res = self.val_map.compute()
         self.val_map.reset()
         for iou in ("bbox", "segm"):
-            for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large"):
+            for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"):
                 key = f"{iou}_{k}"
                 if key in res:
-                    self.log(f"val/{iou}_{k.replace('map', 'mAP')}", res[key].float(), prog_bar=k == "map")
+                    name = k.replace("map", "mAP").replace("mar", "mAR")
+                    self.log(f"val/{iou}_{name}", res[key].float(), prog_bar=k == "map")
 
     def configure_optimizers(self):
         ids, num_layers = self.adapter.layer_ids()
