@@ -8,8 +8,9 @@ rescaling (LSJ or multi-scale), so the detector's own transform only normalises,
 
 Validation computes COCO box and mask mAP with ``torchmetrics.detection.MeanAveragePrecision`` (pycocotools backend:
 the official COCOeval, crowd regions honoured through ``iscrowd``/``area``) and logs ``val/bbox_mAP``, ``val/segm_mAP``
-(the AP50/AP75/S/M/L variants and ``val/bbox_mAR_100``, ``val/segm_mAR_100``) once per validation epoch. Under DDP every rank evaluates its own block of
-validation images and the per-image results are gathered in data set order before COCOeval runs.
+(the AP50/AP75/S/M/L variants and the recall ``val/{bbox,segm}_mAR_100``) once per validation epoch. Under DDP every
+rank evaluates its own block of validation images and the per-image results are gathered in data set order before
+COCOeval runs, so the figures are those of one process.
 """
 
 from __future__ import annotations
