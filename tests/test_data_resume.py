@@ -12,6 +12,7 @@ import torch
 from mimlab.data.ade20k import ADE20KDataModule
 from mimlab.data.base import DataResumeError
 from mimlab.data.coco import COCODataModule
+from mimlab.data.gpu_decode import GPUDecodeImageNetDataModule
 from mimlab.data.image_folder import DataLayoutError
 from mimlab.data.imagenet import ImageNetDataModule
 from mimlab.data.resumable import EvalSampler, ResumableSampler
@@ -33,6 +34,8 @@ def make(kind: str, roots, **kw):
         return ImageNetDataModule(str(roots["imagenet"]), img_size=32, **common)
     if kind == "synthetic":
         return SyntheticImageNetDataModule(str(roots["imagenet"]), img_size=32, **common)
+    if kind == "gpu_decode":  # the batch carries each image's crop/flip seed; the device applies it
+        return GPUDecodeImageNetDataModule(str(roots["imagenet"]), img_size=32, **common)
     if kind == "shards":
         return ShardedImageNetDataModule(str(roots["shards"]), img_size=32, **common)
     if kind == "coco":
@@ -89,7 +92,7 @@ def test_validation_blocks_cover_every_sample_once_without_padding():
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("kind", ["imagenet", "synthetic", "shards", "coco", "ade"])
+@pytest.mark.parametrize("kind", ["imagenet", "synthetic", "gpu_decode", "shards", "coco", "ade"])
 def test_resume_mid_epoch_and_at_the_epoch_boundary_reads_the_uninterrupted_batches(kind, workers, roots):
     reference = make(kind, roots, num_workers=0)
     epoch1, epoch2 = epoch_batches(reference, 1), epoch_batches(reference, 2)

@@ -78,10 +78,12 @@ def test_gpu_decode_datamodule_feeds_the_trainer_hook_path(synthetic_root):
     module = instantiate(cfg.data)
     assert isinstance(module, GPUDecodeImageNetDataModule)
     module.setup("fit")
-    encoded, labels = next(iter(module.train_dataloader()))
-    assert isinstance(encoded, list) and encoded[0].dtype == torch.uint8
-    images, labels = module.transfer_batch_to_device((encoded, labels), torch.device("cpu"), 0)
+    encoded, labels, seeds = next(iter(module.train_dataloader()))
+    assert isinstance(encoded, list) and encoded[0].dtype == torch.uint8 and len(set(seeds.tolist())) == 6
+    images, labels = module.transfer_batch_to_device((encoded, labels, seeds), torch.device("cpu"), 0)
     assert images.shape == (6, 3, 32, 32) and images.dtype == torch.float32
+    again, _ = module.transfer_batch_to_device((encoded, labels, seeds), torch.device("cpu"), 0)
+    assert torch.equal(images, again)  # each image's crop and flip follow its own seed
     assert -2.2 < images.min() and images.max() < 2.7  # ImageNet-normalised range
     assert module.val_set[0][0].shape == (3, 32, 32)
 

@@ -49,7 +49,7 @@ def train(args: list[str], run_dir: Path, workers: int, kill: tuple[str, int] | 
              "callbacks.checkpoint.every_n_train_steps=3",  # checkpoints/last.ckpt every 3 steps
              "+callbacks.epoch_end._target_=lightning.pytorch.callbacks.ModelCheckpoint",  # epoch_end/last.ckpt
              f"+callbacks.epoch_end.dirpath={run_dir / 'epoch_end'}", "+callbacks.epoch_end.save_last=true",
-             "+callbacks.epoch_end.save_top_k=0"]
+             "+callbacks.epoch_end.save_top_k=-1"]  # (Lightning writes last only beside a kept one)
     if kill:
         extra += ["+callbacks.kill._target_=mimlab.callbacks.fault_injection.KillAtStep",
                   f"+callbacks.kill.signal_name={kill[0]}", f"+callbacks.kill.step={kill[1]}"]

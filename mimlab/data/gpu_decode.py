@@ -50,13 +50,15 @@ class EncodedImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        """(file bytes, label, augmentation seed drawn from torch's RNG: per sample under the DataModule's seeding)."""
         path, label = self.samples[index]
-        return read_file(path), label
+        return read_file(path), label, int(torch.randint(2**62, ()))
 
 
-def collate_encoded(batch: list[tuple[Tensor, int]]) -> tuple[list[Tensor], Tensor]:
-    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+def collate_encoded(batch: list[tuple[Tensor, int, int]]) -> tuple[list[Tensor], Tensor, Tensor]:
+    """-> (list of byte tensors, labels (N,), augmentation seeds (N,))."""
+    return [data for data, _, _ in batch], torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -81,7 +83,11 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
 
 
 class DeviceTransform:
-    """Batched decode + crop on ``device``. ``train``: RRC(scale, ratio 3/4-4/3) + flip; else resize + centre crop."""
+    """Batched decode + crop on ``device``. ``train``: RRC(scale, ratio 3/4-4/3) + flip; else resize + centre crop.
+
+    Given ``seeds`` (one per image, as the DataModule's loader delivers them) each image's crop and flip come from its
+    own ``random.Random(seed)``, so they depend only on (seed, epoch, index) and resume exactly; without, from ``seed``.
+    """
 
     def __init__(self, img_size: int, train: bool, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
                  crop_pct: float = 224 / 256, seed: int = 0) -> None:
@@ -92,21 +98,22 @@ class DeviceTransform:
         out = F.interpolate(img.unsqueeze(0).float(), size=size, mode="bicubic", antialias=True, align_corners=False)
         return out.squeeze(0)
 
-    def _one(self, img: Tensor) -> Tensor:
+    def _one(self, img: Tensor, rng: random.Random) -> Tensor:
         _, h, w = img.shape
         if self.train:
-            top, left, ch, cw = random_resized_crop_box(h, w, self.scale, (3 / 4, 4 / 3), self.rng)
+            top, left, ch, cw = random_resized_crop_box(h, w, self.scale, (3 / 4, 4 / 3), rng)
             out = self._resize(img[:, top:top + ch, left:left + cw], (self.img_size, self.img_size))
-            return out.flip(-1) if self.rng.random() < self.hflip else out
+            return out.flip(-1) if rng.random() < self.hflip else out
         short = int(round(self.img_size / self.crop_pct))  # torchvision Resize(int) / CenterCrop size arithmetic
         size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
         out = self._resize(img, size)
         top, left = int(round((size[0] - self.img_size) / 2.0)), int(round((size[1] - self.img_size) / 2.0))
         return out[:, top:top + self.img_size, left:left + self.img_size]
 
-    def __call__(self, encoded: list[Tensor], device: torch.device) -> Tensor:
+    def __call__(self, encoded: list[Tensor], device: torch.device, seeds: list[int] | None = None) -> Tensor:
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        images = torch.stack([self._one(img) for img in decoded]).clamp_(0, 255).div_(255)
+        rngs = [random.Random(s) for s in seeds] if seeds is not None else [self.rng] * len(decoded)
+        images = torch.stack([self._one(img, rng) for img, rng in zip(decoded, rngs)]).clamp_(0, 255).div_(255)
         mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
         return (images - mean) / std
@@ -132,10 +139,10 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
         return super()._loader(dataset.encoded if isinstance(dataset, _DecodedView) else dataset, *args, **kwargs)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        encoded, labels = batch
+        encoded, labels, seeds = batch
         training = self.trainer is None or self.trainer.training
         transform = self.train_device_transform if training else self.val_device_transform
-        return transform(encoded, device), labels.to(device, non_blocking=True)
+        return transform(encoded, device, seeds.tolist()), labels.to(device, non_blocking=True)
 
 
 class _DecodedView(Dataset):
@@ -149,5 +156,5 @@ class _DecodedView(Dataset):
         return len(self.encoded)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        data, label = self.encoded[index]
+        data, label, _ = self.encoded[index]
         return self.transform([data], torch.device("cpu"))[0], label
