@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import random
 import tarfile
 from collections.abc import Callable, Iterable
@@ -114,7 +115,7 @@ class TarShardDataset(Dataset):
         self.shards = [root / name for name in meta["shards"]]
         self.classes = meta["classes"]
         self.samples = meta["samples"]  # [shard, offset, size, label]
-        self._files: dict[int, Any] = {}  # open shards of this process (each loader worker opens its own)
+        self._files: dict[int, int] = {}  # file descriptors of the shards opened so far
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -125,11 +126,9 @@ class TarShardDataset(Dataset):
     def read(self, index: int) -> tuple[bytes, int]:
         """The encoded JPEG bytes and the label of sample ``index``."""
         shard, offset, size, label = self.samples[index]
-        if shard not in self._files:
-            self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open for the process's life
-        f = self._files[shard]
-        f.seek(offset)
-        return f.read(size), label
+        if shard not in self._files:  # kept open; pread leaves the file offset alone, so forked workers may share it
+            self._files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return os.pread(self._files[shard], size, offset), label
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         data, label = self.read(index)
