@@ -31,7 +31,7 @@ BATCH, BLR = 4, 1e-3
 DDP = ["hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
        "hardware.compile=false", "hardware.fused_optimizer=false", "hardware.matmul_precision=highest",
        "hardware.num_workers=0", "hardware.pin_memory=false", "+hardware.strategy.process_group_backend=gloo"]
-COMMON = ["logger=csv", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0",
+COMMON = ["logger=csv", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "+trainer.num_sanity_val_steps=0",
           "~callbacks.progress", f"data.batch_size={BATCH}"]
 TINY_VIT = ["model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2"]
 PRETRAIN = ["data.img_size=32", f"optim.blr={BLR}", "optim.warmup_epochs=0", "~callbacks.reconstruction",
