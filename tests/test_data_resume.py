@@ -157,3 +157,16 @@ def test_validation_classes_are_matched_to_training_classes_by_name(roots, tmp_p
     train_idx = dm.train_set.class_to_idx
     assert dm.val_set.class_to_idx == train_idx
     assert {label for _, label in dm.val_set.samples} == {train_idx[c] for c in train_idx if c not in ("00_circle", "01_square")}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_leave_the_global_rng_to_the_model(workers, roots):
+    """Creating a loader iterator draws its workers' base seed; from torch's global RNG that would make the model's
+    random stream (drop path, proposal sampling) depend on the worker count and on when iterators are created."""
+    dm = make("coco", roots, num_workers=workers)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        next(iter(loader))
+    assert torch.equal(torch.rand(3), expected)

@@ -23,15 +23,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from mimlab.data.resumable import ResumableSampler
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-BATCH, BLR = 4, 1e-3
+BATCH, BLR, SEED = 4, 1e-3, 0
 DDP = ["hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
        "hardware.compile=false", "hardware.fused_optimizer=false", "hardware.matmul_precision=highest",
        "hardware.num_workers=0", "hardware.pin_memory=false", "+hardware.strategy.process_group_backend=gloo"]
-COMMON = ["logger=csv", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "+trainer.num_sanity_val_steps=0",
+COMMON = [f"seed={SEED}", "logger=csv", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "+trainer.num_sanity_val_steps=0",
           "~callbacks.progress", f"data.batch_size={BATCH}"]
 TINY_VIT = ["model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2"]
 PRETRAIN = ["data.img_size=32", f"optim.blr={BLR}", "optim.warmup_epochs=0", "~callbacks.reconstruction",
@@ -123,8 +124,11 @@ def test_ranks_read_disjoint_halves_of_the_epoch_and_end_with_identical_weights(
     assert [r["world_size"] for r in (rank0, rank1)] == [2, 2]
     a, b = rank0["indices"], rank1["indices"]
     epoch_size = {"detect": 24, "segment": 24}.get(task, 60)
-    assert not set(a) & set(b) and sorted(a + b) == list(range(epoch_size)), (len(a), len(b))
-    assert rank0["train_batches"] == rank1["train_batches"] == epoch_size // (2 * BATCH)
+    steps = epoch_size // (2 * BATCH)  # full global batches of 2 x BATCH (the last incomplete one is dropped)
+    assert rank0["train_batches"] == rank1["train_batches"] == steps
+    assert len(a) == len(b) == steps * BATCH and not set(a) & set(b)
+    epoch = ResumableSampler(epoch_size, seed=SEED).epoch_order()  # the epoch's permutation (seed 0, epoch 0)
+    assert sorted(a + b) == sorted(epoch[:steps * 2 * BATCH])
     assert rank0["steps"] >= 3
     before, final0, final1 = rank0["before"], rank0["final"], rank1["final"]
     for name in before:
@@ -150,13 +154,14 @@ def test_two_process_evaluation_equals_one_process_evaluation(task, fits, tmp_pa
 
 
 def test_mae_two_processes_of_batch_b_equal_one_process_of_batch_2b(fits, synthetic_root, tmp_path):
-    _, (rank0, _), overrides = fits("mae")
+    _, (rank0, rank1), overrides = fits("mae")
     single = tmp_path / "single"
     run(["-m", "mimlab.train", *overrides, f"data.batch_size={2 * BATCH}", "hardware.num_workers=0",
          "+callbacks.probe._target_=tests.ddp_probe.DDPProbe", f"+callbacks.probe.out_dir={single / 'probe'}",
          f"hydra.run.dir={single / 'run'}"], single / "run", f"1-process fit mae batch {2 * BATCH}")
     one = torch.load(single / "probe" / "rank0.pt", weights_only=False)
-    assert sorted(one["indices"]) == list(range(60)) and one["steps"] == rank0["steps"] == 60 // (2 * BATCH)
+    assert sorted(one["indices"]) == sorted(rank0["indices"] + rank1["indices"])  # the same samples
+    assert one["steps"] == rank0["steps"] == 60 // (2 * BATCH)
     assert one["base_lr"] == pytest.approx(rank0["base_lr"])  # same effective batch, same lr
     worst = max((one["final"][n] - rank0["final"][n]).abs().max().item() for n in one["final"])
     moved = min((one["final"][n] - one["before"][n]).abs().max().item() for n in one["final"])

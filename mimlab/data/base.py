@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mimlab.data.resumable import EpochAwareDataLoader, EvalSampler, ResumableSampler, SeededDataset
@@ -87,9 +88,13 @@ class ResumableDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, sampler, batch_size: int, drop_last: bool, collate: Callable | None,
                 loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+        """A loader over ``dataset`` with its own generator: creating its iterator draws the workers' base seed from
+        that generator, not from torch's global RNG, so the worker count cannot change the model's random stream
+        (drop path, proposal sampling, ...) and a resumed run continues it where the checkpoint left it."""
         return loader_class(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                             collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
+                            persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
+                            generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
