@@ -56,9 +56,19 @@ class EncodedImageFolder(Dataset):
         return read_file(path), label, int(torch.randint(2**62, ()))
 
 
-def collate_encoded(batch: list[tuple[Tensor, int, int]]) -> tuple[list[Tensor], Tensor, Tensor]:
-    """-> (list of byte tensors, labels (N,), augmentation seeds (N,))."""
-    return [data for data, _, _ in batch], torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+def collate_encoded(batch: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (all files' bytes concatenated (B,), per-file byte counts (N,), labels (N,), augmentation seeds (N,)).
+
+    One storage per batch: a worker hands each storage to the main process through a file descriptor, and a list of
+    N separate byte tensors per batch runs out of descriptors ("Bad file descriptor") at ImageNet batch sizes."""
+    data = [d for d, _, _ in batch]
+    return (torch.cat(data), torch.tensor([d.numel() for d in data]), torch.tensor([b[1] for b in batch]),
+            torch.tensor([b[2] for b in batch]))
+
+
+def split_encoded(flat: Tensor, sizes: Tensor) -> list[Tensor]:
+    """Inverse of :func:`collate_encoded`'s concatenation: the files' byte tensors (views of ``flat``)."""
+    return list(torch.split(flat, sizes.tolist()))
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -139,10 +149,10 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
         return super()._loader(dataset.encoded if isinstance(dataset, _DecodedView) else dataset, *args, **kwargs)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        encoded, labels, seeds = batch
+        flat, sizes, labels, seeds = batch
         training = self.trainer is None or self.trainer.training
         transform = self.train_device_transform if training else self.val_device_transform
-        return transform(encoded, device, seeds.tolist()), labels.to(device, non_blocking=True)
+        return transform(split_encoded(flat, sizes), device, seeds.tolist()), labels.to(device, non_blocking=True)
 
 
 class _DecodedView(Dataset):
