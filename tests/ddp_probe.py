@@ -1,6 +1,6 @@
 """Test-only callback loaded into real DDP runs by tests/test_ddp.py (``+callbacks.probe._target_=tests.ddp_probe.DDPProbe``).
 
-Every rank writes ``<out_dir>/rank<r>.pt`` with: its parameters before the first and after the first optimiser step
+Every rank writes ``<out_dir>/rank<r>.pt`` with: its trainable parameters before the first and after the first optimiser step
 and at the end of training, the base lr of the optimiser, the world size, the training sample indices its sampler
 handed out (recorded in the main process, so worker processes do not hide them), the training batches it ran, and how
 many checkpoint writes reached this rank's CheckpointIO and how many metric rows reached this rank's CSV writer.
@@ -57,7 +57,8 @@ class DDPProbe(L.Callback):
         datamodule.train_dataloader = recording_loader
 
     def _params(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        """The trained parameters (frozen teachers and frozen backbones are left out)."""
+        return {k: v.detach().clone() for k, v in pl_module.named_parameters() if v.requires_grad}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["before"] = self._params(pl_module)

@@ -52,8 +52,8 @@ TASKS = {
     "linprobe": ["experiment=linprobe_vit_tiny_synthetic", "data.img_size=32", *TINY_VIT, "optim.warmup_epochs=0",
                  "~callbacks.throughput"],
     "detect": ["experiment=detect_mae_vit_tiny_synthetic", *DENSE, "method.head_channels=16",
-               "method.representation_size=32", "method.box_batch_size_per_image=32", "method.rpn_pre_nms_top_n=50",
-               "method.rpn_post_nms_top_n=20", "trainer.check_val_every_n_epoch=1"],
+               "method.representation_size=32", "method.box_batch_size_per_image=32", "method.rpn_pre_nms_top_n=200",
+               "method.rpn_post_nms_top_n=100", "trainer.check_val_every_n_epoch=1"],  # enough proposals for mAP > 0
     "segment": ["experiment=segment_mae_vit_tiny_synthetic", *DENSE, "method.decode_head.channels=16",
                 "method.aux_head.channels=8", "trainer.check_val_every_n_epoch=1"],
 }
@@ -134,7 +134,7 @@ def test_ranks_read_disjoint_halves_of_the_epoch_and_end_with_identical_weights(
     for name in before:
         assert torch.equal(rank1["before"][name], before[name]), f"init differs: {name}"
     trained = [n for n in before if not torch.equal(before[n], final0[n])]
-    assert trained and (len(trained) > len(before) // 2 or task == "linprobe"), "training changed almost nothing"
+    assert len(trained) > len(before) // 2, "training changed almost nothing"
     for name in before:
         torch.testing.assert_close(final1[name], final0[name], rtol=1e-6, atol=1e-7, msg=f"ranks disagree: {name}")
 
