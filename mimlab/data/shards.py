@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,8 @@ class ShardedImageNetDataModule(ResumableDataModule):
             for split in ("train", "val"):
                 meta = self.meta(split)
                 yield from meta["classes"]
-                yield from (f"{name} {sum(1 for s in meta['samples'] if s[0] == i)}" for i, name in enumerate(meta["shards"]))
+                counts = Counter(sample[0] for sample in meta["samples"])
+                yield from (f"{name} {counts[i]}" for i, name in enumerate(meta["shards"]))
         return f"{len(self.train_set)} train + {len(self.val_set)} val samples in shards", lines()
 
 
