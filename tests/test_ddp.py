@@ -37,7 +37,7 @@ COMMON = [f"seed={SEED}", "logger=csv", "trainer.max_epochs=1", "trainer.log_eve
 TINY_VIT = ["model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2"]
 PRETRAIN = ["data.img_size=32", f"optim.blr={BLR}", "optim.warmup_epochs=0", "~callbacks.reconstruction",
             "~callbacks.throughput"]
-DENSE = [*TINY_VIT, "model.neck.out_channels=16", "data.generate_if_missing=false", "method.lr_schedule.warmup_steps=2"]
+DENSE = [*TINY_VIT, "model.neck.out_channels=16", "data.generate_if_missing=false", "task.lr_schedule.warmup_steps=2"]
 TASKS = {
     "mae": ["experiment=mae_vit_tiny_synthetic", *PRETRAIN, *TINY_VIT, "model.decoder.embed_dim=32",
             "model.decoder.num_heads=2", "model.backbone.drop_path_rate=0", "callbacks=pretrain_with_probes",
@@ -51,11 +51,11 @@ TASKS = {
                  "~callbacks.throughput"],
     "linprobe": ["experiment=linprobe_vit_tiny_synthetic", "data.img_size=32", *TINY_VIT, "optim.warmup_epochs=0",
                  "~callbacks.throughput"],
-    "detect": ["experiment=detect_mae_vit_tiny_synthetic", *DENSE, "method.head_channels=16",
-               "method.representation_size=32", "method.box_batch_size_per_image=32", "method.rpn_pre_nms_top_n=200",
-               "method.rpn_post_nms_top_n=100", "trainer.check_val_every_n_epoch=1"],  # enough proposals for mAP > 0
-    "segment": ["experiment=segment_mae_vit_tiny_synthetic", *DENSE, "method.decode_head.channels=16",
-                "method.aux_head.channels=8", "trainer.check_val_every_n_epoch=1"],
+    "detect": ["experiment=detect_mae_vit_tiny_synthetic", *DENSE, "task.head_channels=16",
+               "task.representation_size=32", "task.box_batch_size_per_image=32", "task.rpn_pre_nms_top_n=200",
+               "task.rpn_post_nms_top_n=100", "trainer.check_val_every_n_epoch=1"],  # enough proposals for mAP > 0
+    "segment": ["experiment=segment_mae_vit_tiny_synthetic", *DENSE, "task.decode_head.channels=16",
+                "task.aux_head.channels=8", "trainer.check_val_every_n_epoch=1"],
 }
 EXACT = {  # metrics a 2-process evaluation must reproduce exactly
     "mae": ["knn/acc1", "probe/val_acc1"],

@@ -38,7 +38,7 @@ def test_knn_turns_itself_off_on_one_class_instead_of_reporting_100(synthetic_ro
 
 
 def test_classification_refuses_one_class(tmp_path):
-    cfg = compose_config(["experiment=finetune_vit_tiny_synthetic", "method.num_classes=1", "model.backbone.depth=1",
+    cfg = compose_config(["experiment=finetune_vit_tiny_synthetic", "task.num_classes=1", "model.backbone.depth=1",
                           "model.backbone.embed_dim=32", "model.backbone.num_heads=2"], tmp_path)
     with pytest.raises(Exception, match="needs at least 2 classes, got num_classes=1"):
-        instantiate(cfg.method)
+        instantiate(cfg.task)
