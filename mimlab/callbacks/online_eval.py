@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from mimlab.data.image_folder import CheckedImageFolder, DataLayoutError
 from mimlab.data.transforms import eval_transform
+from mimlab.data.workers import init_worker
 from mimlab.models.heads.classifier import GlobalAvgPool, LinearProbeHead
 
 
@@ -77,7 +78,8 @@ class KNNMonitor(L.Callback):
         if split == "train" and self.max_train is not None and len(dataset) > self.max_train:
             stride = len(dataset) // self.max_train
             dataset = torch.utils.data.Subset(dataset, range(0, stride * self.max_train, stride))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          worker_init_fn=init_worker)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -27,6 +27,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mimlab.data.coco import read_rgb
+from mimlab.data.workers import init_worker
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -154,8 +155,8 @@ class ADE20KDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                           collate_fn=default_collate, drop_last=True, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, worker_init_fn=init_worker)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=list_collate, pin_memory=self.pin_memory)
+                          collate_fn=list_collate, pin_memory=self.pin_memory, worker_init_fn=init_worker)

@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from mimlab.data.workers import init_worker
+
 
 def read_rgb(path: str | Path) -> torch.Tensor:
     """Decode an image file to a (3, H, W) uint8 RGB tensor."""
@@ -227,7 +229,8 @@ class COCODataModule(L.LightningDataModule):
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=detection_collate, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle,
+                          worker_init_fn=init_worker)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from mimlab.data.image_folder import CheckedImageFolder
 from mimlab.data.resumable import ResumableSampler, SeededDataset
 from mimlab.data.transforms import eval_transform, pretrain_transform
+from mimlab.data.workers import init_worker
 
 
 class ImageNetDataModule(L.LightningDataModule):
@@ -92,6 +93,7 @@ class ImageNetDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             prefetch_factor=self.prefetch_factor,
+            worker_init_fn=init_worker,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from mimlab.data.transforms import eval_transform, pretrain_transform
+from mimlab.data.workers import init_worker
 
 
 def _wds():
@@ -134,7 +135,8 @@ class ShardedImageNetDataModule(L.LightningDataModule):
         dataset = dataset.batched(self.batch_size, partial=not train)
         per_rank = count // (self.batch_size * self._world_size()) if train else -(-count // (self.batch_size * self._world_size()))
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                               persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
+                               persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
+                               worker_init_fn=init_worker)
         if train:  # repeat the stream so every rank yields exactly per_rank batches even with uneven shard splits
             loader = loader.repeat()
         return loader.with_epoch(max(per_rank, 1)).with_length(max(per_rank, 1), silent=True)
