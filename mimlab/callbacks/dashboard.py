@@ -20,17 +20,20 @@ from torch.utils.flop_counter import FlopCounterMode
 def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> float:
     """FLOPs of one pre-training step (forward + backward) on ``images`` (N, C, H, W), counted by ``FlopCounterMode``.
 
-    Uses the pre-training contract (``make_mask``, ``forward(images, mask) -> (pred, target)``, ``loss(...)["loss"]``);
-    gradients are cleared afterwards. FlopCounterMode over-counts depthwise-conv backward (PERFORMANCE.md §2): modules
-    with an analytic count should set ``flops_per_batch`` themselves, which then wins.
+    Uses the pre-training contract (``make_mask``, ``forward(images, mask) -> (pred, target)``, ``loss(...)["loss"]``).
+    The step runs on detached views of the parameters (same storage, no copy), so the module's own parameters get no
+    gradient and DDP's gradient hooks on them do not fire: a backward through them outside DDP's forward corrupts the
+    next all-reduce under ``static_graph`` (measured: 2-process ranks disagreed from step 2 on).
+    FlopCounterMode over-counts depthwise-conv backward (PERFORMANCE.md §2): modules with an analytic count should
+    set ``flops_per_batch`` themselves, which then wins.
     """
     was_training = pl_module.training
     pl_module.train()
     mask = pl_module.make_mask(images, torch.Generator().manual_seed(0))
+    detached = {name: p.detach().requires_grad_(p.requires_grad) for name, p in pl_module.named_parameters()}
     with FlopCounterMode(display=False) as counter:
-        pred, target = pl_module(images, mask)
+        pred, target = torch.func.functional_call(pl_module, detached, (images, mask), strict=False)
         pl_module.loss(pred, target, mask)["loss"].backward()
-    pl_module.zero_grad(set_to_none=True)
     pl_module.train(was_training)
     return float(counter.get_total_flops())
 
