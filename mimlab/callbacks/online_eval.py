@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mimlab.data.image_folder import CheckedImageFolder, DataLayoutError
 from mimlab.data.resumable import EvalSampler
 from mimlab.data.transforms import eval_transform
+from mimlab.data.workers import init_worker
 from mimlab.models.heads.classifier import GlobalAvgPool, LinearProbeHead
 from mimlab.utils.distributed import gather_rows
 
@@ -93,7 +94,8 @@ class KNNMonitor(L.Callback):
 
     def _loader(self, trainer: L.Trainer, dataset: Dataset) -> DataLoader:
         sampler = EvalSampler(len(dataset), trainer.world_size, trainer.global_rank)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          worker_init_fn=init_worker)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

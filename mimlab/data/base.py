@@ -94,7 +94,7 @@ class ResumableDataModule(L.LightningDataModule):
         return loader_class(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                             collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
-                            generator=torch.Generator().manual_seed(self.seed))
+                            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=init_worker)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
