@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mimlab.data.resumable import EpochAwareDataLoader, EvalSampler, ResumableSampler, SeededDataset
+from mimlab.data.transforms import normalize_images
 from mimlab.data.workers import init_worker
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,14 @@ class ResumableDataModule(L.LightningDataModule):
                              f"{num_replicas} processes; add validation samples or run on fewer devices")
         sampler = EvalSampler(len(self.val_set), num_replicas, rank)
         return self._loader(self.val_set, sampler, self.val_batch_size, False, self.val_collate)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 image batches (N, C, H, W) — what the pre-training transforms hand over — are normalised here, on the
+        training device (:func:`~mimlab.data.transforms.normalize_images`); every other batch passes unchanged."""
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) \
+                and batch[0].dtype == torch.uint8 and batch[0].ndim == 4:
+            return type(batch)([normalize_images(batch[0]), *batch[1:]])
+        return batch
 
     # ------------------------------------------------------------------------------------------ identity
     def fingerprint(self) -> dict[str, str]:
