@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from mimlab.masking import keep_indices, mask_to_token_grid, num_visible
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
+_norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
 
 @dataclass
 class ViTEncoding:
@@ -68,15 +70,15 @@ class MaskedViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=learnable_pos_embed)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm_layer)
-            for i in range(depth)
-        )
-        self.norm = norm_layer(embed_dim)
+        self.blocks = nn.ModuleList(self._make_block(i, embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth))
+        self.norm = _norm_layer(embed_dim)
         self.out_channels = [embed_dim]
         self.out_strides = [patch_size]
         self.reset_parameters()
+
+    def _make_block(self, index: int, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> nn.Module:
+        """Block ``index`` of the encoder: a pre-norm timm ``Block`` on (N, L, D) tokens (global attention)."""
+        return Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path, norm_layer=_norm_layer)
 
     def reset_parameters(self) -> None:
         """MAE init: sin-cos pos-embed, xavier-uniform Linear and patch-embed, normal(0.02) cls token."""
