@@ -14,7 +14,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
 DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
 
-.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench shards test clean
+.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench gpu-check shards test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -45,19 +45,19 @@ NEED_CKPT    = @test -n "$(CKPT)" || { echo "no checkpoint under outputs/$(PRETR
 
 finetune: $(VENV)/.installed  ## fine-tune the newest pretrain checkpoint on the embedded data (CPU, minutes)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,finetune_vit_tiny_synthetic) method.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,finetune_vit_tiny_synthetic) task.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
 
 linear-probe: $(VENV)/.installed  ## linear probe of the newest pretrain checkpoint on the embedded data (CPU, minutes)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,linprobe_vit_tiny_synthetic) method.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,linprobe_vit_tiny_synthetic) task.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
 
 detect: $(VENV)/.installed  ## Mask R-CNN on the embedded COCO-format set from the newest pretrain checkpoint (CPU)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,detect_mae_vit_tiny_synthetic) method.pretrained=$(CKPT) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,detect_mae_vit_tiny_synthetic) task.pretrained=$(CKPT) $(ARGS)
 
 segment: $(VENV)/.installed  ## UperNet on the embedded ADE20K-format set from the newest pretrain checkpoint (CPU)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,segment_mae_vit_tiny_synthetic) method.pretrained=$(CKPT) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,segment_mae_vit_tiny_synthetic) task.pretrained=$(CKPT) $(ARGS)
 
 sweep: $(VENV)/.installed  ## Hydra multirun of a sweep file: make sweep SWEEP=conf/sweep/mae_mask_ratio.yaml [ARGS=...]
 	@test -n "$(SWEEP)" || { echo "make sweep: set SWEEP=conf/sweep/<name>.yaml (files: $$(ls conf/sweep))"; exit 2; }
@@ -69,6 +69,9 @@ report: $(VENV)/.installed  ## table + plot of run folders: make report RUNS=out
 
 bench: $(VENV)/.installed  ## img/s, ms/step, memory, FLOPs/img, MFU -> outputs/bench/bench.json (tiny on CPU); ARGS="model=mae_vit_b batch=256"
 	$(PY) -m mimlab.bench out=outputs/bench/bench.json $(ARGS)
+
+gpu-check: $(VENV)/.installed  ## GPU acceptance run (bench, Trainer path, DDP, loaders; <= 8 min) -> outputs/gpu_check/results.md; CPU smoke mode without CUDA
+	$(PY) -m mimlab.gpu_check $(ARGS)
 
 shards: $(VENV)/.installed  ## WebDataset shards of an ImageNet folder: make shards SRC=/data/imagenet DST=/data/imagenet-shards
 	@if [ -z "$(SRC)" ] || [ -z "$(DST)" ]; then echo "make shards: set SRC=<ImageNet-layout folder> DST=<output folder>"; exit 2; fi

@@ -49,7 +49,7 @@ def test_vit_checkpoint_goes_into_detection_at_another_size_with_one_knob(patch,
     ckpt = _pretrain_checkpoint(tmp_path / "mae.ckpt", vit)
     cfg = compose_config([
         "experiment=detect_mae_vit_tiny_synthetic", f"model.backbone.patch_size={patch}", "model.backbone.embed_dim=64",
-        "model.backbone.depth=2", "model.backbone.num_heads=2", f"method.pretrained={ckpt}", f"data.root={coco_root}",
+        "model.backbone.depth=2", "model.backbone.num_heads=2", f"task.pretrained={ckpt}", f"data.root={coco_root}",
         f"data.img_size={size}", "data.batch_size=2", "hardware.num_workers=0", "logger=csv",
         "trainer.fast_dev_run=1", "~callbacks.progress"], tmp_path)
     with caplog.at_level("INFO"):
@@ -127,8 +127,8 @@ def test_coco_json_naming_absent_files_fails_at_setup(coco_root, tmp_path):
 
 def test_segmentation_recipe_follows_the_knob(tmp_path):
     cfg = compose_config(["experiment=segment_mae_vit_b_ade", "data.img_size=256", "logger=csv"], tmp_path)
-    assert (cfg.method.crop_size, cfg.method.stride, cfg.model.backbone.img_size) == (256, 171, 256)
+    assert (cfg.task.crop_size, cfg.task.stride, cfg.model.backbone.img_size) == (256, 171, 256)
     cfg = compose_config(["experiment=detect_itpn_b_coco", "data.img_size=640", "logger=csv"], tmp_path)
-    assert (cfg.method.min_size, cfg.method.max_size, cfg.model.backbone.img_size) == (640, 1066, 640)
+    assert (cfg.task.min_size, cfg.task.max_size, cfg.model.backbone.img_size) == (640, 1066, 640)
     sizes = instantiate(cfg.data.train_transforms).transforms[0].min_size
     assert sizes[0] == 384 and sizes[-1] == 640 and len(sizes) == 11

@@ -34,7 +34,7 @@ def decoder_params(enc_dim: int, depth: int, dim: int = 512, hidden: int = 2048,
 def test_paper_model_parameter_counts(experiment, enc_dim, depth, encoder, tmp_path):
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     assert count(module.backbone) / 1e6 == pytest.approx(encoder / 1e6, abs=1e-3)
     assert count(module.decoder, trainable_only=True) == decoder_params(enc_dim, depth)
     assert count(module.target) == 25_557_032 - (2048 * 1000 + 1000)  # ResNet-50 without its fc (torchvision count)
@@ -61,7 +61,7 @@ def test_teacher_stays_frozen_through_a_training_step():
     before = {k: v.clone() for k, v in teacher.teacher.state_dict().items()}  # weights and BN running stats
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = module._shared_step(torch.randn(4, 3, 64, 64), torch.Generator().manual_seed(0))
+    losses = module.compute_losses(torch.randn(4, 3, 64, 64), torch.Generator().manual_seed(0))
     losses["loss"].backward()
     optimizer.step()
     assert all(p.grad is None for p in teacher.parameters())

@@ -94,12 +94,12 @@ class DenseFeatureAdapter(nn.Module):
         self.size_divisible = size_divisible or max(self.out_strides)
 
     def check_input_size(self, size: int, key: str) -> None:
-        """Raise unless ``size`` (the run's input size, ``data.img_size``, given to the task as ``method.<key>``) is a
+        """Raise unless ``size`` (the run's input size, ``data.img_size``, given to the task as ``task.<key>``) is a
         multiple of the backbone's largest stride."""
         stride = max(int(s) for s in self.backbone.out_strides)
         if size % stride:
             lower, upper = size // stride * stride, (size // stride + 1) * stride
-            raise ValueError(f"input size {size} (data.img_size, given as method.{key}) is not a multiple of "
+            raise ValueError(f"input size {size} (data.img_size, given as task.{key}) is not a multiple of "
                              f"{type(self.backbone).__name__}'s largest stride {stride} (out_strides "
                              f"{list(self.backbone.out_strides)}); set data.img_size={lower or upper} or {upper}.")
 
@@ -182,7 +182,7 @@ class DenseFeatureAdapter(nn.Module):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set method.pretrained, or run `make pretrain`).")
+            raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set task.pretrained, or run `make pretrain`).")
         loaded = load_backbone(self.backbone, path, allow_missing=getattr(self.backbone, "checkpoint_optional_keys", ()),
                                ignore_unexpected=getattr(self.backbone, "checkpoint_unused_keys", ()))
         report = {"backbone.": loaded["missing"]}
