@@ -14,12 +14,12 @@ their zero init, its ``norm.*`` is unused (``checkpoint_optional_keys`` / ``chec
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from timm.models.vision_transformer_sam import Block as WindowedBlock
 from torch import Tensor, nn
 
-from mimlab.models.backbones.vit import MaskedViT, _norm_layer
+from mimlab.models.backbones.vit import MaskedViT
 
 
 class ViTDetBackbone(MaskedViT):
@@ -51,18 +51,12 @@ class ViTDetBackbone(MaskedViT):
         self.norm = nn.Identity()
         self.cls_token.requires_grad_(False)  # kept so that checkpoints load unchanged; ViTDet does not use it
 
-    def _make_block(self, index: int, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> nn.Module:
-        """Windowed (or, for ``global_blocks``, global) block on (N, gh, gw, D) token grids."""
+    def _make_block(self, index: int, block: Callable[..., nn.Module], **kwargs) -> nn.Module:
+        """Windowed (or, for ``global_blocks``, global) ViTDet block on (N, gh, gw, D) token grids; ``kwargs`` are the
+        plain block's (dim, num_heads, mlp_ratio, drop_path, norm_layer), the ``block`` factory is not used."""
         window = 0 if index in self.global_blocks else self.window_size
-        return WindowedBlock(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path, norm_layer=_norm_layer,
-                             use_rel_pos=self.rel_pos, window_size=window, input_size=tuple(self.grid))
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        for block in self.blocks:  # ViTDet: rel_pos_zero_init
-            for name in ("rel_pos_h", "rel_pos_w"):
-                if hasattr(block.attn, name):
-                    nn.init.zeros_(getattr(block.attn, name))
+        return WindowedBlock(**kwargs, qkv_bias=True, use_rel_pos=self.rel_pos, window_size=window,
+                             input_size=tuple(self.grid))
 
     def forward(self, x: Tensor, mask: Tensor | None = None):
         raise NotImplementedError("ViTDetBackbone is for dense transfer (forward_features); pre-train with MaskedViT "
