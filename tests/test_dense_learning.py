@@ -69,3 +69,46 @@ def test_coco_evaluation_of_the_real_annotations_is_perfect_for_the_ground_truth
         result = task.val_map.compute()
         scores[shift] = (float(result["bbox_map"]), float(result["segm_map"]))
     assert scores[0] == pytest.approx((1.0, 1.0)) and max(scores[1]) < 0.05
+
+
+@pytest.mark.slow
+def test_mask_rcnn_memorises_two_real_coco_images():
+    """Mask R-CNN (ViT-Tiny/8 + simple FPN, random init, the learning-check recipe's sizes) trained on 2 real coco_tiny
+    images (5 objects) and evaluated on them: box and mask mAP rise well above 0 (measured: 0.033 / 0.008 after 25
+    steps, 0.047 / 0.042 after 50)."""
+    if SHARED is None or not (SHARED / "coco_tiny").is_dir():
+        pytest.skip("shared/data/coco_tiny is not staged beside the checkout")
+    from functools import partial
+
+    import torch
+
+    from mimlab.data.coco import COCOInstances, detection_collate, lsj_transforms
+    from mimlab.models.backbones.vit import MaskedViT
+    from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
+    from mimlab.models.necks.simple_fpn import SimpleFeaturePyramid
+    from mimlab.tasks.detection import MaskRCNNDetection
+
+    torch.manual_seed(0)
+    root, images = SHARED / "coco_tiny", [0, 1]
+    train = COCOInstances(root, "train", lsj_transforms(128, (1.0, 1.0)))
+    val = COCOInstances(root, "train", lsj_transforms(128, train=False), keep_crowd=True)
+    vit = MaskedViT(img_size=128, patch_size=8, embed_dim=192, depth=4, num_heads=3, learnable_pos_embed=True)
+    adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=64), out_strides=(4, 8, 16, 32, 64),
+                                  pool_name="pool")
+    task = MaskRCNNDetection(adapter, num_classes=train.num_classes, lr=3e-4, weight_decay=0.05, layer_decay=0.75,
+                             min_size=128, max_size=128, head_channels=64, representation_size=256,
+                             box_batch_size_per_image=64, rpn_pre_nms_top_n=500, rpn_post_nms_top_n=200,
+                             box_score_thresh=0.01)
+    opt = task.configure_optimizers()
+    task.train()
+    for step in range(50):
+        loss = task.training_step(detection_collate([train[i] for i in images]), step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    task.eval()
+    with torch.no_grad():
+        inputs, targets = detection_collate([val[i] for i in images])
+        task.val_map.update(*task.to_metric_inputs(task.model(inputs), targets))
+    result = task.val_map.compute()
+    assert float(result["bbox_map"]) > 0.01 and float(result["segm_map"]) > 0.01
