@@ -40,7 +40,7 @@ def make(kind: str, roots, **kw):
         return ShardedImageNetDataModule(str(roots["shards"]), img_size=32, **common)
     if kind == "coco":
         return COCODataModule(str(roots["coco"]), generate_if_missing=True, synthetic_size=32, num_classes=3, **common)
-    return ADE20KDataModule(str(roots["ade"]), crop_size=32, generate_if_missing=True, synthetic_size=32, **common)
+    return ADE20KDataModule(str(roots["ade"]), img_size=32, generate_if_missing=True, synthetic_size=32, **common)
 
 
 def digest(batch) -> str:

@@ -110,7 +110,7 @@ def test_ade_bad_label_values(ade_root, tmp_path):
 
 
 def test_ade_train_crops_and_val_full_labels(ade_root):
-    dm = ADE20KDataModule(str(ade_root), crop_size=32, batch_size=2)
+    dm = ADE20KDataModule(str(ade_root), img_size=32, batch_size=2)
     dm.setup()
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 32, 32) and labels.shape == (2, 32, 32) and labels.dtype == torch.int64

@@ -14,6 +14,7 @@ Every mismatch is reported at once: missing, unexpected and shape-mismatched key
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import logging
 import re
 from collections.abc import Iterable
@@ -111,6 +112,7 @@ def load_backbone(
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sorted(set(state) & set(own)) if state[k].shape != own[k].shape]
     if bad_missing or unexpected or mismatched:
+        _check_backbone_family(backbone, path, state, own)
         lines = [f"checkpoint {path} ({layout} layout) does not fit {type(backbone).__name__}:"]
         for title, items in (("shape mismatches", mismatched), ("missing in checkpoint", bad_missing),
                              ("unexpected in checkpoint", unexpected)):
@@ -126,14 +128,52 @@ def load_backbone(
 
 
 def _adapt(key: str, value: Tensor, target: Tensor) -> Tensor:
-    """Shape fixes that keep the meaning: GRN (1,1,1,C) <-> (C,), and pos-embed grid resampling."""
+    """Shape fixes that keep the meaning: GRN (1,1,1,C) <-> (C,), and pos-embed grid resampling (square grids, with or
+    without a cls row: ViT ``pos_embed``, HiViT ``absolute_pos_embed``), logged."""
     if value.numel() == target.numel() and ("grn" in key or key.endswith(("gamma", "beta"))):
         return value.reshape(target.shape)
     if key.endswith("pos_embed") and value.dim() == 3 and target.dim() == 3 and value.shape[-1] == target.shape[-1]:
         from timm.layers import resample_abs_pos_embed
 
         prefix = 1 if (value.shape[1] ** 0.5) % 1 else 0
+        side_old = int(round((value.shape[1] - prefix) ** 0.5))
         side_new = int(round((target.shape[1] - prefix) ** 0.5))
-        if side_new * side_new + prefix == target.shape[1]:
-            return resample_abs_pos_embed(value, [side_new, side_new], num_prefix_tokens=prefix)
+        if side_new * side_new + prefix == target.shape[1] and side_old * side_old + prefix == value.shape[1]:
+            log.info("%s: resampled from the checkpoint's %dx%d grid to the model's %dx%d grid (bicubic)",
+                     key, side_old, side_old, side_new, side_new)
+            return resample_abs_pos_embed(value, [side_new, side_new], [side_old, side_old], num_prefix_tokens=prefix)
     return value
+
+
+def _pretrained_backbone_target(path: str | Path) -> str | None:
+    """``model.backbone._target_`` stored in a mimlab checkpoint's config (``None`` for other files)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 -- any unreadable layout simply has no stored config
+        return None
+    config = (ckpt.get("mimlab") or {}).get("config") if isinstance(ckpt, dict) else None
+    return (((config or {}).get("model") or {}).get("backbone") or {}).get("_target_")
+
+
+def _check_backbone_family(backbone: nn.Module, path: str | Path, state: dict, own: dict) -> None:
+    """Raise a one-line diagnosis when the checkpoint holds another backbone family than ``backbone``.
+
+    A mimlab checkpoint names its backbone class in its config; the model's class must be it or a subclass of it
+    (e.g. ``ViTDetBackbone`` loads a ``MaskedViT`` checkpoint). Other files: no parameter name in common at all."""
+    name = type(backbone).__name__
+    target = _pretrained_backbone_target(path)
+    if target:
+        module_name, _, cls_name = target.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError):
+            cls = None
+        if cls is not None and not isinstance(backbone, cls):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was pre-trained with a {cls_name} backbone (model.backbone._target_={target}) but "
+                f"this run builds {name}: pick the model/backbone config of the checkpoint's family "
+                f"(the one it was pre-trained with), or pass a {name} checkpoint.")
+    if state and not set(state) & set(own):
+        raise CheckpointMismatchError(
+            f"checkpoint {path} has no parameter of {name} (checkpoint keys like {sorted(state)[:3]}, model keys like "
+            f"{sorted(own)[:3]}): it holds another backbone family; pick the model/backbone config it was trained with.")

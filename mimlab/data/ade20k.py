@@ -10,7 +10,7 @@ ignore index 255 and raw 1..150 become classes 0..149. A raw 255 stays 255. Any 
 
 A training sample is ``(image, label)``: image (3, crop, crop) float, ImageNet-normalised; label (crop, crop) int64
 in 0..149 ∪ {255}. A validation sample keeps the label at its original size; the image is resized (shorter side
-``crop_size``) and the model's logits are resized back to the label before scoring.
+``img_size``) and the model's logits are resized back to the label before scoring.
 """
 
 from __future__ import annotations
@@ -71,10 +71,25 @@ class ADE20KSegmentation(Dataset):
         if missing:
             raise FileNotFoundError(f"{len(missing)} image(s) in {self.image_dir} have no label PNG in {self.label_dir}: "
                                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+        self._check_label_sizes()
         self.transforms, self.transform_label, self.num_classes = transforms, transform_label, num_classes
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def _check_label_sizes(self) -> None:
+        """Every label PNG has its image's size (read from the file headers, nothing is decoded)."""
+        bad = []
+        for image_path in self.images:
+            label_path = self.label_dir / f"{image_path.stem}.png"
+            with Image.open(image_path) as image, Image.open(label_path) as label:
+                if image.size != label.size:
+                    bad.append(f"{label_path} is {label.size[0]}x{label.size[1]} but {image_path.name} is "
+                               f"{image.size[0]}x{image.size[1]}")
+        if bad:
+            raise ValueError(f"{len(bad)} ADE20K label PNG(s) differ in size from their image: " + "; ".join(bad[:5])
+                             + (" ..." if len(bad) > 5 else "") + ". A label must have its image's width and height "
+                             "(one class index per pixel); fix or remove these pairs.")
 
     def load_label(self, index: int) -> torch.Tensor:
         path = self.label_dir / f"{self.images[index].stem}.png"
@@ -126,17 +141,19 @@ def list_collate(batch):
 class ADE20KDataModule(ResumableDataModule):
     """ADE20K train (random crops, stacked) and val (full images, lists) loaders; 150 classes, ignore 255.
 
+    ``img_size`` is the run's one size knob: the training crop side and the evaluation shorter side (the recipes also
+    set the sliding window, the backbone's position-embedding grid and the task's ``crop_size`` from it).
     With ``generate_if_missing`` the embedded ADE-format synthetic set is written to ``root`` when absent.
     Sharding, seeding and resume: :class:`~mimlab.data.base.ResumableDataModule` (``val_batch_size`` defaults to 1).
     """
 
     val_collate = staticmethod(list_collate)
 
-    def __init__(self, root: str, crop_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), batch_size: int = 2,
+    def __init__(self, root: str, img_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), batch_size: int = 2,
                  val_batch_size: int = 1, num_classes: int = 150, photometric: bool = True,
                  generate_if_missing: bool = False, synthetic_size: int = 64, **kwargs):
         super().__init__(root, batch_size=batch_size, val_batch_size=val_batch_size, **kwargs)
-        self.crop_size, self.scale_range = crop_size, tuple(scale_range)
+        self.img_size, self.scale_range = img_size, tuple(scale_range)
         self.num_classes, self.photometric = num_classes, photometric
         self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
 
@@ -150,9 +167,9 @@ class ADE20KDataModule(ResumableDataModule):
         super().setup(stage)
 
     def build_datasets(self) -> tuple[ADE20KSegmentation, ADE20KSegmentation]:
-        train = ADE20KSegmentation(self.root, "training", train_transforms(self.crop_size, self.scale_range,
+        train = ADE20KSegmentation(self.root, "training", train_transforms(self.img_size, self.scale_range,
                                                                           self.photometric), True, self.num_classes)
-        val = ADE20KSegmentation(self.root, "validation", val_transforms(self.crop_size), False, self.num_classes)
+        val = ADE20KSegmentation(self.root, "validation", val_transforms(self.img_size), False, self.num_classes)
         return train, val
 
     def data_identity(self) -> tuple[str, Iterable[str]]:

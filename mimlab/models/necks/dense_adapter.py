@@ -93,6 +93,16 @@ class DenseFeatureAdapter(nn.Module):
         self.input_size = (input_size, input_size) if isinstance(input_size, int) else (tuple(input_size) if input_size else None)
         self.size_divisible = size_divisible or max(self.out_strides)
 
+    def check_input_size(self, size: int, key: str) -> None:
+        """Raise unless ``size`` (the run's input size, ``data.img_size``, given to the task as ``task.<key>``) is a
+        multiple of the backbone's largest stride."""
+        stride = max(int(s) for s in self.backbone.out_strides)
+        if size % stride:
+            lower, upper = size // stride * stride, (size // stride + 1) * stride
+            raise ValueError(f"input size {size} (data.img_size, given as task.{key}) is not a multiple of "
+                             f"{type(self.backbone).__name__}'s largest stride {stride} (out_strides "
+                             f"{list(self.backbone.out_strides)}); set data.img_size={lower or upper} or {upper}.")
+
     def names(self) -> list[str]:
         names = [str(i) for i in range(len(self.out_strides))]
         if self.pool_name:
@@ -161,15 +171,21 @@ class DenseFeatureAdapter(nn.Module):
     def load_pretrained(self, path: str | Path, load_neck: bool = False) -> dict[str, list[str]]:
         """Fill the backbone (``backbone.*`` keys) and optionally the neck (``neck.*``) from a pre-training checkpoint.
 
-        Uses :func:`mimlab.checkpoints.load_pretrained` (strict per prefix: a missing, unexpected or mis-shaped key
-        raises ``CheckpointMismatchError`` listing them). Keys under other prefixes (decoder, target) are ignored.
+        The backbone goes through :func:`mimlab.checkpoints.mae.load_backbone` (mimlab or official files; position
+        embeddings resampled from the checkpoint's grid to the backbone's, logged; keys the backbone declares in
+        ``checkpoint_optional_keys`` / ``checkpoint_unused_keys`` may be absent / are dropped). The neck is strict:
+        a missing, unexpected or mis-shaped key raises ``CheckpointMismatchError`` listing them. Other prefixes
+        (decoder, target) are ignored. Returns the keys that kept their initialisation, per prefix.
         """
         from mimlab.checkpoints import load_pretrained
+        from mimlab.checkpoints.mae import load_backbone
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set task.pretrained, or run `make pretrain`).")
-        report = {"backbone.": load_pretrained(self.backbone, path, prefix="backbone.", strict=True)}
+        loaded = load_backbone(self.backbone, path, allow_missing=getattr(self.backbone, "checkpoint_optional_keys", ()),
+                               ignore_unexpected=getattr(self.backbone, "checkpoint_unused_keys", ()))
+        report = {"backbone.": loaded["missing"]}
         if load_neck:
             if self.neck is None:
                 raise ValueError(f"load_neck=True but the adapter has no neck to load 'neck.*' keys of {path} into.")
