@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED_DATA
+from conftest import shared_data
 from mimlab.data.image_folder import CorruptImageError, DataLayoutError
 from mimlab.data.imagenet import ImageNetDataModule
 from mimlab.data.synthetic import CLASSES
@@ -46,9 +46,8 @@ def test_train_crops_travel_as_uint8_and_are_normalised_on_transfer_exactly_like
     assert val_images.shape == (4, 3, 32, 32)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "imagenet_sample").is_dir(), reason="shared/data/imagenet_sample not present")
 def test_reads_real_imagenet_samples():
-    dm = make_dm(SHARED_DATA / "imagenet_sample", img_size=64)
+    dm = make_dm(shared_data("imagenet_sample"), img_size=64)
     assert dm.num_classes == 100 and dm.train_set.classes[0] == "n01440764"
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 64, 64)
