@@ -76,17 +76,20 @@ def _rate(loader: Iterable, batches: int) -> float:
     return batches * len(first[0]) / (time.perf_counter() - start)
 
 
-def write_imagenet_like_jpegs(root: Path, per_class: int = 60, classes: int = 4, seed: int = 0) -> Path:
-    """``root/train/<class>/*.JPEG`` at ImageNet's common sizes (the synthetic shapes, quality 90)."""
+def write_imagenet_like_jpegs(root: Path, per_class: int = 60, classes: int = 4, seed: int = 0,
+                              val_per_class: int = 2) -> Path:
+    """``root/{train,val}/<class>/*.JPEG`` at ImageNet's common sizes (the synthetic shapes, quality 90); the small
+    ``val/`` split is there because the ImageNet DataModule checks the whole layout before it reads ``train/``."""
     from mimlab.data.synthetic import render_image
 
     rng = random.Random(seed)
-    for c in range(classes):
-        folder = root / "train" / f"c{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            size = IMAGENET_SIZES[(c * per_class + i) % len(IMAGENET_SIZES)]
-            render_image(c, rng, 120, 240).resize(size).save(folder / f"{i:05d}.JPEG", quality=90)
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"c{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                size = IMAGENET_SIZES[(c * count + i) % len(IMAGENET_SIZES)]
+                render_image(c, rng, 120, 240).resize(size).save(folder / f"{i:05d}.JPEG", quality=90)
     return root
 
 
