@@ -107,8 +107,8 @@ def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, artefacts
 def main(cfg: DictConfig) -> float | None:
     try:
         result = run(cfg)
-    except SIGTERMException:  # preempted: the checkpoint is saved; exit like a terminated process so schedulers requeue
-        sys.exit(128 + signal.SIGTERM)
+    except SIGTERMException as stop:  # preempted or Ctrl-C: the checkpoint is saved; exit like a process ended by
+        sys.exit(stop.code or 128 + signal.SIGTERM)  # that signal (143, 130) so schedulers requeue
     return result["metrics"].get("val/loss")
 
 
