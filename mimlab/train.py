@@ -13,6 +13,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,17 +30,28 @@ from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:..
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def instantiate_part(node: Any, **kwargs: Any) -> Any:
+    """Hydra ``instantiate``, letting the part's own error through: a constructor that rejects its arguments says
+    why in its own words (naming the key or folder); Hydra's wrapper is kept only for signature mismatches."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is None or isinstance(err.__cause__, TypeError):
+            raise
+        raise err.__cause__ from None
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate (datamodule, module, trainer) from a composed config; nothing is read from disk yet."""
     torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.method)
+    datamodule = instantiate_part(cfg.data)
+    module = instantiate_part(cfg.method)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints")]
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + infrastructure
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    plugins = [AtomicCheckpointIO(), *(instantiate(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    callbacks = [instantiate_part(c) for c in cfg.callbacks.values()] + infrastructure
+    loggers = [instantiate_part(c) for c in cfg.logger.values()]
+    plugins = [AtomicCheckpointIO(), *(instantiate_part(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment
+    trainer = instantiate_part(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     return datamodule, module, trainer
 
 

@@ -27,6 +27,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mimlab.data.coco import read_rgb
+from mimlab.data.generated import check_generated_root
+from mimlab.data.synthetic_dense import ADE20K_OWN_DATA_HINT, write_ade20k
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -126,7 +128,8 @@ def list_collate(batch):
 class ADE20KDataModule(L.LightningDataModule):
     """ADE20K train (random crops, stacked) and val (full images, lists) loaders; 150 classes, ignore 255.
 
-    With ``generate_if_missing`` the embedded ADE-format synthetic set is written to ``root`` when absent.
+    With ``generate_if_missing``, ``root`` is the folder of the embedded ADE-format synthetic set, generated there first
+    if absent (:mod:`mimlab.data.synthetic_dense`); any other folder is then refused.
     """
 
     def __init__(self, root: str, crop_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), batch_size: int = 2,
@@ -137,11 +140,12 @@ class ADE20KDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.num_classes, self.photometric, self.pin_memory = num_classes, photometric, pin_memory
         self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
+        if generate_if_missing:  # root must be absent, empty or a set mimlab generated: never a user's folder
+            check_generated_root(self.root, "ade20k", ADE20K_OWN_DATA_HINT)
         self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
-        if self.generate_if_missing and not (self.root / "ADEChallengeData2016" / "annotations" / "validation").exists():
-            from mimlab.data.synthetic_dense import write_ade20k
+        if self.generate_if_missing:
             write_ade20k(self.root, size=self.synthetic_size)
 
     def setup(self, stage: str | None = None) -> None:

@@ -31,6 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from mimlab.data.generated import check_generated_root
+from mimlab.data.synthetic_dense import COCO_OWN_DATA_HINT, write_coco
+
 
 def read_rgb(path: str | Path) -> torch.Tensor:
     """Decode an image file to a (3, H, W) uint8 RGB tensor."""
@@ -186,8 +189,8 @@ class COCODataModule(L.LightningDataModule):
     """COCO train/val loaders for instance detection/segmentation.
 
     Args:
-        root: COCO folder. With ``generate_if_missing`` the embedded synthetic COCO-format set is written there
-            first when its annotation files are absent (see :mod:`mimlab.data.synthetic_dense`).
+        root: COCO folder. With ``generate_if_missing`` it is the folder of the embedded synthetic COCO-format set,
+            generated there first if absent (:mod:`mimlab.data.synthetic_dense`); any other folder is then refused.
         train_transforms / val_transforms: v2 pipelines (e.g. :func:`lsj_transforms`), built by Hydra.
         num_classes: expected category count (checked against the json at ``setup``; the task reads it from config).
     """
@@ -202,11 +205,12 @@ class COCODataModule(L.LightningDataModule):
         self.train_transforms = train_transforms if train_transforms is not None else lsj_transforms(synthetic_size)
         self.val_transforms = val_transforms if val_transforms is not None else lsj_transforms(synthetic_size, train=False)
         self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
+        if generate_if_missing:  # root must be absent, empty or a set mimlab generated: never a user's folder
+            check_generated_root(self.root, "coco", COCO_OWN_DATA_HINT)
         self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
-        if self.generate_if_missing and not (self.root / "annotations" / "instances_val2017.json").exists():
-            from mimlab.data.synthetic_dense import write_coco
+        if self.generate_if_missing:
             write_coco(self.root, size=self.synthetic_size)
 
     def setup(self, stage: str | None = None) -> None:
