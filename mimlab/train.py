@@ -24,6 +24,7 @@ from mimlab.callbacks.run_metadata import RunMetadata
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
+from mimlab.run_folder import RunFolder, claim_for_rank_zero
 from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 
@@ -55,32 +56,34 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, module, trainer
 
 
-def preflight(cfg: DictConfig, module: L.LightningModule) -> None:
-    """Checks that need no data and no training: writable run folder, resume compatibility, composition fit."""
-    output_dir = Path(cfg.paths.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"run folder {output_dir} is not writable ({err.strerror}); "
-                              "choose another with hydra.run.dir=/writable/path") from err
+def preflight(cfg: DictConfig, module: L.LightningModule) -> RunFolder | None:
+    """Checks that need no data and no training: resume compatibility, composition fit; then the run folder is
+    claimed for this run (writable, not in use, not holding another run: :mod:`mimlab.run_folder`)."""
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     if ckpt_path:
         check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True), cfg.allow_config_change)
     if hasattr(module, "check_composition"):
         size = cfg.data.img_size
         module.check_composition((size, size))
+    return claim_for_rank_zero(cfg.paths.output_dir, cfg.ckpt_path)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the composed experiment; returns the final metrics and the artefact paths."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
-    preflight(cfg, module)
+    claim = preflight(cfg, module)
     fit_module = apply_fast_paths(module, cfg.hardware)
-    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
+    status = "failed"
+    try:
+        trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
+        status = "finished"
+    except (SIGTERMException, KeyboardInterrupt):
+        status = "interrupted"
+        raise
+    finally:
+        if claim is not None:
+            claim.release(status, trainer.global_step)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artefacts = _artefacts(trainer)
     _print_summary(cfg, trainer, metrics, artefacts)
