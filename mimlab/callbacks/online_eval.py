@@ -58,6 +58,7 @@ class KNNMonitor(L.Callback):
 
     Args:
         root: ImageNet-layout folder; None uses ``trainer.datamodule.root``. img_size: None uses the datamodule's.
+            Undecodable files follow the datamodule's ``on_corrupt`` (``data.on_corrupt``).
         k, temperature: 20 and 0.07. every_n_epochs: how often (the last epoch always runs).
         batch_size, num_workers: of the embedding loaders. max_train: cap on train images (an evenly strided subset, so every class stays represented).
     """
@@ -73,7 +74,9 @@ class KNNMonitor(L.Callback):
         dm = trainer.datamodule
         root = Path(self.root if self.root is not None else dm.root)
         size = self.img_size or dm.img_size
-        dataset = CheckedImageFolder(root / split, eval_transform(size), "fail", f"kNN monitor: {root} needs {split}/<class>/<image>")
+        on_corrupt = getattr(dm, "on_corrupt", "fail")  # the run's policy: a file skipped in training is skipped here
+        dataset = CheckedImageFolder(root / split, eval_transform(size), on_corrupt,
+                                     f"kNN monitor: {root} needs {split}/<class>/<image>")
         if split == "train" and self.max_train is not None and len(dataset) > self.max_train:
             stride = len(dataset) // self.max_train
             dataset = torch.utils.data.Subset(dataset, range(0, stride * self.max_train, stride))

@@ -25,20 +25,19 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mimlab.data.generated import check_generated_root
+from mimlab.data.image_folder import load_rgb
 from mimlab.data.synthetic_dense import COCO_OWN_DATA_HINT, write_coco
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
-    """Decode an image file to a (3, H, W) uint8 RGB tensor."""
-    with Image.open(path) as im:
-        return v2.functional.pil_to_tensor(im.convert("RGB"))
+    """Decode an image file to a (3, H, W) uint8 RGB tensor; ``CorruptImageError`` names an undecodable file."""
+    return v2.functional.pil_to_tensor(load_rgb(path))
 
 
 def annotation_file(root: str | Path, split: str) -> Path:
