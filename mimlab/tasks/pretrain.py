@@ -25,7 +25,8 @@ class MaskedPretraining(L.LightningModule):
     """Args: the composed parts (``nn.Module`` each, ``neck`` optional), the mask generator, the optimiser factory,
     and ``seed``: masks are drawn from a generator seeded by (seed, global step, rank), so they are reproducible and
     resume exactly; validation masks depend only on (seed, batch index) and are therefore identical every epoch.
-    ``nan_guard``: 'stop' (raise naming step, batch and loss term), 'skip' (skip that update) or 'off'."""
+    ``nan_guard``: 'stop' (raise naming step, batch and loss term), 'skip' (log it; the update is skipped by
+    :class:`mimlab.callbacks.nan_guard.NonFiniteGuard`) or 'off'."""
 
     def __init__(
         self,
@@ -79,7 +80,7 @@ class MaskedPretraining(L.LightningModule):
         images = batch[0]
         losses = self._shared_step(images, self._generator(0, self.global_step, self.global_rank, batch_idx))
         if not check_finite(losses, self.nan_guard, self.global_step, batch_idx):
-            return None
+            return losses["loss"]  # backward runs on every rank (DDP); NonFiniteGuard drops the non-finite gradients
         self._log_losses("train", losses, images.shape[0])
         return losses["loss"]
 
