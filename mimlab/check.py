@@ -18,6 +18,7 @@ from rich.table import Table
 
 from mimlab.data.image_folder import CorruptImageError, load_rgb
 from mimlab.train import CONFIG_DIR, instantiate_part
+from mimlab.utils.options import validate_options
 
 
 def scan_split(dataset, console: Console, name: str) -> tuple[Counter, list[str]]:
@@ -37,6 +38,7 @@ def check(cfg: DictConfig, console: Console | None = None) -> bool:
     """Print what is wrong with the config and the data (no tracebacks for bad input); True when all is usable."""
     console = console or Console()
     try:
+        validate_options(cfg)
         module = instantiate_part(cfg.method)
         if hasattr(module, "check_composition"):
             module.check_composition((cfg.data.img_size, cfg.data.img_size))

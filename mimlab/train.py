@@ -27,6 +27,7 @@ from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
 from mimlab.run_folder import RunFolder, claim_for_rank_zero
 from mimlab.utils.fast_paths import apply_fast_paths
+from mimlab.utils.options import empty_override_messages, validate_options
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -72,6 +73,7 @@ def preflight(cfg: DictConfig, module: L.LightningModule) -> RunFolder | None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the composed experiment; returns the final metrics and the artefact paths."""
+    validate_options(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     claim = preflight(cfg, module)
@@ -130,10 +132,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    """``python -m mimlab.train``: name misspelled keys with a suggestion, then hand over to Hydra."""
+    """``python -m mimlab.train``: name empty values and misspelled keys (with a suggestion), then hand over to Hydra."""
     from mimlab.utils.config_keys import unknown_key_messages
 
-    problems = unknown_key_messages(CONFIG_DIR, "train", sys.argv[1:])
+    problems = empty_override_messages(sys.argv[1:]) + unknown_key_messages(CONFIG_DIR, "train", sys.argv[1:])
     if problems:
         sys.exit("\n".join(problems))
     main()

@@ -136,6 +136,8 @@ class ADE20KDataModule(L.LightningDataModule):
                  val_batch_size: int = 1, num_workers: int = 0, num_classes: int = 150, photometric: bool = True,
                  generate_if_missing: bool = False, synthetic_size: int = 64, pin_memory: bool = False):
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1 (images per device), got {batch_size}")
         self.root, self.crop_size, self.scale_range = Path(root), crop_size, tuple(scale_range)
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.num_classes, self.photometric, self.pin_memory = num_classes, photometric, pin_memory

@@ -198,6 +198,8 @@ class COCODataModule(L.LightningDataModule):
                  val_transforms: Callable | None = None, generate_if_missing: bool = False, synthetic_size: int = 64,
                  pin_memory: bool = False, num_classes: int | None = None):
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1 (images per device), got {batch_size}")
         self.expected_num_classes = num_classes
         self.root = Path(root)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -35,13 +36,15 @@ class ImageNetDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int | None = 2,
-        on_corrupt: str = "fail",
+        on_corrupt: Literal["fail", "skip"] = "fail",
         drop_last: bool = True,
         train_transform: Callable | None = None,
         val_transform: Callable | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1 (images per device), got {batch_size}")
         self.root = Path(root)
         self.batch_size = batch_size
         self.img_size = img_size

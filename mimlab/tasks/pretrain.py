@@ -6,7 +6,7 @@ Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -38,7 +38,7 @@ class MaskedPretraining(L.LightningModule):
         optim: OptimizerFactory,
         neck: nn.Module | None = None,
         seed: int = 0,
-        nan_guard: str = "stop",
+        nan_guard: Literal["stop", "skip", "off"] = "stop",
     ) -> None:
         super().__init__()
         self.backbone = backbone
