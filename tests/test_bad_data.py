@@ -78,3 +78,62 @@ def test_knn_monitor_reads_train_with_the_runs_on_corrupt_policy(data_with, tmp_
     trainer.fit(module, datamodule=datamodule)
     assert 0 <= float(trainer.callback_metrics["knn/acc1"]) <= 100
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.fixture(scope="module")
+def coco_set(tmp_path_factory) -> Path:
+    from mimlab.data.synthetic_dense import write_coco
+
+    return write_coco(tmp_path_factory.mktemp("coco") / "coco", num_train=4, num_val=2, size=32)
+
+
+def coco_with(tmp_path: Path, source: Path, edit) -> Path:
+    """A copy of ``source`` whose train json is replaced by ``edit(json dict)`` (a dict) or ``edit`` (a string)."""
+    import json
+
+    root = tmp_path / "coco"
+    shutil.copytree(source, root)
+    path = root / "annotations" / "instances_train2017.json"
+    text = edit if isinstance(edit, str) else json.dumps(edit(json.loads(path.read_text())))
+    path.write_text(text)
+    return root
+
+
+def test_malformed_coco_json_names_the_file_and_position(tmp_path, coco_set):
+    from mimlab.data.coco import COCOInstances
+
+    root = coco_with(tmp_path, coco_set, '{"images": [{"id": 1,}]')
+    with pytest.raises(ValueError, match=r"instances_train2017\.json is not valid JSON \(line 1, column 22: Expecting property name"):
+        COCOInstances(root, "train")
+
+
+def test_invalid_polygon_names_the_annotation(tmp_path, coco_set):
+    from mimlab.data.coco import COCOInstances
+
+    def break_polygon(data):
+        data["annotations"][1]["segmentation"] = [[3.0, 4.0, 10.0, 4.0]]
+        return data
+
+    root = coco_with(tmp_path, coco_set, break_polygon)
+    with pytest.raises(ValueError, match=r"instances_train2017\.json: annotation 2 \(image 1\) has an invalid polygon "
+                                         r"\[3\.0, 4\.0, 10\.0, 4\.0\]: a polygon is a flat list"):
+        COCOInstances(root, "train")
+
+
+def test_coco_without_annotations_is_refused_at_setup(tmp_path, coco_set):
+    from mimlab.data.coco import COCODataModule
+
+    root = coco_with(tmp_path, coco_set, lambda data: {**data, "annotations": []})
+    with pytest.raises(ValueError, match=r"instances_train2017\.json has an empty 'annotations' list.*mAP"):
+        COCODataModule(str(root)).setup("fit")
+
+
+def test_ade_validation_label_of_another_size_is_refused(tmp_path):
+    from mimlab.data.ade20k import ADE20KSegmentation
+    from mimlab.data.synthetic_dense import write_ade20k
+
+    root = write_ade20k(tmp_path / "ade", num_train=1, num_val=2, size=32)
+    label = root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_val_00000002.png"
+    Image.open(label).resize((40, 32), Image.NEAREST).save(label)
+    with pytest.raises(ValueError, match=rf"label {label} is 40x32 but its image .*ADE_val_00000002\.jpg is 32x32"):
+        ADE20KSegmentation(root, "validation", transform_label=False)

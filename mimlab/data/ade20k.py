@@ -47,6 +47,12 @@ def reduce_zero_label(raw: np.ndarray, num_classes: int = 150, source: str = "la
     return out
 
 
+def _height_width(path: Path) -> tuple[int, int]:
+    """(H, W) from the file header, without decoding the pixels."""
+    with Image.open(path) as im:
+        return im.height, im.width
+
+
 class ADE20KSegmentation(Dataset):
     """Image/label pairs of one split, matched by file stem.
 
@@ -74,6 +80,18 @@ class ADE20KSegmentation(Dataset):
             raise FileNotFoundError(f"{len(missing)} image(s) in {self.image_dir} have no label PNG in {self.label_dir}: "
                                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}.")
         self.transforms, self.transform_label, self.num_classes = transforms, transform_label, num_classes
+        if not transform_label:  # full-size labels are scored as they are: check every pair now (headers only)
+            for index in range(len(self.images)):
+                self._check_sizes(index, *(_height_width(p) for p in self._pair(index)))
+
+    def _pair(self, index: int) -> tuple[Path, Path]:
+        return self.images[index], self.label_dir / f"{self.images[index].stem}.png"
+
+    def _check_sizes(self, index: int, image_hw: tuple[int, int], label_hw: tuple[int, int]) -> None:
+        if tuple(image_hw) != tuple(label_hw):
+            image, label = self._pair(index)
+            raise ValueError(f"label {label} is {label_hw[1]}x{label_hw[0]} but its image {image} is "
+                             f"{image_hw[1]}x{image_hw[0]}; an ADE20K label must have its image's size.")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -89,6 +107,7 @@ class ADE20KSegmentation(Dataset):
     def __getitem__(self, index: int):
         image = tv_tensors.Image(read_rgb(self.images[index]))
         label = tv_tensors.Mask(self.load_label(index))
+        self._check_sizes(index, image.shape[-2:], label.shape[-2:])
         if self.transforms is None:
             return image, label
         if self.transform_label:

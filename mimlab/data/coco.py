@@ -51,6 +51,42 @@ def annotation_file(root: str | Path, split: str) -> Path:
     return path
 
 
+def _read_instances(ann_path: Path) -> dict:
+    """The parsed instances json; ``ValueError`` naming the file for broken JSON, missing lists or no annotations."""
+    try:
+        with open(ann_path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ann_path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                         "is the file complete?") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or key not in data:
+            raise KeyError(f"{ann_path} has no '{key}' list; it is not a COCO instances file.")
+    if not data["annotations"]:
+        raise ValueError(f"{ann_path} has an empty 'annotations' list: nothing to train on or to score (box/mask mAP "
+                         "would be -1). Point data.root at the instances files of your data.")
+    return data
+
+
+def _check_segmentation(ann: dict, ann_path: Path) -> None:
+    """``ValueError`` naming the annotation unless its segmentation is polygons (flat ``[x1, y1, x2, y2, ...]`` lists
+    of at least 3 points) or RLE (``counts`` and ``size``)."""
+    segm = ann.get("segmentation")
+    where = f"{ann_path}: annotation {ann.get('id')} (image {ann.get('image_id')})"
+    if isinstance(segm, dict):
+        if not {"counts", "size"} <= segm.keys():
+            raise ValueError(f"{where} has an RLE segmentation without 'counts' and 'size'.")
+        return
+    if not isinstance(segm, list) or not segm:
+        raise ValueError(f"{where} has no segmentation: expected a list of polygons or an RLE dict.")
+    for poly in segm:
+        if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
+                or not all(isinstance(v, (int, float)) for v in poly)):
+            shown = poly[:8] if isinstance(poly, list) else poly
+            raise ValueError(f"{where} has an invalid polygon {shown}: a polygon is a flat list [x1, y1, x2, y2, ...] "
+                             "of at least 3 points. Fix or remove the annotation.")
+
+
 def _segmentation_to_mask(segm, height: int, width: int) -> np.ndarray:
     """Decode a COCO polygon list, uncompressed RLE (``counts`` a list) or compressed RLE to an (H, W) uint8 mask."""
     if isinstance(segm, list):  # polygons
@@ -79,11 +115,7 @@ class COCOInstances(Dataset):
         self.transforms = transforms
         self.keep_crowd = keep_crowd
         ann_path = annotation_file(root, split)
-        with open(ann_path) as f:
-            data = json.load(f)
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise KeyError(f"{ann_path} has no '{key}' list; it is not a COCO instances file.")
+        data = _read_instances(ann_path)
         self.image_dir = self.root / f"{split}2017"
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {self.image_dir} (listed by {ann_path}).")
@@ -103,6 +135,7 @@ class COCOInstances(Dataset):
                 raise KeyError(f"{ann_path}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}.")
             if ann["category_id"] not in self.cat_id_to_label:
                 raise KeyError(f"{ann_path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}.")
+            _check_segmentation(ann, ann_path)
             self.anns_by_image[ann["image_id"]].append(ann)
 
     @property
