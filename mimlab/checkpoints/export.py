@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import Tensor
 
+from mimlab.checkpoints.files import load_file
 from mimlab.checkpoints.load import CheckpointMismatchError
 from mimlab.checkpoints.mae import backbone_state_from
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def _config(path: str | Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_file(path)
     return ((ckpt.get("mimlab") or {}).get("config") or {}) if isinstance(ckpt, dict) else {}
 
 
