@@ -75,7 +75,7 @@ class ExperimentWorkload:
         overrides = [f"experiment={self.experiment}", f"hardware={hardware}", "logger=none", *self.overrides,
                      *(self.tiny_overrides if tiny else []), *_data_overrides(cfg, None), *cfg.overrides]
         composed = _compose(overrides)
-        return instantiate(composed.method), composed
+        return instantiate(composed.task), composed
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs

@@ -48,7 +48,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     """Instantiate (datamodule, module, trainer) from a composed config; nothing is read from disk yet."""
     torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
     datamodule = instantiate_part(cfg.data)
-    module = instantiate_part(cfg.method)
+    module = instantiate_part(cfg.task)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),
                       NonFiniteGuard(cfg.nan_guard, cfg.nan_guard_max_skips)]

@@ -68,7 +68,7 @@ def test_flop_counter_counts_attention_whichever_kernel_runs():
     cfg = load_config(["batch=2"])
     workload = ExperimentWorkload("finetune_vit_tiny_synthetic", tiny_overrides=[
         "model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "data.img_size=32",
-        "method.num_classes=10", "method.mixup=null", "model.backbone.drop_path_rate=0"])
+        "task.num_classes=10", "task.mixup=null", "model.backbone.drop_path_rate=0"])
     module, _ = workload.build(cfg, "cpu", tiny=True)
     batch = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
     set_fused_attn(module, True)

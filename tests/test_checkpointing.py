@@ -130,7 +130,7 @@ def test_a_corrupt_checkpoint_is_named_as_pretrained_weights_and_on_export(tmp_p
     from mimlab.checkpoints.files import CheckpointReadError
 
     path = bad_checkpoints["random"]
-    cfg = compose_config(["experiment=finetune_vit_tiny_synthetic", f"method.pretrained={path}", "logger=csv",
+    cfg = compose_config(["experiment=finetune_vit_tiny_synthetic", f"task.pretrained={path}", "logger=csv",
                           "data.root=/nonexistent/never-read"], tmp_path)
     with pytest.raises(CheckpointReadError, match=rf"{path} is not a PyTorch checkpoint"):
         build(cfg)

@@ -64,10 +64,10 @@ def test_hardware_gpu_without_a_gpu_is_named(tmp_path):
 def test_an_empty_command_line_value_is_refused(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-m", "mimlab.train", "experiment=finetune_vit_tiny_synthetic",
-                           "method.pretrained=", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                           "task.pretrained=", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 1
-    assert "method.pretrained= has no value (an unset shell variable?)" in proc.stderr
+    assert "task.pretrained= has no value (an unset shell variable?)" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -6,7 +6,7 @@
   Lightning's precision literals. Arguments whose annotation pydantic cannot check (modules, tensors) are left to
   the constructor, which checks ranges (``data.batch_size >= 1``, ``masking.ratio`` in (0, 1)) itself.
 * The hardware group against this machine (``hardware=gpu`` needs a CUDA device).
-* On the command line, ``key=`` with nothing after ``=`` (an unset shell variable, e.g. ``method.pretrained=$CKPT``).
+* On the command line, ``key=`` with nothing after ``=`` (an unset shell variable, e.g. ``task.pretrained=$CKPT``).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _has_target(value: Any) -> bool:
 
 
 def _source_key(raw: Any, key: str, path: str) -> str:
-    """The key the user sets: ``nan_guard`` for ``method.nan_guard: ${nan_guard}``, else ``<path>.<key>``."""
+    """The key the user sets: ``nan_guard`` for ``task.nan_guard: ${nan_guard}``, else ``<path>.<key>``."""
     match = _REFERENCE.fullmatch(raw) if isinstance(raw, str) else None
     return match.group(1) if match else f"{path}.{key}"
 
