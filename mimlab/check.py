@@ -37,7 +37,6 @@ def scan_split(dataset, console: Console, name: str) -> tuple[Counter, list[str]
 def check(cfg: DictConfig, console: Console | None = None) -> bool:
     """Print what is wrong with the config and the data (no tracebacks for bad input); True when all is usable."""
     console = console or Console()
-<<<<<<< HEAD
     try:
         validate_options(cfg)
         module = instantiate_part(cfg.task)
@@ -50,15 +49,6 @@ def check(cfg: DictConfig, console: Console | None = None) -> bool:
     except (ValueError, KeyError, OSError) as err:  # layout, generated-data, composition and file errors name the cause
         console.print(f"[red]error[/]: {err}", highlight=False)
         return False
-=======
-    module = instantiate(cfg.task)
-    if hasattr(module, "check_composition"):
-        module.check_composition((cfg.data.img_size, cfg.data.img_size))
-    console.print(f"[green]config ok[/]: {type(module).__name__} composes and runs at {cfg.data.img_size}px")
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # writes the embedded synthetic set if it is the data and missing
-    datamodule.setup("fit")
->>>>>>> main
     splits = {"train": datamodule.train_set, "val": datamodule.val_set}
     results = {name: scan_split(ds, console, name) for name, ds in splits.items()}
     table = Table(title=f"images per class under {Path(cfg.data.root)}")
