@@ -49,10 +49,7 @@ def previous_run(folder: Path) -> dict[str, Any] | None:
     record, or ``{"status": "unknown"}`` when it has none; None for an unused folder."""
     if not ((folder / "csv" / "metrics.csv").is_file() or any((folder / "checkpoints").rglob("*.ckpt"))):
         return None
-    try:
-        return json.loads((folder / STATE).read_text())
-    except (OSError, ValueError):
-        return {"status": "unknown"}
+    return _read_state(folder) or {"status": "unknown"}
 
 
 def _describe(state: dict[str, Any]) -> str:

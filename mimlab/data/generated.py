@@ -100,9 +100,7 @@ def write_generated(root: str | Path, kind: str, settings: dict[str, Any],
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         (tmp / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        files = render(tmp)
-        (tmp / _OWNER).unlink()
-        _write_manifest(tmp, kind, settings, files)
+        _write_manifest(tmp, kind, settings, render(tmp))
         try:
             os.rename(tmp, root)  # replaces an absent or empty root in one step
         except OSError:
@@ -112,4 +110,5 @@ def write_generated(root: str | Path, kind: str, settings: dict[str, Any],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (root / _OWNER).unlink(missing_ok=True)
     return root
