@@ -155,4 +155,4 @@ def validate_options(cfg: DictConfig) -> None:
 def empty_override_messages(args: list[str]) -> list[str]:
     """A message for each command-line ``key=`` with nothing after ``=`` (``key=null`` unsets a key on purpose)."""
     return [f"{arg} has no value (an unset shell variable?); give one, or write {arg}null to unset it"
-            for arg in args if not arg.startswith("-") and arg.endswith("=") and arg.count("=") == 1]
+            for arg in args if not arg.startswith(("-", "~")) and arg.endswith("=") and arg.count("=") == 1]
