@@ -26,6 +26,7 @@ from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
 from mimlab.run_folder import RunFolder, claim_for_rank_zero
+from mimlab.utils.devices import check_devices
 from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils.options import empty_override_messages, validate_options
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
@@ -46,6 +47,7 @@ def instantiate_part(node: Any, **kwargs: Any) -> Any:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate (datamodule, module, trainer) from a composed config; nothing is read from disk yet."""
+    check_devices(cfg.hardware)
     torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
     datamodule = instantiate_part(cfg.data)
     module = instantiate_part(cfg.task)

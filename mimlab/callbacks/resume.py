@@ -33,7 +33,8 @@ class PreemptionCheckpoint(L.Callback):
     nothing. So during ``fit`` the first Ctrl-C is turned into the SIGTERM path (a second one aborts at once, without
     saving). The stop reaches the caller as Lightning's ``SIGTERMException`` (a ``SystemExit``) whose ``code`` is set
     to ``128 + signal number`` (143 for SIGTERM, 130 for Ctrl-C), as a shell reports a process ended by that signal.
-    DataLoader workers forked during ``fit`` inherit the handler and ignore the Ctrl-C their process group receives.
+    DataLoader workers ignore the Ctrl-C their process group receives (``mimlab.data.workers.init_worker``; a worker
+    of another loader forked during ``fit`` inherits this handler, which does nothing outside the main process).
     """
 
     def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:

@@ -5,7 +5,6 @@
   ``ratio: float``, ``nan_guard=skp`` against ``Literal["stop", "skip", "off"]``, ``trainer.precision=fp8`` against
   Lightning's precision literals. Arguments whose annotation pydantic cannot check (modules, tensors) are left to
   the constructor, which checks ranges (``data.batch_size >= 1``, ``masking.ratio`` in (0, 1)) itself.
-* The hardware group against this machine (``hardware=gpu`` needs a CUDA device).
 * On the command line, ``key=`` with nothing after ``=`` (an unset shell variable, e.g. ``task.pretrained=$CKPT``).
 """
 from __future__ import annotations
@@ -16,7 +15,6 @@ import typing
 from functools import lru_cache
 from typing import Any
 
-import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -133,16 +131,11 @@ def _walk(node: Any, path: str) -> list[tuple[str, str]]:
 
 
 def option_problems(cfg: DictConfig) -> list[str]:
-    """Every ``_target_`` argument checked against its annotation (see module docstring), plus the hardware."""
+    """Every ``_target_`` argument checked against its annotation (see module docstring)."""
     first: dict[str, str] = {}
     for key, problem in _walk(cfg, ""):
         first.setdefault(key, problem)  # a key read by several parts is reported once
-    problems = list(first.values())
-    accelerator = str(OmegaConf.select(cfg, "hardware.accelerator", default="cpu"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        problems.append(f"hardware.accelerator={accelerator} (hardware=gpu/ddp/slurm) needs a CUDA GPU, but this machine "
-                        f"has none that torch {torch.__version__} can use; run with hardware=cpu")
-    return problems
+    return list(first.values())
 
 
 def validate_options(cfg: DictConfig) -> None:
