@@ -36,7 +36,7 @@ def test_all_problems_are_listed_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.batch_size=-1", r"data\.batch_size and data\.val_batch_size must be >= 1 \(images per process\), got -1"),
+    ("data.batch_size=-1", r"data\.batch_size must be >= 1 \(images per process\), got -1"),
     ("masking.ratio=0", r"masking\.ratio must be in \(0, 1\) \(0 masks nothing: the masked-unit loss is 0\), got 0"),
     ("masking.ratio=1.5", r"masking\.ratio must be in \(0, 1\)"),
 ])
