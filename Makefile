@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed  ## create .venv and install mimlab with its dependencies
 
 data: $(VENV)/.installed  ## write the embedded synthetic data sets (ImageNet, COCO and ADE20K layouts) to data/synthetic
-	$(PY) -m mimlab.data.synthetic --root data/synthetic
+	$(PY) -m mimlab.data.synthetic --root data/synthetic/imagenet
 	$(PY) -m mimlab.data.synthetic_dense --root data/synthetic
 
 pretrain: $(VENV)/.installed  ## short MAE pre-training on the embedded data (CPU, a few minutes)

@@ -11,14 +11,14 @@ from collections import Counter
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
 from mimlab.data.image_folder import CorruptImageError, load_rgb
-from mimlab.train import CONFIG_DIR
+from mimlab.train import CONFIG_DIR, instantiate_part
+from mimlab.utils.options import validate_options
 
 
 def scan_split(dataset, console: Console, name: str) -> tuple[Counter, list[str]]:
@@ -30,19 +30,25 @@ def scan_split(dataset, console: Console, name: str) -> tuple[Counter, list[str]
             load_rgb(path)
             counts[dataset.classes[label]] += 1
         except CorruptImageError as err:
-            bad.append(str(err).split(". Replace")[0])
+            bad.append(str(err))
     return counts, bad
 
 
 def check(cfg: DictConfig, console: Console | None = None) -> bool:
+    """Print what is wrong with the config and the data (no tracebacks for bad input); True when all is usable."""
     console = console or Console()
-    module = instantiate(cfg.task)
-    if hasattr(module, "check_composition"):
-        module.check_composition((cfg.data.img_size, cfg.data.img_size))
-    console.print(f"[green]config ok[/]: {type(module).__name__} composes and runs at {cfg.data.img_size}px")
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # writes the embedded synthetic set if it is the data and missing
-    datamodule.setup("fit")
+    try:
+        validate_options(cfg)
+        module = instantiate_part(cfg.task)
+        if hasattr(module, "check_composition"):
+            module.check_composition((cfg.data.img_size, cfg.data.img_size))
+        console.print(f"[green]config ok[/]: {type(module).__name__} composes and runs at {cfg.data.img_size}px")
+        datamodule = instantiate_part(cfg.data)
+        datamodule.prepare_data()  # generates the embedded synthetic set if it is the data and missing
+        datamodule.setup("fit")
+    except (ValueError, KeyError, OSError) as err:  # layout, generated-data, composition and file errors name the cause
+        console.print(f"[red]error[/]: {err}", highlight=False)
+        return False
     splits = {"train": datamodule.train_set, "val": datamodule.val_set}
     results = {name: scan_split(ds, console, name) for name, ds in splits.items()}
     table = Table(title=f"images per class under {Path(cfg.data.root)}")

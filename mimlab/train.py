@@ -13,64 +13,83 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mimlab.callbacks.nan_guard import NonFiniteGuard
 from mimlab.callbacks.resume import PreemptionCheckpoint, RNGState
 from mimlab.callbacks.run_metadata import RunMetadata
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
+from mimlab.run_folder import RunFolder, claim_for_rank_zero
 from mimlab.utils.devices import check_devices
 from mimlab.utils.fast_paths import apply_fast_paths
+from mimlab.utils.options import empty_override_messages, validate_options
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def instantiate_part(node: Any, **kwargs: Any) -> Any:
+    """Hydra ``instantiate``, letting the part's own error through: a constructor that rejects its arguments says
+    why in its own words (naming the key or folder); Hydra's wrapper is kept only for signature mismatches."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is None or isinstance(err.__cause__, TypeError):
+            raise
+        raise err.__cause__ from None
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate (datamodule, module, trainer) from a composed config; nothing is read from disk yet."""
     check_devices(cfg.hardware)
     torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.task)
+    datamodule = instantiate_part(cfg.data)
+    module = instantiate_part(cfg.task)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints")]
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + infrastructure
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    plugins = [AtomicCheckpointIO(), *(instantiate(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),
+                      NonFiniteGuard(cfg.nan_guard, cfg.nan_guard_max_skips)]
+    callbacks = [instantiate_part(c) for c in cfg.callbacks.values()] + infrastructure
+    loggers = [instantiate_part(c) for c in cfg.logger.values()]
+    plugins = [AtomicCheckpointIO(), *(instantiate_part(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment
+    trainer = instantiate_part(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     return datamodule, module, trainer
 
 
-def preflight(cfg: DictConfig, module: L.LightningModule) -> None:
-    """Checks that need no data and no training: writable run folder, resume compatibility, composition fit."""
-    output_dir = Path(cfg.paths.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"run folder {output_dir} is not writable ({err.strerror}); "
-                              "choose another with hydra.run.dir=/writable/path") from err
+def preflight(cfg: DictConfig, module: L.LightningModule) -> RunFolder | None:
+    """Checks that need no data and no training: resume compatibility, composition fit; then the run folder is
+    claimed for this run (writable, not in use, not holding another run: :mod:`mimlab.run_folder`)."""
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     if ckpt_path:
         check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True), cfg.allow_config_change)
     if hasattr(module, "check_composition"):
         size = cfg.data.img_size
         module.check_composition((size, size))
+    return claim_for_rank_zero(cfg.paths.output_dir, cfg.ckpt_path)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the composed experiment; returns the final metrics and the artefact paths."""
+    validate_options(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
-    preflight(cfg, module)
+    claim = preflight(cfg, module)
     fit_module = apply_fast_paths(module, cfg.hardware)
-    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
+    status = "failed"
+    try:
+        trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
+        status = "finished"
+    except (SIGTERMException, KeyboardInterrupt):
+        status = "interrupted"
+        raise
+    finally:
+        if claim is not None:
+            claim.release(status, trainer.global_step)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artefacts = _artefacts(trainer)
     _print_summary(cfg, trainer, metrics, artefacts)
@@ -109,16 +128,16 @@ def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, artefacts
 def main(cfg: DictConfig) -> float | None:
     try:
         result = run(cfg)
-    except SIGTERMException:  # preempted: the checkpoint is saved; exit like a terminated process so schedulers requeue
-        sys.exit(128 + signal.SIGTERM)
+    except SIGTERMException as stop:  # preempted or Ctrl-C: the checkpoint is saved; exit like a process ended by
+        sys.exit(stop.code or 128 + signal.SIGTERM)  # that signal (143, 130) so schedulers requeue
     return result["metrics"].get("val/loss")
 
 
 def cli() -> None:
-    """``python -m mimlab.train``: name misspelled keys with a suggestion, then hand over to Hydra."""
+    """``python -m mimlab.train``: name empty values and misspelled keys (with a suggestion), then hand over to Hydra."""
     from mimlab.utils.config_keys import unknown_key_messages
 
-    problems = unknown_key_messages(CONFIG_DIR, "train", sys.argv[1:])
+    problems = empty_override_messages(sys.argv[1:]) + unknown_key_messages(CONFIG_DIR, "train", sys.argv[1:])
     if problems:
         sys.exit("\n".join(problems))
     main()

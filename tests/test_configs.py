@@ -29,10 +29,18 @@ def test_paper_scale_experiment_instantiates(experiment, tmp_path):
     instantiate(cfg.trainer)
 
 
+@pytest.fixture(scope="session")
+def generated_data_dir(tmp_path_factory) -> Path:
+    """``paths.data_dir`` for the dense recipes: their COCO/ADE sets are generated there on first use."""
+    return tmp_path_factory.mktemp("data")
+
+
 @pytest.mark.parametrize("experiment", SMALL)
-def test_small_experiment_runs_a_step(experiment, tmp_path, synthetic_root):
+def test_small_experiment_runs_a_step(experiment, tmp_path, synthetic_root, generated_data_dir):
+    dense = experiment.startswith(("detect", "segment"))
+    data = f"paths.data_dir={generated_data_dir}" if dense else f"data.root={synthetic_root}"
     cfg = compose_config([
-        f"experiment={experiment}", f"data.root={synthetic_root}", "data.batch_size=4", "hardware.num_workers=0",
+        f"experiment={experiment}", data, "data.batch_size=4", "hardware.num_workers=0",
         "logger=csv", "trainer.fast_dev_run=1", "~callbacks.progress",
     ], tmp_path)
     datamodule, module, trainer = build(cfg)

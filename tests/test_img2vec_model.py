@@ -108,8 +108,9 @@ TINY = [
 
 @pytest.mark.slow
 def test_tiny_img2vec_pretraining_lowers_the_loss(tmp_path, synthetic_root):
-    cfg = compose_config([*TINY, f"data.root={synthetic_root}", "trainer.max_epochs=8"], tmp_path)
-    datamodule, module, trainer = build(cfg)
+    overrides = [*TINY, f"data.root={synthetic_root}", "trainer.max_epochs=8"]
+    cfg = compose_config(overrides, tmp_path)
+    datamodule, module, trainer = build(compose_config(overrides, tmp_path / "untrained"))  # a run folder of its own
     before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     result = run(cfg)
     after = result["metrics"]

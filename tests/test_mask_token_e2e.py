@@ -48,8 +48,9 @@ SMALL = ["data.img_size=32", "data.batch_size=8", "hardware.num_workers=0", "mod
     ("maskfeat_vit_tiny_synthetic", ["masking.min_num_patches=1"]),          # 4x4 patches, 6 masked
 ])
 def test_tiny_mask_token_pretraining_lowers_the_loss(experiment, extra, tmp_path, synthetic_root):
-    cfg = compose_config([f"experiment={experiment}", *SMALL, *extra, f"data.root={synthetic_root}"], tmp_path)
-    datamodule, module, trainer = build(cfg)
+    overrides = [f"experiment={experiment}", *SMALL, *extra, f"data.root={synthetic_root}"]
+    cfg = compose_config(overrides, tmp_path)
+    datamodule, module, trainer = build(compose_config(overrides, tmp_path / "untrained"))  # a run folder of its own
     before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
     result = run(cfg)
     after = result["metrics"]["val/loss"]

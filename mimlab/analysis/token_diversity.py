@@ -72,7 +72,7 @@ class TokenDiversityConfig:
     """CLI options (``key=value``)."""
 
     teacher: str = "resnet50"  # any timm model name (CNN or ViT)
-    data: str = "data/synthetic"  # image folder (the embedded data by default); <data>/<split>/ is used when it exists
+    data: str = "data/synthetic/imagenet"  # image folder (the embedded data by default); <data>/<split>/ is used when it exists
     checkpoint: str | None = None  # local teacher weights; None = random init
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model extras, e.g. model_kwargs.img_size=384
     split: str = "val"

@@ -8,12 +8,19 @@ import lightning as L
 
 
 class KillAtStep(L.Callback):
-    """Send ``signal_name`` (SIGKILL: crash, SIGTERM: preemption) to this process once ``global_step`` reaches ``step``."""
+    """Send ``signal_name`` (SIGKILL: crash, SIGTERM: preemption, SIGINT: Ctrl-C) to this process once ``global_step``
+    reaches ``step``; with ``process_group`` to its whole process group (DataLoader workers too), as a terminal does."""
 
-    def __init__(self, step: int, signal_name: str = "SIGKILL") -> None:
+    def __init__(self, step: int, signal_name: str = "SIGKILL", process_group: bool = False) -> None:
         self.step = step
         self.signal = getattr(signal, signal_name)
+        self.process_group = process_group
+        self.sent = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), self.signal)
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            if self.process_group:
+                os.killpg(os.getpgid(0), self.signal)
+            else:
+                os.kill(os.getpid(), self.signal)

@@ -66,6 +66,7 @@ class KNNMonitor(L.Callback):
 
     Args:
         root: ImageNet-layout folder; None uses ``trainer.datamodule.root``. img_size: None uses the datamodule's.
+            Undecodable files follow the datamodule's ``on_corrupt`` (``data.on_corrupt``).
         k, temperature: 20 and 0.07. every_n_epochs: how often (the last epoch always runs).
         batch_size, num_workers: of the embedding loaders. max_train: cap on train images (an evenly strided subset, so every class stays represented).
     """

@@ -1,6 +1,9 @@
 """Callbacks that make a run resumable exactly and survive preemption."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +26,46 @@ class RNGState(L.Callback):
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (Lightning stops after the current batch) write ``<dirpath>/last.ckpt`` so the run can resume
-    with ``ckpt_path=<dirpath>/last.ckpt``. SIGUSR1 under SLURM is handled by Lightning's SLURM auto-requeue."""
+    """On SIGTERM (preemption) or Ctrl-C, stop after the current batch, write ``<dirpath>/last.ckpt`` and print how to
+    resume (``ckpt_path=<dirpath>/last.ckpt``). SIGUSR1 under SLURM is handled by Lightning's SLURM auto-requeue.
+
+    Lightning stops gracefully on SIGTERM only; a Ctrl-C (SIGINT) would interrupt the step wherever it is and save
+    nothing. So during ``fit`` the first Ctrl-C is turned into the SIGTERM path (a second one aborts at once, without
+    saving). The stop reaches the caller as Lightning's ``SIGTERMException`` (a ``SystemExit``) whose ``code`` is set
+    to ``128 + signal number`` (143 for SIGTERM, 130 for Ctrl-C), as a shell reports a process ended by that signal.
+    DataLoader workers ignore the Ctrl-C their process group receives (``mimlab.data.workers.init_worker``; a worker
+    of another loader forked during ``fit`` inherits this handler, which does nothing outside the main process).
+    """
 
     def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
         self.path = Path(dirpath) / filename
+        self.signal = signal.SIGTERM
+        self._pid: int | None = None
+        self._previous_sigint: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def _on_ctrl_c(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the main process handles it
+            return
+        signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C aborts without saving
+        self.signal = signal.SIGINT
+        rank_zero_info("Ctrl-C: stopping after the current batch to save a checkpoint "
+                       "(press Ctrl-C again to abort without saving)")
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's graceful stop (all DDP ranks follow rank 0)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
-            rank_zero_info(f"SIGTERM received: saved {self.path} at step {trainer.global_step}; "
+            exception.code = 128 + self.signal
+            name = "Ctrl-C" if self.signal == signal.SIGINT else "SIGTERM"
+            rank_zero_info(f"{name} received: saved {self.path} at step {trainer.global_step}; "
                            f"resume with ckpt_path={self.path}")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from mimlab.checkpoints.files import load_file
 
 
 class CheckpointWriteError(OSError):
@@ -24,7 +27,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        return super().load_checkpoint(path, map_location=map_location, weights_only=bool(weights_only))
+        if "://" in str(path):  # remote (fsspec) paths: Lightning's reader
+            return super().load_checkpoint(path, map_location=map_location, weights_only=bool(weights_only))
+        return load_file(path, map_location=map_location, weights_only=bool(weights_only))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         path = Path(path)
@@ -40,11 +45,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             Path(tmp).unlink(missing_ok=True)
-            hint = "Free disk space" if err.errno == errno.ENOSPC else "Check the folder"
-            raise CheckpointWriteError(err.errno, f"writing checkpoint {path} failed ({err.strerror}); the previous "
-                                       f"checkpoint at that path, if any, is intact. {hint} and resume from it.") from err
+            if isinstance(err, RuntimeError) and "inline_container" not in str(err):
+                raise  # not a write failure (torch.save reports a short write, e.g. a full disk, from inline_container)
+            code = err.errno if isinstance(err, OSError) else errno.ENOSPC
+            reason = err.strerror if isinstance(err, OSError) else "a short write: the disk or a quota is full"
+            free = shutil.disk_usage(path.parent).free / 2**20
+            hint = "Free disk space" if code == errno.ENOSPC else "Check the folder"
+            raise CheckpointWriteError(code, f"writing checkpoint {path} failed ({reason}; {free:.0f} MiB free there); "
+                                       f"the previous checkpoint at that path, if any, is intact. {hint} and resume "
+                                       "from it.") from err
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+from mimlab.checkpoints.files import load_file
 
 # config sections that define the trained function; changing them under a resumed run is almost always a mistake
 MODEL_SECTIONS = ("model", "target", "masking", "loss")  # `task` only interpolates these
@@ -36,7 +36,7 @@ def check_resume_config(ckpt_path: str | Path, current: dict, allow_change: bool
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist; point it at a checkpoint (e.g. <run>/checkpoints/last.ckpt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_file(path, mmap=True)
     saved = (ckpt.get("mimlab") or {}).get("config")
     if saved is None:
         return []

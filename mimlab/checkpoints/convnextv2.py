@@ -28,6 +28,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from mimlab.checkpoints.files import load_file
+
 __all__ = ["CheckpointMismatchError", "LoadReport", "convert_convnextv2_state_dict", "load_convnextv2_checkpoint"]
 
 _DECODER_ROOTS = ("proj", "pred", "mask_token", "decoder")
@@ -117,7 +119,7 @@ def load_convnextv2_checkpoint(
     """
     source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<state dict>"
     if isinstance(checkpoint, (str, Path)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = load_file(checkpoint, weights_only=True)
     converted, dropped = convert_convnextv2_state_dict(checkpoint)
     ignore, allow_missing = tuple(ignore), tuple(allow_missing)
     for k in [k for k in converted if k.startswith(ignore)] if ignore else []:

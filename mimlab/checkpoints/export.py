@@ -8,6 +8,8 @@ pre-training / fine-tuning / linear-probe ``.ckpt`` files and official MAE / Con
 
 * ViT (MaskedViT, MAE): keys are timm's already. A fine-tuning head ``head.fc_norm``/``head.fc`` becomes ``fc_norm``/``head``
   (timm ``global_pool='avg'``, no final ``norm``); without a head the model is ``num_classes=0``, ``global_pool='token'``.
+* Model name: timm's own name for the architecture when it registers one (``vit_base_patch16_224``, ``convnextv2_atto``
+  ...), else a base model with every architecture argument (e.g. a 32-px ViT).
 * ConvNeXt V2 (official dense naming): timm's ``convnext.checkpoint_filter_fn`` maps the names; the head becomes
   ``head.norm``/``head.fc``. An FCMAE (pre-training) encoder has no final norm: ``head.norm`` is written as the identity
   affine (weight 1, bias 0), as a freshly initialised timm model would have.
@@ -23,8 +25,9 @@ from typing import Any
 
 import timm
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from mimlab.checkpoints.files import load_file
 from mimlab.checkpoints.load import CheckpointMismatchError
 from mimlab.checkpoints.mae import backbone_state_from
 
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def _config(path: str | Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_file(path)
     return ((ckpt.get("mimlab") or {}).get("config") or {}) if isinstance(ckpt, dict) else {}
 
 
@@ -70,8 +73,10 @@ def vit_to_timm(backbone: dict[str, Tensor], head: dict[str, Tensor], num_heads:
     return out, kwargs
 
 
-def convnext_to_timm(backbone: dict[str, Tensor], head: dict[str, Tensor], name: str) -> tuple[dict, dict]:
-    """(timm state dict, create_model kwargs) for a ConvNeXt V2 backbone in official dense naming (+ FT head)."""
+def convnext_to_timm(backbone: dict[str, Tensor], head: dict[str, Tensor], name: str | None) -> tuple[str, dict, dict]:
+    """(timm model name, state dict, create_model kwargs) for a ConvNeXt V2 backbone in official dense naming (+ FT
+    head). Without ``name``: timm's own model of exactly this architecture (``convnextv2_atto`` ... ``_huge``, whose
+    small sizes use 1x1-conv MLPs), else ``convnextv2_base`` with ``depths``/``dims``."""
     from timm.models.convnext import checkpoint_filter_fn
 
     stages = sorted({int(k.split(".")[1]) for k in backbone if k.startswith("stages.")})
@@ -83,15 +88,49 @@ def convnext_to_timm(backbone: dict[str, Tensor], head: dict[str, Tensor], name:
         official["head.weight"], official["head.bias"] = head["fc.weight"], head["fc.bias"]
     elif "norm.weight" not in official:
         official["norm.weight"], official["norm.bias"] = torch.ones(dims[-1]), torch.zeros(dims[-1])
-    kwargs = dict(depths=depths, dims=dims, num_classes=int(head["fc.weight"].shape[0]) if head else 0)
+    plain = dict(num_classes=int(head["fc.weight"].shape[0]) if head else 0)
+    for candidate in ([] if name else timm.list_models("convnextv2_*")):
+        model = _meta_model(candidate, **plain)
+        try:
+            state = checkpoint_filter_fn(official, model)
+        except (KeyError, RuntimeError):  # another depth or width
+            continue
+        if _same_tensors(model, state):
+            return candidate, state, plain
+    name = name or "convnextv2_base"
+    kwargs = dict(depths=depths, dims=dims, **plain)
+    return name, checkpoint_filter_fn(official, _meta_model(name, **kwargs)), kwargs
+
+
+def _meta_model(name: str, **kwargs: Any) -> nn.Module:
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    return checkpoint_filter_fn(official, model), kwargs
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _same_tensors(model: nn.Module, state: dict[str, Tensor]) -> bool:
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items())
+
+
+def registered_vit(state: dict[str, Tensor], kwargs: dict[str, Any]) -> str | None:
+    """timm's own name (``vit_{tiny,small,base,large,huge,giant}_patch<P>_<size>``) of a ViT with exactly these
+    tensors and heads, built with only ``num_classes`` and ``global_pool``; None if timm registers none."""
+    sizes = ("tiny", "small", "base", "large", "huge", "giant")
+    registered = set(timm.list_models("vit_*"))
+    for name in (f"vit_{s}_patch{kwargs['patch_size']}_{kwargs['img_size']}" for s in sizes):
+        if name in registered:
+            model = _meta_model(name, num_classes=kwargs["num_classes"], global_pool=kwargs["global_pool"])
+            if _same_tensors(model, state) and model.blocks[0].attn.num_heads == kwargs["num_heads"]:
+                return name
+    return None
 
 
 def export_timm(ckpt: str | Path, out: str | Path | None = None, ema: bool = False, name: str | None = None,
                 num_heads: int | None = None) -> tuple[Path, str, dict]:
-    """Write the timm state dict of ``ckpt``; return (path, timm model name, create_model kwargs)."""
+    """Write the timm state dict of ``ckpt``; return (path, timm model name, create_model kwargs).
+
+    Without ``name`` the model is timm's own name for the architecture when timm registers one (then only
+    ``num_classes`` / ``global_pool`` are needed), else a base model with every architecture argument."""
     ckpt = Path(ckpt)
     prefix = "ema.module." if ema else ""
     raw = _raw_state(ckpt)
@@ -102,10 +141,12 @@ def export_timm(ckpt: str | Path, out: str | Path | None = None, ema: bool = Fal
     cfg = _config(ckpt)
     if "cls_token" in backbone and "blocks.0.attn.qkv.weight" in backbone:
         state, kwargs = vit_to_timm(backbone, head, num_heads, cfg)
+        registered = None if name else registered_vit(state, kwargs)
+        if registered:
+            name, kwargs = registered, {k: kwargs[k] for k in ("num_classes", "global_pool")}
         name = name or "vit_base_patch16_224"
     elif "downsample_layers.0.0.weight" in backbone:
-        name = name or "convnextv2_base"
-        state, kwargs = convnext_to_timm(backbone, head, name)
+        name, state, kwargs = convnext_to_timm(backbone, head, name)
     else:
         raise CheckpointMismatchError(f"{ckpt}: export format=timm supports ViT (cls_token, blocks.*) and ConvNeXt V2 "
                                       "(downsample_layers.*, stages.*) backbones; this one has neither (HiViT/iTPN have no timm model)")

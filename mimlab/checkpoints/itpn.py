@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mimlab.checkpoints.files import load_file
+
 NECK_PREFIXES = ("align_dim_", "split_", "block_16to8.", "block_8to4.", "fpn_modules.")
 PIXEL_DECODER_PREFIXES = ("decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 CLIP_HEAD_PREFIXES = ("decoder_embed.", "lm_head.", "lm_cls_head.", "norm.", "norm_cls.", "cls_pt_layers.")
@@ -33,7 +35,7 @@ def load_checkpoint_file(path: Path) -> dict:
     allow-listed. OpenAI CLIP ``.pt`` files are TorchScript archives and are read with ``torch.jit.load``."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path, weights_only=True)
     except RuntimeError as err:  # TorchScript archive
         if "TorchScript" not in str(err) and "jit" not in str(err).lower():
             raise

@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mimlab.checkpoints.files import load_file
+
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint's keys or shapes do not fit the model; the message lists them."""
@@ -16,7 +18,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (e.g. the `checkpoint=` override)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_file(path)
     for key in ("state_dict", "model", "module"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return ckpt[key]

@@ -27,6 +27,8 @@ from torchvision.transforms import v2
 
 from mimlab.data.base import ResumableDataModule
 from mimlab.data.coco import read_rgb
+from mimlab.data.generated import check_generated_root
+from mimlab.data.synthetic_dense import ADE20K_OWN_DATA_HINT, write_ade20k
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,6 +76,15 @@ class ADE20KSegmentation(Dataset):
         self._check_label_sizes()
         self.transforms, self.transform_label, self.num_classes = transforms, transform_label, num_classes
 
+    def _pair(self, index: int) -> tuple[Path, Path]:
+        return self.images[index], self.label_dir / f"{self.images[index].stem}.png"
+
+    def _check_sizes(self, index: int, image_hw: tuple[int, int], label_hw: tuple[int, int]) -> None:
+        if tuple(image_hw) != tuple(label_hw):
+            image, label = self._pair(index)
+            raise ValueError(f"label {label} is {label_hw[1]}x{label_hw[0]} but its image {image} is "
+                             f"{image_hw[1]}x{image_hw[0]}; an ADE20K label must have its image's size.")
+
     def __len__(self) -> int:
         return len(self.images)
 
@@ -102,6 +113,7 @@ class ADE20KSegmentation(Dataset):
     def __getitem__(self, index: int):
         image = tv_tensors.Image(read_rgb(self.images[index]))
         label = tv_tensors.Mask(self.load_label(index))
+        self._check_sizes(index, image.shape[-2:], label.shape[-2:])
         if self.transforms is None:
             return image, label
         if self.transform_label:
@@ -143,7 +155,8 @@ class ADE20KDataModule(ResumableDataModule):
 
     ``img_size`` is the run's one size knob: the training crop side and the evaluation shorter side (the recipes also
     set the sliding window, the backbone's position-embedding grid and the task's ``crop_size`` from it).
-    With ``generate_if_missing`` the embedded ADE-format synthetic set is written to ``root`` when absent.
+    With ``generate_if_missing``, ``root`` is the folder of the embedded ADE-format synthetic set, generated there first
+    if absent (:mod:`mimlab.data.synthetic_dense`); any other folder is then refused.
     Sharding, seeding and resume: :class:`~mimlab.data.base.ResumableDataModule` (``val_batch_size`` defaults to 1).
     """
 
@@ -156,10 +169,11 @@ class ADE20KDataModule(ResumableDataModule):
         self.img_size, self.scale_range = img_size, tuple(scale_range)
         self.num_classes, self.photometric = num_classes, photometric
         self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
+        if generate_if_missing:  # root must be absent, empty or a set mimlab generated: never a user's folder
+            check_generated_root(self.root, "ade20k", ADE20K_OWN_DATA_HINT)
 
     def prepare_data(self) -> None:
-        if self.generate_if_missing and not (self.root / "ADEChallengeData2016" / "annotations" / "validation").exists():
-            from mimlab.data.synthetic_dense import write_ade20k
+        if self.generate_if_missing:
             write_ade20k(self.root, size=self.synthetic_size)
 
     def setup(self, stage: str | None = None) -> None:

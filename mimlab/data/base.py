@@ -55,6 +55,9 @@ class ResumableDataModule(L.LightningDataModule):
                  pin_memory: bool = False, persistent_workers: bool = True, prefetch_factor: int | None = 2,
                  seed: int = 0, drop_last: bool = True, allow_data_change: bool = False) -> None:
         super().__init__()
+        for key, value in (("data.batch_size", batch_size), ("data.val_batch_size", val_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1 (images per process), got {value}")
         self.root = Path(root)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size

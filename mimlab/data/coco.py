@@ -24,19 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mimlab.data.base import ResumableDataModule
+from mimlab.data.generated import check_generated_root
+from mimlab.data.image_folder import load_rgb
+from mimlab.data.synthetic_dense import COCO_OWN_DATA_HINT, write_coco
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
-    """Decode an image file to a (3, H, W) uint8 RGB tensor."""
-    with Image.open(path) as im:
-        return v2.functional.pil_to_tensor(im.convert("RGB"))
+    """Decode an image file to a (3, H, W) uint8 RGB tensor; ``CorruptImageError`` names an undecodable file."""
+    return v2.functional.pil_to_tensor(load_rgb(path))
 
 
 def annotation_file(root: str | Path, split: str) -> Path:
@@ -48,6 +49,42 @@ def annotation_file(root: str | Path, split: str) -> Path:
             f"<root>/annotations/instances_{{train,val}}2017.json; set data.root to the COCO folder "
             f"(or use data=coco_synthetic to write the embedded set).")
     return path
+
+
+def _read_instances(ann_path: Path) -> dict:
+    """The parsed instances json; ``ValueError`` naming the file for broken JSON, missing lists or no annotations."""
+    try:
+        with open(ann_path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ann_path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                         "is the file complete?") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or key not in data:
+            raise KeyError(f"{ann_path} has no '{key}' list; it is not a COCO instances file.")
+    if not data["annotations"]:
+        raise ValueError(f"{ann_path} has an empty 'annotations' list: nothing to train on or to score (box/mask mAP "
+                         "would be -1). Point data.root at the instances files of your data.")
+    return data
+
+
+def _check_segmentation(ann: dict, ann_path: Path) -> None:
+    """``ValueError`` naming the annotation unless its segmentation is polygons (flat ``[x1, y1, x2, y2, ...]`` lists
+    of at least 3 points) or RLE (``counts`` and ``size``)."""
+    segm = ann.get("segmentation")
+    where = f"{ann_path}: annotation {ann.get('id')} (image {ann.get('image_id')})"
+    if isinstance(segm, dict):
+        if not {"counts", "size"} <= segm.keys():
+            raise ValueError(f"{where} has an RLE segmentation without 'counts' and 'size'.")
+        return
+    if not isinstance(segm, list) or not segm:
+        raise ValueError(f"{where} has no segmentation: expected a list of polygons or an RLE dict.")
+    for poly in segm:
+        if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
+                or not all(isinstance(v, (int, float)) for v in poly)):
+            shown = poly[:8] if isinstance(poly, list) else poly
+            raise ValueError(f"{where} has an invalid polygon {shown}: a polygon is a flat list [x1, y1, x2, y2, ...] "
+                             "of at least 3 points. Fix or remove the annotation.")
 
 
 def _segmentation_to_mask(segm, height: int, width: int) -> np.ndarray:
@@ -78,11 +115,7 @@ class COCOInstances(Dataset):
         self.transforms = transforms
         self.keep_crowd = keep_crowd
         ann_path = annotation_file(root, split)
-        with open(ann_path) as f:
-            data = json.load(f)
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise KeyError(f"{ann_path} has no '{key}' list; it is not a COCO instances file.")
+        data = _read_instances(ann_path)
         self.image_dir = self.root / f"{split}2017"
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {self.image_dir} (listed by {ann_path}).")
@@ -102,6 +135,7 @@ class COCOInstances(Dataset):
                 raise KeyError(f"{ann_path}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}.")
             if ann["category_id"] not in self.cat_id_to_label:
                 raise KeyError(f"{ann_path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}.")
+            _check_segmentation(ann, ann_path)
             self.anns_by_image[ann["image_id"]].append(ann)
 
     @property
@@ -191,8 +225,8 @@ class COCODataModule(ResumableDataModule):
     """COCO train/val loaders for instance detection/segmentation (sharding, seeding, resume: the base class).
 
     Args:
-        root: COCO folder. With ``generate_if_missing`` the embedded synthetic COCO-format set is written there
-            first when its annotation files are absent (see :mod:`mimlab.data.synthetic_dense`).
+        root: COCO folder. With ``generate_if_missing`` it is the folder of the embedded synthetic COCO-format set,
+            generated there first if absent (:mod:`mimlab.data.synthetic_dense`); any other folder is then refused.
         img_size, max_size: the run's input size (the one size knob: the recipes build the transforms, the detector's
             evaluation size and the backbone's position-embedding grid from it) and the longer-side cap at evaluation;
             the default transforms (LSJ at ``img_size``) use them.
@@ -214,10 +248,11 @@ class COCODataModule(ResumableDataModule):
         self.val_transforms = val_transforms if val_transforms is not None else lsj_transforms(img_size, train=False)
         self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
         self.val_split = val_split
+        if generate_if_missing:  # root must be absent, empty or a set mimlab generated: never a user's folder
+            check_generated_root(self.root, "coco", COCO_OWN_DATA_HINT)
 
     def prepare_data(self) -> None:
-        if self.generate_if_missing and not (self.root / "annotations" / "instances_val2017.json").exists():
-            from mimlab.data.synthetic_dense import write_coco
+        if self.generate_if_missing:
             write_coco(self.root, size=self.synthetic_size)
 
     def setup(self, stage: str | None = None) -> None:

@@ -12,6 +12,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 log = logging.getLogger(__name__)
 
 
+CORRUPT_HINT = "Replace or delete the file, or set data.on_corrupt=skip to skip bad files."
+
+
 class DataLayoutError(ValueError):
     """The data folder does not have the layout a DataModule needs; the message says what to do."""
 
@@ -42,16 +45,18 @@ def check_image_folder(split_dir: Path, hint: str) -> None:
         )
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open any PIL-readable image as RGB (grayscale, CMYK, RGBA, palette are converted); raise CorruptImageError."""
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open any PIL-readable image as RGB (grayscale, CMYK, RGBA, palette are converted); raise CorruptImageError
+    naming the file for an undecodable one, including a possible decompression bomb (PIL refuses images above
+    2 x ``PIL.Image.MAX_IMAGE_PIXELS`` pixels)."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             img.load()
+    except Image.DecompressionBombError as err:
+        raise CorruptImageError(f"cannot decode image {path}: refused as a possible decompression bomb ({err})") from err
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise CorruptImageError(
-            f"cannot decode image {path}: {err}. Replace or delete the file, or set data.on_corrupt=skip to skip bad files."
-        ) from err
+        raise CorruptImageError(f"cannot decode image {path}: {err}") from err
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         img = img.point(lambda v: v / 256).convert("L")
     return img.convert("RGB")
@@ -90,6 +95,6 @@ class CheckedImageFolder(ImageFolder):
                 return super().__getitem__((index + attempt) % len(self.samples))
             except CorruptImageError as err:
                 if self.on_corrupt == "fail":
-                    raise
+                    raise CorruptImageError(f"{err}. {CORRUPT_HINT}") from err
                 log.warning("skipping %s", err)
         raise CorruptImageError(f"no readable image in {self.root}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mimlab.data.base import ResumableDataModule
 from mimlab.data.image_folder import CheckedImageFolder, DataLayoutError
@@ -23,9 +23,9 @@ class ImageNetDataModule(ResumableDataModule):
         Others: see :class:`~mimlab.data.base.ResumableDataModule`.
     """
 
-    def __init__(self, root: str, batch_size: int = 64, img_size: int = 224, on_corrupt: str = "fail",
-                 train_transform: Callable | None = None, val_transform: Callable | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, root: str, batch_size: int = 64, img_size: int = 224,
+                 on_corrupt: Literal["fail", "skip"] = "fail", train_transform: Callable | None = None,
+                 val_transform: Callable | None = None, **kwargs: Any) -> None:
         super().__init__(root, batch_size=batch_size, **kwargs)
         self.img_size = img_size
         self.on_corrupt = on_corrupt

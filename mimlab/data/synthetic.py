@@ -4,7 +4,10 @@ Ten classes, each a shape/texture with its own colour family, drawn at random po
 noisy gradient background, at random sizes between ``min_size`` and ``max_size`` pixels. The structure is learnable
 (pre-training lowers the loss, a linear probe beats chance) and the files are read by the real ImageNet loader.
 
-CLI: ``python -m mimlab.data.synthetic --root data/synthetic`` (``make data``).
+The set is written to a folder of its own, in one step, with a manifest (:mod:`mimlab.data.generated`); a folder
+that mimlab did not generate is never written into.
+
+CLI: ``python -m mimlab.data.synthetic --root data/synthetic/imagenet`` (``make data``).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from rich.progress import track
 
+from mimlab.data.generated import check_generated_root, write_generated
 from mimlab.data.imagenet import ImageNetDataModule
 
 CLASSES = (
@@ -114,45 +118,58 @@ def render_image(class_index: int, rng: random.Random, min_size: int = 80, max_s
     return img
 
 
+OWN_DATA_HINT = "To train on an ImageNet-layout folder of your own, use data=imagenet data.root=<folder>."
+
+
 def write_synthetic_imagenet(
     root: str | Path, train_per_class: int = 100, val_per_class: int = 20, seed: int = 0,
     min_size: int = 80, max_size: int = 160,
 ) -> Path:
-    """Write ``root/{train,val}/<class>/*.JPEG``; returns ``root``. Deterministic for a given seed."""
-    root = Path(root)
-    rng = random.Random(seed)
-    jobs = [(split, c, i) for split, n in (("train", train_per_class), ("val", val_per_class))
-            for c in range(len(CLASSES)) for i in range(n)]
-    for split, c, i in track(jobs, description=f"writing synthetic images to {root}"):
-        folder = root / split / f"{c:02d}_{CLASSES[c][0]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        render_image(c, rng, min_size, max_size).save(folder / f"{split}_{c:02d}_{i:05d}.JPEG", quality=90)
-    return root
+    """Generate ``root/{train,val}/<class>/*.JPEG`` unless ``root`` already holds a generated set; returns ``root``.
+
+    Deterministic for a given seed; written in one step with a manifest (:func:`mimlab.data.generated.write_generated`).
+    Raises ``GeneratedDataError`` if ``root`` is a non-empty folder mimlab did not generate.
+    """
+    settings = dict(train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, min_size=min_size,
+                    max_size=max_size)
+
+    def render(folder: Path) -> dict[str, int]:
+        rng = random.Random(seed)
+        jobs = [(split, c, i) for split, n in (("train", train_per_class), ("val", val_per_class))
+                for c in range(len(CLASSES)) for i in range(n)]
+        for split, c, i in track(jobs, description=f"writing synthetic images to {root}"):
+            class_dir = folder / split / f"{c:02d}_{CLASSES[c][0]}"
+            class_dir.mkdir(parents=True, exist_ok=True)
+            render_image(c, rng, min_size, max_size).save(class_dir / f"{split}_{c:02d}_{i:05d}.JPEG", quality=90)
+        return {"train": train_per_class * len(CLASSES), "val": val_per_class * len(CLASSES)}
+
+    return write_generated(root, "imagenet", settings, render, OWN_DATA_HINT)
 
 
 class SyntheticImageNetDataModule(ImageNetDataModule):
-    """:class:`ImageNetDataModule` over the embedded synthetic set, written on first use (``prepare_data``, rank 0)."""
+    """:class:`ImageNetDataModule` over the embedded synthetic set, generated on first use (``prepare_data``, rank 0)
+    into ``root``, which must be absent, empty or a set mimlab generated (checked here, before any data is read)."""
 
     def __init__(self, root: str, train_per_class: int = 100, val_per_class: int = 20, data_seed: int = 0, **kwargs) -> None:
         super().__init__(root, **kwargs)
+        check_generated_root(self.root, "imagenet", OWN_DATA_HINT)
         self.train_per_class = train_per_class
         self.val_per_class = val_per_class
         self.data_seed = data_seed
 
     def prepare_data(self) -> None:
-        if not (self.root / "train").is_dir():
-            write_synthetic_imagenet(self.root, self.train_per_class, self.val_per_class, self.data_seed)
+        write_synthetic_imagenet(self.root, self.train_per_class, self.val_per_class, self.data_seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default="data/synthetic")
+    parser.add_argument("--root", default="data/synthetic/imagenet")
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--val-per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     root = write_synthetic_imagenet(args.root, args.train_per_class, args.val_per_class, args.seed)
-    print(f"wrote {len(CLASSES)} classes to {root}/train and {root}/val")
+    print(f"{len(CLASSES)} classes in {root}/train and {root}/val")
 
 
 if __name__ == "__main__":

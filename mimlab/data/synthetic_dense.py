@@ -14,7 +14,8 @@ The sets use the real on-disk layouts, so the real loaders (:mod:`mimlab.data.co
     reduce-zero-label convention). Regions are rectangles and disks whose colour/texture depends on the class.
 
 Run ``python -m mimlab.data.synthetic_dense --root data/synthetic`` (a progress bar is shown).
-Generation is deterministic given ``seed``.
+Generation is deterministic given ``seed``. Each set is written to a folder of its own, in one step, with a
+manifest (:mod:`mimlab.data.generated`); a folder that mimlab did not generate is never written into.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from rich.progress import Progress
+
+from mimlab.data.generated import write_generated
 
 COCO_CATEGORIES = [
     {"id": 1, "name": "square", "supercategory": "shape"},
@@ -76,10 +79,20 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
+COCO_OWN_DATA_HINT = "To train on a COCO folder of your own, use data=coco data.root=<folder>."
+ADE20K_OWN_DATA_HINT = "To train on an ADE20K folder of your own, use data=ade20k data.root=<folder>."
+
+
 def write_coco(root: str | Path, num_train: int = 32, num_val: int = 16, size: int = 64, seed: int = 0,
                progress: Progress | None = None) -> Path:
-    """Write a COCO-format set under ``root`` (``annotations/``, ``train2017/``, ``val2017/``); returns ``root``."""
-    root = Path(root)
+    """Generate a COCO-format set at ``root`` (``annotations/``, ``train2017/``, ``val2017/``) unless it already holds
+    one; returns ``root``. Raises ``GeneratedDataError`` if ``root`` is a non-empty folder mimlab did not generate."""
+    settings = dict(num_train=num_train, num_val=num_val, size=size, seed=seed)
+    return write_generated(root, "coco", settings, lambda folder: _render_coco(folder, num_train, num_val, size, seed,
+                                                                               progress), COCO_OWN_DATA_HINT)
+
+
+def _render_coco(root: Path, num_train: int, num_val: int, size: int, seed: int, progress: Progress | None) -> dict:
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     ann_id = 1
@@ -124,13 +137,22 @@ def write_coco(root: str | Path, num_train: int = 32, num_val: int = 16, size: i
         with open(root / "annotations" / f"instances_{split[:-4]}2017.json", "w") as f:
             json.dump(data, f)
         annotations.clear()
-    return root
+    return {"train2017": num_train, "val2017": num_val}
 
 
 def write_ade20k(root: str | Path, num_train: int = 32, num_val: int = 8, size: int = 64, num_used_classes: int = 4,
                  seed: int = 0, progress: Progress | None = None) -> Path:
-    """Write an ADEChallengeData2016-layout set under ``root``; labels use classes 1..num_used_classes and 0 = other."""
-    root = Path(root) / "ADEChallengeData2016"
+    """Generate an ADEChallengeData2016-layout set under ``root`` unless it already holds one (labels use classes
+    1..num_used_classes and 0 = other); returns ``root``. Raises ``GeneratedDataError`` for a folder mimlab did not
+    generate."""
+    settings = dict(num_train=num_train, num_val=num_val, size=size, num_used_classes=num_used_classes, seed=seed)
+    return write_generated(root, "ade20k", settings, lambda folder: _render_ade20k(
+        folder, num_train, num_val, size, num_used_classes, seed, progress), ADE20K_OWN_DATA_HINT)
+
+
+def _render_ade20k(folder: Path, num_train: int, num_val: int, size: int, num_used_classes: int, seed: int,
+                   progress: Progress | None) -> dict:
+    root = folder / "ADEChallengeData2016"
     rng = np.random.default_rng(seed + 1)
     colours = rng.integers(60, 255, size=(num_used_classes + 1, 3))
     for split, count in (("training", num_train), ("validation", num_val)):
@@ -154,7 +176,7 @@ def write_ade20k(root: str | Path, num_train: int = 32, num_val: int = 8, size: 
             Image.fromarray(label, mode="L").save(root / "annotations" / split / f"{name}.png")
             if progress:
                 progress.advance(task)
-    return root.parent
+    return {"training": num_train, "validation": num_val}
 
 
 def write_dense_synthetic(root: str | Path = "data/synthetic", size: int = 64, seed: int = 0, show_progress: bool = True) -> Path:
@@ -164,17 +186,6 @@ def write_dense_synthetic(root: str | Path = "data/synthetic", size: int = 64, s
         write_coco(root / "coco", size=size, seed=seed, progress=progress)
         write_ade20k(root / "ade20k", size=size, seed=seed, progress=progress)
     return root
-
-
-def ensure_dense_synthetic(root: str | Path, kind: str, size: int = 64, seed: int = 0) -> Path:
-    """Return ``<root>/<kind>`` (kind ``coco`` or ``ade20k``), writing the embedded set first if it is absent."""
-    root = Path(root)
-    marker = {"coco": root / "coco" / "annotations" / "instances_val2017.json",
-              "ade20k": root / "ade20k" / "ADEChallengeData2016" / "annotations" / "validation"}[kind]
-    if not marker.exists():
-        writer = write_coco if kind == "coco" else write_ade20k
-        writer(root / kind, size=size, seed=seed)
-    return root / kind
 
 
 def main(argv: list[str] | None = None) -> None:

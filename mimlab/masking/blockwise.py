@@ -27,8 +27,8 @@ class BlockMasking:
                  max_aspect: float | None = None, max_attempts: int = 10) -> None:
         if num_masked is None and ratio is None:
             raise ValueError("masking: set num_masked (units per image) or ratio for BlockMasking")
-        if ratio is not None and not 0.0 <= ratio < 1.0:
-            raise ValueError(f"masking.ratio must be in [0, 1), got {ratio}")
+        if ratio is not None and not 0.0 < ratio < 1.0:
+            raise ValueError(f"masking.ratio must be in (0, 1) (0 masks nothing: the masked-unit loss is 0), got {ratio}")
         self.unit_size = int(unit_size)
         self.num_masked, self.ratio = num_masked, ratio
         self.min_num_patches, self.max_num_patches = min_num_patches, max_num_patches
@@ -44,8 +44,9 @@ class BlockMasking:
 
     def count(self, num_units: int) -> int:
         n = self.num_masked if self.num_masked is not None else int(round(num_units * self.ratio))
-        if not 0 <= n < num_units:
-            raise ValueError(f"masking.num_masked={n} must be in [0, {num_units}) for a grid of {num_units} units")
+        if not 0 < n < num_units:
+            raise ValueError(f"masking masks {n} of {num_units} mask unit(s) of {self.unit_size} px; it must mask at "
+                             f"least one and keep one visible (masking.num_masked / masking.ratio, data.img_size)")
         return n
 
     def _uniform(self, lo: float, hi: float, g: torch.Generator | None) -> float:

@@ -13,18 +13,28 @@ class RandomMasking:
     """Uniformly random masking of ``ratio`` of the ``unit_size``-pixel units of an image.
 
     Args:
-        ratio: fraction of units to mask, in [0, 1).
+        ratio: fraction of units to mask, in (0, 1): 0 masks nothing, so a masked-unit loss is 0.
         unit_size: side of a mask unit in pixels (16 = one ViT-B/16 patch, 32 = FCMAE / Img2Vec).
     """
 
     def __init__(self, ratio: float, unit_size: int) -> None:
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"masking.ratio must be in [0, 1), got {ratio}")
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"masking.ratio must be in (0, 1) (0 masks nothing: the masked-unit loss is 0), got {ratio}")
+        if unit_size < 1:
+            raise ValueError(f"masking.unit_size must be >= 1 pixel, got {unit_size}")
         self.ratio = float(ratio)
         self.unit_size = int(unit_size)
 
     def num_keep(self, num_units: int) -> int:
-        return int(num_units * (1 - self.ratio))
+        """Visible units per sample, ``int(L * (1 - ratio))``; at least one unit must stay visible and one masked."""
+        keep = int(num_units * (1 - self.ratio))
+        if not 0 < keep < num_units:
+            raise ValueError(
+                f"masking.ratio={self.ratio} over {num_units} mask unit(s) of {self.unit_size} px keeps "
+                f"int({num_units} x {1 - self.ratio:.3g}) = {keep} visible: "
+                + ("every image would be fully masked" if keep == 0 else "nothing would be masked")
+                + ". Use larger images (data.img_size), a smaller masking.unit_size or another masking.ratio.")
+        return keep
 
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = image_size

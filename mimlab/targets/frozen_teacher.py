@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimlab.checkpoints.files import load_file
 from mimlab.targets.base import Target
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def load_teacher_checkpoint(model: nn.Module, path: str | Path) -> None:
             f"target.checkpoint: teacher checkpoint '{path}' does not exist. Give a local file "
             "(e.g. DINO ResNet-50 weights) or set target.checkpoint=null for a random teacher."
         )
-    state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = _unwrap_state_dict(load_file(path, weights_only=True))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:

@@ -6,7 +6,7 @@ Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -27,7 +27,8 @@ class MaskedPretraining(L.LightningModule):
     position in the global batch) (:meth:`sample_generators`), so masks are reproducible, resume exactly and do not
     depend on the number of processes; validation masks depend only on (seed, batch index, rank) and are therefore
     identical every epoch.
-    ``nan_guard``: 'stop' (raise naming step, batch and loss term), 'skip' (skip that update) or 'off'."""
+    ``nan_guard``: 'stop' (raise naming step, batch and loss term), 'skip' (log it; the update is skipped by
+    :class:`mimlab.callbacks.nan_guard.NonFiniteGuard`) or 'off'."""
 
     def __init__(
         self,
@@ -39,7 +40,7 @@ class MaskedPretraining(L.LightningModule):
         optim: OptimizerFactory,
         neck: nn.Module | None = None,
         seed: int = 0,
-        nan_guard: str = "stop",
+        nan_guard: Literal["stop", "skip", "off"] = "stop",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -94,7 +95,7 @@ class MaskedPretraining(L.LightningModule):
         images = batch[0]
         losses = self.compute_losses(images, self.sample_generators(images.shape[0], batch_idx))
         if not check_finite(losses, self.nan_guard, self.global_step, batch_idx):
-            return None
+            return losses["loss"]  # backward runs on every rank (DDP); NonFiniteGuard drops the non-finite gradients
         self._log_losses("train", losses, images.shape[0])
         return losses["loss"]
 

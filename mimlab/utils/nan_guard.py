@@ -10,10 +10,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_finite(losses: dict[str, Tensor], mode: str, step: int, batch_idx: int) -> bool:
-    """Return True if the step may proceed. ``mode``: 'stop' raises, 'skip' returns False (skip the update), 'off' never checks.
-
-    'stop'/'skip' synchronise with the device once per step (one ``.item()``); 'off' keeps the step fully asynchronous.
-    """
+    """True if every loss term is finite. ``mode``: 'stop' raises naming the term(s), 'skip' warns and returns False
+    (the update is then skipped by :class:`mimlab.callbacks.nan_guard.NonFiniteGuard`, which sees the gradients),
+    'off' never checks. 'stop'/'skip' synchronise with the device once per step (one ``.item()``)."""
     if mode == "off":
         return True
     if bool(torch.isfinite(losses["loss"]).item()):
@@ -26,6 +25,6 @@ def check_finite(losses: dict[str, Tensor], mode: str, step: int, batch_idx: int
     if mode == "skip":
         from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-        rank_zero_warn(message + "; skipping this update (nan_guard=skip)")
+        rank_zero_warn(message + "; skipping this update (nan_guard=skip)")  # the guard drops its gradients
         return False
     raise ValueError(f"nan_guard must be 'stop', 'skip' or 'off', got {mode!r}")

@@ -1,0 +1,55 @@
+"""The run's checkpoint callback: the best checkpoint per validation, ``last.ckpt`` every N steps and at the end."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with ``every_n_train_steps`` meaning "refresh ``last.ckpt`` every N steps".
+
+    In ``ModelCheckpoint`` that argument replaces the per-validation schedule, and a step save waits for the monitored
+    metric (``val/loss``), which does not exist before the first validation: with 12 steps per epoch and N = 5 it
+    wrote nothing in epoch 0 and nothing after step 20 of 24. Here the two schedules are separate:
+
+    * the best checkpoint (``monitor``, ``save_top_k``) is judged at every validation, as without N;
+    * ``last.ckpt`` is written at every N-th optimiser step whatever the metrics, at every best-checkpoint save, and
+      at the end of training, so it always holds the run's final state.
+
+    All other arguments are ``ModelCheckpoint``'s.
+    """
+
+    def __init__(self, *args: Any, every_n_train_steps: int | None = None, **kwargs: Any) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 0:
+            raise ValueError(f"callbacks.checkpoint.every_n_train_steps must be >= 0 or null, got {every_n_train_steps}")
+        super().__init__(*args, **kwargs)
+        self.last_every_n_train_steps = every_n_train_steps or 0
+        self._last_written_at: int | None = None
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_written_at = trainer.global_step
+
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        if not self.save_last or self._last_written_at == trainer.global_step:
+            return
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
+            return
+        judged_at = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # a refreshed last.ckpt is not this step's best-checkpoint decision: validation at this step still judges it
+        self._last_global_step_saved = judged_at
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_train_steps
+        if n and trainer.global_step % n == 0:
+            self._refresh_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._refresh_last(trainer)

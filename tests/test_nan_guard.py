@@ -1,0 +1,82 @@
+"""nan_guard: non-finite gradients never reach the weights; a run that keeps producing them stops with a message."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import compose_config
+from mimlab.train import build
+from mimlab.utils.nan_guard import NonFiniteLossError
+
+TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
+        "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
+        "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "~callbacks.progress", "~callbacks.reconstruction",
+        "~callbacks.knn", "~callbacks.dashboard", "~callbacks.throughput", "data.batch_size=8",
+        "trainer.limit_val_batches=0", "callbacks.checkpoint.monitor=null"]
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients overflow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
+
+
+class LossWithBadGradientsAt(nn.Module):
+    """The recipe's loss, with NaN gradients on the training calls listed in ``bad`` (0-based)."""
+
+    def __init__(self, loss: nn.Module, bad: set[int]) -> None:
+        super().__init__()
+        self.loss, self.bad, self.calls = loss, bad, 0
+
+    def forward(self, pred, target, mask):
+        out = dict(self.loss(pred, target, mask))
+        if self.calls in self.bad:
+            out["loss"] = _NaNGradient.apply(out["loss"])
+        self.calls += 1
+        return out
+
+
+def fit(tmp_path, root, bad: set[int], *overrides: str):
+    cfg = compose_config([*TINY, f"data.root={root}", *overrides], tmp_path)
+    datamodule, module, trainer = build(cfg)
+    module.loss = LossWithBadGradientsAt(module.loss, bad)
+    return module, trainer, lambda: trainer.fit(module, datamodule=datamodule)
+
+
+def test_skip_drops_non_finite_gradients_before_the_weights_move(tmp_path, synthetic_root):
+    module, trainer, run = fit(tmp_path, synthetic_root, {2}, "nan_guard=skip", "trainer.max_steps=5")
+    with pytest.warns(UserWarning, match=r"non-finite gradients at global step 2; skipping this update"):
+        run()
+    assert trainer.global_step == 5
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert float(trainer.callback_metrics["train/skipped_updates"]) == 1
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_step"]))
+
+
+def test_skip_stops_a_run_that_keeps_skipping(tmp_path, synthetic_root):
+    module, _, run = fit(tmp_path, synthetic_root, set(range(2, 100)), "nan_guard=skip", "nan_guard_max_skips=3",
+                         "trainer.max_steps=20")
+    with pytest.raises(NonFiniteLossError, match=r"skipped 3 updates in a row \(global steps 2-4\).*diverging"):
+        run()
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_stop_names_the_step_of_non_finite_gradients(tmp_path, synthetic_root):
+    module, _, run = fit(tmp_path, synthetic_root, {1}, "trainer.max_steps=5")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradients at global step 1 \(the loss was finite\)"):
+        run()
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_unknown_nan_guard_mode_fails_at_build(tmp_path):
+    with pytest.raises(ValueError, match=r"nan_guard must be one of stop, skip, off; got 'skp'"):
+        build(compose_config([*TINY, "nan_guard=skp"], tmp_path))
