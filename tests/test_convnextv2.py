@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.convnext import ConvNeXt
 
-from mimlab.checkpoints.convnextv2 import load_convnextv2_checkpoint
+from mimlab.checkpoints import load_pretrained
 from mimlab.models.backbones.convnextv2 import ConvNeXtV2Block, MaskedConvNeXtV2
 from mimlab.models.layers.grn import GRN
 
@@ -113,7 +113,7 @@ def test_dense_path_and_head_match_timm_convnextv2():
         if "grn" in name or name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.1)
     model = tiny(num_classes=5)
-    load_convnextv2_checkpoint(model, ref.state_dict())
+    load_pretrained(ref.state_dict(), model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model(x)), ref(x), rtol=1e-4, atol=1e-5)
@@ -123,7 +123,7 @@ def test_dense_path_and_head_match_timm_convnextv2():
 def test_timm_atto_with_conv_mlp_loads_and_matches():
     ref = timm.create_model("convnextv2_atto", pretrained=False, num_classes=3).eval()
     model = MaskedConvNeXtV2((2, 2, 6, 2), (40, 80, 160, 320), num_classes=3).eval()
-    load_convnextv2_checkpoint(model, ref.state_dict())
+    load_pretrained(ref.state_dict(), model)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model(x)), ref(x), rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ the official COCOeval, crowd regions honoured through ``iscrowd``/``area``) and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -28,7 +28,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
-from mimlab.optim.dense import layer_decay_param_groups
+from mimlab.optim import OptimizerFactory
 
 
 class _EvalResizeTransform(GeneralizedRCNNTransform):
@@ -60,10 +60,11 @@ class MaskRCNNDetection(L.LightningModule):
 
     Args:
         adapter: backbone + neck adapter with 5 levels (s4..s64, last named ``pool``).
+        optim: the optimiser factory of the ``optim`` config group (``adamw_layer_decay_multistep``: AdamW, layer-wise
+            lr decay over the backbone's declared layer ids, warm-up + multi-step).
         num_classes: object classes without background (80 for COCO).
-        pretrained: pre-training ``.ckpt`` whose ``backbone.*`` (and with ``load_neck`` ``neck.*``) keys fill the adapter.
-        lr, weight_decay, betas, layer_decay: AdamW with layer-wise lr decay over the backbone's blocks.
-        lr_schedule: factory ``(total_steps) -> step -> factor`` (Hydra partial of ``warmup_multistep``).
+        pretrained: pre-training checkpoint (mimlab ``.ckpt`` or official file) filling the backbone (and, with
+            ``load_neck``, the neck).
         min_size, max_size: evaluation resize (shorter side / longer side cap) of the detector transform.
         anchor_sizes: one anchor size per level (default 32..512 for 1024-px images).
         conv_heads: 4conv1fc box head + normed 4-conv mask head + 2-conv RPN (ViTDet / iTPN / torchvision v2 style)
@@ -74,17 +75,14 @@ class MaskRCNNDetection(L.LightningModule):
             1000 as torchvision; CPU-fast configs shrink them).
     """
 
-    def __init__(self, adapter: DenseFeatureAdapter, num_classes: int, pretrained: str | None = None,
-                 load_neck: bool = False, lr: float = 1e-4, weight_decay: float = 0.1,
-                 betas: Sequence[float] = (0.9, 0.999), layer_decay: float = 0.7,
-                 lr_schedule: Callable[[int], Callable[[int], float]] | None = None,
-                 min_size: int = 1024, max_size: int = 1024,
+    def __init__(self, adapter: DenseFeatureAdapter, optim: OptimizerFactory, num_classes: int,
+                 pretrained: str | None = None, load_neck: bool = False, min_size: int = 1024, max_size: int = 1024,
                  anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), conv_heads: bool = True,
                  head_channels: int = 256, representation_size: int = 1024, box_batch_size_per_image: int = 512,
                  rpn_pre_nms_top_n: int = 2000, rpn_post_nms_top_n: int = 1000,
                  detections_per_img: int = 100, mask_threshold: float = 0.5, monitor: str = "val/bbox_mAP"):
         super().__init__()
-        self.save_hyperparameters(ignore=["adapter", "lr_schedule"])
+        self.save_hyperparameters(ignore=["adapter", "optim"])
         if pretrained:
             adapter.load_pretrained(pretrained, load_neck=load_neck)
         backbone = _DetectorBackbone(adapter)
@@ -112,13 +110,18 @@ class MaskRCNNDetection(L.LightningModule):
             rpn_post_nms_top_n_train=rpn_post_nms_top_n, rpn_post_nms_top_n_test=rpn_post_nms_top_n, **kwargs)
         self.model.transform = _EvalResizeTransform(min_size, max_size, self.model.transform.image_mean,
                                                     self.model.transform.image_std, size_divisible=32)
-        self.lr_schedule = lr_schedule
+        self.optim = optim
         with torch.device("cpu"):  # the metric builds its COCO thresholds with .tolist(): not on the meta device
             self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools")
 
     @property
     def adapter(self) -> DenseFeatureAdapter:
         return self.model.backbone.adapter
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pre-trained backbone (the task contract: the param-group builder finds it here)."""
+        return self.adapter.backbone
 
     @staticmethod
     def _train_targets(targets: list[dict]) -> list[dict]:
@@ -160,12 +163,4 @@ class MaskRCNNDetection(L.LightningModule):
                     self.log(f"val/{iou}_{k.replace('map', 'mAP')}", res[key].float(), prog_bar=k == "map")
 
     def configure_optimizers(self):
-        ids, num_layers = self.adapter.layer_ids()
-        prefix = "model.backbone.adapter."
-        groups = layer_decay_param_groups(self.named_parameters(), {prefix + k: v for k, v in ids.items()}, num_layers,
-                                          self.hparams.lr, self.hparams.weight_decay, self.hparams.layer_decay)
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        if self.lr_schedule is None:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule(int(self.trainer.estimated_stepping_batches)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.optim(self, self.trainer, self.trainer.datamodule.batch_size)
