@@ -116,3 +116,19 @@ def test_mimlab_pretraining_checkpoint_reads_the_backbone_only():
     dst = randomised(seed=1)
     load_pretrained(lightning_ckpt, dst)
     assert_same(src, dst)
+
+
+def test_segmentation_starts_from_an_official_sparse_fcmae_file(tmp_path):
+    from functools import partial
+
+    from mimlab.models.heads.upernet import UperNetHead
+    from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
+    from mimlab.optim import OptimizerFactory, ParamGroups
+    from mimlab.tasks.segmentation import UperNetSegmentation
+
+    src = randomised()
+    torch.save({"model": official_sparse(src)}, tmp_path / "convnextv2_fcmae_sparse.pt")
+    task = UperNetSegmentation(DenseFeatureAdapter(randomised(seed=1)), partial(UperNetHead, channels=16),
+                               OptimizerFactory(partial(torch.optim.AdamW), lr=1e-4, param_groups=ParamGroups(0.9)),
+                               num_classes=5, pretrained=str(tmp_path / "convnextv2_fcmae_sparse.pt"))
+    assert_same(src, task.backbone)

@@ -156,6 +156,16 @@ def test_segmentation_loads_vit_backbone_only(tmp_path):
         torch.testing.assert_close(v, neck_before[k])
 
 
+def test_detection_starts_from_an_official_mae_file(tmp_path):
+    src = tiny_vit()
+    official = {**src.state_dict(), "mask_token": torch.zeros(1, 1, 16), "decoder_pred.weight": torch.zeros(3, 3)}
+    torch.save({"model": official, "epoch": 1599}, tmp_path / "mae_pretrain_vit_tiny.pth")
+    task = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3,
+                             pretrained=str(tmp_path / "mae_pretrain_vit_tiny.pth"), **SMALL_DET)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(task.backbone.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_checkpoint_shape_mismatch_names_the_key(tmp_path):
     _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(tiny_vit(dim=64), out_strides=(16,)))
     with pytest.raises(CheckpointMismatchError, match=r"blocks\.0\.attn\.proj\.bias: checkpoint \(64,\) vs model \(32,\)"):

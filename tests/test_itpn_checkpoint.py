@@ -94,3 +94,23 @@ def test_mismatches_raise_clear_errors():
         convert_official_itpn(no_merge)
     with pytest.raises(FileNotFoundError, match="saved locally"):
         load_pretrained("/nonexistent/itpn.pth", deeper)
+
+
+def test_detection_starts_from_an_official_itpn_file_with_its_pyramid(tmp_path):
+    from functools import partial
+
+    from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
+    from mimlab.optim import OptimizerFactory, ParamGroups
+    from mimlab.tasks.detection import MaskRCNNDetection
+
+    src = build(0)
+    torch.save({**to_official(*src), "args": argparse.Namespace(model="itpn_base")}, tmp_path / "itpn_pixel.pth")
+    backbone, neck, _ = build(1)
+    adapter = DenseFeatureAdapter(backbone, neck, out_strides=(4, 8, 16, 32, 64), pool_name="pool",
+                                  extra_pool=torch.nn.AvgPool2d(2, 2))
+    task = MaskRCNNDetection(adapter, OptimizerFactory(partial(torch.optim.AdamW), lr=1e-4, param_groups=ParamGroups(0.9)),
+                             num_classes=3, pretrained=str(tmp_path / "itpn_pixel.pth"), load_neck=True, min_size=64,
+                             max_size=64, anchor_sizes=(8, 16, 32, 64, 128), head_channels=16, representation_size=32)
+    for mine, official in ((task.backbone, src[0]), (task.adapter.neck, src[1])):
+        for k, v in official.state_dict().items():
+            torch.testing.assert_close(mine.state_dict()[k], v, rtol=0, atol=0, msg=k)
