@@ -91,3 +91,9 @@ def test_detection_optimiser_knobs_live_in_the_optim_group(tmp_path):
                                                       "optim.schedule.warmup_steps=100"]) == []
     (message,) = unknown_key_messages(CONFIG_DIR, "train", ["experiment=detect_mae_vit_b_coco", "task.lr=2e-4"])
     assert message.startswith("unknown config key 'task.lr'")
+    cfg = compose_config(["experiment=segment_itpn_b_ade", "logger=csv", "optim.lr=2e-4",
+                          "optim.param_groups.layer_decay=0.8", "optim.schedule.warmup_steps=100"], tmp_path)
+    with torch.device("meta"):
+        module = instantiate(cfg.task)
+    assert (module.optim.lr, module.optim.param_groups.layer_decay) == (2e-4, 0.8)
+    assert module.optim.schedule(1000)(50) == pytest.approx(0.5 * (1 - 50 / 1000), rel=1e-5)  # warm-up x poly
