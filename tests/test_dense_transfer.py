@@ -229,6 +229,7 @@ def _losses_on_one_batch(task, batch, steps: int) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_tiny_detection_run_loss_decreases(coco_root):
     torch.manual_seed(0)
@@ -240,6 +241,7 @@ def test_tiny_detection_run_loss_decreases(coco_root):
     assert all(math.isfinite(v) for v in losses) and min(losses[-3:]) < 0.8 * losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_tiny_segmentation_run_loss_decreases(ade_root):
     torch.manual_seed(0)
@@ -251,6 +253,7 @@ def test_tiny_segmentation_run_loss_decreases(ade_root):
     assert all(math.isfinite(v) for v in losses) and min(losses[-3:]) < 0.8 * losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_trainer_fit_logs_map_and_miou(coco_root, ade_root, tmp_path):
     kw = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
