@@ -96,4 +96,6 @@ def test_detection_optimiser_knobs_live_in_the_optim_group(tmp_path):
     with torch.device("meta"):
         module = instantiate(cfg.task)
     assert (module.optim.lr, module.optim.param_groups.layer_decay) == (2e-4, 0.8)
-    assert module.optim.schedule(1000)(50) == pytest.approx(0.5 * (1 - 50 / 1000), rel=1e-5)  # warm-up x poly
+    schedule = module.optim.schedule(steps_per_epoch=1000, epochs=1, warmup_epochs=module.optim.warmup_epochs,
+                                     min_lr_ratio=0.0)
+    assert schedule(50) == pytest.approx(0.5 * (1 - 50 / 1000), rel=1e-5)  # warm-up x poly

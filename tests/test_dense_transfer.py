@@ -60,9 +60,8 @@ def itpn_adapter(**kw):
 
 def adamw(lr=1e-4, layer_decay=0.75):
     """The optim group's detection factory (AdamW, absolute lr, layer decay over the backbone's ids), constant lr."""
-    return OptimizerFactory(partial(torch.optim.AdamW, betas=(0.9, 0.999)), lr=lr, weight_decay=0.05,
-                            param_groups=ParamGroups(layer_decay=layer_decay),
-                            schedule=partial(WarmupMultiStep, warmup_steps=0, milestones=()))
+    return OptimizerFactory(partial(torch.optim.AdamW, betas=(0.9, 0.999)), lr=lr, weight_decay=0.05, warmup_epochs=0,
+                            param_groups=ParamGroups(layer_decay=layer_decay), schedule=WarmupMultiStep)
 
 
 def optimizer_of(task, total_steps=8):

@@ -4,7 +4,8 @@ segmentation, and on the full-size models (meta device) they equal the official 
 The official rules are re-derived here as references, written after the official code:
 MAE ``util/lr_decay.py`` (``param_groups_lrd``, ViT-B 0.65); ConvNeXt-V2 ``optim_factory.py`` + ``main_finetune.py``
 ("group" for Base, "single" for Atto, scales ``decay ** (num_layers + 1 - id)``); iTPN ``util/lr_decay.py`` (ids over
-the official flat ``blocks`` list, PatchMerges skipped, decay renormalised by ``13 / num_layers``).
+the official flat ``blocks`` list, PatchMerges skipped, decay renormalised by ``13 / num_layers``); SimMIM
+``optimizer.py`` ``get_swin_layer`` (Swin, patch merging at the end of a stage there, at the start of the next in timm).
 """
 import pytest
 import torch
@@ -77,12 +78,31 @@ def itpn_official(name: str, mlp_depth: int, depth: int, decay: float) -> tuple[
     return layer_decay ** (num_layers - layer_id), name.endswith(".relative_position_bias_table") or name == "absolute_pos_embed"
 
 
+def swin_official(name: str, depths: list[int], decay: float) -> tuple[float, bool]:
+    """SimMIM ``get_swin_layer`` + ``scales = decay ** i for i in reversed(range(num_layers + 2))``; timm's
+    ``layers.i.downsample`` is SimMIM's ``layers.(i-1).downsample``. No decay: ``relative_position_bias_table``."""
+    num_layers = sum(depths) + 2
+    parts = name.split(".")
+    if parts[0] == "layers" and parts[2] == "downsample":
+        parts = ["layers", str(int(parts[1]) - 1), "downsample", parts[3]]
+    if name == "mask_token" or name.startswith("patch_embed"):
+        layer_id = 0
+    elif parts[0] == "layers":
+        stage, block_id = int(parts[1]), parts[3]
+        layer_id = sum(depths[: stage + 1]) if block_id in ("reduction", "norm") else sum(depths[:stage]) + int(block_id) + 1
+    else:
+        layer_id = num_layers - 1
+    scales = [decay ** i for i in reversed(range(num_layers))]
+    return scales[layer_id], name.endswith("relative_position_bias_table") or name == "mask_token"
+
+
 # backbone config, neck for detection/segmentation, decay (the fine-tuning recipe's), official reference
 CASES = {
     "vit_base_p16": ("simple_fpn", 0.65, lambda n, b, d: mae_official(n, len(b.blocks), d)),
     "convnextv2_base": ("fpn", 0.6, lambda n, b, d: convnext_official(n, b.depths, d, group=True)),
     "convnextv2_atto": ("fpn", 0.9, lambda n, b, d: convnext_official(n, b.depths, d, group=False)),
     "itpn_base": ("itpn_pyramid", 0.60, lambda n, b, d: itpn_official(n, len(b.stage4), len(b.main_blocks), d)),
+    "mask_token_swin_base_w6": ("fpn", 0.9, lambda n, b, d: swin_official(n, [len(s.blocks) for s in b.layers], d)),
 }
 TASKS = {
     "finetune": ["task=finetune", "task.num_classes=1000"],
@@ -95,10 +115,11 @@ def backbone_groups(backbone_cfg: str, task: str, tmp_path) -> tuple[torch.nn.Mo
     """Build the task on the meta device and read (lr scale, no weight decay) of every backbone parameter from the
     param groups its `optim` group builds."""
     neck, decay, _ = CASES[backbone_cfg]
-    overrides = [*TASKS[task], f"model/backbone={backbone_cfg}", "model.backbone.img_size=224", "logger=csv",
+    size = 192 if "swin" in backbone_cfg else 224  # SimMIM's Swin-B: window 6 at 192 px
+    overrides = [*TASKS[task], f"model/backbone={backbone_cfg}", f"model.backbone.img_size={size}", "logger=csv",
                  f"optim.param_groups.layer_decay={decay}"]
     if backbone_cfg.startswith("convnext"):
-        overrides.remove("model.backbone.img_size=224")
+        overrides.remove(f"model.backbone.img_size={size}")
     if task != "finetune":
         overrides.append(f"model/neck={neck}")
     with torch.device("meta"):

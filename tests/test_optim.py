@@ -51,7 +51,8 @@ def test_frozen_parameters_are_left_out():
 @pytest.mark.parametrize("step", [0, 1, 100, 249, 250, 799, 800, 1099, 1100, 1199])
 def test_multistep_matches_mmcv_linear_warmup_and_steps(step):
     """mmcv ``StepLrUpdater`` + linear warm-up, written out: regular lr * (1 - (1 - step/warmup) * (1 - ratio))."""
-    sched = WarmupMultiStep(total_steps=1200, warmup_steps=250, milestones=(8 / 12, 11 / 12), gamma=0.1, warmup_ratio=0.001)
+    sched = WarmupMultiStep(steps_per_epoch=100, epochs=12, warmup_epochs=0, milestones=(8, 11), gamma=0.1,
+                            warmup_steps=250, warmup_ratio=0.001)
     regular = 0.1 ** ((step >= 800) + (step >= 1100))
     expected = regular * (1 - (1 - step / 250) * (1 - 0.001)) if step < 250 else regular
     assert sched(step) == pytest.approx(expected, rel=1e-12)
@@ -60,10 +61,15 @@ def test_multistep_matches_mmcv_linear_warmup_and_steps(step):
 @pytest.mark.parametrize("step", [0, 1, 1499, 1500, 80000, 159999, 160000])
 def test_poly_matches_mmcv_poly_with_linear_warmup(step):
     """mmcv ``PolyLrUpdater(power=1, min_lr=0)`` + linear warm-up from 1e-6 over 1500 iterations (mmseg UperNet)."""
-    sched = WarmupPoly(total_steps=160000, warmup_steps=1500, power=1.0, warmup_ratio=1e-6)
+    sched = WarmupPoly(steps_per_epoch=160000, epochs=1, warmup_epochs=0, warmup_steps=1500, power=1.0, warmup_ratio=1e-6)
     regular = (1 - step / 160000) ** 1.0
     expected = regular * (1 - (1 - step / 1500) * (1 - 1e-6)) if step < 1500 else regular
     assert sched(step) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_iteration_warmup_and_epoch_warmup_are_exclusive():
+    with pytest.raises(ValueError, match="set optim.warmup_epochs=0"):
+        WarmupMultiStep(steps_per_epoch=100, epochs=12, warmup_epochs=1, milestones=(8, 11), warmup_steps=250)
 
 
 def test_effective_batch_scales_the_lr():
@@ -76,3 +82,35 @@ def test_effective_batch_scales_the_lr():
     assert factory.effective_batch(trainer, 64) == 4096
     assert factory.absolute_lr(trainer, 64) == pytest.approx(1.5e-4 * 4096 / 256)
     assert OptimizerFactory(torch.optim.AdamW, lr=1.5e-3).absolute_lr(trainer, 64) == 1.5e-3
+
+
+def simmim_multistep_lr(step: int, lr: float, warmup_steps: int, milestones: list[int], gamma: float) -> float:
+    """microsoft/SimMIM lr_scheduler.MultiStepLRScheduler (per step, warm-up from 0)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    return lr * gamma ** sum(step >= m for m in milestones)
+
+
+@pytest.mark.parametrize("step", [0, 5, 999, 1000, 1001, 69_999, 70_000, 79_999])
+def test_multistep_schedule_matches_simmim(step):
+    from mimlab.optim import WarmupMultiStep
+
+    sched = WarmupMultiStep(steps_per_epoch=100, epochs=800, warmup_epochs=10, milestones=[700], gamma=0.1)
+    assert sched(step) * 1e-3 == pytest.approx(simmim_multistep_lr(step, 1e-3, 1000, [70_000], 0.1), rel=1e-12)
+
+
+def test_a_recipe_chooses_the_schedule(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+    from mimlab.optim import WarmupCosine, WarmupMultiStep
+
+    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=8000, max_epochs=800)
+    model = _Task()
+    for experiment, kind in [("simmim_vit_tiny_synthetic", WarmupCosine), ("simmim_vit_b", WarmupMultiStep)]:
+        factory = instantiate(compose_config([f"experiment={experiment}", "logger=csv"], tmp_path).optim)
+        scheduler = factory(model, trainer, 128)["lr_scheduler"]["scheduler"]
+        assert isinstance(scheduler.lr_lambdas[0], kind)
+    assert scheduler.lr_lambdas[0](699 * 10) == 1.0 and scheduler.lr_lambdas[0](700 * 10) == pytest.approx(0.1)

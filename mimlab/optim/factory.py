@@ -19,10 +19,10 @@ class OptimizerFactory:
         blr: base lr; the absolute lr is ``blr * effective_batch / base_batch`` unless ``lr`` is given.
         lr: absolute lr (overrides blr scaling, e.g. iTPN-CLIP's 1.5e-3 and the detection/segmentation recipes).
         weight_decay: decay for >=2-D weights.
+        min_lr, warmup_epochs: passed to the schedule (epochs may be fractional).
         param_groups: the one builder, :class:`~mimlab.optim.param_groups.ParamGroups` (layer decay, weight-decay split).
-        schedule: partial ``schedule(total_steps) -> step -> factor`` (``WarmupMultiStep``, ``WarmupPoly``);
-            None gives MAE's per-iteration warm-up + cosine from ``warmup_epochs`` and ``min_lr`` (epochs may be
-            fractional).
+        schedule: ``f(steps_per_epoch, epochs, warmup_epochs, min_lr_ratio) -> (step -> lr factor)``, a partial of a
+            :mod:`mimlab.optim.schedule` class with its own knobs; default :class:`WarmupCosine` (MAE).
     """
 
     def __init__(
@@ -35,7 +35,7 @@ class OptimizerFactory:
         warmup_epochs: float = 40,
         base_batch: int = 256,
         param_groups: Callable[[nn.Module, float], list[dict]] | None = None,
-        schedule: Callable[[int], Callable[[int], float]] | None = None,
+        schedule: Callable[..., Callable[[int], float]] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.blr = blr
@@ -45,7 +45,7 @@ class OptimizerFactory:
         self.warmup_epochs = warmup_epochs
         self.base_batch = base_batch
         self.param_groups = param_groups if param_groups is not None else ParamGroups(backbone_no_weight_decay=False)
-        self.schedule = schedule
+        self.schedule = schedule or WarmupCosine
 
     @staticmethod
     def effective_batch(trainer: L.Trainer, batch_size: int) -> int:
@@ -58,11 +58,11 @@ class OptimizerFactory:
         return self.blr * self.effective_batch(trainer, batch_size) / self.base_batch
 
     def lr_lambda(self, trainer: L.Trainer, lr: float) -> Callable[[int], float]:
+        """The per-step factor for this run (a max-steps run without epochs counts as one epoch)."""
         total_steps = max(int(trainer.estimated_stepping_batches), 1)
-        if self.schedule is not None:
-            return self.schedule(total_steps)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        return WarmupCosine(total_steps / epochs, epochs, self.warmup_epochs, self.min_lr / lr if lr > 0 else 0.0)
+        return self.schedule(steps_per_epoch=total_steps / epochs, epochs=epochs, warmup_epochs=self.warmup_epochs,
+                             min_lr_ratio=self.min_lr / lr if lr > 0 else 0.0)
 
     def __call__(self, module: nn.Module, trainer: L.Trainer, batch_size: int) -> dict:
         lr = self.absolute_lr(trainer, batch_size)

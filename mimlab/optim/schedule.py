@@ -1,13 +1,14 @@
-"""Per-step lr schedules as ``LambdaLR`` factors (each group keeps its own base lr ``lr * lr_scale``).
+"""Per-step lr schedules as ``LambdaLR`` factors (each param group keeps its own base lr ``lr * lr_scale``).
 
-* :class:`WarmupCosine` — MAE ``util/lr_sched.py``: linear warm-up then half-cycle cosine, per iteration, in epochs
-  (pre-training, fine-tuning, linear probing);
-* :class:`WarmupMultiStep` — mmdet / Detectron2 Mask R-CNN: linear warm-up from ``warmup_ratio`` then ×``gamma`` at
-  each milestone (detection);
-* :class:`WarmupPoly` — mmseg UperNet: linear warm-up then polynomial decay (segmentation).
+Every schedule is built by :class:`~mimlab.optim.OptimizerFactory` as ``schedule(steps_per_epoch=, epochs=,
+warmup_epochs=, min_lr_ratio=)`` (the run's length and the `optim` group's ``warmup_epochs`` / ``min_lr``), plus its
+own knobs from a Hydra partial:
 
-The step-based ones are built by :class:`~mimlab.optim.OptimizerFactory` from a Hydra partial with the run's
-``total_steps`` (``trainer.estimated_stepping_batches``).
+* :class:`WarmupCosine` — MAE ``util/lr_sched.py``: linear warm-up then half-cycle cosine (the default);
+* :class:`WarmupMultiStep` — ×``gamma`` at epoch milestones: SimMIM ``lr_scheduler.py`` "multistep" (warm-up in
+  epochs from 0) and the Mask R-CNN 1× schedule of mmdet / Detectron2 / ViTDet (warm-up in iterations from
+  ``warmup_ratio``);
+* :class:`WarmupPoly` — mmcv ``PolyLrUpdater`` with linear warm-up in iterations (the mmseg UperNet 160k schedule).
 """
 from __future__ import annotations
 
@@ -37,35 +38,54 @@ class WarmupCosine:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def linear_warmup(step: int, warmup_steps: int, warmup_ratio: float) -> float:
-    """mmcv ``linear`` warm-up factor: ``warmup_ratio`` at step 0 rising to 1 at ``warmup_steps``."""
-    if step >= warmup_steps:
-        return 1.0
-    return warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
+class _Warmup:
+    """Linear warm-up factor over ``warmup_epochs`` (from 0) or, given ``warmup_steps``, over that many iterations
+    from ``warmup_ratio`` (mmcv ``linear``: ``ratio + (1 - ratio) * step / warmup_steps``). Not both."""
+
+    def __init__(self, steps_per_epoch: float, epochs: float, warmup_epochs: float, warmup_steps: int | None,
+                 warmup_ratio: float) -> None:
+        if warmup_steps is not None and warmup_epochs:
+            raise ValueError(f"the schedule warms up over schedule.warmup_steps={warmup_steps} iterations; set "
+                             f"optim.warmup_epochs=0 (got {warmup_epochs}) or drop warmup_steps")
+        self.steps_per_epoch = max(steps_per_epoch, 1e-12)
+        self.length = warmup_steps if warmup_steps is not None else min(warmup_epochs, epochs) * self.steps_per_epoch
+        self.ratio = warmup_ratio if warmup_steps is not None else 0.0
+
+    def __call__(self, step: int) -> float:
+        return 1.0 if step >= self.length else self.ratio + (1 - self.ratio) * step / self.length
 
 
 class WarmupMultiStep:
-    """Linear warm-up, then ×``gamma`` at each milestone (fractions of ``total_steps``): the Mask R-CNN 1× schedule
-    (12 epochs, steps at epochs 8 and 11, 250 warm-up iterations from 0.001 in mmdet / Detectron2 / ViTDet)."""
+    """``gamma ** (number of epoch milestones passed)``, floored at ``min_lr_ratio``, times the linear warm-up.
 
-    def __init__(self, total_steps: int, warmup_steps: int = 250, milestones: Sequence[float] = (8 / 12, 11 / 12),
-                 gamma: float = 0.1, warmup_ratio: float = 0.001) -> None:
-        self.warmup_steps, self.gamma, self.warmup_ratio = warmup_steps, gamma, warmup_ratio
-        self.marks = [int(m * total_steps) for m in milestones]
+    SimMIM's 800-epoch recipes: ``optim.warmup_epochs=10``, milestones ``[700]``. Mask R-CNN 1×: milestones
+    ``[8, 11]`` of 12 epochs, ``warmup_steps=250`` from ``warmup_ratio=0.001`` (then ``optim.warmup_epochs=0``).
+    """
+
+    def __init__(self, steps_per_epoch: float, epochs: float, warmup_epochs: float, min_lr_ratio: float = 0.0,
+                 milestones: Sequence[float] = (), gamma: float = 0.1, warmup_steps: int | None = None,
+                 warmup_ratio: float = 0.0) -> None:
+        self.warmup = _Warmup(steps_per_epoch, epochs, warmup_epochs, warmup_steps, warmup_ratio)
+        self.steps_per_epoch = self.warmup.steps_per_epoch
+        self.min_lr_ratio = min_lr_ratio
+        self.milestones = sorted(milestones)
+        self.gamma = gamma
 
     def __call__(self, step: int) -> float:
-        return linear_warmup(step, self.warmup_steps, self.warmup_ratio) * self.gamma ** sum(step >= m for m in self.marks)
+        passed = sum(step / self.steps_per_epoch >= m for m in self.milestones)
+        return self.warmup(step) * max(self.gamma**passed, self.min_lr_ratio)
 
 
 class WarmupPoly:
-    """mmcv ``PolyLrUpdater`` with linear warm-up: ``(1 - min_ratio) * (1 - step / total) ** power + min_ratio``, times the
-    warm-up factor during the first ``warmup_steps`` (the UperNet 160k schedule: warm-up 1500 from 1e-6, power 1.0)."""
+    """mmcv ``PolyLrUpdater``: ``(1 - m) * (1 - step / total) ** power + m`` with ``m = min_lr_ratio`` and
+    ``total = steps_per_epoch * epochs``, times the linear warm-up (UperNet 160k: ``warmup_steps=1500`` from 1e-6)."""
 
-    def __init__(self, total_steps: int, warmup_steps: int = 1500, power: float = 1.0, min_ratio: float = 0.0,
-                 warmup_ratio: float = 1e-6) -> None:
-        self.total_steps = max(total_steps, 1)
-        self.warmup_steps, self.power, self.min_ratio, self.warmup_ratio = warmup_steps, power, min_ratio, warmup_ratio
+    def __init__(self, steps_per_epoch: float, epochs: float, warmup_epochs: float, min_lr_ratio: float = 0.0,
+                 power: float = 1.0, warmup_steps: int | None = None, warmup_ratio: float = 0.0) -> None:
+        self.warmup = _Warmup(steps_per_epoch, epochs, warmup_epochs, warmup_steps, warmup_ratio)
+        self.total_steps = max(self.warmup.steps_per_epoch * epochs, 1.0)
+        self.power, self.min_lr_ratio = power, min_lr_ratio
 
     def __call__(self, step: int) -> float:
-        poly = (1 - self.min_ratio) * (1 - min(step, self.total_steps) / self.total_steps) ** self.power + self.min_ratio
-        return poly * linear_warmup(step, self.warmup_steps, self.warmup_ratio)
+        progress = min(step, self.total_steps) / self.total_steps
+        return ((1 - self.min_lr_ratio) * (1 - progress) ** self.power + self.min_lr_ratio) * self.warmup(step)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from mimlab.masking import keep_indices, num_visible
+from mimlab.masking import fill_masked, keep_indices, num_visible
 from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
@@ -311,8 +311,7 @@ class HiViT(nn.Module):
         f8 = x
         x = self.merge8(x)[:, :, 0, 0, :]  # (N, K, D)
         if mask is not None and not self.drop_masked:
-            w_ = mask[:, :, None].to(x.dtype)
-            x = x * (1 - w_) + self.mask_token.to(x.dtype) * w_
+            x = fill_masked(x, mask, self.mask_token)
         if self.absolute_pos_embed is not None:
             pos = self.position_embedding(grid, x.shape[1])
             if ids_keep is not None:
