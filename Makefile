@@ -14,7 +14,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
 DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
 
-.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench gpu-check shards test clean
+.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench gpu-check shards test test-full clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -77,7 +77,10 @@ shards: $(VENV)/.installed  ## WebDataset shards of an ImageNet folder: make sha
 	@if [ -z "$(SRC)" ] || [ -z "$(DST)" ]; then echo "make shards: set SRC=<ImageNet-layout folder> DST=<output folder>"; exit 2; fi
 	$(PY) -m mimlab.data.shards --src $(SRC) --dst $(DST) $(ARGS)
 
-test: $(VENV)/.installed  ## run the test suite
+test: $(VENV)/.installed  ## the fast tier (every module, no slow end-to-end runs; ~3 min on 2 cores)
+	$(PY) -m pytest -q -m "not slow and not slurm"
+
+test-full: $(VENV)/.installed  ## every test (slow end-to-end runs; slurm ones need scripts/slurm_local.sh start); what CI runs
 	$(PY) -m pytest -q
 
 clean:  ## remove outputs, generated data, caches and the virtualenv

@@ -16,6 +16,19 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def shared_data(name: str) -> Path:
+    """``../shared/data/<name>`` (real public samples staged beside the checkout, never committed); skips the test
+    when absent — or fails it when ``MIMLAB_REQUIRE_SHARED_DATA=1`` (set by ``.ci/run`` where the samples are staged),
+    so a missing or renamed sample cannot turn the real-data tests into silent skips."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        reason = f"needs the real sample {path} (staged beside the checkout as ../shared/data/{name}); not present"
+        if os.environ.get("MIMLAB_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(reason + ", and MIMLAB_REQUIRE_SHARED_DATA=1")
+        pytest.skip(reason)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """10 classes x (6 train, 2 val) small JPEGs in the ImageNet layout."""

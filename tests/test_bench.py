@@ -43,6 +43,7 @@ def test_bench_reports_every_figure_for_each_loop(bench_json):
     data = bench_json["datapath"]
     assert not data["generated"] and len(data["ratio_per_round"]) == 3 and data["ratio_median"] > 0
     assert data["ratio_per_round"] == pytest.approx([a / b for a, b in zip(data["mimlab_img_s"], data["official_img_s"])])
+    assert len(data["ratio_workers_per_round"]) == 3 and data["ratio_workers_median"] > 0
 
 
 def test_timing_windows_and_their_summary():

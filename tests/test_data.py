@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED_DATA
+from conftest import shared_data
 from mimlab.data.image_folder import CorruptImageError, DataLayoutError
 from mimlab.data.imagenet import ImageNetDataModule
 from mimlab.data.synthetic import CLASSES
@@ -28,19 +28,26 @@ def test_synthetic_set_has_imagenet_layout(synthetic_root):
     assert img.format == "JPEG" and img.mode == "RGB" and 64 <= min(img.size) <= 96
 
 
-def test_batches_are_normalised_crops(synthetic_root):
+def test_train_crops_travel_as_uint8_and_are_normalised_on_transfer_exactly_like_totensor_normalize(synthetic_root):
+    from torchvision import transforms as T
+
+    from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
     dm = make_dm(synthetic_root)
-    images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    raw, labels = next(iter(dm.train_dataloader()))
+    assert raw.shape == (4, 3, 32, 32) and raw.dtype == torch.uint8
     assert labels.max() < 10 and dm.num_classes == 10
-    assert -3 < images.mean() < 3
+    images, same_labels = dm.on_after_batch_transfer([raw, labels], 0)
+    assert images.dtype == torch.float32 and same_labels is labels
+    official = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # what the MAE workers compute
+    expected = torch.stack([official(Image.fromarray(crop.permute(1, 2, 0).numpy())) for crop in raw])
+    assert torch.equal(images, expected)
     val_images, _ = next(iter(dm.val_dataloader()))
     assert val_images.shape == (4, 3, 32, 32)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "imagenet_sample").is_dir(), reason="shared/data/imagenet_sample not present")
 def test_reads_real_imagenet_samples():
-    dm = make_dm(SHARED_DATA / "imagenet_sample", img_size=64)
+    dm = make_dm(shared_data("imagenet_sample"), img_size=64)
     assert dm.num_classes == 100 and dm.train_set.classes[0] == "n01440764"
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 64, 64)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import shared_data
 from mimlab.data.ade20k import ADE20KDataModule, ADE20KSegmentation, reduce_zero_label
 from mimlab.data.coco import COCODataModule, COCOInstances, lsj_transforms
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if p.is_dir()), None)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +108,7 @@ def test_ade_bad_label_values(ade_root, tmp_path):
 
 
 def test_ade_train_crops_and_val_full_labels(ade_root):
-    dm = ADE20KDataModule(str(ade_root), crop_size=32, batch_size=2)
+    dm = ADE20KDataModule(str(ade_root), img_size=32, batch_size=2)
     dm.setup()
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 32, 32) and labels.shape == (2, 32, 32) and labels.dtype == torch.int64
@@ -119,9 +117,8 @@ def test_ade_train_crops_and_val_full_labels(ade_root):
     assert images[0].shape == (3, 32, 32) and labels[0].shape == (64, 64)  # val image resized, label kept
 
 
-@pytest.mark.skipif(SHARED is None or not (SHARED / "coco_tiny").is_dir(), reason="shared/data/coco_tiny not staged")
 def test_shared_coco_tiny():
-    ds = COCOInstances(SHARED / "coco_tiny", "val", keep_crowd=True)
+    ds = COCOInstances(shared_data("coco_tiny"), "val", keep_crowd=True)
     assert len(ds) == 80 and ds.num_classes == 80 and ds.cat_id_to_label[90] == 80
     crowd_images = [i for i, im in enumerate(ds.images) if any(a["iscrowd"] for a in ds.anns_by_image[im["id"]])]
     target = ds.load_target(crowd_images[0])
@@ -131,9 +128,8 @@ def test_shared_coco_tiny():
     assert torch.allclose(areas[~crowd], target["area"][~crowd], rtol=0.2, atol=30)  # polygons
 
 
-@pytest.mark.skipif(SHARED is None or not (SHARED / "ade20k_sample").is_dir(), reason="shared/data/ade20k_sample not staged")
 def test_shared_ade20k_sample():
-    ds = ADE20KSegmentation(SHARED / "ade20k_sample", "validation")
+    ds = ADE20KSegmentation(shared_data("ade20k_sample"), "validation")
     assert len(ds) == 3
     label = ds.load_label(0)  # ADE_val_00000001: raw labels [0, 1, 2, 3, 5, 7, 10, 18]
     assert sorted(label.unique().tolist()) == [0, 1, 2, 4, 6, 9, 17, 255]

@@ -244,7 +244,7 @@ def test_tiny_detection_run_loss_decreases(coco_root):
 @pytest.mark.filterwarnings("ignore")
 def test_tiny_segmentation_run_loss_decreases(ade_root):
     torch.manual_seed(0)
-    dm = ADE20KDataModule(str(ade_root), crop_size=32, batch_size=2, photometric=False)
+    dm = ADE20KDataModule(str(ade_root), img_size=32, batch_size=2, photometric=False)
     dm.setup()
     task = UperNetSegmentation(itpn_adapter(out_strides=(4, 8, 16, 32)), partial(UperNetHead, channels=16),
                                adamw(lr=1e-2), partial(FCNHead, channels=8), num_classes=150)
@@ -264,7 +264,7 @@ def test_trainer_fit_logs_map_and_miou(coco_root, ade_root, tmp_path):
     seg = UperNetSegmentation(vit_adapter(), partial(UperNetHead, channels=16), adamw(), num_classes=150, crop_size=32,
                               stride=21)
     trainer = L.Trainer(**kw)
-    trainer.fit(seg, ADE20KDataModule(str(ade_root), crop_size=32, batch_size=2))
+    trainer.fit(seg, ADE20KDataModule(str(ade_root), img_size=32, batch_size=2))
     assert 0.0 <= float(trainer.callback_metrics["val/mIoU"]) <= 1.0
 
 

@@ -11,12 +11,16 @@ Layouts, recognised from the keys (each converter lives beside this module):
 
 A file may wrap the weights under ``state_dict`` / ``model`` / ``module`` / ``model_ema`` and prefix them ``module.``.
 Classifier heads of official fine-tuned files (``head.*``, ``fc_norm.*``) that the backbone does not have are left out
-and reported. Every mismatch is reported at once (missing, unexpected, shape-mismatched keys, with the file name).
+and reported. Position embeddings are resampled to the backbone's grid (logged). A backbone may declare
+``checkpoint_optional_keys`` (may be absent, e.g. ViTDet's rel-pos tables) and ``checkpoint_unused_keys`` (dropped).
+Every mismatch is reported at once (missing, unexpected, shape-mismatched keys, with the file name), and a checkpoint of
+another backbone family is named as such.
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib
 import logging
 import pickle
 import re
@@ -92,25 +96,52 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 
 def _adapt(key: str, value: Tensor, target: Tensor) -> Tensor:
-    """Shape fixes that keep the meaning: GRN (1,1,1,C) <-> (C,), and pos-embed grid resampling."""
+    """Shape fixes that keep the meaning: GRN (1,1,1,C) <-> (C,), and pos-embed grid resampling (square grids, with or
+    without a cls row: ViT ``pos_embed``, HiViT ``absolute_pos_embed``), logged."""
     if value.numel() == target.numel() and ("grn" in key or key.endswith(("gamma", "beta"))):
         return value.reshape(target.shape)
     if key.endswith("pos_embed") and value.dim() == 3 and target.dim() == 3 and value.shape[-1] == target.shape[-1]:
         from timm.layers import resample_abs_pos_embed
 
         prefix = 1 if (value.shape[1] ** 0.5) % 1 else 0
+        side_old = int(round((value.shape[1] - prefix) ** 0.5))
         side_new = int(round((target.shape[1] - prefix) ** 0.5))
-        if side_new * side_new + prefix == target.shape[1]:
-            return resample_abs_pos_embed(value, [side_new, side_new], num_prefix_tokens=prefix)
+        if side_new * side_new + prefix == target.shape[1] and side_old * side_old + prefix == value.shape[1]:
+            log.info("%s: resampled from the checkpoint's %dx%d grid to the model's %dx%d grid (bicubic)",
+                     key, side_old, side_old, side_new, side_new)
+            return resample_abs_pos_embed(value, [side_new, side_new], [side_old, side_old], num_prefix_tokens=prefix)
     return value
 
 
+def _family_mismatch(module: nn.Module, source: str, trained_target: str | None, state: dict, own: dict) -> str | None:
+    """A one-line diagnosis when the checkpoint holds another backbone family than ``module``: a mimlab checkpoint names
+    its backbone class (``model.backbone._target_``), which ``module`` must be or subclass (ViTDet loads a MaskedViT
+    checkpoint); any file sharing no parameter name with the model."""
+    name = type(module).__name__
+    if trained_target:
+        module_name, _, cls_name = trained_target.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError, ValueError):
+            cls = None
+        if cls is not None and not isinstance(module, cls):
+            return (f"checkpoint {source} was pre-trained with a {cls_name} backbone (model.backbone._target_="
+                    f"{trained_target}) but this run builds {name}: pick the model/backbone config of the checkpoint's "
+                    f"family (the one it was pre-trained with), or pass a {name} checkpoint.")
+    if state and not set(state) & set(own):
+        return (f"checkpoint {source} has no parameter of {name} (checkpoint keys like {sorted(state)[:3]}, model keys "
+                f"like {sorted(own)[:3]}): it holds another backbone family; pick the model/backbone config it was "
+                "trained with.")
+    return None
+
+
 def fit_state(module: nn.Module, state: dict[str, Tensor], source: str, layout: str, allow_missing: Iterable[str] = (),
-              ignore_unexpected: Iterable[str] = ()) -> dict[str, list[str]]:
+              ignore_unexpected: Iterable[str] = (), trained_target: str | None = None) -> dict[str, list[str]]:
     """Load ``state`` into ``module`` or raise :class:`CheckpointMismatchError` listing every problem (nothing loaded).
 
     ``allow_missing``: fnmatch patterns of module keys the checkpoint may lack (they keep their initialisation);
-    ``ignore_unexpected``: patterns of checkpoint keys to drop. Returns ``{"missing": [...], "ignored": [...]}``.
+    ``ignore_unexpected``: patterns of checkpoint keys to drop; ``trained_target``: the class a mimlab checkpoint was
+    trained with (names a family mismatch). Returns ``{"missing": [...], "ignored": [...]}``.
     """
     own = module.state_dict()
     drop = list(ignore_unexpected) + (list(OFFICIAL_HEADS) if layout != "mimlab" else [])
@@ -123,6 +154,9 @@ def fit_state(module: nn.Module, state: dict[str, Tensor], source: str, layout: 
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sorted(set(state) & set(own)) if state[k].shape != own[k].shape]
     if bad_missing or unexpected or mismatched:
+        family = _family_mismatch(module, source, trained_target, state, own)
+        if family:
+            raise CheckpointMismatchError(family)
         lines = [f"checkpoint {source} ({layout} layout) does not fit {type(module).__name__}:"]
         for title, items in (("shape mismatches", mismatched), ("missing in checkpoint", bad_missing),
                              ("unexpected in checkpoint", unexpected)):
@@ -144,15 +178,22 @@ def load_pretrained(source: str | Path | Mapping, backbone: nn.Module, neck: nn.
                     allow_missing: Iterable[str] = (), ignore_unexpected: Iterable[str] = ()) -> dict[str, dict]:
     """Fill ``backbone`` (and ``neck``, strictly) from a checkpoint of any supported layout; every task uses this.
 
-    ``allow_missing`` / ``ignore_unexpected`` apply to the backbone (see :func:`fit_state`). Returns the per-part
-    reports ``{"backbone": {...}, "neck": {...}}`` and raises :class:`CheckpointMismatchError` on any mismatch.
+    ``allow_missing`` / ``ignore_unexpected`` apply to the backbone (see :func:`fit_state`), together with the
+    backbone's own ``checkpoint_optional_keys`` / ``checkpoint_unused_keys``. Returns the per-part reports
+    ``{"backbone": {...}, "neck": {...}}`` and raises :class:`CheckpointMismatchError` on any mismatch.
     """
     name = str(source) if isinstance(source, (str, Path)) else "<state dict>"
-    parts, layout = pretrained_parts(source)
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    parts, layout = pretrained_parts(checkpoint)
     if not parts["backbone"]:
         raise CheckpointMismatchError(f"no backbone weights in {name} (looked for mimlab 'backbone.*' keys and the "
                                       "official MAE / ConvNeXt V2 / iTPN layouts); is this the right checkpoint?")
-    report = {"backbone": fit_state(backbone, parts["backbone"], name, layout, allow_missing, ignore_unexpected)}
+    config = (checkpoint.get("mimlab") or {}).get("config") if isinstance(checkpoint, Mapping) else None
+    trained_target = (((config or {}).get("model") or {}).get("backbone") or {}).get("_target_")
+    allow_missing = (*allow_missing, *getattr(backbone, "checkpoint_optional_keys", ()))
+    ignore_unexpected = (*ignore_unexpected, *getattr(backbone, "checkpoint_unused_keys", ()))
+    report = {"backbone": fit_state(backbone, parts["backbone"], name, layout, allow_missing, ignore_unexpected,
+                                    trained_target)}
     if neck is not None:
         if not parts["neck"]:
             raise CheckpointMismatchError(f"{name} ({layout} layout) has no neck weights to load into "

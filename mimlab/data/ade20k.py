@@ -10,22 +10,22 @@ ignore index 255 and raw 1..150 become classes 0..149. A raw 255 stays 255. Any 
 
 A training sample is ``(image, label)``: image (3, crop, crop) float, ImageNet-normalised; label (crop, crop) int64
 in 0..149 ∪ {255}. A validation sample keeps the label at its original size; the image is resized (shorter side
-``crop_size``) and the model's logits are resized back to the label before scoring.
+``img_size``) and the model's logits are resized back to the label before scoring.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from mimlab.data.base import ResumableDataModule
 from mimlab.data.coco import read_rgb
 
 IGNORE_INDEX = 255
@@ -71,10 +71,25 @@ class ADE20KSegmentation(Dataset):
         if missing:
             raise FileNotFoundError(f"{len(missing)} image(s) in {self.image_dir} have no label PNG in {self.label_dir}: "
                                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+        self._check_label_sizes()
         self.transforms, self.transform_label, self.num_classes = transforms, transform_label, num_classes
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def _check_label_sizes(self) -> None:
+        """Every label PNG has its image's size (read from the file headers, nothing is decoded)."""
+        bad = []
+        for image_path in self.images:
+            label_path = self.label_dir / f"{image_path.stem}.png"
+            with Image.open(image_path) as image, Image.open(label_path) as label:
+                if image.size != label.size:
+                    bad.append(f"{label_path} is {label.size[0]}x{label.size[1]} but {image_path.name} is "
+                               f"{image.size[0]}x{image.size[1]}")
+        if bad:
+            raise ValueError(f"{len(bad)} ADE20K label PNG(s) differ in size from their image: " + "; ".join(bad[:5])
+                             + (" ..." if len(bad) > 5 else "") + ". A label must have its image's width and height "
+                             "(one class index per pixel); fix or remove these pairs.")
 
     def load_label(self, index: int) -> torch.Tensor:
         path = self.label_dir / f"{self.images[index].stem}.png"
@@ -123,21 +138,24 @@ def list_collate(batch):
     return list(images), list(labels)
 
 
-class ADE20KDataModule(L.LightningDataModule):
+class ADE20KDataModule(ResumableDataModule):
     """ADE20K train (random crops, stacked) and val (full images, lists) loaders; 150 classes, ignore 255.
 
+    ``img_size`` is the run's one size knob: the training crop side and the evaluation shorter side (the recipes also
+    set the sliding window, the backbone's position-embedding grid and the task's ``crop_size`` from it).
     With ``generate_if_missing`` the embedded ADE-format synthetic set is written to ``root`` when absent.
+    Sharding, seeding and resume: :class:`~mimlab.data.base.ResumableDataModule` (``val_batch_size`` defaults to 1).
     """
 
-    def __init__(self, root: str, crop_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), batch_size: int = 2,
-                 val_batch_size: int = 1, num_workers: int = 0, num_classes: int = 150, photometric: bool = True,
-                 generate_if_missing: bool = False, synthetic_size: int = 64, pin_memory: bool = False):
-        super().__init__()
-        self.root, self.crop_size, self.scale_range = Path(root), crop_size, tuple(scale_range)
-        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
-        self.num_classes, self.photometric, self.pin_memory = num_classes, photometric, pin_memory
+    val_collate = staticmethod(list_collate)
+
+    def __init__(self, root: str, img_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), batch_size: int = 2,
+                 val_batch_size: int = 1, num_classes: int = 150, photometric: bool = True,
+                 generate_if_missing: bool = False, synthetic_size: int = 64, **kwargs):
+        super().__init__(root, batch_size=batch_size, val_batch_size=val_batch_size, **kwargs)
+        self.img_size, self.scale_range = img_size, tuple(scale_range)
+        self.num_classes, self.photometric = num_classes, photometric
         self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
-        self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
         if self.generate_if_missing and not (self.root / "ADEChallengeData2016" / "annotations" / "validation").exists():
@@ -146,16 +164,16 @@ class ADE20KDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
-        if self.train_set is None:
-            self.train_set = ADE20KSegmentation(self.root, "training", train_transforms(self.crop_size, self.scale_range,
-                                                                                        self.photometric), True, self.num_classes)
-            self.val_set = ADE20KSegmentation(self.root, "validation", val_transforms(self.crop_size), False, self.num_classes)
+        super().setup(stage)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=default_collate, drop_last=True, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+    def build_datasets(self) -> tuple[ADE20KSegmentation, ADE20KSegmentation]:
+        train = ADE20KSegmentation(self.root, "training", train_transforms(self.img_size, self.scale_range,
+                                                                          self.photometric), True, self.num_classes)
+        val = ADE20KSegmentation(self.root, "validation", val_transforms(self.img_size), False, self.num_classes)
+        return train, val
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=list_collate, pin_memory=self.pin_memory)
+    def data_identity(self) -> tuple[str, Iterable[str]]:
+        def lines():
+            for dataset in (self.train_set, self.val_set):
+                yield from (f"{dataset.image_dir.name}/{p.name}" for p in dataset.images)
+        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()

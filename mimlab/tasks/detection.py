@@ -8,7 +8,9 @@ rescaling (LSJ or multi-scale), so the detector's own transform only normalises,
 
 Validation computes COCO box and mask mAP with ``torchmetrics.detection.MeanAveragePrecision`` (pycocotools backend:
 the official COCOeval, crowd regions honoured through ``iscrowd``/``area``) and logs ``val/bbox_mAP``, ``val/segm_mAP``
-(and the AP50/AP75/S/M/L variants) once per validation epoch.
+(the AP50/AP75/S/M/L variants and the recall ``val/{bbox,segm}_mAR_100``) once per validation epoch. Under DDP every
+rank evaluates its own block of validation images and the per-image results are gathered in data set order before
+COCOeval runs, so the figures are those of one process.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
 from mimlab.optim import OptimizerFactory
+from mimlab.utils.distributed import gather_list_states
 
 
 class _EvalResizeTransform(GeneralizedRCNNTransform):
@@ -65,8 +68,12 @@ class MaskRCNNDetection(L.LightningModule):
         num_classes: object classes without background (80 for COCO).
         pretrained: pre-training checkpoint (mimlab ``.ckpt`` or official file) filling the backbone (and, with
             ``load_neck``, the neck).
-        min_size, max_size: evaluation resize (shorter side / longer side cap) of the detector transform.
-        anchor_sizes: one anchor size per level (default 32..512 for 1024-px images).
+        min_size, max_size: evaluation resize (shorter side / longer side cap) of the detector transform; the recipes
+            set both from ``data.img_size`` (the one size knob). ``min_size`` must be a multiple of the backbone's
+            largest stride.
+        anchor_sizes: one anchor size per level; ``None`` follows the input size: ``min_size/32 · (1, 2, 4, 8, 16)``
+            (32..512 at 1024 px, ViTDet's).
+        box_score_thresh: detections scoring below it are dropped before evaluation (0.05 as Detectron2/torchvision).
         conv_heads: 4conv1fc box head + normed 4-conv mask head + 2-conv RPN (ViTDet / iTPN / torchvision v2 style)
             instead of the 2-fc box head of the original Mask R-CNN.
         head_channels, representation_size: RoI head widths (256 / 1024 in the paper configs).
@@ -77,16 +84,20 @@ class MaskRCNNDetection(L.LightningModule):
 
     def __init__(self, adapter: DenseFeatureAdapter, optim: OptimizerFactory, num_classes: int,
                  pretrained: str | None = None, load_neck: bool = False, min_size: int = 1024, max_size: int = 1024,
-                 anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), conv_heads: bool = True,
+                 anchor_sizes: Sequence[int] | None = None, conv_heads: bool = True,
                  head_channels: int = 256, representation_size: int = 1024, box_batch_size_per_image: int = 512,
                  rpn_pre_nms_top_n: int = 2000, rpn_post_nms_top_n: int = 1000,
-                 detections_per_img: int = 100, mask_threshold: float = 0.5, monitor: str = "val/bbox_mAP"):
+                 detections_per_img: int = 100, box_score_thresh: float = 0.05, mask_threshold: float = 0.5,
+                 monitor: str = "val/bbox_mAP"):
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "optim"])
+        adapter.check_input_size(min_size, "min_size")
         if pretrained:
             adapter.load_pretrained(pretrained, load_neck=load_neck)
         backbone = _DetectorBackbone(adapter)
         names = adapter.names()
+        if anchor_sizes is None:
+            anchor_sizes = [max(1, round(min_size / 32)) * 2 ** i for i in range(len(names))]
         if len(names) != len(anchor_sizes):
             raise ValueError(f"anchor_sizes has {len(anchor_sizes)} entries but the adapter gives {len(names)} levels {names}.")
         c = backbone.out_channels
@@ -106,13 +117,15 @@ class MaskRCNNDetection(L.LightningModule):
             rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(names)),
             box_roi_pool=MultiScaleRoIAlign(names[:-1], 7, 2), mask_roi_pool=MultiScaleRoIAlign(names[:-1], 14, 2),
             box_detections_per_img=detections_per_img, box_batch_size_per_image=box_batch_size_per_image,
+            box_score_thresh=box_score_thresh,
             rpn_pre_nms_top_n_train=rpn_pre_nms_top_n, rpn_pre_nms_top_n_test=min(rpn_pre_nms_top_n, 1000),
             rpn_post_nms_top_n_train=rpn_post_nms_top_n, rpn_post_nms_top_n_test=rpn_post_nms_top_n, **kwargs)
         self.model.transform = _EvalResizeTransform(min_size, max_size, self.model.transform.image_mean,
-                                                    self.model.transform.image_std, size_divisible=32)
+                                                    self.model.transform.image_std,
+                                                    size_divisible=adapter.size_divisible)
         self.optim = optim
         with torch.device("cpu"):  # the metric builds its COCO thresholds with .tolist(): not on the meta device
-            self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools")
+            self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools", sync_on_compute=False)
 
     @property
     def adapter(self) -> DenseFeatureAdapter:
@@ -154,13 +167,15 @@ class MaskRCNNDetection(L.LightningModule):
         self.val_map.update(preds, gts)
 
     def on_validation_epoch_end(self) -> None:
+        gather_list_states(self.val_map)  # every rank's images, in data set order (exactly the 1-process figure)
         res = self.val_map.compute()
         self.val_map.reset()
         for iou in ("bbox", "segm"):
-            for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large"):
+            for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"):
                 key = f"{iou}_{k}"
                 if key in res:
-                    self.log(f"val/{iou}_{k.replace('map', 'mAP')}", res[key].float(), prog_bar=k == "map")
+                    name = k.replace("map", "mAP").replace("mar", "mAR")
+                    self.log(f"val/{iou}_{name}", res[key].float(), prog_bar=k == "map")
 
     def configure_optimizers(self):
         return self.optim(self, self.trainer, self.trainer.datamodule.batch_size)

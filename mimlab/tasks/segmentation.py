@@ -58,7 +58,8 @@ class UperNetSegmentation(L.LightningModule):
         num_classes: 150 for ADE20K.
         pretrained / load_neck: pre-training checkpoint (mimlab ``.ckpt`` or official file) filling the backbone (and
             the neck).
-        crop_size, stride: sliding-window evaluation (512 / 341).
+        crop_size, stride: training crop and sliding-window evaluation (512 / 341); the recipes set both from
+            ``data.img_size`` (the one size knob). ``crop_size`` must be a multiple of the backbone's largest stride.
         monitor: the metric the best checkpoint follows (read by ``callbacks/dense``).
     """
 
@@ -68,6 +69,7 @@ class UperNetSegmentation(L.LightningModule):
                  monitor: str = "val/mIoU"):
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "decode_head", "aux_head", "optim"])
+        adapter.check_input_size(crop_size, "crop_size")
         if pretrained:
             adapter.load_pretrained(pretrained, load_neck=load_neck)
         self.adapter = adapter

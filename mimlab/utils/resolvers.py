@@ -8,6 +8,9 @@ file-system's 255-byte name limit.
 (``masking.ratio=0.6,model.decoder.depth=8``), not the fixed ones repeated in every job. The swept keys are those with
 a sweep value (``a,b``, ``range(...)``, ``choice(...)``, ...) on the command line or in ``hydra.sweeper.params``, read
 from ``<sweep dir>/multirun.yaml`` (which Hydra's sweeper writes before launching). Falls back to every override.
+
+``${mimlab.scale:<size>,<factor>}``: ``round(size * factor)`` as an int, for sizes that follow a recipe's one size
+knob (``data.img_size``): e.g. the 1333 longer-side cap of an 800-px multi-scale recipe, or the 2/3 sliding stride.
 """
 from __future__ import annotations
 
@@ -53,11 +56,17 @@ def job_dirname(sweep_dir: object, override_dirname: object) -> str:
     return dirname(",".join(kept or items))
 
 
+def scale(size: object, factor: object) -> int:
+    return int(round(float(size) * float(factor)))
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("mimlab.dirname"):
         OmegaConf.register_new_resolver("mimlab.dirname", dirname)
     if not OmegaConf.has_resolver("mimlab.job_dirname"):
         OmegaConf.register_new_resolver("mimlab.job_dirname", job_dirname)
+    if not OmegaConf.has_resolver("mimlab.scale"):
+        OmegaConf.register_new_resolver("mimlab.scale", scale)
 
 
 register()

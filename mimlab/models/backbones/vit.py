@@ -26,6 +26,8 @@ from mimlab.masking import keep_indices, mask_to_token_grid, num_visible
 from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
+_norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
 
 @dataclass
 class ViTEncoding:
@@ -93,17 +95,22 @@ class MaskedViT(nn.Module):
                           if abs_pos_embed else None)
         self.rel_pos_bias = RelativePositionBias(tuple(self.grid), num_heads) if rel_pos_bias else None
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
         block = block or partial(Block, qkv_bias=True)
         self.blocks = nn.ModuleList(
-            block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=dpr[i], norm_layer=norm_layer)
+            self._make_block(i, block, dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=dpr[i],
+                             norm_layer=_norm_layer)
             for i in range(depth)
         )
-        self.norm = norm_layer(embed_dim)
+        self.norm = _norm_layer(embed_dim)
         self.out_channels = [embed_dim]
         self.out_strides = [patch_size]
         self.num_features = embed_dim
         weight_init(self) if weight_init is not None else self.reset_parameters()
+
+    def _make_block(self, index: int, block: Callable[..., nn.Module], **kwargs) -> nn.Module:
+        """Block ``index`` of the encoder, built by the ``block`` factory from ``dim, num_heads, mlp_ratio, drop_path,
+        norm_layer`` (a subclass may build some blocks differently, e.g. windowed attention)."""
+        return block(**kwargs)
 
     def reset_parameters(self) -> None:
         """MAE init: sin-cos pos-embed, xavier-uniform Linear and patch-embed, normal(0.02) cls token (the relative

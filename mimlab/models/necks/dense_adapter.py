@@ -88,6 +88,16 @@ class DenseFeatureAdapter(nn.Module):
         self.input_size = (input_size, input_size) if isinstance(input_size, int) else (tuple(input_size) if input_size else None)
         self.size_divisible = size_divisible or max(self.out_strides)
 
+    def check_input_size(self, size: int, key: str) -> None:
+        """Raise unless ``size`` (the run's input size, ``data.img_size``, given to the task as ``task.<key>``) is a
+        multiple of the backbone's largest stride."""
+        stride = max(int(s) for s in self.backbone.out_strides)
+        if size % stride:
+            lower, upper = size // stride * stride, (size // stride + 1) * stride
+            raise ValueError(f"input size {size} (data.img_size, given as task.{key}) is not a multiple of "
+                             f"{type(self.backbone).__name__}'s largest stride {stride} (out_strides "
+                             f"{list(self.backbone.out_strides)}); set data.img_size={lower or upper} or {upper}.")
+
     def names(self) -> list[str]:
         names = [str(i) for i in range(len(self.out_strides))]
         if self.pool_name:
@@ -123,8 +133,10 @@ class DenseFeatureAdapter(nn.Module):
     def load_pretrained(self, path: str | Path, load_neck: bool = False) -> dict[str, dict]:
         """Fill the backbone and optionally the neck from a pre-training checkpoint of any layout the one loader reads
         (:func:`mimlab.checkpoints.load_pretrained`: a mimlab ``.ckpt`` with ``backbone.*``/``neck.*`` keys, or an
-        official MAE / ConvNeXt V2 / iTPN file, whose pyramid is the neck). A missing, unexpected or mis-shaped key
-        raises ``CheckpointMismatchError`` listing them; decoder and target keys are ignored.
+        official MAE / ConvNeXt V2 / iTPN file, whose pyramid is the neck; position embeddings resampled to the
+        backbone's grid, logged; the backbone's ``checkpoint_optional_keys`` / ``checkpoint_unused_keys`` may be
+        absent / are dropped). A missing, unexpected or mis-shaped key raises ``CheckpointMismatchError`` listing
+        them; decoder and target keys are ignored. Returns the per-part reports of the loader.
         """
         from mimlab.checkpoints import load_pretrained
 

@@ -1,27 +1,33 @@
-"""ViTDet simple feature pyramid (Li et al. 2022): strides 4/8/16/32 from a plain ViT's single stride-16 map.
+"""ViTDet simple feature pyramid (Li et al. 2022): strides 4/8/16/32 from a plain ViT's single map, any patch size.
 
-Per level (``dim`` = ViT width D, ``out`` = ``out_channels``)::
+The source is the backbone's last map at its declared stride ``p`` (``backbone.out_strides[-1]``). Each output stride
+``s`` is reached with ViTDet's resampling for the scale ``p / s`` (``dim`` = ViT width D, ``out`` = ``out_channels``)::
 
-    s4 : ConvT(D, D/2, 2, 2) → LN2d → GELU → ConvT(D/2, D/4, 2, 2)
-    s8 : ConvT(D, D/2, 2, 2)
-    s16: identity
-    s32: MaxPool(2, 2)
+    scale 4  : ConvT(D, D/2, 2, 2) → LN2d → GELU → ConvT(D/2, D/4, 2, 2)      (ViT-B/16 → s4)
+    scale 2  : ConvT(D, D/2, 2, 2)                                          (ViT-B/16 → s8)
+    scale 1  : identity                                                     (ViT-B/16 → s16)
+    scale 1/k: MaxPool(k, k), k = 2, 4, 8, ...                              (ViT-B/16 → s32; patch 4/8 → coarser levels)
     then Conv1×1(·, out, no bias) → LN2d → Conv3×3(out, out, no bias) → LN2d
 
-The extra stride-64 level of Mask R-CNN is added by the detector adapter, not here.
+ViTDet defines the scales 4, 2, 1, 1/2 for patch 16; coarser pools serve patch-4 and patch-8 ViTs. A patch size that is
+not a power of two (ViT-H/14) is first resampled bilinearly to the nearest power-of-two stride (14 → 16, map
+``ceil(h·14/16)``), so that every output sits on the stride-``s`` grid the heads expect. The extra stride-64 level of
+Mask R-CNN is added by the detector adapter, not here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
 
 def _scale_stage(dim: int, scale: float) -> tuple[nn.Module, int]:
-    """The resampling path for ``scale`` = source stride / output stride (ViTDet's 4, 2, 1, 0.5; 0.25 for patch-8 ViTs)."""
+    """The resampling path for ``scale`` = source stride / output stride, and its output width."""
     if scale == 4.0:
         return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
                              nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
@@ -29,10 +35,16 @@ def _scale_stage(dim: int, scale: float) -> tuple[nn.Module, int]:
         return nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
     if scale == 1.0:
         return nn.Identity(), dim
-    if scale in (0.5, 0.25):
-        k = int(round(1 / scale))
+    k = round(1 / scale)
+    if scale < 1 and k & (k - 1) == 0:
         return nn.MaxPool2d(k, k), dim
-    raise ValueError(f"SimpleFeaturePyramid: output stride gives scale {scale} of the source map; supported: 4, 2, 1, 0.5, 0.25.")
+    raise ValueError(f"SimpleFeaturePyramid: an output stride {1 / scale:g}x the source stride cannot be built; the "
+                     f"source (backbone) stride must lie between output stride / 4 and the coarsest output stride.")
+
+
+def power_of_two_stride(stride: int) -> int:
+    """The power of two nearest to ``stride`` in log scale (16 for 14, 8 for 8)."""
+    return 2 ** round(math.log2(stride))
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -40,9 +52,9 @@ class SimpleFeaturePyramid(nn.Module):
 
     Args:
         in_channels: channels of the input maps (the backbone's ``out_channels``); the last one is used.
-        in_strides: strides of the input maps; the last one is the source stride (16 for ViT-B/16).
+        in_strides: strides of the input maps (the backbone's ``out_strides``); the last one is the source stride.
         out_channels: width of every output level (256 in ViTDet).
-        out_strides: output strides; each must be source stride × {1/4, 1/2, 1, 2, 4} (ViT-B/16: 4, 8, 16, 32).
+        out_strides: output strides (4, 8, 16, 32 for Mask R-CNN and UperNet).
 
     ``forward(features: list[(N, C_i, H/s_i, W/s_i)]) -> list[(N, out, H/s, W/s)]`` for ``s`` in ``out_strides``.
     """
@@ -50,10 +62,11 @@ class SimpleFeaturePyramid(nn.Module):
     def __init__(self, in_channels: Sequence[int], in_strides: Sequence[int], out_channels: int = 256,
                  out_strides: Sequence[int] = (4, 8, 16, 32)):
         super().__init__()
-        dim, stride = int(in_channels[-1]), int(in_strides[-1])
+        dim, self.in_stride = int(in_channels[-1]), int(in_strides[-1])
+        self.source_stride = power_of_two_stride(self.in_stride)
         self.stages = nn.ModuleList()
         for out_stride in out_strides:
-            up, width = _scale_stage(dim, stride / out_stride)
+            up, width = _scale_stage(dim, self.source_stride / out_stride)
             self.stages.append(nn.Sequential(
                 up,
                 nn.Conv2d(width, out_channels, 1, bias=False), LayerNorm2d(out_channels),
@@ -63,4 +76,8 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         x = features[-1]
+        if self.source_stride != self.in_stride:
+            ratio = self.in_stride / self.source_stride
+            size = [math.ceil(n * ratio) for n in x.shape[-2:]]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return [stage(x) for stage in self.stages]
