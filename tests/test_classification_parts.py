@@ -9,12 +9,14 @@ from torch import nn
 
 from mimlab.callbacks.online_eval import knn_predict
 from mimlab.checkpoints.export import export_timm, main as export_main
-from mimlab.checkpoints.load import CheckpointMismatchError
-from mimlab.checkpoints.mae import load_backbone, remap_minkowski
+from mimlab.checkpoints.convnextv2 import convert_convnextv2_state_dict
+from mimlab.checkpoints.load import CheckpointMismatchError, load_pretrained
+from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2
 from mimlab.models.backbones.vit import MaskedViT
 from mimlab.models.heads.classifier import ClsToken, GlobalAvgPool, LinearProbeHead, PooledClassifierHead
-from mimlab.optim.lars import lars_groups
+from mimlab.optim import ParamGroups
 from mimlab.tasks.finetune import FineTuning
+from mimlab.tasks.linear_probe import LinearProbe
 
 
 def tiny_vit(depth=2, **kw):
@@ -34,14 +36,18 @@ def test_probe_head_bn_has_no_affine_and_whitens():
 
 
 def test_lars_groups_match_mae_lars_rule():
-    """timm Lars + lars_groups == MAE util/lars.py (wd 0): trust ratio on ndim>1, plain momentum SGD on 1-D."""
+    """timm Lars + the linear-probe ParamGroups (conf/optim/lars.yaml) == MAE util/lars.py (wd 0): trust ratio on
+    ndim>1, plain momentum SGD on 1-D."""
     torch.manual_seed(0)
-    model = nn.Linear(8, 3)
+    probe = LinearProbe(tiny_vit(), head=LinearProbeHead, optim=None, num_classes=3)
+    model = probe.head.fc
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     mom = {n: torch.zeros_like(p) for n, p in ref.items()}
-    opt = Lars(lars_groups(model, 0.0), lr=0.5, momentum=0.9, trust_coeff=0.001)
+    groups = ParamGroups(decay_options={"always_adapt": True}, no_decay_options={"always_adapt": False})(probe, 0.0)
+    assert [[p is model.bias for p in g["params"]] for g in groups] == [[True], [False]]  # only the head trains
+    opt = Lars(groups, lr=0.5, momentum=0.9, trust_coeff=0.001)
     for _ in range(3):
-        x = torch.randn(4, 8)
+        x = torch.randn(4, 32)
         grads = torch.autograd.grad(model(x).pow(2).sum(), list(model.parameters()))
         for p, g in zip(model.parameters(), grads):
             p.grad = g
@@ -79,8 +85,9 @@ def test_feature_extractors_shapes():
     x = torch.randn(2, 3, 32, 32)
     assert GlobalAvgPool()(vit, x).shape == (2, 32) and ClsToken()(vit, x).shape == (2, 32)
     assert torch.allclose(ClsToken()(vit, x), vit.forward_tokens(x)[:, 0])
-    with pytest.raises(TypeError, match="GlobalAvgPool"):
-        ClsToken()(nn.Conv2d(3, 3, 1), x)
+    convnext = MaskedConvNeXtV2(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
+    with pytest.raises(ValueError, match=r"MaskedConvNeXtV2 has no 'cls' feature; its pooled features are \['avg'\]"):
+        LinearProbe(convnext, head=LinearProbeHead, optim=None, features=ClsToken())  # at composition, no data needed
 
 
 def _save_mimlab(path, state, config=None):
@@ -94,12 +101,12 @@ def test_import_mimlab_ckpt_and_official_mae(tmp_path):
     state["decoder.decoder_embed.weight"] = torch.randn(4, 32)
     ours = _save_mimlab(tmp_path / "last.ckpt", state)
     dst = tiny_vit()
-    load_backbone(dst, ours)
+    load_pretrained(ours, dst)
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
     official = dict(src.state_dict(), mask_token=torch.zeros(1, 1, 16), **{"decoder_pred.weight": torch.zeros(3, 3)})
     torch.save({"model": official, "epoch": 1}, tmp_path / "mae_pretrain.pth")
     dst = tiny_vit()
-    load_backbone(dst, tmp_path / "mae_pretrain.pth")
+    load_pretrained(tmp_path / "mae_pretrain.pth", dst)
     assert torch.equal(dst.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
 
 
@@ -109,27 +116,27 @@ def test_import_error_lists_missing_unexpected_and_mismatched(tmp_path):
     torch.save({"model": official}, tmp_path / "bad.pth")
     deeper = MaskedViT(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
     with pytest.raises(CheckpointMismatchError) as err:
-        load_backbone(deeper, tmp_path / "bad.pth")
+        load_pretrained(tmp_path / "bad.pth", deeper)
     msg = str(err.value)
-    assert "bad.pth" in msg and "official layout" in msg
+    assert "bad.pth" in msg and "official MAE layout" in msg
     assert "shape mismatches (1): patch_embed.proj.weight" in msg
     assert "missing in checkpoint" in msg and "blocks.3.attn.qkv.weight" in msg
     official = tiny_vit(depth=3).state_dict()
     torch.save({"model": official}, tmp_path / "deeper.pth")
     with pytest.raises(CheckpointMismatchError, match=r"unexpected in checkpoint \(\d+\): blocks\.2\."):
-        load_backbone(tiny_vit(depth=2), tmp_path / "deeper.pth")
+        load_pretrained(tmp_path / "deeper.pth", tiny_vit(depth=2))
 
 
 def test_minkowski_remap_matches_official_formula():
     k, cin, cout, c = 3, 2, 4, 5
     conv = torch.randn(k * k, cin, cout)
     dw = torch.randn(k * k, c)
-    out = remap_minkowski({"encoder.x.kernel": conv, "encoder.dw.kernel": dw, "b.bias": torch.randn(1, c),
-                           "stages.0.0.pwconv1.linear.weight": torch.randn(3, 3)})
-    assert torch.equal(out["encoder.x.weight"], conv.permute(2, 1, 0).reshape(cout, cin, k, k).transpose(3, 2))
-    assert torch.equal(out["encoder.dw.weight"], dw.permute(1, 0).reshape(c, 1, k, k).transpose(3, 2))
+    out, _ = convert_convnextv2_state_dict({"encoder.x.kernel": conv, "encoder.dw.kernel": dw, "b.bias": torch.randn(1, c),
+                                            "stages.0.0.pwconv1.linear.weight": torch.randn(3, 3)})
+    assert torch.equal(out["x.weight"], conv.permute(2, 1, 0).reshape(cout, cin, k, k).transpose(3, 2))
+    assert torch.equal(out["dw.weight"], dw.permute(1, 0).reshape(c, 1, k, k).transpose(3, 2))
     # index check: kernel offset (x * k + y) of input i / output o lands at weight[o, i, y, x]
-    assert out["encoder.x.weight"][1, 0, 2, 0] == conv[0 * k + 2, 0, 1]
+    assert out["x.weight"][1, 0, 2, 0] == conv[0 * k + 2, 0, 1]
     assert out["b.bias"].shape == (c,) and "stages.0.0.pwconv1.weight" in out
 
 
@@ -165,8 +172,7 @@ def test_export_vit_finetuned_with_ema_matches_task_logits(tmp_path):
 
 
 def test_export_convnextv2_loads_in_timm_strict(tmp_path):
-    convnext = pytest.importorskip("mimlab.models.backbones.convnextv2")
-    src = convnext.MaskedConvNeXtV2(depths=[1, 1, 2, 1], dims=[8, 16, 32, 64], num_classes=0).eval()
+    src = MaskedConvNeXtV2(depths=[1, 1, 2, 1], dims=[8, 16, 32, 64], num_classes=0).eval()
     task = FineTuning(src, head=PooledClassifierHead, optim=None, num_classes=5, mixup=None)
     task.eval()
     ckpt = _save_mimlab(tmp_path / "cnx.ckpt", task.state_dict())
@@ -213,13 +219,6 @@ def _official_hivit_layout(state, m):
 
 
 def test_official_itpn_layout_is_routed_to_the_itpn_converter(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("mimlab.checkpoints.itpn") is None:
-        torch.save({"model": {"blocks.3.reduction.weight": torch.zeros(4, 8)}}, tmp_path / "itpn.pth")
-        with pytest.raises(CheckpointMismatchError, match="official iTPN/HiViT checkpoint"):
-            load_backbone(tiny_vit(), tmp_path / "itpn.pth")
-        return
     from mimlab.models.backbones.hivit import HiViT
 
     kw = dict(img_size=32, embed_dim=64, mlp_depth=1, depth=2, num_heads=2, num_classes=0)
@@ -228,17 +227,16 @@ def test_official_itpn_layout_is_routed_to_the_itpn_converter(tmp_path):
     official.update({"fpn_modules.0.weight": torch.zeros(3), "decoder_pred.weight": torch.zeros(3), "mask_token": torch.zeros(1, 1, 64)})
     torch.save({"model": official}, tmp_path / "itpn.pth")
     dst = HiViT(**kw, rpe=True)  # fine-tuning turns the relative position bias on: new tables
-    report = load_backbone(dst, tmp_path / "itpn.pth", allow_missing=["*relative_position_bias_table"])
+    report = load_pretrained(tmp_path / "itpn.pth", dst, allow_missing=["*relative_position_bias_table"])["backbone"]
     assert report["missing"] and all("relative_position_bias_table" in k for k in report["missing"])
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
     with pytest.raises(CheckpointMismatchError, match="relative_position_bias_table"):
-        load_backbone(HiViT(**kw, rpe=True), tmp_path / "itpn.pth")
+        load_pretrained(tmp_path / "itpn.pth", HiViT(**kw, rpe=True))
 
 
 def test_official_fcmae_checkpoint_loads_into_convnextv2(tmp_path):
-    convnext = pytest.importorskip("mimlab.models.backbones.convnextv2")
     kw = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=0)
-    src = convnext.MaskedConvNeXtV2(**kw)
+    src = MaskedConvNeXtV2(**kw)
     with torch.no_grad():
         for p in src.parameters():
             p.normal_()
@@ -246,6 +244,6 @@ def test_official_fcmae_checkpoint_loads_into_convnextv2(tmp_path):
     official.update({"mask_token": torch.zeros(1, 512, 1, 1), "proj.weight": torch.zeros(512, 32, 1, 1),
                      "decoder.0.dwconv.weight": torch.zeros(512, 1, 7, 7), "pred.weight": torch.zeros(3072, 512, 1, 1)})
     torch.save({"model": official}, tmp_path / "convnextv2_fcmae.pt")
-    dst = convnext.MaskedConvNeXtV2(**kw)
-    load_backbone(dst, tmp_path / "convnextv2_fcmae.pt")
+    dst = MaskedConvNeXtV2(**kw)
+    load_pretrained(tmp_path / "convnextv2_fcmae.pt", dst)
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())

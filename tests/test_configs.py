@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from conftest import compose_config
 from mimlab.train import CONFIG_DIR, build
+from mimlab.utils.config_keys import unknown_key_messages
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 SMALL = [e for e in EXPERIMENTS if e.endswith("_synthetic")]
@@ -68,3 +69,41 @@ def test_unknown_key_is_named(tmp_path):
 def test_unknown_group_option_lists_the_choices(tmp_path):
     with pytest.raises(ConfigCompositionException, match=r"(?s)vit_gigantic.*vit_base_p16"):
         compose_config(["model/backbone=vit_gigantic"], tmp_path)
+
+
+@pytest.mark.parametrize("task, slots", [
+    ("pretrain", {"model", "target", "masking", "loss", "optim", "callbacks"}),
+    ("finetune", {"model", "optim", "callbacks"}),
+    ("detect", {"model", "optim", "callbacks"}),
+])
+def test_a_task_has_only_the_slots_it_uses(task, slots, tmp_path):
+    cfg = compose_config([f"task={task}"], tmp_path)
+    task_slots = {"model", "target", "masking", "loss", "optim", "callbacks"}
+    assert {k for k in cfg if k in task_slots} == slots
+    assert ("decoder" in cfg.model) == (task == "pretrain") and ("neck" in cfg.model) == (task != "finetune")
+
+
+@pytest.mark.parametrize("override, slot", [("masking.ratio=0.5", "masking"), ("masking=block", "masking"),
+                                            ("model.decoder.depth=2", "model/decoder"), ("loss=img2vec", "loss")])
+def test_an_override_of_a_slot_the_task_does_not_use_is_rejected_with_a_message(override, slot):
+    messages = unknown_key_messages(CONFIG_DIR, "train", ["experiment=detect_mae_vit_tiny_synthetic", override])
+    assert messages == [f"'{override}': task=detect has no '{slot}' slot; only task=pretrain use it (their "
+                        "conf/task/<task>.yaml defaults list adds it). Drop the override, or choose a task that uses "
+                        "the slot."]
+    assert unknown_key_messages(CONFIG_DIR, "train", ["experiment=mae_vit_tiny_synthetic", override]) == []
+
+
+def test_detection_optimiser_knobs_live_in_the_optim_group(tmp_path):
+    assert unknown_key_messages(CONFIG_DIR, "train", ["experiment=detect_mae_vit_b_coco", "optim.lr=2e-4",
+                                                      "optim.param_groups.layer_decay=0.8",
+                                                      "optim.schedule.warmup_steps=100"]) == []
+    (message,) = unknown_key_messages(CONFIG_DIR, "train", ["experiment=detect_mae_vit_b_coco", "task.lr=2e-4"])
+    assert message.startswith("unknown config key 'task.lr'")
+    cfg = compose_config(["experiment=segment_itpn_b_ade", "logger=csv", "optim.lr=2e-4",
+                          "optim.param_groups.layer_decay=0.8", "optim.schedule.warmup_steps=100"], tmp_path)
+    with torch.device("meta"):
+        module = instantiate(cfg.task)
+    assert (module.optim.lr, module.optim.param_groups.layer_decay) == (2e-4, 0.8)
+    schedule = module.optim.schedule(steps_per_epoch=1000, epochs=1, warmup_epochs=module.optim.warmup_epochs,
+                                     min_lr_ratio=0.0)
+    assert schedule(50) == pytest.approx(0.5 * (1 - 50 / 1000), rel=1e-5)  # warm-up x poly

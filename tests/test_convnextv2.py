@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.convnext import ConvNeXt
 
-from mimlab.checkpoints.convnextv2 import load_convnextv2_checkpoint
+from mimlab.checkpoints import load_pretrained
 from mimlab.models.backbones.convnextv2 import ConvNeXtV2Block, MaskedConvNeXtV2
 from mimlab.models.layers.grn import GRN
 
@@ -113,7 +113,7 @@ def test_dense_path_and_head_match_timm_convnextv2():
         if "grn" in name or name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.1)
     model = tiny(num_classes=5)
-    load_convnextv2_checkpoint(model, ref.state_dict())
+    load_pretrained(ref.state_dict(), model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model(x)), ref(x), rtol=1e-4, atol=1e-5)
@@ -123,7 +123,7 @@ def test_dense_path_and_head_match_timm_convnextv2():
 def test_timm_atto_with_conv_mlp_loads_and_matches():
     ref = timm.create_model("convnextv2_atto", pretrained=False, num_classes=3).eval()
     model = MaskedConvNeXtV2((2, 2, 6, 2), (40, 80, 160, 320), num_classes=3).eval()
-    load_convnextv2_checkpoint(model, ref.state_dict())
+    load_pretrained(ref.state_dict(), model)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model(x)), ref(x), rtol=1e-4, atol=1e-5)
@@ -138,3 +138,33 @@ def test_features_contract_and_bad_mask_error():
         model(torch.randn(1, 3, 64, 64), torch.zeros(1, 5))
     with pytest.raises(ValueError, match="unit_size"):  # 16-px units are finer than the stride-32 stage
         model(torch.randn(1, 3, 64, 64), torch.zeros(1, 16))
+
+
+def minkowski_grn(features: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """ConvNeXt-V2 ``MinkowskiGRN`` on the feature matrix of a sparse tensor: ``features`` (P, C) = the active points
+    of every sample of the batch; ``Gx = torch.norm(x.F, p=2, dim=0)``, ``Nx = Gx / (Gx.mean(-1) + 1e-6)``."""
+    gx = torch.norm(features, p=2, dim=0, keepdim=True)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+    return gamma * (features * nx) + beta + features
+
+
+def test_batch_pooled_grn_reproduces_minkowski_grn_on_the_visible_points():
+    grn = GRN(6, masked_pooling="batch")
+    torch.nn.init.normal_(grn.gamma)
+    torch.nn.init.normal_(grn.beta)
+    x = torch.randn(3, 4, 4, 6)
+    mask = (torch.rand(3, 4, 4, 1) > 0.5).float()
+    visible = mask[..., 0] == 0
+    out = grn(x, mask)
+    torch.testing.assert_close(out[visible], minkowski_grn(x[visible], grn.gamma, grn.beta))  # (P, C) active points
+    per_sample = GRN(6)
+    per_sample.load_state_dict(grn.state_dict())
+    assert (per_sample(x, mask)[visible] - out[visible]).abs().max() > 1e-3  # the two poolings differ
+    torch.testing.assert_close(grn(x), per_sample(x))  # without a mask (fine-tuning) both are the dense GRN
+
+
+def test_backbone_grn_pooling_option_reaches_every_block():
+    model = MaskedConvNeXtV2(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), grn_masked_pooling="batch")
+    assert {m.masked_pooling for m in model.modules() if isinstance(m, GRN)} == {"batch"}
+    with pytest.raises(ValueError, match="masked_pooling must be 'sample' or 'batch'"):
+        GRN(4, masked_pooling="global")

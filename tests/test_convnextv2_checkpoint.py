@@ -1,8 +1,10 @@
-"""Import of official ConvNeXt-V2 state dicts (METHODS.md §3.6): dense, sparse (Minkowski) and error reporting."""
+"""Import of official ConvNeXt-V2 state dicts (METHODS.md §3.6) through the one loader: dense, sparse (Minkowski),
+mimlab, and error reporting."""
 import pytest
 import torch
 
-from mimlab.checkpoints.convnextv2 import CheckpointMismatchError, load_convnextv2_checkpoint
+from mimlab.checkpoints import CheckpointMismatchError, load_pretrained
+from mimlab.checkpoints.convnextv2 import convert_convnextv2_state_dict
 from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2
 
 DEPTHS, DIMS = (1, 1, 2, 1), (8, 16, 24, 32)
@@ -64,9 +66,9 @@ def test_dense_finetuned_checkpoint_round_trips_through_a_file(tmp_path):
     path = tmp_path / "convnextv2_tiny_1k_224_ema.pt"
     torch.save({"model": official_dense(src), "epoch": 3}, path)
     dst = randomised(num_classes=7, seed=1)
-    report = load_convnextv2_checkpoint(dst, path)
+    report = load_pretrained(path, dst)["backbone"]
     assert_same(src, dst)
-    assert len(report.loaded) == len(src.state_dict()) and not report.dropped
+    assert not report["missing"] and not report["ignored"]
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(dst.forward_head(dst(x)), src.forward_head(src(x)))
 
@@ -77,9 +79,10 @@ def test_sparse_fcmae_state_dict_loads_and_drops_the_decoder():
     assert "encoder.stages.0.0.dwconv.kernel" in sparse and sparse["encoder.stages.0.0.dwconv.kernel"].shape == (49, 8)
     assert sparse["encoder.downsample_layers.1.1.kernel"].shape == (4, 8, 16)
     dst = randomised(seed=1)
-    report = load_convnextv2_checkpoint(dst, {"model": sparse})
+    load_pretrained({"model": sparse}, dst)
     assert_same(src, dst)
-    assert sorted(report.dropped) == sorted(k for k in sparse if not k.startswith("encoder."))
+    _, dropped = convert_convnextv2_state_dict(sparse)
+    assert sorted(dropped) == sorted(k for k in sparse if not k.startswith("encoder."))
     x, mask = torch.randn(2, 3, 64, 64), torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 1]])
     torch.testing.assert_close(dst(x, mask), src(x, mask))
 
@@ -88,9 +91,9 @@ def test_fcmae_checkpoint_into_classifier_needs_allow_missing():
     fcmae = official_dense(randomised())
     clf = randomised(num_classes=10)
     with pytest.raises(CheckpointMismatchError, match=r"missing in checkpoint \(4\): head.bias, head.weight, norm.bias"):
-        load_convnextv2_checkpoint(clf, fcmae)
-    report = load_convnextv2_checkpoint(clf, fcmae, allow_missing=("norm.", "head."))
-    assert "head.weight" not in report.loaded
+        load_pretrained(fcmae, clf)
+    report = load_pretrained(fcmae, clf, allow_missing=("norm.*", "head.*"))["backbone"]
+    assert report["missing"] == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
 
 
 def test_mismatch_error_lists_shapes_and_unexpected_keys():
@@ -99,7 +102,7 @@ def test_mismatch_error_lists_shapes_and_unexpected_keys():
     model = randomised()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointMismatchError) as err:
-        load_convnextv2_checkpoint(model, wrong)
+        load_pretrained(wrong, model)
     msg = str(err.value)
     assert "stages.3.0.dwconv.weight: checkpoint (40, 1, 7, 7) vs model (32, 1, 7, 7)" in msg
     assert "unexpected in checkpoint (1): stages.9.0.grn.gamma" in msg
@@ -111,5 +114,21 @@ def test_mimlab_pretraining_checkpoint_reads_the_backbone_only():
     lightning_ckpt = {"state_dict": {**{f"backbone.{k}": v for k, v in src.state_dict().items()},
                                      "decoder.proj.weight": torch.zeros(512, 32, 1, 1)}, "global_step": 10}
     dst = randomised(seed=1)
-    load_convnextv2_checkpoint(dst, lightning_ckpt)
+    load_pretrained(lightning_ckpt, dst)
     assert_same(src, dst)
+
+
+def test_segmentation_starts_from_an_official_sparse_fcmae_file(tmp_path):
+    from functools import partial
+
+    from mimlab.models.heads.upernet import UperNetHead
+    from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
+    from mimlab.optim import OptimizerFactory, ParamGroups
+    from mimlab.tasks.segmentation import UperNetSegmentation
+
+    src = randomised()
+    torch.save({"model": official_sparse(src)}, tmp_path / "convnextv2_fcmae_sparse.pt")
+    task = UperNetSegmentation(DenseFeatureAdapter(randomised(seed=1)), partial(UperNetHead, channels=16),
+                               OptimizerFactory(partial(torch.optim.AdamW), lr=1e-4, param_groups=ParamGroups(0.9)),
+                               num_classes=5, pretrained=str(tmp_path / "convnextv2_fcmae_sparse.pt"))
+    assert_same(src, task.backbone)

@@ -37,7 +37,7 @@ COMMON = [f"seed={SEED}", "logger=csv", "trainer.max_epochs=1", "trainer.log_eve
 TINY_VIT = ["model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2"]
 PRETRAIN = ["data.img_size=32", f"optim.blr={BLR}", "optim.warmup_epochs=0", "~callbacks.reconstruction",
             "~callbacks.throughput"]
-DENSE = [*TINY_VIT, "model.neck.out_channels=16", "data.generate_if_missing=false", "task.lr_schedule.warmup_steps=2"]
+DENSE = [*TINY_VIT, "model.neck.out_channels=16", "data.generate_if_missing=false", "optim.schedule.warmup_steps=2"]
 TASKS = {
     "mae": ["experiment=mae_vit_tiny_synthetic", *PRETRAIN, *TINY_VIT, "model.decoder.embed_dim=32",
             "model.decoder.num_heads=2", "model.backbone.drop_path_rate=0", "callbacks=pretrain_with_probes",

@@ -90,7 +90,7 @@ def test_input_size_not_a_multiple_of_the_largest_stride():
     adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64),
                                   pool_name="pool")
     with pytest.raises(ValueError, match=r"input size 100 \(data\.img_size.*largest stride 16.*data\.img_size=96 or 112"):
-        MaskRCNNDetection(adapter, num_classes=3, min_size=100, max_size=100)
+        MaskRCNNDetection(adapter, optim=None, num_classes=3, min_size=100, max_size=100)
 
 
 def test_checkpoint_of_another_backbone_family(tmp_path):

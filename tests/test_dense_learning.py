@@ -54,7 +54,7 @@ def test_coco_evaluation_of_the_real_annotations_is_perfect_for_the_ground_truth
     vit = MaskedViT(img_size=128, patch_size=16, embed_dim=32, depth=1, num_heads=2)
     adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64),
                                   pool_name="pool")
-    task = MaskRCNNDetection(adapter, num_classes=ds.num_classes, min_size=128, max_size=128)
+    task = MaskRCNNDetection(adapter, optim=None, num_classes=ds.num_classes, min_size=128, max_size=128)
     targets = [ds[i][1] for i in range(12)]
     scores = {}
     for shift in (0, 1):
@@ -86,6 +86,9 @@ def test_mask_rcnn_memorises_two_real_coco_images():
     from mimlab.models.backbones.vit import MaskedViT
     from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
     from mimlab.models.necks.simple_fpn import SimpleFeaturePyramid
+    from types import SimpleNamespace
+
+    from mimlab.optim import OptimizerFactory, ParamGroups, WarmupMultiStep
     from mimlab.tasks.detection import MaskRCNNDetection
 
     torch.manual_seed(0)
@@ -95,11 +98,13 @@ def test_mask_rcnn_memorises_two_real_coco_images():
     vit = MaskedViT(img_size=128, patch_size=8, embed_dim=192, depth=4, num_heads=3, learnable_pos_embed=True)
     adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=64), out_strides=(4, 8, 16, 32, 64),
                                   pool_name="pool")
-    task = MaskRCNNDetection(adapter, num_classes=train.num_classes, lr=3e-4, weight_decay=0.05, layer_decay=0.75,
-                             min_size=128, max_size=128, head_channels=64, representation_size=256,
-                             box_batch_size_per_image=64, rpn_pre_nms_top_n=500, rpn_post_nms_top_n=200,
-                             box_score_thresh=0.01)
-    opt = task.configure_optimizers()
+    optim = OptimizerFactory(partial(torch.optim.AdamW), lr=3e-4, weight_decay=0.05, warmup_epochs=0,
+                             param_groups=ParamGroups(layer_decay=0.75), schedule=WarmupMultiStep)  # constant lr
+    task = MaskRCNNDetection(adapter, optim, num_classes=train.num_classes, min_size=128, max_size=128,
+                             head_channels=64, representation_size=256, box_batch_size_per_image=64,
+                             rpn_pre_nms_top_n=500, rpn_post_nms_top_n=200, box_score_thresh=0.01)
+    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=50, max_epochs=1)
+    opt = task.optim(task, trainer, batch_size=2)["optimizer"]
     task.train()
     for step in range(50):
         loss = task.training_step(detection_collate([train[i] for i in images]), step)

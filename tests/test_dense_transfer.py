@@ -1,25 +1,30 @@
-"""Backbone → detector/segmenter adapter, checkpoint loading, evaluators and tiny training runs."""
+"""Backbone → detector/segmenter adapter, checkpoint loading, evaluators and tiny training runs (real backbones)."""
 
 from __future__ import annotations
 
 import math
 from functools import partial
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dense_stubs import TinyPyramidNeck, TinyPyramidNet, TinyViT
 from mimlab.checkpoints import CheckpointMismatchError
 from mimlab.data.ade20k import ADE20KDataModule
 from mimlab.data.coco import COCODataModule, COCOInstances, lsj_transforms
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
+from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2
+from mimlab.models.backbones.hivit import HiViT
+from mimlab.models.backbones.vit import MaskedViT
 from mimlab.models.heads.fcn import FCNHead
 from mimlab.models.heads.upernet import UperNetHead
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
 from mimlab.models.necks.fpn import TorchvisionFPN
+from mimlab.models.necks.itpn_pyramid import ITPNPyramid
 from mimlab.models.necks.simple_fpn import SimpleFeaturePyramid
+from mimlab.optim import OptimizerFactory, ParamGroups, WarmupMultiStep
 from mimlab.tasks.detection import MaskRCNNDetection
 from mimlab.tasks.segmentation import UperNetSegmentation, slide_inference
 
@@ -28,17 +33,41 @@ SMALL_DET = dict(min_size=64, max_size=64, anchor_sizes=(8, 16, 32, 64, 128), he
                  box_batch_size_per_image=32, rpn_pre_nms_top_n=100, rpn_post_nms_top_n=50)
 
 
-def vit_adapter(**kw):
-    return DenseFeatureAdapter(TinyViT(dim=32), partial(SimpleFeaturePyramid, out_channels=16), **kw)
+def tiny_vit(dim=32):
+    return MaskedViT(img_size=64, patch_size=16, embed_dim=dim, depth=2, num_heads=2, learnable_pos_embed=True)
+
+
+def tiny_convnext():
+    return MaskedConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+
+
+def tiny_hivit():
+    return HiViT(embed_dim=32, mlp_depth=1, depth=2, num_heads=2, img_size=64)
+
+
+def vit_adapter(dim=32, **kw):
+    return DenseFeatureAdapter(tiny_vit(dim), partial(SimpleFeaturePyramid, out_channels=16), **kw)
 
 
 def convnext_adapter(**kw):
-    return DenseFeatureAdapter(TinyPyramidNet(), partial(TorchvisionFPN, out_channels=16), **kw)
+    return DenseFeatureAdapter(tiny_convnext(), partial(TorchvisionFPN, out_channels=16), **kw)
 
 
 def itpn_adapter(**kw):
     kw.setdefault("extra_pool", torch.nn.AvgPool2d(2, 2))
-    return DenseFeatureAdapter(TinyPyramidNet(), TinyPyramidNeck(width=16), **kw)
+    return DenseFeatureAdapter(tiny_hivit(), ITPNPyramid([8, 16, 32], fpn_dim=16, fpn_depth=1), **kw)
+
+
+def adamw(lr=1e-4, layer_decay=0.75):
+    """The optim group's detection factory (AdamW, absolute lr, layer decay over the backbone's ids), constant lr."""
+    return OptimizerFactory(partial(torch.optim.AdamW, betas=(0.9, 0.999)), lr=lr, weight_decay=0.05, warmup_epochs=0,
+                            param_groups=ParamGroups(layer_decay=layer_decay), schedule=WarmupMultiStep)
+
+
+def optimizer_of(task, total_steps=8):
+    """``task.configure_optimizers()`` as Lightning calls it, with a stand-in for the Trainer's figures."""
+    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=total_steps, max_epochs=1)
+    return task.optim(task, trainer, batch_size=2)["optimizer"]
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +103,14 @@ def test_itpn_adapter_reuses_pyramid_and_pools_extra_level():
 
 def test_itpn_concat_backbone_for_segmentation():
     adapter = itpn_adapter(out_strides=(4, 8, 16, 32), concat_backbone=True, extra_pool=torch.nn.MaxPool2d(2, 2))
-    assert adapter.out_channels == [16 + 8, 16 + 16, 16 + 24, 16 + 24]
+    assert adapter.out_channels == [16 + 8, 16 + 16, 16 + 32, 16 + 32]
     out = list(adapter(torch.randn(1, 3, 64, 64)).values())
     assert [o.shape[1] for o in out] == adapter.out_channels
 
 
 def test_single_scale_backbone_without_neck_is_an_error():
     with pytest.raises(ValueError, match="needs a neck"):
-        DenseFeatureAdapter(TinyViT(), None, out_strides=(4, 8, 16, 32))
+        DenseFeatureAdapter(tiny_vit(), None, out_strides=(4, 8, 16, 32))
 
 
 def test_simple_fpn_vitdet_shapes():
@@ -92,20 +121,6 @@ def test_simple_fpn_vitdet_shapes():
     # the stride-4 path is two 2x2 deconvolutions 768→384→192, the stride-8 path one 768→384
     assert fpn.stages[0][0][0].weight.shape == (768, 384, 2, 2) and fpn.stages[0][0][3].weight.shape == (384, 192, 2, 2)
     assert fpn.stages[1][1].weight.shape == (256, 384, 1, 1) and fpn.stages[3][1].weight.shape == (256, 768, 1, 1)
-
-
-def test_layer_decay_matches_mae_rule():
-    task = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), num_classes=3, layer_decay=0.5,
-                             lr=1.0, **SMALL_DET)
-    opt = task.configure_optimizers()
-    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
-    bb, n = task.adapter.backbone, 3  # 2 blocks → num_layers = 3
-    assert scale[id(bb.patch_embed.weight)] == 0.5 ** n
-    assert scale[id(bb.blocks[0].attn.qkv.weight)] == 0.5 ** (n - 1)
-    assert scale[id(bb.blocks[1].mlp.fc1.weight)] == 0.5 ** (n - 2)
-    assert scale[id(bb.norm.weight)] == 1.0 and scale[id(task.model.rpn.head.cls_logits.weight)] == 1.0
-    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
-    assert wd[id(bb.blocks[0].norm1.weight)] == 0.0 and wd[id(bb.blocks[0].attn.proj.bias)] == 0.0 and wd[id(bb.blocks[0].attn.qkv.weight)] > 0
 
 
 def _fake_pretrain_ckpt(path, adapter):
@@ -120,7 +135,7 @@ def _fake_pretrain_ckpt(path, adapter):
 
 def test_detection_loads_backbone_and_itpn_pyramid_from_checkpoint(tmp_path):
     state = _fake_pretrain_ckpt(tmp_path / "pt.ckpt", itpn_adapter())
-    task = MaskRCNNDetection(itpn_adapter(out_strides=DET_STRIDES, pool_name="pool"), num_classes=3,
+    task = MaskRCNNDetection(itpn_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3,
                              pretrained=str(tmp_path / "pt.ckpt"), load_neck=True, **SMALL_DET)
     for k, v in task.adapter.backbone.state_dict().items():
         torch.testing.assert_close(v, state[f"backbone.{k}"])
@@ -129,18 +144,29 @@ def test_detection_loads_backbone_and_itpn_pyramid_from_checkpoint(tmp_path):
 
 
 def test_segmentation_loads_vit_backbone_only(tmp_path):
-    state = _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(TinyViT(dim=32), out_strides=(16,)))
+    state = _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(tiny_vit(), out_strides=(16,)))
     fresh = vit_adapter()
     neck_before = {k: v.clone() for k, v in fresh.neck.state_dict().items()}
-    task = UperNetSegmentation(fresh, partial(UperNetHead, channels=16), num_classes=5, pretrained=str(tmp_path / "pt.ckpt"))
+    task = UperNetSegmentation(fresh, partial(UperNetHead, channels=16), adamw(), num_classes=5,
+                               pretrained=str(tmp_path / "pt.ckpt"))
     for k, v in task.adapter.backbone.state_dict().items():
         torch.testing.assert_close(v, state[f"backbone.{k}"])
     for k, v in task.adapter.neck.state_dict().items():  # the simple FPN is new: untouched
         torch.testing.assert_close(v, neck_before[k])
 
 
+def test_detection_starts_from_an_official_mae_file(tmp_path):
+    src = tiny_vit()
+    official = {**src.state_dict(), "mask_token": torch.zeros(1, 1, 16), "decoder_pred.weight": torch.zeros(3, 3)}
+    torch.save({"model": official, "epoch": 1599}, tmp_path / "mae_pretrain_vit_tiny.pth")
+    task = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3,
+                             pretrained=str(tmp_path / "mae_pretrain_vit_tiny.pth"), **SMALL_DET)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(task.backbone.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_checkpoint_shape_mismatch_names_the_key(tmp_path):
-    _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(TinyViT(dim=64), out_strides=(16,)))
+    _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(tiny_vit(dim=64), out_strides=(16,)))
     with pytest.raises(CheckpointMismatchError, match=r"blocks\.0\.attn\.proj\.bias: checkpoint \(64,\) vs model \(32,\)"):
         vit_adapter().load_pretrained(tmp_path / "pt.ckpt")
     with pytest.raises(FileNotFoundError, match="make pretrain"):
@@ -149,7 +175,7 @@ def test_checkpoint_shape_mismatch_names_the_key(tmp_path):
 
 def test_coco_evaluator_perfect_and_shuffled(coco_root):
     ds = COCOInstances(coco_root, "val", lsj_transforms(64, train=False), keep_crowd=True)
-    task = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), num_classes=3, **SMALL_DET)
+    task = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3, **SMALL_DET)
     targets = [ds[i][1] for i in range(len(ds))]
 
     def score(shuffle: bool) -> dict:
@@ -173,7 +199,7 @@ def test_coco_evaluator_perfect_and_shuffled(coco_root):
 
 
 def test_miou_perfect_and_shuffled():
-    task = UperNetSegmentation(vit_adapter(), partial(UperNetHead, channels=16), num_classes=6)
+    task = UperNetSegmentation(vit_adapter(), partial(UperNetHead, channels=16), adamw(), num_classes=6)
     label = torch.randint(0, 6, (1, 32, 32))
     label[:, :4] = 255
     task.val_miou.update(label.clamp(max=5), label)
@@ -190,7 +216,7 @@ def test_slide_inference_equals_whole_image_for_pointwise_model():
 
 
 def _losses_on_one_batch(task, batch, steps: int) -> list[float]:
-    opt = task.configure_optimizers()
+    opt = optimizer_of(task)
     task.train()
     out = []
     for _ in range(steps):
@@ -202,37 +228,41 @@ def _losses_on_one_batch(task, batch, steps: int) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_tiny_detection_run_loss_decreases(coco_root):
     torch.manual_seed(0)
     dm = COCODataModule(str(coco_root), batch_size=4, train_transforms=lsj_transforms(64, (0.9, 1.1)))
     dm.setup()
-    task = MaskRCNNDetection(convnext_adapter(out_strides=DET_STRIDES, pool_name="pool"), num_classes=3, lr=1e-3,
+    task = MaskRCNNDetection(convnext_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(lr=1e-3), num_classes=3,
                              **SMALL_DET)
     losses = _losses_on_one_batch(task, next(iter(dm.train_dataloader())), 8)
     assert all(math.isfinite(v) for v in losses) and min(losses[-3:]) < 0.8 * losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_tiny_segmentation_run_loss_decreases(ade_root):
     torch.manual_seed(0)
     dm = ADE20KDataModule(str(ade_root), img_size=32, batch_size=2, photometric=False)
     dm.setup()
     task = UperNetSegmentation(itpn_adapter(out_strides=(4, 8, 16, 32)), partial(UperNetHead, channels=16),
-                               partial(FCNHead, channels=8), num_classes=150, lr=1e-2)
+                               adamw(lr=1e-2), partial(FCNHead, channels=8), num_classes=150)
     losses = _losses_on_one_batch(task, next(iter(dm.train_dataloader())), 12)
     assert all(math.isfinite(v) for v in losses) and min(losses[-3:]) < 0.8 * losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_trainer_fit_logs_map_and_miou(coco_root, ade_root, tmp_path):
     kw = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
-    det = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), num_classes=3, **SMALL_DET)
+    det = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3, **SMALL_DET)
     trainer = L.Trainer(**kw)
     trainer.fit(det, COCODataModule(str(coco_root), batch_size=2, train_transforms=lsj_transforms(64, (0.9, 1.1))))
     assert {"val/bbox_mAP", "val/segm_mAP"} <= set(trainer.callback_metrics)
-    seg = UperNetSegmentation(vit_adapter(), partial(UperNetHead, channels=16), num_classes=150, crop_size=32, stride=21)
+    seg = UperNetSegmentation(vit_adapter(), partial(UperNetHead, channels=16), adamw(), num_classes=150, crop_size=32,
+                              stride=21)
     trainer = L.Trainer(**kw)
     trainer.fit(seg, ADE20KDataModule(str(ade_root), img_size=32, batch_size=2))
     assert 0.0 <= float(trainer.callback_metrics["val/mIoU"]) <= 1.0

@@ -115,3 +115,40 @@ def test_bad_mask_and_image_sizes_raise_clear_errors():
         model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64))
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(1, 3, 60, 60), torch.zeros(1, 16))
+
+
+def official_interpolate_pos_encoding(table: torch.Tensor, npatch: int, h: int, w: int) -> torch.Tensor:
+    """iTPN ``models_itpn.py`` ``interpolate_pos_encoding(x, h, w)``: early return only when the *token count* equals
+    the table length and h == w, otherwise bicubic resampling by ``scale_factor = (h + 0.1) / sqrt(N)`` (DINO's +0.1)."""
+    import math
+
+    n = table.shape[1]
+    if npatch == n and w == h:
+        return table
+    dim, side = table.shape[-1], int(math.sqrt(n))
+    out = torch.nn.functional.interpolate(table.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+                                          scale_factor=((h + 0.1) / math.sqrt(n), (w + 0.1) / math.sqrt(n)), mode="bicubic")
+    assert int(h + 0.1) == out.shape[-2] and int(w + 0.1) == out.shape[-1]
+    return out.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+
+def test_itpn_pos_embed_option_reproduces_the_official_per_step_resampling():
+    official_model = tiny(pos_embed_interpolation="itpn")
+    x, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 16)
+    mask[:, 1::2] = 1  # 8 of 16 units visible
+    table = official_model.absolute_pos_embed.detach()
+    reference = tiny()  # the default ("table") model with the table the official code would use at this step
+    reference.absolute_pos_embed.data.copy_(official_interpolate_pos_encoding(table, npatch=8, h=4, w=4))
+    with torch.no_grad():
+        torch.testing.assert_close(official_model(x, mask).features[-1], reference(x, mask).features[-1])
+        torch.testing.assert_close(official_model.forward_features(x)[-1], tiny().forward_features(x)[-1])  # full image
+    assert torch.equal(official_model.position_embedding((4, 4), 16), table)  # the early return fires: all tokens
+    assert torch.equal(tiny().position_embedding((4, 4), 8), table)  # default: the table as is, masked or not
+
+
+def test_official_resampling_moves_the_itpn_b_table_by_up_to_a_tenth():
+    """At 224 px (14x14 table, D=512) a masked official step resamples by 14.1/14: entries move by up to ~0.10."""
+    model = HiViT(embed_dim=512, mlp_depth=1, depth=1, num_heads=8, img_size=224, pos_embed_interpolation="itpn")
+    table = model.absolute_pos_embed.detach()
+    moved = (model.position_embedding((14, 14), 49).detach() - table).abs().max().item()
+    assert 0.05 < moved < 0.11

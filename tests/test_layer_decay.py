@@ -1,117 +1,176 @@
-"""Layer-wise lr decay groups: exact scales for ViT (MAE), ConvNeXt V2 single/group and HiViT/iTPN (renormalised)."""
-from types import SimpleNamespace
+"""Layer-wise lr decay: every real backbone gets the same layer ids and lr scales in fine-tuning, detection and
+segmentation, and on the full-size models (meta device) they equal the official rules name by name.
 
+The official rules are re-derived here as references, written after the official code:
+MAE ``util/lr_decay.py`` (``param_groups_lrd``, ViT-B 0.65); ConvNeXt-V2 ``optim_factory.py`` + ``main_finetune.py``
+("group" for Base, "single" for Atto, scales ``decay ** (num_layers + 1 - id)``); iTPN ``util/lr_decay.py`` (ids over
+the official flat ``blocks`` list, PatchMerges skipped, decay renormalised by ``13 / num_layers``); SimMIM
+``optimizer.py`` ``get_swin_layer`` (Swin, patch merging at the end of a stage there, at the start of the next in timm).
+"""
 import pytest
 import torch
-from torch import nn
 
-from mimlab.models.backbones.vit import MaskedViT
-from mimlab.models.heads.classifier import PooledClassifierHead
-from mimlab.optim.layer_decay import ConvNeXtLayerIds, HiViTLayerIds, LayerDecay, ViTLayerIds
-
-
-class _Task(nn.Module):
-    def __init__(self, backbone: nn.Module, dim: int) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, PooledClassifierHead(dim, 10)
+from conftest import compose_config
+from hydra.utils import instantiate
+from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2
+from mimlab.models.backbones.hivit import HiViT
+from mimlab.optim import ParamGroups
 
 
-def _scales(groups):
-    out = {}
-    for g in groups:
-        for p in g["params"]:
-            out[id(p)] = (g["lr_scale"], g["weight_decay"])
-    return out
+def mae_official(name: str, depth: int, decay: float) -> tuple[float, bool]:
+    """MAE ``param_groups_lrd`` + ``get_layer_id_for_vit``: (lr scale, no weight decay) of a ViT parameter."""
+    num_layers = depth + 1
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        layer_id = 0
+    elif name.startswith("blocks"):
+        layer_id = int(name.split(".")[1]) + 1
+    else:
+        layer_id = num_layers
+    return decay ** (num_layers - layer_id), name in ("pos_embed", "cls_token", "dist_token")
 
 
-@pytest.mark.parametrize("decay", [0.65, 0.75])
-def test_vit_block_i_scale_is_decay_pow_depth_minus_i(decay):
-    depth = 4
-    task = _Task(MaskedViT(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, learnable_pos_embed=True), 32)
-    scales = _scales(LayerDecay(decay, ViTLayerIds())(task, 0.05))
-    for name, p in task.named_parameters():
-        scale, wd = scales[id(p)]
-        if name.startswith("backbone.blocks."):
-            i = int(name.split(".")[2])
-            assert scale == decay ** (depth - i), name
-        elif name.split(".")[1] in ("cls_token", "pos_embed", "patch_embed"):
-            assert scale == decay ** (depth + 1), name
-        else:  # final norm, fc_norm, head
-            assert scale == 1.0, name
-        no_decay = p.ndim <= 1 or name in ("backbone.cls_token", "backbone.pos_embed")
-        assert wd == (0.0 if no_decay else 0.05), name
-
-
-def _official_convnext_id(name, depths, group):
-    """ConvNeXt-V2 optim_factory.py, re-derived in the test as the reference."""
+def convnext_official(name: str, depths: list[int], decay: float, group: bool) -> tuple[float, bool]:
+    """ConvNeXt-V2 ``get_num_layer_for_convnext(_single)`` + ``LayerDecayValueAssigner`` + ``get_parameter_groups``."""
     parts = name.split(".")
-    if parts[0] == "downsample_layers":
-        s = int(parts[1])
-        if not group:
-            return sum(depths[:s]) + 1
-        return 0 if s == 0 else (s + 1 if s in (1, 2) else 12)
-    if parts[0] == "stages":
-        s, b = int(parts[1]), int(parts[2])
-        if not group:
-            return sum(depths[:s]) + b + 1
-        return s + 1 if s in (0, 1) else (3 + b // 3 if s == 2 else 12)
-    return 13 if group else sum(depths) + 1
+    if group:
+        num_layers = 12
+        if parts[0] == "downsample_layers":
+            stage = int(parts[1])
+            layer_id = 0 if stage == 0 else (stage + 1 if stage in (1, 2) else 12)
+        elif parts[0] == "stages":
+            stage, block = int(parts[1]), int(parts[2])
+            layer_id = stage + 1 if stage in (0, 1) else (3 + block // 3 if stage == 2 else 12)
+        else:
+            layer_id = num_layers + 1
+    else:
+        num_layers = sum(depths)
+        if parts[0] == "downsample_layers":
+            layer_id = sum(depths[: int(parts[1])]) + 1
+        elif parts[0] == "stages":
+            layer_id = sum(depths[: int(parts[1])]) + int(parts[2]) + 1
+        else:
+            layer_id = sum(depths) + 1
+    values = [decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
+    return values[layer_id], name.endswith((".gamma", ".beta"))
 
 
-@pytest.mark.parametrize("group", [False, True])
-def test_convnext_layer_ids_match_official_rule(group):
-    depths = [3, 3, 27, 3]
-    backbone = SimpleNamespace(depths=depths)
-    rule = ConvNeXtLayerIds(group=group)
-    names = [f"downsample_layers.{k}.0.weight" for k in range(4)]
-    names += [f"stages.{s}.{b}.dwconv.weight" for s, d in enumerate(depths) for b in range(d)] + ["norm.weight"]
-    for name in names:
-        assert rule(name, backbone) == _official_convnext_id(name, depths, group), name
-    assert rule.num_layers(backbone) == (13 if group else 37)
-    ids = {rule(n, backbone) for n in names}
-    assert ids == set(range(0 if group else 1, rule.num_layers(backbone) + 1))
-
-
-def test_hivit_ids_match_official_block_list_and_renormalise():
-    """Official iTPN: one `blocks` list with PatchMerges at indices 3 and 7 (B); merge takes the id of the block before."""
-    m, depth = 3, 24
-    official_list = ["mlp"] * m + ["merge"] + ["mlp"] * m + ["merge"] + ["attn"] * depth
-    main = [i for i, kind in enumerate(official_list) if kind != "merge"]
-    num_layers = len(main) + 1
-    assert num_layers == 31
-
-    def official(i):
-        while i >= 0:
-            if i in main:
-                return main.index(i) + 1
+def itpn_official(name: str, mlp_depth: int, depth: int, decay: float) -> tuple[float, bool]:
+    """iTPN ``param_groups_lrd`` on the official flat ``blocks`` list (PatchMerge at indices m and 2m+1)."""
+    m = mlp_depth
+    kinds = ["mlp"] * m + ["merge"] + ["mlp"] * m + ["merge"] + ["attn"] * depth
+    main_block = [i for i, kind in enumerate(kinds) if kind != "merge"]
+    num_layers = len(main_block) + 1
+    layer_decay = decay ** (13 / num_layers)
+    offsets = {"stage4": 0, "merge4": m, "stage8": m + 1, "merge8": 2 * m + 1, "main_blocks": 2 * m + 2}
+    root, _, rest = name.partition(".")
+    if root in offsets:  # mimlab name -> the official name in the flat list
+        index, _, tail = rest.partition(".") if root in ("stage4", "stage8", "main_blocks") else ("0", "", rest)
+        name = f"blocks.{offsets[root] + int(index)}.{tail}"
+    if name in ("cls_token", "pos_embed", "absolute_pos_embed") or name.startswith("patch_embed"):
+        layer_id = 0
+    elif name.startswith("blocks"):
+        i = int(name.split(".")[1])
+        while i not in main_block:
             i -= 1
-        return 0
-
-    ours = []
-    for j in range(m):
-        ours.append(f"stage4.{j}.mlp.fc1.weight")
-    ours.append("merge4.reduction.weight")
-    ours += [f"stage8.{j}.mlp.fc1.weight" for j in range(m)] + ["merge8.reduction.weight"]
-    ours += [f"main_blocks.{j}.attn.qkv.weight" for j in range(depth)]
-    backbone = SimpleNamespace(stage4=[0] * m, stage8=[0] * m, main_blocks=[0] * depth)
-    rule = HiViTLayerIds()
-    assert rule.num_layers(backbone) == num_layers
-    for i, name in enumerate(ours):
-        assert rule(name, backbone) == official(i), name
-    assert rule("patch_embed.proj.weight", backbone) == 0 and rule("absolute_pos_embed", backbone) == 0
-    ld = LayerDecay(0.60, rule, reference_layers=13)
-    assert ld.effective_decay(backbone) == pytest.approx(0.60 ** (13 / 31), rel=1e-12)
+        layer_id = main_block.index(i) + 1
+    else:
+        layer_id = num_layers
+    return layer_decay ** (num_layers - layer_id), name.endswith(".relative_position_bias_table") or name == "absolute_pos_embed"
 
 
-def test_layer_id_gap_is_an_error():
-    task = _Task(MaskedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), 32)
-    task.backbone.blocks[0].requires_grad_(False)
-    task.backbone.blocks = nn.ModuleList([task.backbone.blocks[1]])  # depth 1 now: still consistent
-    LayerDecay(0.5)(task, 0.05)
+def swin_official(name: str, depths: list[int], decay: float) -> tuple[float, bool]:
+    """SimMIM ``get_swin_layer`` + ``scales = decay ** i for i in reversed(range(num_layers + 2))``; timm's
+    ``layers.i.downsample`` is SimMIM's ``layers.(i-1).downsample``. No decay: ``relative_position_bias_table``."""
+    num_layers = sum(depths) + 2
+    parts = name.split(".")
+    if parts[0] == "layers" and parts[2] == "downsample":
+        parts = ["layers", str(int(parts[1]) - 1), "downsample", parts[3]]
+    if name == "mask_token" or name.startswith("patch_embed"):
+        layer_id = 0
+    elif parts[0] == "layers":
+        stage, block_id = int(parts[1]), parts[3]
+        layer_id = sum(depths[: stage + 1]) if block_id in ("reduction", "norm") else sum(depths[:stage]) + int(block_id) + 1
+    else:
+        layer_id = num_layers - 1
+    scales = [decay ** i for i in reversed(range(num_layers))]
+    return scales[layer_id], name.endswith("relative_position_bias_table") or name == "mask_token"
 
-    class Skip(ViTLayerIds):
-        def __call__(self, name, backbone):
-            return 1 + super().__call__(name, backbone) if name.startswith("blocks") else super().__call__(name, backbone)
 
-    with pytest.raises(ValueError, match="scales would not be exact"):
-        LayerDecay(0.5, Skip())(_Task(MaskedViT(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2), 32), 0.05)
+# backbone config, neck for detection/segmentation, decay (the fine-tuning recipe's), official reference
+CASES = {
+    "vit_base_p16": ("simple_fpn", 0.65, lambda n, b, d: mae_official(n, len(b.blocks), d)),
+    "convnextv2_base": ("fpn", 0.6, lambda n, b, d: convnext_official(n, b.depths, d, group=True)),
+    "convnextv2_atto": ("fpn", 0.9, lambda n, b, d: convnext_official(n, b.depths, d, group=False)),
+    "itpn_base": ("itpn_pyramid", 0.60, lambda n, b, d: itpn_official(n, len(b.stage4), len(b.main_blocks), d)),
+    "mask_token_swin_base_w6": ("fpn", 0.9, lambda n, b, d: swin_official(n, [len(s.blocks) for s in b.layers], d)),
+}
+TASKS = {
+    "finetune": ["task=finetune", "task.num_classes=1000"],
+    "detect": ["task=detect", "data=coco_synthetic"],
+    "segment": ["task=segment", "data=ade20k_synthetic"],
+}
+
+
+def backbone_groups(backbone_cfg: str, task: str, tmp_path) -> tuple[torch.nn.Module, dict[str, tuple[float, bool]]]:
+    """Build the task on the meta device and read (lr scale, no weight decay) of every backbone parameter from the
+    param groups its `optim` group builds."""
+    neck, decay, _ = CASES[backbone_cfg]
+    size = 192 if "swin" in backbone_cfg else 224  # SimMIM's Swin-B: window 6 at 192 px
+    overrides = [*TASKS[task], f"model/backbone={backbone_cfg}", f"model.backbone.img_size={size}", "logger=csv",
+                 f"optim.param_groups.layer_decay={decay}"]
+    if backbone_cfg.startswith("convnext"):
+        overrides.remove(f"model.backbone.img_size={size}")
+    if task != "finetune":
+        overrides.append(f"model/neck={neck}")
+    with torch.device("meta"):
+        module = instantiate(compose_config(overrides, tmp_path).task)
+    groups = module.optim.param_groups(module, 0.05)
+    by_param = {id(p): (g["lr_scale"], g["weight_decay"] == 0.0) for g in groups for p in g["params"]}
+    return module.backbone, {n: by_param[id(p)] for n, p in module.backbone.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone_cfg", list(CASES))
+def test_every_task_gets_the_official_scales_of_the_backbone(backbone_cfg, tmp_path):
+    _, decay, official = CASES[backbone_cfg]
+    per_task = {task: backbone_groups(backbone_cfg, task, tmp_path) for task in TASKS}
+    finetune = per_task["finetune"][1]  # (MAE fine-tuning drops the ViT's final norm: its global pool uses fc_norm)
+    for task, (backbone, scales) in per_task.items():
+        assert {n: scales[n] for n in finetune} == finetune, task
+        for name, (scale, no_decay) in scales.items():
+            ref_scale, ref_named_no_decay = official(name, backbone, decay)
+            param = dict(backbone.named_parameters())[name]
+            assert scale == ref_scale, (task, name)  # bit-exact: the same operations as the official code
+            assert no_decay == (param.ndim <= 1 or name.endswith(".bias") or ref_named_no_decay), (task, name)
+
+
+def test_convnext_single_rule_leaves_id_zero_empty_and_keeps_the_official_stem_scale():
+    """ConvNeXt V2 'single' puts the stem at id 1: id 0 is legitimately empty (the rule must not renumber)."""
+    with torch.device("meta"):
+        atto = MaskedConvNeXtV2((2, 2, 6, 2), (40, 80, 160, 320))
+    groups = atto.layer_groups("single")
+    assert 0 not in groups.ids.values() and groups.num_layers == 13 and groups.ids["downsample_layers.0.0.weight"] == 1
+    assert groups.scale(0.9, groups.ids["downsample_layers.0.0.weight"]) == 0.9 ** 12
+    assert atto.layer_groups("group").num_layers == 13  # 'group' on Atto depths: ids 5..11 empty, scales unchanged
+    with pytest.raises(ValueError, match=r"no layer-decay rule 'stage'.*\['single', 'group'\].*layer_decay_rule"):
+        atto.layer_groups("stage")
+
+
+def test_hivit_rules_itpn_renormalises_and_hivit_does_not():
+    with torch.device("meta"):
+        itpn_b = HiViT(embed_dim=512, mlp_depth=3, depth=24, num_heads=8, rpe=True)
+    itpn, plain = itpn_b.layer_groups("itpn"), itpn_b.layer_groups("hivit")
+    assert itpn.ids == plain.ids and itpn.num_layers == 31
+    assert itpn.scale(0.6, 0) == (0.6 ** (13 / 31)) ** 31 and plain.scale(0.6, 0) == 0.6 ** 31
+    assert itpn.ids["merge4.reduction.weight"] == itpn.ids["stage4.2.mlp.fc2.weight"] == 3
+
+
+def test_non_backbone_parameters_get_scale_one_and_layer_decay_one_is_a_single_scale(tmp_path):
+    with torch.device("meta"):
+        module = instantiate(compose_config(["experiment=detect_mae_vit_b_coco", "logger=csv"], tmp_path).task)
+    groups = module.optim.param_groups(module, 0.1)
+    head = {id(p) for p in module.model.roi_heads.parameters()} | {id(p) for p in module.adapter.neck.parameters()}
+    assert all(g["lr_scale"] == 1.0 for g in groups if any(id(p) in head for p in g["params"]))
+    flat = ParamGroups(layer_decay=1.0)(module, 0.1)
+    assert [g["lr_scale"] for g in flat] == [1.0, 1.0] and sum(len(g["params"]) for g in flat) == sum(
+        len(g["params"]) for g in groups)

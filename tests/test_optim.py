@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from mimlab.optim import WarmupCosine, weight_decay_groups
+from mimlab.models.backbones.vit import MaskedViT
+from mimlab.optim import ParamGroups, WarmupCosine, WarmupMultiStep, WarmupPoly
 
 
 def mae_lr(epoch: float, lr: float, min_lr: float, warmup: float, epochs: float) -> float:
@@ -20,19 +21,55 @@ def test_schedule_matches_mae_per_iteration_formula(step):
     assert sched(step) * 1e-3 == pytest.approx(mae_lr(step / 100, 1e-3, 1e-6, 4, 40), rel=1e-9, abs=1e-15)
 
 
-def test_no_weight_decay_for_1d_params_and_biases():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    groups = weight_decay_groups(model, 0.05)
-    by_wd = {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}
-    assert by_wd[0.05] == {id(model[0].weight)}
-    assert by_wd[0.0] == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+class _Task(nn.Module):
+    """A task in miniature: a real backbone plus a head outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = MaskedViT(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2)
+        self.head = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4))
+
+
+def test_pretraining_groups_decay_only_2d_weights_like_mae_add_weight_decay():
+    task = _Task()
+    groups = ParamGroups(backbone_no_weight_decay=False)(task, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05] and all(g["lr_scale"] == 1.0 for g in groups)
+    decayed = {id(p) for p in groups[1]["params"]}
+    names = {n for n, p in task.named_parameters() if id(p) in decayed}
+    assert names == {n for n, p in task.named_parameters() if p.ndim >= 2 and p.requires_grad}  # incl. cls_token
+    with_list = {id(p) for p in ParamGroups()(task, 0.05)[1]["params"]}  # fine-tuning: no_weight_decay() names too
+    assert id(task.backbone.cls_token) in decayed and id(task.backbone.cls_token) not in with_list
 
 
 def test_frozen_parameters_are_left_out():
-    model = nn.Linear(4, 4)
-    model.weight.requires_grad_(False)
-    params = [p for g in weight_decay_groups(model, 0.05) for p in g["params"]]
-    assert all(p is not model.weight for p in params)
+    task = _Task()
+    task.head[0].weight.requires_grad_(False)
+    params = [p for g in ParamGroups()(task, 0.05) for p in g["params"]]
+    assert all(p is not task.head[0].weight for p in params) and all(p.requires_grad for p in params)
+
+
+@pytest.mark.parametrize("step", [0, 1, 100, 249, 250, 799, 800, 1099, 1100, 1199])
+def test_multistep_matches_mmcv_linear_warmup_and_steps(step):
+    """mmcv ``StepLrUpdater`` + linear warm-up, written out: regular lr * (1 - (1 - step/warmup) * (1 - ratio))."""
+    sched = WarmupMultiStep(steps_per_epoch=100, epochs=12, warmup_epochs=0, milestones=(8, 11), gamma=0.1,
+                            warmup_steps=250, warmup_ratio=0.001)
+    regular = 0.1 ** ((step >= 800) + (step >= 1100))
+    expected = regular * (1 - (1 - step / 250) * (1 - 0.001)) if step < 250 else regular
+    assert sched(step) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("step", [0, 1, 1499, 1500, 80000, 159999, 160000])
+def test_poly_matches_mmcv_poly_with_linear_warmup(step):
+    """mmcv ``PolyLrUpdater(power=1, min_lr=0)`` + linear warm-up from 1e-6 over 1500 iterations (mmseg UperNet)."""
+    sched = WarmupPoly(steps_per_epoch=160000, epochs=1, warmup_epochs=0, warmup_steps=1500, power=1.0, warmup_ratio=1e-6)
+    regular = (1 - step / 160000) ** 1.0
+    expected = regular * (1 - (1 - step / 1500) * (1 - 1e-6)) if step < 1500 else regular
+    assert sched(step) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_iteration_warmup_and_epoch_warmup_are_exclusive():
+    with pytest.raises(ValueError, match="set optim.warmup_epochs=0"):
+        WarmupMultiStep(steps_per_epoch=100, epochs=12, warmup_epochs=1, milestones=(8, 11), warmup_steps=250)
 
 
 def test_effective_batch_scales_the_lr():
@@ -71,7 +108,7 @@ def test_a_recipe_chooses_the_schedule(tmp_path):
     from mimlab.optim import WarmupCosine, WarmupMultiStep
 
     trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=8000, max_epochs=800)
-    model = nn.Linear(2, 2)
+    model = _Task()
     for experiment, kind in [("simmim_vit_tiny_synthetic", WarmupCosine), ("simmim_vit_b", WarmupMultiStep)]:
         factory = instantiate(compose_config([f"experiment={experiment}", "logger=csv"], tmp_path).optim)
         scheduler = factory(model, trainer, 128)["lr_scheduler"]["scheduler"]

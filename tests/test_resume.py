@@ -24,7 +24,7 @@ MAE = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "data.batch_size
        "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "model.backbone.drop_path_rate=0.1",
        "optim.warmup_epochs=1", "~callbacks.reconstruction", "~callbacks.knn"]
 DENSE = [*TINY_VIT, "model.neck.out_channels=16", "data.batch_size=4", "data.generate_if_missing=false",
-         "task.lr_schedule.warmup_steps=4", "trainer.limit_val_batches=0"]
+         "optim.schedule.warmup_steps=4", "trainer.limit_val_batches=0"]
 DETECT = ["experiment=detect_mae_vit_tiny_synthetic", *DENSE, "task.head_channels=16", "task.representation_size=32",
           "task.box_batch_size_per_image=32", "task.rpn_pre_nms_top_n=50", "task.rpn_post_nms_top_n=20"]
 SEGMENT = ["experiment=segment_mae_vit_tiny_synthetic", *DENSE, "task.decode_head.channels=16",

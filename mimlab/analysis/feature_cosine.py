@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from mimlab.checkpoints.convnextv2 import load_convnextv2_checkpoint
+    from mimlab.checkpoints.load import load_pretrained
 
     p = argparse.ArgumentParser(prog="python -m mimlab.analysis.feature_cosine", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="official ConvNeXt-V2 / timm / mimlab checkpoint (.pt/.ckpt)")
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
 
     model = instantiate(OmegaConf.load(args.backbone), num_classes=0)
-    load_convnextv2_checkpoint(model, args.checkpoint, ignore=("head.", "norm."))
+    load_pretrained(args.checkpoint, model, ignore_unexpected=("head.*", "norm.*"))
     images = load_images(args.images, args.size, args.max_images)
     result = feature_cosine_distance(model, images, batch_size=args.batch_size)
     width = max(len(n) for n in result)

@@ -1,5 +1,5 @@
-"""Import official ConvNeXt-V2 weights (FCMAE pre-trained, fine-tuned, sparse-encoder or timm layout)
-into :class:`mimlab.models.backbones.convnextv2.MaskedConvNeXtV2`.
+"""Convert official ConvNeXt-V2 weights (FCMAE pre-trained, fine-tuned, sparse-encoder or timm layout) to the names of
+:class:`mimlab.models.backbones.convnextv2.MaskedConvNeXtV2`; :func:`mimlab.checkpoints.load.load_pretrained` loads them.
 
 Accepted layouts (METHODS.md §3.6), detected per key:
 
@@ -14,23 +14,17 @@ Accepted layouts (METHODS.md §3.6), detected per key:
   mlp.fc1, mlp.grn.weight/bias, mlp.fc2}``, ``head.norm``/``head.fc`` (1x1-conv MLP weights of the small
   ``conv_mlp`` variants are flattened).
 
-A checkpoint file may wrap the weights under ``'model'`` or ``'state_dict'``; a ``module.`` prefix is removed, and
-from a mimlab pre-training checkpoint (Lightning ``state_dict`` with ``backbone.*`` keys) only the backbone is read.
+The input is a flat state dict (``mimlab.checkpoints.load.read_state_dict`` unwraps files).
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
-from torch import nn
 
-from mimlab.checkpoints.files import load_file
-
-__all__ = ["CheckpointMismatchError", "LoadReport", "convert_convnextv2_state_dict", "load_convnextv2_checkpoint"]
+__all__ = ["convert_convnextv2_state_dict"]
 
 _DECODER_ROOTS = ("proj", "pred", "mask_token", "decoder")
 
@@ -48,31 +42,6 @@ _TIMM_RULES = [  # (pattern, replacement), applied in order
 ]
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The converted checkpoint does not fit the model; the message lists every offending key."""
-
-
-@dataclass
-class LoadReport:
-    """What happened to each key: loaded into the model, dropped on purpose, or left at init."""
-
-    loaded: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    shape_mismatch: list[str] = field(default_factory=list)
-
-
-def _unwrap(obj: Mapping) -> dict[str, torch.Tensor]:
-    for key in ("model", "state_dict"):
-        if key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    if any(k.startswith("backbone.") for k in obj):  # a mimlab MaskedPretraining checkpoint: keep the encoder
-        obj = {k.removeprefix("backbone."): v for k, v in obj.items() if k.startswith("backbone.")}
-    return obj
-
-
 def _sparse_kernel_to_weight(v: torch.Tensor) -> torch.Tensor:
     """Minkowski ``(k², in, out)`` -> ``(out, in, k, k)``; depthwise ``(k², C)`` -> ``(C, 1, k, k)``."""
     ks = math.isqrt(v.shape[0])
@@ -85,7 +54,7 @@ def convert_convnextv2_state_dict(state_dict: Mapping) -> tuple[dict[str, torch.
     """Map any supported layout to mimlab names. Returns ``(converted, dropped_keys)``."""
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
-    for key, value in _unwrap(state_dict).items():
+    for key, value in state_dict.items():
         k = key.removeprefix("encoder.")
         if k.split(".")[0] in _DECODER_ROOTS:
             dropped.append(key)
@@ -101,48 +70,3 @@ def convert_convnextv2_state_dict(state_dict: Mapping) -> tuple[dict[str, torch.
             value = value.flatten(1)
         out[k] = value
     return out, dropped
-
-
-def load_convnextv2_checkpoint(
-    model: nn.Module,
-    checkpoint: str | Path | Mapping,
-    *,
-    allow_missing: Iterable[str] = (),
-    ignore: Iterable[str] = (),
-) -> LoadReport:
-    """Load ``checkpoint`` (a path or a state dict in any supported layout) into ``model``.
-
-    ``allow_missing``: key prefixes that may stay at init (e.g. ``("norm.", "head.")`` when fine-tuning from
-    an FCMAE checkpoint, which has neither). ``ignore``: key prefixes of the checkpoint to drop (e.g. ``("head.",)``
-    for a different class count). Raises :class:`CheckpointMismatchError` listing missing keys, unexpected keys and
-    shape mismatches; nothing is loaded in that case.
-    """
-    source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<state dict>"
-    if isinstance(checkpoint, (str, Path)):
-        checkpoint = load_file(checkpoint, weights_only=True)
-    converted, dropped = convert_convnextv2_state_dict(checkpoint)
-    ignore, allow_missing = tuple(ignore), tuple(allow_missing)
-    for k in [k for k in converted if k.startswith(ignore)] if ignore else []:
-        dropped.append(k)
-        del converted[k]
-    own = model.state_dict()
-    report = LoadReport(dropped=dropped)
-    report.unexpected = sorted(k for k in converted if k not in own)
-    report.missing = sorted(k for k in own if k not in converted and not k.startswith(allow_missing))
-    report.shape_mismatch = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in converted.items() if k in own and v.shape != own[k].shape)
-    if report.missing or report.unexpected or report.shape_mismatch:
-        lines = [f"ConvNeXt-V2 checkpoint {source} does not fit {type(model).__name__} "
-                 f"(depths={getattr(model, 'depths', '?')}, dims={getattr(model, 'dims', '?')}):"]
-        for title, keys in (("missing in checkpoint", report.missing), ("unexpected in checkpoint", report.unexpected),
-                            ("shape mismatch", report.shape_mismatch)):
-            if keys:
-                shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-                lines.append(f"  {title} ({len(keys)}): {shown}")
-        lines.append("Check the model size matches the checkpoint; pass allow_missing=('norm.', 'head.') to load an "
-                     "FCMAE checkpoint into a classifier, or ignore=('head.',) to drop a head with another class count.")
-        raise CheckpointMismatchError("\n".join(lines))
-    model.load_state_dict(converted, strict=False)
-    report.loaded = sorted(converted)
-    return report

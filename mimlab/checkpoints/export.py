@@ -27,22 +27,14 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from mimlab.checkpoints.files import load_file
-from mimlab.checkpoints.load import CheckpointMismatchError
-from mimlab.checkpoints.mae import backbone_state_from
+from mimlab.checkpoints.load import CheckpointMismatchError, pretrained_parts, read_checkpoint, read_state_dict
 
 log = logging.getLogger(__name__)
 
 
 def _config(path: str | Path) -> dict:
-    ckpt = load_file(path)
+    ckpt = read_checkpoint(path)
     return ((ckpt.get("mimlab") or {}).get("config") or {}) if isinstance(ckpt, dict) else {}
-
-
-def _raw_state(path: str | Path) -> dict[str, Tensor]:
-    from mimlab.checkpoints.load import read_state_dict
-
-    return read_state_dict(path)
 
 
 def _head(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -133,10 +125,12 @@ def export_timm(ckpt: str | Path, out: str | Path | None = None, ema: bool = Fal
     ``num_classes`` / ``global_pool`` are needed), else a base model with every architecture argument."""
     ckpt = Path(ckpt)
     prefix = "ema.module." if ema else ""
-    raw = _raw_state(ckpt)
+    raw = read_state_dict(ckpt)
     if ema and not any(k.startswith(prefix) for k in raw):
         raise CheckpointMismatchError(f"{ckpt} has no model-EMA weights ('ema.module.*'); drop ema=true")
-    backbone, layout = backbone_state_from(ckpt, prefix=prefix + "backbone.")
+    parts, layout = pretrained_parts(ckpt, prefix=prefix)
+    backbone = {k: v for k, v in parts["backbone"].items()  # official fine-tuned heads are not exported
+                if layout == "mimlab" or not k.startswith(("head.", "fc_norm."))}
     head = _head(raw, prefix + "head.") if layout == "mimlab" else {}
     cfg = _config(ckpt)
     if "cls_token" in backbone and "blocks.0.attn.qkv.weight" in backbone:

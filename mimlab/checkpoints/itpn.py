@@ -1,4 +1,5 @@
-"""Import official iTPN / HiViT checkpoints (METHODS.md §4.7) into mimlab's ``HiViT`` + ``ITPNPyramid`` + heads.
+"""Convert official iTPN / HiViT checkpoints (METHODS.md §4.7) to the names of mimlab's ``HiViT`` + ``ITPNPyramid`` +
+heads; :func:`mimlab.checkpoints.load.load_pretrained` loads the backbone and the pyramid.
 
 Official layout (a model ``state_dict`` under ``'model'``, or ``'module'`` / ``'model_ema'`` / ``'state_dict'``,
 optionally prefixed ``module.`` / ``encoder.``): one flat ``blocks`` list in which the two ``PatchMerge`` modules
@@ -10,58 +11,22 @@ the CLIP heads (``decoder_embed``, ``lm_head``, ``lm_cls_head``, ``norm``, ``nor
 
 mimlab splits ``blocks`` into ``stage4 / merge4 / stage8 / merge8 / main_blocks``; every other name is kept.
 The PatchMerge positions are found from the keys (the only blocks with ``reduction.weight``), so ``mlp_depth`` need
-not be given; a checkpoint that does not fit that pattern, or whose shapes do not fit the model, raises with the keys.
+not be given; a checkpoint that does not fit that pattern raises naming the keys it found.
 """
 from __future__ import annotations
 
-import argparse
 import re
-from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mimlab.checkpoints.files import load_file
+from mimlab.checkpoints.load import read_state_dict
+
 
 NECK_PREFIXES = ("align_dim_", "split_", "block_16to8.", "block_8to4.", "fpn_modules.")
 PIXEL_DECODER_PREFIXES = ("decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 CLIP_HEAD_PREFIXES = ("decoder_embed.", "lm_head.", "lm_cls_head.", "norm.", "norm_cls.", "cls_pt_layers.")
 BACKBONE_PREFIXES = ("patch_embed.", "absolute_pos_embed", "blocks.", "fc_norm.", "head.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
-
-
-def load_checkpoint_file(path: Path) -> dict:
-    """``torch.load`` with weights only; MAE-style files also pickle ``args`` (an ``argparse.Namespace``), which is
-    allow-listed. OpenAI CLIP ``.pt`` files are TorchScript archives and are read with ``torch.jit.load``."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return load_file(path, weights_only=True)
-    except RuntimeError as err:  # TorchScript archive
-        if "TorchScript" not in str(err) and "jit" not in str(err).lower():
-            raise
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
-
-
-def read_state_dict(source: str | Path | dict) -> dict[str, Tensor]:
-    """A path or a loaded object -> flat state dict, unwrapping ``model``/``module``/``model_ema``/``state_dict`` and
-    stripping ``module.`` / ``encoder.`` prefixes."""
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"iTPN checkpoint {path} does not exist (official weights are on Baidu/Google "
-                                    "Drive only: download them yourself and pass the local path)")
-        source = load_checkpoint_file(path)
-    for key in ("model", "module", "model_ema", "state_dict"):
-        if isinstance(source, dict) and key in source and isinstance(source[key], dict):
-            source = source[key]
-            break
-    out = {}
-    for k, v in source.items():
-        for prefix in ("module.", "encoder."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 def _merge_indices(sd: dict[str, Tensor]) -> tuple[int, int]:
@@ -85,12 +50,12 @@ def _rename_block(index: int, rest: str, m: int) -> str:
 
 
 def convert_official_itpn(state_dict: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Split an official state dict into ``{"backbone", "neck", "decoder", "unused"}`` dicts in mimlab names.
+    """Split an official (flat) state dict into ``{"backbone", "neck", "decoder", "unused"}`` dicts in mimlab names.
 
     ``decoder`` holds the pixel decoder (``ITPNPixelDecoder``) or the CLIP heads (``ITPNClipHead``), whichever the
     checkpoint has; ``unused`` keeps what matched nothing (e.g. ``relative_position_index`` buffers).
     """
-    sd = read_state_dict(state_dict)
+    sd = {k.removeprefix("encoder."): v for k, v in read_state_dict(state_dict).items()}
     m, _ = _merge_indices(sd)
     is_clip = "lm_head.weight" in sd
     parts: dict[str, dict[str, Tensor]] = {"backbone": {}, "neck": {}, "decoder": {}, "unused": {}}
@@ -107,38 +72,4 @@ def convert_official_itpn(state_dict: dict[str, Tensor]) -> dict[str, dict[str, 
             parts["decoder"]["embed." + k if k.startswith("decoder_embed.") else k] = v
         else:
             parts["unused"][k] = v
-    return parts
-
-
-def _load_part(module: nn.Module, sd: dict[str, Tensor], name: str, allow_missing: tuple[str, ...]) -> None:
-    own = module.state_dict()
-    bad_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in sd and not any(a in k for a in allow_missing)]
-    unexpected = [k for k in sd if k not in own]
-    if bad_shape or missing or unexpected:
-        raise ValueError(
-            f"official iTPN checkpoint does not fit the {name} ({type(module).__name__}):\n"
-            f"  shape mismatches: {bad_shape[:6]}\n  missing in checkpoint: {missing[:6]}\n"
-            f"  not in model: {unexpected[:6]}\n"
-            "Check embed_dim / mlp_depth / depth / fpn_depth / rpe of the model config against the checkpoint."
-        )
-    module.load_state_dict(sd, strict=False)
-
-
-def load_official_itpn(source: str | Path | dict, backbone: nn.Module, neck: nn.Module | None = None,
-                       decoder: nn.Module | None = None) -> dict[str, dict[str, Tensor]]:
-    """Load an official checkpoint into the given modules (strict up to documented exceptions) and return the split.
-
-    Allowed to be absent from the checkpoint: ``relative_position_bias_table`` (pre-training has rpe=False; fine-tuning
-    starts the tables at zero, as the official code does), ``fc_norm``/``head`` (pre-training checkpoints have no
-    classifier) and, in the backbone, ``mask_token`` (only CLIP checkpoints have one).
-    """
-    parts = convert_official_itpn(source)
-    _load_part(backbone, parts["backbone"], "backbone",
-               ("relative_position_bias_table", "fc_norm.", "head.", "mask_token"))
-    if neck is not None:
-        _load_part(neck, parts["neck"], "neck", ())
-    if decoder is not None:
-        _load_part(decoder, parts["decoder"], "decoder", ())
     return parts

@@ -1,5 +1,6 @@
-"""Optimiser factory (lr scaling, param groups) and the per-step lr schedules (warm-up + cosine or multi-step)."""
-from mimlab.optim.factory import OptimizerFactory, weight_decay_groups
-from mimlab.optim.schedule import WarmupCosine, WarmupMultiStep
+"""Optimiser factory (lr scaling, schedule), the one param-group builder and the per-step schedules."""
+from mimlab.optim.factory import OptimizerFactory
+from mimlab.optim.param_groups import ParamGroups
+from mimlab.optim.schedule import WarmupCosine, WarmupMultiStep, WarmupPoly
 
-__all__ = ["OptimizerFactory", "WarmupCosine", "WarmupMultiStep", "weight_decay_groups"]
+__all__ = ["OptimizerFactory", "ParamGroups", "WarmupCosine", "WarmupMultiStep", "WarmupPoly"]

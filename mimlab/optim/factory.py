@@ -1,41 +1,28 @@
-"""Optimiser + schedule for every task: lr = blr * effective_batch / 256, param groups, warm-up cosine per step."""
+"""Optimiser + per-step schedule for every task: lr = blr * effective_batch / 256 (or an absolute lr), param groups."""
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import lightning as L
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from mimlab.optim.param_groups import ParamGroups
 from mimlab.optim.schedule import WarmupCosine
 
 
-def weight_decay_groups(module: nn.Module, weight_decay: float, use_no_weight_decay_list: bool = False) -> list[dict]:
-    """Two groups (timm ``param_groups_weight_decay``, = MAE ``add_weight_decay``): no decay for 1-D params and biases.
-
-    With ``use_no_weight_decay_list`` the names in each submodule's ``no_weight_decay()`` are skipped too (fine-tuning).
-    Frozen parameters (``requires_grad=False``) are left out.
-    """
-    skip: set[str] = set()
-    if use_no_weight_decay_list:
-        for prefix, sub in module.named_modules():
-            if hasattr(sub, "no_weight_decay") and sub is not module:
-                skip |= {f"{prefix}.{name}" if prefix else name for name in sub.no_weight_decay()}
-    return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=skip)
-
-
 class OptimizerFactory:
-    """Builds the optimiser and its per-step LR schedule for a LightningModule.
+    """Builds the optimiser and its per-step LR schedule for a LightningModule (``configure_optimizers``).
 
     Args:
         optimizer: partial optimiser class (e.g. ``torch.optim.AdamW`` with betas/fused), called with param groups and lr.
         blr: base lr; the absolute lr is ``blr * effective_batch / base_batch`` unless ``lr`` is given.
-        lr: absolute lr (overrides blr scaling, e.g. iTPN-CLIP's 1.5e-3).
+        lr: absolute lr (overrides blr scaling, e.g. iTPN-CLIP's 1.5e-3 and the detection/segmentation recipes).
         weight_decay: decay for >=2-D weights.
-        min_lr, warmup_epochs: the warm-up cosine schedule (epochs may be fractional).
-        param_groups: ``f(module, weight_decay) -> list[dict]`` (weight-decay groups; layer-decay groups for fine-tuning).
-        schedule: ``f(steps_per_epoch, epochs, warmup_epochs, min_lr_ratio) -> (step -> lr factor)``; default
-            :class:`WarmupCosine`, e.g. a partial :class:`~mimlab.optim.schedule.WarmupMultiStep` for SimMIM.
+        min_lr, warmup_epochs: passed to the schedule (epochs may be fractional).
+        param_groups: the one builder, :class:`~mimlab.optim.param_groups.ParamGroups` (layer decay, weight-decay split).
+        schedule: ``f(steps_per_epoch, epochs, warmup_epochs, min_lr_ratio) -> (step -> lr factor)``, a partial of a
+            :mod:`mimlab.optim.schedule` class with its own knobs; default :class:`WarmupCosine` (MAE).
     """
 
     def __init__(
@@ -47,7 +34,7 @@ class OptimizerFactory:
         min_lr: float = 0.0,
         warmup_epochs: float = 40,
         base_batch: int = 256,
-        param_groups: Callable[..., list[dict]] = weight_decay_groups,
+        param_groups: Callable[[nn.Module, float], list[dict]] | None = None,
         schedule: Callable[..., Callable[[int], float]] | None = None,
     ) -> None:
         self.optimizer = optimizer
@@ -57,7 +44,7 @@ class OptimizerFactory:
         self.min_lr = min_lr
         self.warmup_epochs = warmup_epochs
         self.base_batch = base_batch
-        self.param_groups = param_groups
+        self.param_groups = param_groups if param_groups is not None else ParamGroups(backbone_no_weight_decay=False)
         self.schedule = schedule or WarmupCosine
 
     @staticmethod
@@ -70,16 +57,18 @@ class OptimizerFactory:
             return float(self.lr)
         return self.blr * self.effective_batch(trainer, batch_size) / self.base_batch
 
+    def lr_lambda(self, trainer: L.Trainer, lr: float) -> Callable[[int], float]:
+        """The per-step factor for this run (a max-steps run without epochs counts as one epoch)."""
+        total_steps = max(int(trainer.estimated_stepping_batches), 1)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        return self.schedule(steps_per_epoch=total_steps / epochs, epochs=epochs, warmup_epochs=self.warmup_epochs,
+                             min_lr_ratio=self.min_lr / lr if lr > 0 else 0.0)
+
     def __call__(self, module: nn.Module, trainer: L.Trainer, batch_size: int) -> dict:
         lr = self.absolute_lr(trainer, batch_size)
         groups = self.param_groups(module, self.weight_decay)
         for group in groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer = self.optimizer(groups, lr=lr)
-        total_steps = max(int(trainer.estimated_stepping_batches), 1)
-        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        schedule = self.schedule(steps_per_epoch=total_steps / epochs, epochs=epochs, warmup_epochs=self.warmup_epochs,
-                                 min_lr_ratio=self.min_lr / lr if lr > 0 else 0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda(trainer, lr))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
-

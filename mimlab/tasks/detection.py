@@ -15,7 +15,7 @@ COCOeval runs, so the figures are those of one process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -30,7 +30,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
-from mimlab.optim.dense import layer_decay_param_groups
+from mimlab.optim import OptimizerFactory
 from mimlab.utils.distributed import gather_list_states
 
 
@@ -63,10 +63,11 @@ class MaskRCNNDetection(L.LightningModule):
 
     Args:
         adapter: backbone + neck adapter with 5 levels (s4..s64, last named ``pool``).
+        optim: the optimiser factory of the ``optim`` config group (``adamw_layer_decay_multistep``: AdamW, layer-wise
+            lr decay over the backbone's declared layer ids, warm-up + multi-step).
         num_classes: object classes without background (80 for COCO).
-        pretrained: pre-training ``.ckpt`` whose ``backbone.*`` (and with ``load_neck`` ``neck.*``) keys fill the adapter.
-        lr, weight_decay, betas, layer_decay: AdamW with layer-wise lr decay over the backbone's blocks.
-        lr_schedule: factory ``(total_steps) -> step -> factor`` (Hydra partial of ``warmup_multistep``).
+        pretrained: pre-training checkpoint (mimlab ``.ckpt`` or official file) filling the backbone (and, with
+            ``load_neck``, the neck).
         min_size, max_size: evaluation resize (shorter side / longer side cap) of the detector transform; the recipes
             set both from ``data.img_size`` (the one size knob). ``min_size`` must be a multiple of the backbone's
             largest stride.
@@ -81,18 +82,15 @@ class MaskRCNNDetection(L.LightningModule):
             1000 as torchvision; CPU-fast configs shrink them).
     """
 
-    def __init__(self, adapter: DenseFeatureAdapter, num_classes: int, pretrained: str | None = None,
-                 load_neck: bool = False, lr: float = 1e-4, weight_decay: float = 0.1,
-                 betas: Sequence[float] = (0.9, 0.999), layer_decay: float = 0.7,
-                 lr_schedule: Callable[[int], Callable[[int], float]] | None = None,
-                 min_size: int = 1024, max_size: int = 1024,
+    def __init__(self, adapter: DenseFeatureAdapter, optim: OptimizerFactory, num_classes: int,
+                 pretrained: str | None = None, load_neck: bool = False, min_size: int = 1024, max_size: int = 1024,
                  anchor_sizes: Sequence[int] | None = None, conv_heads: bool = True,
                  head_channels: int = 256, representation_size: int = 1024, box_batch_size_per_image: int = 512,
                  rpn_pre_nms_top_n: int = 2000, rpn_post_nms_top_n: int = 1000,
                  detections_per_img: int = 100, box_score_thresh: float = 0.05, mask_threshold: float = 0.5,
                  monitor: str = "val/bbox_mAP"):
         super().__init__()
-        self.save_hyperparameters(ignore=["adapter", "lr_schedule"])
+        self.save_hyperparameters(ignore=["adapter", "optim"])
         adapter.check_input_size(min_size, "min_size")
         if pretrained:
             adapter.load_pretrained(pretrained, load_neck=load_neck)
@@ -125,13 +123,18 @@ class MaskRCNNDetection(L.LightningModule):
         self.model.transform = _EvalResizeTransform(min_size, max_size, self.model.transform.image_mean,
                                                     self.model.transform.image_std,
                                                     size_divisible=adapter.size_divisible)
-        self.lr_schedule = lr_schedule
+        self.optim = optim
         with torch.device("cpu"):  # the metric builds its COCO thresholds with .tolist(): not on the meta device
             self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools", sync_on_compute=False)
 
     @property
     def adapter(self) -> DenseFeatureAdapter:
         return self.model.backbone.adapter
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pre-trained backbone (the task contract: the param-group builder finds it here)."""
+        return self.adapter.backbone
 
     @staticmethod
     def _train_targets(targets: list[dict]) -> list[dict]:
@@ -175,12 +178,4 @@ class MaskRCNNDetection(L.LightningModule):
                     self.log(f"val/{iou}_{name}", res[key].float(), prog_bar=k == "map")
 
     def configure_optimizers(self):
-        ids, num_layers = self.adapter.layer_ids()
-        prefix = "model.backbone.adapter."
-        groups = layer_decay_param_groups(self.named_parameters(), {prefix + k: v for k, v in ids.items()}, num_layers,
-                                          self.hparams.lr, self.hparams.weight_decay, self.hparams.layer_decay)
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        if self.lr_schedule is None:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule(int(self.trainer.estimated_stepping_batches)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.optim(self, self.trainer, self.trainer.datamodule.batch_size)

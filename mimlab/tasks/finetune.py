@@ -1,8 +1,8 @@
 """Supervised fine-tuning of a pre-trained backbone on an ImageNet-layout data set (MAE / ConvNeXt V2 / iTPN recipes).
 
 ``images (N, C, H, W) -> features(backbone, images) (N, D) -> head -> logits (N, K)``. The backbone is any module of
-the backbone contract (``forward_features`` / ``out_channels``); its weights come from ``pretrained`` (a mimlab
-``.ckpt`` or an official file, see :mod:`mimlab.checkpoints.mae`). Mixup/CutMix + label smoothing (timm), layer-wise
+the backbone contract (:mod:`mimlab.models.backbones.contract`, checked when the task is built); its weights come
+from ``pretrained`` (a mimlab ``.ckpt`` or an official file, :func:`mimlab.checkpoints.load_pretrained`). Mixup/CutMix + label smoothing (timm), layer-wise
 lr decay (``optim.param_groups``), drop path (backbone config) and model EMA (timm ``ModelEmaV3``; validated instead of
 the raw weights when enabled) are configured in ``conf/task/finetune.yaml`` and the ``finetune_*`` experiments.
 """
@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mimlab.checkpoints.mae import load_backbone
+from mimlab.checkpoints import load_pretrained
+from mimlab.models.backbones.contract import check_backbone
 from mimlab.models.heads.classifier import GlobalAvgPool
 from mimlab.optim import OptimizerFactory
 
@@ -36,7 +37,8 @@ class ImageClassification(L.LightningModule):
         optim: the optimiser factory (lr = blr * effective batch / 256).
         num_classes: classes; None reads ``trainer.datamodule.num_classes`` at setup (the head is built then).
         features: ``f(backbone, images) -> (N, D)`` (``GlobalAvgPool()`` or ``ClsToken()``).
-        pretrained: checkpoint path or None. allow_missing / ignore_unexpected: see :func:`load_backbone`.
+        pretrained: checkpoint path or None. allow_missing / ignore_unexpected: fnmatch patterns of backbone keys the
+            checkpoint may lack / checkpoint keys to drop (:func:`mimlab.checkpoints.load_pretrained`).
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class ImageClassification(L.LightningModule):
         ignore_unexpected: Iterable[str] = (),
     ) -> None:
         super().__init__()
+        check_backbone(backbone)
         self.backbone = backbone
         self.features = features if features is not None else GlobalAvgPool()
+        self.features.dim(backbone)  # the backbone offers this pooled feature (composition-time error otherwise)
         self.head_factory = head
         self.optim = optim
         self.num_classes = num_classes
@@ -60,7 +64,8 @@ class ImageClassification(L.LightningModule):
         self.head: nn.Module | None = None
         self.load_report: dict[str, list[str]] = {}
         if pretrained:
-            self.load_report = load_backbone(backbone, pretrained, allow_missing=allow_missing, ignore_unexpected=ignore_unexpected)
+            self.load_report = load_pretrained(pretrained, backbone, allow_missing=allow_missing,
+                                               ignore_unexpected=ignore_unexpected)["backbone"]
         else:
             log.warning("%s: no `pretrained` checkpoint given; the backbone starts from random init", type(self).__name__)
         if num_classes is not None:

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from mimlab.models.backbones.contract import check_backbone
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
 from mimlab.utils.nan_guard import check_finite
@@ -43,6 +44,7 @@ class MaskedPretraining(L.LightningModule):
         nan_guard: Literal["stop", "skip", "off"] = "stop",
     ) -> None:
         super().__init__()
+        check_backbone(backbone)
         self.backbone = backbone
         self.neck = neck if neck is not None else nn.Identity()
         self.decoder = decoder

@@ -11,7 +11,7 @@ prediction or label) and pixel accuracy are accumulated with torchmetrics (``ign
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from mimlab.data.ade20k import IGNORE_INDEX
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
-from mimlab.optim.dense import layer_decay_param_groups
+from mimlab.optim import OptimizerFactory
 
 
 @torch.no_grad()
@@ -51,33 +51,38 @@ class UperNetSegmentation(L.LightningModule):
 
     Args:
         adapter: backbone + neck adapter giving strides 4/8/16/32.
+        optim: the optimiser factory of the ``optim`` config group (``adamw_layer_decay_poly``: AdamW, layer-wise lr
+            decay over the backbone's declared layer ids, warm-up + poly).
         decode_head: factory ``(in_channels) -> nn.Module`` (Hydra partial of ``UperNetHead``).
         aux_head: factory for the auxiliary head (``FCNHead`` on level 2) or ``None``; weighted by ``aux_weight``.
         num_classes: 150 for ADE20K.
-        pretrained / load_neck: pre-training checkpoint filling ``backbone.*`` (and ``neck.*``).
-        lr, weight_decay, betas, layer_decay, lr_schedule: AdamW + layer decay + per-step schedule factory.
+        pretrained / load_neck: pre-training checkpoint (mimlab ``.ckpt`` or official file) filling the backbone (and
+            the neck).
         crop_size, stride: training crop and sliding-window evaluation (512 / 341); the recipes set both from
             ``data.img_size`` (the one size knob). ``crop_size`` must be a multiple of the backbone's largest stride.
         monitor: the metric the best checkpoint follows (read by ``callbacks/dense``).
     """
 
-    def __init__(self, adapter: DenseFeatureAdapter, decode_head: Callable[..., nn.Module],
+    def __init__(self, adapter: DenseFeatureAdapter, decode_head: Callable[..., nn.Module], optim: OptimizerFactory,
                  aux_head: Callable[..., nn.Module] | None = None, num_classes: int = 150, aux_weight: float = 0.4,
-                 pretrained: str | None = None, load_neck: bool = False, lr: float = 1e-4, weight_decay: float = 0.05,
-                 betas: Sequence[float] = (0.9, 0.999), layer_decay: float = 0.65,
-                 lr_schedule: Callable[[int], Callable[[int], float]] | None = None,
-                 crop_size: int = 512, stride: int = 341, monitor: str = "val/mIoU"):
+                 pretrained: str | None = None, load_neck: bool = False, crop_size: int = 512, stride: int = 341,
+                 monitor: str = "val/mIoU"):
         super().__init__()
-        self.save_hyperparameters(ignore=["adapter", "decode_head", "aux_head", "lr_schedule"])
+        self.save_hyperparameters(ignore=["adapter", "decode_head", "aux_head", "optim"])
         adapter.check_input_size(crop_size, "crop_size")
         if pretrained:
             adapter.load_pretrained(pretrained, load_neck=load_neck)
         self.adapter = adapter
         self.decode_head = decode_head(in_channels=adapter.out_channels, num_classes=num_classes)
         self.aux_head = aux_head(in_channels=adapter.out_channels, num_classes=num_classes) if aux_head else None
-        self.lr_schedule = lr_schedule
+        self.optim = optim
         self.val_miou = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
         self.val_acc = MulticlassAccuracy(num_classes, ignore_index=IGNORE_INDEX, average="micro")
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pre-trained backbone (the task contract: the param-group builder finds it here)."""
+        return self.adapter.backbone
 
     def _logits(self, images: torch.Tensor, with_aux: bool = False):
         feats = list(self.adapter(images).values())
@@ -127,11 +132,4 @@ class UperNetSegmentation(L.LightningModule):
         self.val_acc.reset()
 
     def configure_optimizers(self):
-        ids, num_layers = self.adapter.layer_ids()
-        groups = layer_decay_param_groups(self.named_parameters(), {f"adapter.{k}": v for k, v in ids.items()},
-                                          num_layers, self.hparams.lr, self.hparams.weight_decay, self.hparams.layer_decay)
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        if self.lr_schedule is None:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule(int(self.trainer.estimated_stepping_batches)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.optim(self, self.trainer, self.trainer.datamodule.batch_size)

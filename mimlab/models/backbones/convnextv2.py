@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import nn
 
+from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
 from mimlab.models.layers.grn import GRN
 
 __all__ = ["ConvNeXtV2Block", "MaskedConvNeXtV2", "mask_to_map"]
@@ -50,13 +51,13 @@ class ConvNeXtV2Block(nn.Module):
     the output is zero there too.
     """
 
-    def __init__(self, dim: int, drop_path: float = 0.0) -> None:
+    def __init__(self, dim: int, drop_path: float = 0.0, grn_masked_pooling: str = "sample") -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
+        self.grn = GRN(4 * dim, masked_pooling=grn_masked_pooling)
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -85,10 +86,19 @@ class MaskedConvNeXtV2(nn.Module):
         num_classes: 0 (default) builds no final norm and no head, the FCMAE pre-training layout
             (official FCMAE checkpoints have neither); > 0 adds ``norm`` (LN) and ``head`` (Linear).
         head_init_scale: multiplies the initial head weight and bias (1e-3 in official fine-tuning).
+        layer_decay_rule: the default layer-wise lr decay rule, "single" (official default; Atto-Tiny) or "group"
+            (Base/Large/Huge), see :meth:`layer_groups`.
+        grn_masked_pooling: GRN statistics under a mask, "sample" (default) or "batch" (the official sparse
+            encoder's MinkowskiGRN), see :class:`~mimlab.models.layers.grn.GRN`.
 
     Init: ``trunc_normal_(std=0.02)`` for conv / linear weights, zero biases (official dense ConvNeXt V2).
-    ``out_channels = dims``, ``out_strides = [4, 8, 16, 32]``.
+    Backbone contract: ``out_channels = dims``, ``out_strides = [4, 8, 16, 32]``; pooled feature "avg" (mean of
+    the last stage, before the head's norm); no weight decay on GRN ``gamma``/``beta`` (official
+    ``optim_factory.py`` skips them by name).
     """
+
+    feature_pools = ("avg",)
+    layer_decay_rules = ("single", "group")
 
     def __init__(
         self,
@@ -98,6 +108,8 @@ class MaskedConvNeXtV2(nn.Module):
         drop_path_rate: float = 0.0,
         num_classes: int = 0,
         head_init_scale: float = 1.0,
+        layer_decay_rule: str = "single",
+        grn_masked_pooling: str = "sample",
     ) -> None:
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
@@ -105,7 +117,9 @@ class MaskedConvNeXtV2(nn.Module):
         self.depths, self.dims = list(depths), list(dims)
         self.out_channels = list(dims)
         self.out_strides = [4, 8, 16, 32]
+        self.num_features = dims[-1]
         self.num_classes = num_classes
+        self.layer_decay_rule = layer_decay_rule
 
         self.downsample_layers = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))])
@@ -116,7 +130,8 @@ class MaskedConvNeXtV2(nn.Module):
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])
-            self.stages.append(nn.ModuleList(ConvNeXtV2Block(dims[i], rates[start + j]) for j in range(depth)))
+            self.stages.append(nn.ModuleList(ConvNeXtV2Block(dims[i], rates[start + j], grn_masked_pooling)
+                                             for j in range(depth)))
         if num_classes > 0:
             self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
             self.head = nn.Linear(dims[-1], num_classes)
@@ -130,6 +145,41 @@ class MaskedConvNeXtV2(nn.Module):
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------------------------- contract
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.endswith((".grn.gamma", ".grn.beta"))}
+
+    def layer_groups(self, rule: str | None = None) -> LayerGroups:
+        """ConvNeXt-V2 ``optim_factory.py`` layer ids (``main_finetune.py`` scale ``decay ** (num_layers + 1 - id)``).
+
+        "single": one id per block; ``downsample_layers.k`` -> ``sum(depths[:k]) + 1`` (the stem is 1, id 0 is
+        empty), ``stages.s.b`` -> ``sum(depths[:s]) + b + 1``, the rest -> ``sum(depths) + 1``.
+        "group" (Base/Large/Huge, from BEiT): 12 groups of three blocks; stem 0, ``downsample_layers.1/2`` -> 2/3,
+        stages 0/1 -> 1/2, stage-2 block b -> ``3 + b // 3``, ``downsample_layers.3`` and stage 3 -> 12, rest -> 13.
+        """
+        rule = resolve_rule(self, rule)
+        depths = self.depths
+        top = 13 if rule == "group" else sum(depths) + 1
+
+        def layer_id(name: str) -> int:
+            parts = name.split(".")
+            if parts[0] == "downsample_layers":
+                stage = int(parts[1])
+                return {0: 0, 1: 2, 2: 3}.get(stage, 12) if rule == "group" else sum(depths[:stage]) + 1
+            if parts[0] == "stages":
+                stage, block = int(parts[1]), int(parts[2])
+                if rule == "group":
+                    return {0: 1, 1: 2, 3: 12}.get(stage, 3 + block // 3)
+                return sum(depths[:stage]) + block + 1
+            return top
+
+        return LayerGroups.from_rule(self, rule, layer_id, top)
+
+    def forward_pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """(N, C, H, W) -> (N, dims[-1]): global average of the last stage (the official head's input)."""
+        check_pool(self, pool)
+        return self.forward_features(x)[-1].mean(dim=(-2, -1))
 
     def _mask_grid(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
         """The ``(gh, gw)`` grid of square mask units implied by the image and ``mask`` (N, L)."""

@@ -29,6 +29,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from mimlab.masking import fill_masked, keep_indices, num_visible
+from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -191,16 +192,32 @@ class HiViT(nn.Module):
         drop_masked: True drops masked units (MAE); False keeps them and inpaints ``mask_token`` (BEiT/iTPN-CLIP).
         keep_hidden: main-block indices (0-based) whose outputs are returned in ``HiViTEncoding.hidden``.
         num_classes: > 0 adds mean-pool + ``fc_norm`` + ``head`` (classification, ``forward_head``).
+        layer_decay_rule: "itpn" (default; iTPN ``util/lr_decay.py``: decay renormalised by 13 / num_layers) or
+            "hivit" (HiViT's copy of it, without the renormalisation), see :meth:`layer_groups`.
+        pos_embed_interpolation: how the position table meets the tokens, see :meth:`position_embedding`:
+            "table" (default) uses the table as is at its own grid; "itpn" reproduces the official
+            ``interpolate_pos_encoding``, which also resamples at the table's own grid whenever units are dropped.
+
+    Backbone contract: ``out_channels = [D/4, D/2, D]`` at ``out_strides = [4, 8, 16]``; pooled feature "avg"
+    (mean of the main-stage tokens); no weight decay on ``absolute_pos_embed``, ``mask_token`` and the relative
+    position bias tables (official iTPN fine-tuning).
     """
+
+    feature_pools = ("avg",)
+    layer_decay_rules = ("itpn", "hivit")
 
     def __init__(self, embed_dim: int = 512, mlp_depth: int = 3, depth: int = 24, num_heads: int = 8,
                  img_size: int = 224, unit_size: int = 16, in_chans: int = 3, stem_mlp_ratio: float = 3.0,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, ape: bool = True, rpe: bool = False, drop_masked: bool = True,
-                 init_values: float | None = None, keep_hidden: tuple[int, ...] = (), num_classes: int = 0) -> None:
+                 init_values: float | None = None, keep_hidden: tuple[int, ...] = (), num_classes: int = 0,
+                 layer_decay_rule: str = "itpn", pos_embed_interpolation: str = "table") -> None:
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"HiViT embed_dim must be divisible by 4, got {embed_dim}")
+        if pos_embed_interpolation not in ("table", "itpn"):
+            raise ValueError(f"HiViT pos_embed_interpolation must be 'table' or 'itpn', got {pos_embed_interpolation!r}")
+        self.layer_decay_rule, self.pos_embed_interpolation = layer_decay_rule, pos_embed_interpolation
         self.embed_dim, self.depth, self.mlp_depth = embed_dim, depth, mlp_depth
         self.unit_size, self.drop_masked = unit_size, drop_masked
         self.keep_hidden = tuple(int(i) for i in keep_hidden)
@@ -208,6 +225,7 @@ class HiViT(nn.Module):
         d4, d8 = embed_dim // 4, embed_dim // 2
         self.out_channels = [d4, d8, embed_dim]
         self.out_strides = [4, 8, 16]
+        self.num_features = embed_dim
         n_blocks = 2 * mlp_depth + depth
         dpr = iter([drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)])  # linspace(0, rate)
 
@@ -235,8 +253,39 @@ class HiViT(nn.Module):
         if self.mask_token is not None:
             trunc_normal_(self.mask_token, std=0.02)
 
+    # ----------------------------------------------------------------------------------------------- contract
     def no_weight_decay(self) -> set[str]:
-        return {"absolute_pos_embed", "mask_token"}
+        names = {n for n, _ in self.named_parameters() if n.endswith(".relative_position_bias_table")}
+        return names | {n for n in ("absolute_pos_embed", "mask_token") if getattr(self, n) is not None}
+
+    def layer_groups(self, rule: str | None = None) -> LayerGroups:
+        """iTPN / HiViT ``util/lr_decay.py`` layer ids (BEiT rule over the official flat ``blocks`` list).
+
+        Only non-PatchMerge blocks count: ``num_layers = 2*mlp_depth + depth + 1`` (31 for iTPN-B); ``stage4.j`` ->
+        j+1, ``merge4`` takes the id of the block before it, then ``stage8``, ``merge8``, ``main_blocks`` likewise;
+        ``patch_embed``/``absolute_pos_embed`` -> 0; everything else (``mask_token``, ``fc_norm``, ``head``) ->
+        ``num_layers``. "itpn" renormalises the decay as ``decay ** (13 / num_layers)``; "hivit" does not.
+        """
+        rule = resolve_rule(self, rule)
+        m4, m8 = len(self.stage4), len(self.stage8)
+        top = m4 + m8 + len(self.main_blocks) + 1
+        offsets = {"stage4": 0, "stage8": m4, "main_blocks": m4 + m8}
+        merges = {"merge4": m4, "merge8": m4 + m8}
+
+        def layer_id(name: str) -> int:
+            root = name.split(".")[0]
+            if root in ("patch_embed", "absolute_pos_embed"):
+                return 0
+            if root in offsets:
+                return offsets[root] + int(name.split(".")[1]) + 1
+            return merges.get(root, top)
+
+        return LayerGroups.from_rule(self, rule, layer_id, top, 13 / top if rule == "itpn" else 1.0)
+
+    def forward_pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+        """(N, 3, H, W) -> (N, D): mean of the main-stage tokens (iTPN fine-tuning's global pool, before fc_norm)."""
+        check_pool(self, pool)
+        return self.forward_units(x).features[-1].mean(dim=1)
 
     def forward_units(self, x: Tensor, mask: Tensor | None = None) -> HiViTEncoding:
         """Run the three stages on (N, 3, H, W); ``mask`` (N, L) over 16-px units, 1 = masked (None = full image)."""
@@ -264,7 +313,7 @@ class HiViT(nn.Module):
         if mask is not None and not self.drop_masked:
             x = fill_masked(x, mask, self.mask_token)
         if self.absolute_pos_embed is not None:
-            pos = self._pos_embed(grid)
+            pos = self.position_embedding(grid, x.shape[1])
             if ids_keep is not None:
                 pos = torch.gather(pos.expand(n, -1, -1), 1, ids_keep[:, :, None].expand(-1, -1, pos.shape[-1]))
             x = x + pos
@@ -277,11 +326,27 @@ class HiViT(nn.Module):
                 hidden[i] = x
         return HiViTEncoding((f4, f8, x), mask, ids_keep, grid, hidden)
 
-    def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        pos = self.absolute_pos_embed
+    def position_embedding(self, grid: tuple[int, int], num_tokens: int) -> Tensor:
+        """The (1, gh*gw, D) position embedding for a ``grid`` of units of which ``num_tokens`` enter the main stage.
+
+        "table": the table itself at its own grid, bicubically resized to any other grid. "itpn": the official
+        ``interpolate_pos_encoding``, which returns the table only when ``num_tokens`` equals the table's length and
+        the grid is square, and otherwise resamples it by ``scale_factor = (g + 0.1) / g_table`` (DINO's +0.1).
+        As it compares the *visible* count, every masked pre-training step resamples the table even at its own
+        grid (up to ~0.10 per entry on a 14x14 sin-cos table), while full images (fine-tuning, dense transfer)
+        get the table unchanged.
+        """
+        pos, (th, tw) = self.absolute_pos_embed, self.grid
+        if self.pos_embed_interpolation == "itpn":
+            if num_tokens == th * tw and grid[0] == grid[1]:
+                return pos
+            scale = ((grid[0] + 0.1) / th, (grid[1] + 0.1) / tw)
+            table = pos.reshape(1, th, tw, -1).permute(0, 3, 1, 2)
+            pos = F.interpolate(table, scale_factor=scale, mode="bicubic")
+            return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
         if tuple(grid) == self.grid:
             return pos
-        pos = pos.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+        pos = pos.reshape(1, th, tw, -1).permute(0, 3, 1, 2)
         pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
         return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
 
@@ -315,5 +380,4 @@ class HiViT(nn.Module):
         """Classification: mean-pool of the main stage -> fc_norm -> head; (N, 3, H, W) -> (N, num_classes)."""
         if self.num_classes <= 0:
             raise ValueError("HiViT was built with num_classes=0; set model.backbone.num_classes for fine-tuning")
-        x16 = self.forward_units(x).features[-1]
-        return self.head(self.fc_norm(x16.mean(dim=1)))
+        return self.head(self.fc_norm(self.forward_pooled(x)))

@@ -24,7 +24,8 @@ class MaskTokenViT(MaskedViT):
 
     ``forward(x, mask)`` is the *dense* encoder kind: (N, C, H, W), (N, L_units) -> (N, D, H/p, W/p), the final-normed
     encoding of every patch (cls dropped), masked patches having entered as the mask token. Without a mask the model is
-    the plain ViT (``forward_tokens`` / ``forward_features`` as in :class:`MaskedViT`), e.g. for fine-tuning.
+    the plain ViT (``forward_tokens`` / ``forward_features`` as in :class:`MaskedViT`), e.g. for fine-tuning. The
+    backbone contract is :class:`MaskedViT`'s (``mask_token`` gets the stem layer id, as in SimMIM's ``get_vit_layer``).
     """
 
     def __init__(self, *args, **kwargs) -> None:

@@ -13,6 +13,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from mimlab.masking import fill_masked, mask_to_token_grid
+from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
 
 
 class MaskTokenSwin(SwinTransformer):
@@ -20,8 +21,14 @@ class MaskTokenSwin(SwinTransformer):
 
     Swin-B for SimMIM: ``embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)``, 192 px with ``window_size=6``.
     Backbone contract: ``forward_features(x, mask=None)`` -> four NCHW maps at ``out_strides`` (4, 8, 16, 32) with
-    ``out_channels`` (C0, 2C0, 4C0, 8C0), the last one final-normed; ``forward(x, mask)`` -> the last map (dense kind).
+    ``out_channels`` (C0, 2C0, 4C0, 8C0), the last one final-normed; ``forward(x, mask)`` -> the last map (dense kind);
+    pooled feature "avg" (timm's head input, ``num_features = 8C0``); layer-decay rule "simmim" (:meth:`layer_groups`);
+    no weight decay on the relative position bias tables and ``mask_token`` (SimMIM).
     """
+
+    feature_pools = ("avg",)
+    layer_decay_rules = ("simmim",)
+    layer_decay_rule = "simmim"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(num_classes=0, **kwargs)
@@ -32,6 +39,31 @@ class MaskTokenSwin(SwinTransformer):
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
+
+    def layer_groups(self, rule: str | None = None) -> LayerGroups:
+        """SimMIM ``optimizer.py`` ``get_swin_layer``: ``mask_token``/``patch_embed.*`` -> 0, block j of stage i ->
+        ``sum(depths[:i]) + j + 1``, a patch merging -> the id of the block before it, the rest (final norm) ->
+        ``sum(depths) + 1``. (SimMIM's Swin keeps the merging at the end of stage i-1, timm at the start of stage i.)"""
+        depths = [len(stage.blocks) for stage in self.layers]
+        top = sum(depths) + 1
+
+        def layer_id(name: str) -> int:
+            parts = name.split(".")
+            if parts[0] in ("mask_token", "patch_embed"):
+                return 0
+            if parts[0] != "layers":
+                return top
+            stage = int(parts[1])
+            if parts[2] == "downsample":
+                return sum(depths[:stage])
+            return sum(depths[:stage]) + int(parts[3]) + 1
+
+        return LayerGroups.from_rule(self, resolve_rule(self, rule), layer_id, top)
+
+    def forward_pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+        """(N, 3, H, W) -> (N, 8C0): global average of the final-normed last stage (timm's classifier input)."""
+        check_pool(self, pool)
+        return self.forward_features(x)[-1].mean(dim=(-2, -1))
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         tokens = self.patch_embed(x)  # (N, H/4, W/4, C0)

@@ -23,6 +23,7 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from torch import Tensor, nn
 
 from mimlab.masking import keep_indices, mask_to_token_grid, num_visible
+from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -47,6 +48,11 @@ class ViTEncoding:
 
 class MaskedViT(nn.Module):
     """ViT encoder with MAE masking: cls token, fixed 2-D sin-cos pos-embed (zero cls row), pre-norm timm blocks.
+
+    Backbone contract (``mimlab.models.backbones.contract``): one map at stride ``patch_size`` with ``embed_dim``
+    channels; pooled features "avg" (mean of the patch tokens) and "cls"; layer-decay rule "mae" (MAE
+    ``util/lr_decay.py`` ``param_groups_lrd``, from BEiT; SimMIM's ViT rule is the same); no weight decay on
+    ``pos_embed`` and ``cls_token``.
 
     Args:
         img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: ViT geometry (ViT-B/16: 224, 16, 3, 768, 12, 12, 4).
@@ -98,6 +104,7 @@ class MaskedViT(nn.Module):
         self.norm = _norm_layer(embed_dim)
         self.out_channels = [embed_dim]
         self.out_strides = [patch_size]
+        self.num_features = embed_dim
         weight_init(self) if weight_init is not None else self.reset_parameters()
 
     def _make_block(self, index: int, block: Callable[..., nn.Module], **kwargs) -> nn.Module:
@@ -116,8 +123,35 @@ class MaskedViT(nn.Module):
         self.blocks.apply(_init_linear_and_norm)
         self.norm.reset_parameters()
 
+    # ----------------------------------------------------------------------------------------------- contract
+    feature_pools = ("avg", "cls")
+    layer_decay_rules = ("mae",)
+    layer_decay_rule = "mae"
+
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        """``pos_embed`` and ``cls_token`` (MAE's and SimMIM's ViT; SimMIM's mask token and relative bias do decay)."""
+        return {n for n, _ in self.named_parameters() if n in ("pos_embed", "cls_token")}
+
+    def layer_groups(self, rule: str | None = None) -> LayerGroups:
+        """MAE ``param_groups_lrd`` (= SimMIM's ``get_vit_layer``, from BEiT): ``cls_token``/``mask_token``/``pos_embed``/
+        ``patch_embed.*`` -> 0, ``blocks.i.*`` -> i+1, everything else (final norm, shared ``rel_pos_bias``) ->
+        ``num_layers = depth + 1`` (scale 1)."""
+        top = len(self.blocks) + 1
+
+        def layer_id(name: str) -> int:
+            root = name.split(".")[0]
+            if root in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
+                return 0
+            return int(name.split(".")[1]) + 1 if root == "blocks" else top
+
+        return LayerGroups.from_rule(self, resolve_rule(self, rule), layer_id, top)
+
+    def forward_pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+        """(N, C, H, W) -> (N, embed_dim): "avg" = mean of the patch tokens (MAE global pool; after ``norm``, which
+        fine-tuning replaces by Identity), "cls" = the final-normed cls token (MAE linear probe)."""
+        check_pool(self, pool)
+        tokens = self.forward_tokens(x)
+        return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch-embed and add the patch pos-embed: (N, C, H, W) -> (N, L, D), grid."""

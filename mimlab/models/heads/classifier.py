@@ -1,9 +1,9 @@
 """Image-level features from any backbone and the classifier heads of fine-tuning and linear probing.
 
-Feature extractors take ``(backbone, images (N, C, H, W))`` and return ``(N, D)``:
-``GlobalAvgPool`` averages the last map of ``backbone.forward_features`` (any backbone; MAE FT "global pool"),
-``ClsToken`` takes the final-normed cls token of ``backbone.forward_tokens`` (ViT; MAE linear probe).
-Heads take ``(N, D)`` features and return ``(N, num_classes)`` logits.
+Feature extractors take ``(backbone, images (N, C, H, W))`` and return ``(N, backbone.num_features)`` through the
+backbone contract's ``forward_pooled``: ``GlobalAvgPool`` ("avg": mean of the last map; MAE FT "global pool"),
+``ClsToken`` ("cls": the final-normed cls token; MAE linear probe). Heads take ``(N, D)`` features and return
+``(N, num_classes)`` logits.
 """
 from __future__ import annotations
 
@@ -11,28 +11,27 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from mimlab.models.backbones.contract import check_pool
+
 
 class GlobalAvgPool:
-    """Mean over the spatial positions of the last ``forward_features`` map: (N, C, h, w) -> (N, C)."""
+    """``backbone.forward_pooled(images, "avg")``: the mean over the positions of the last map, (N, num_features)."""
+
+    pool = "avg"
 
     def dim(self, backbone: nn.Module) -> int:
-        return int(backbone.out_channels[-1])
+        """Feature width; raises if the backbone does not offer this pool."""
+        check_pool(backbone, self.pool)
+        return int(backbone.num_features)
 
     def __call__(self, backbone: nn.Module, images: Tensor) -> Tensor:
-        return backbone.forward_features(images)[-1].mean(dim=(2, 3))
+        return backbone.forward_pooled(images, self.pool)
 
 
-class ClsToken:
-    """The cls token after the final norm, ``backbone.forward_tokens(x)[:, 0]`` (ViT): (N, D)."""
+class ClsToken(GlobalAvgPool):
+    """``backbone.forward_pooled(images, "cls")``: the cls token after the final norm (ViT), (N, num_features)."""
 
-    def dim(self, backbone: nn.Module) -> int:
-        return int(backbone.embed_dim)
-
-    def __call__(self, backbone: nn.Module, images: Tensor) -> Tensor:
-        if not hasattr(backbone, "forward_tokens"):
-            raise TypeError(f"{type(backbone).__name__} has no cls token (forward_tokens); use "
-                            "mimlab.models.heads.classifier.GlobalAvgPool as the feature extractor")
-        return backbone.forward_tokens(images)[:, 0]
+    pool = "cls"
 
 
 class PooledClassifierHead(nn.Module):

@@ -19,7 +19,6 @@ position embedding), and outputs are cropped back to ``ceil(H/s)``.
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,16 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_EMBED_PREFIXES = ("cls_token", "pos_embed", "absolute_pos_embed", "patch_embed", "mask_token", "stem",
-                   "downsample_layers.0")
-_BLOCK_RE = re.compile(r"^(blocks\.\d+|stages\.\d+\.(?:blocks\.)?\d+|layers\.\d+\.blocks\.\d+)\.")
+from mimlab.models.backbones.contract import check_backbone
 
 
 class DenseFeatureAdapter(nn.Module):
     """Backbone → neck → extra pooled levels, as an ordered dict of maps.
 
     Args:
-        backbone: a mimlab backbone (``forward_features(x) -> list``, ``out_channels``, ``out_strides``).
+        backbone: a backbone of the backbone contract (``mimlab.models.backbones.contract``: ``forward_features``,
+            ``out_channels``, ``out_strides``, ...).
         neck: ``None`` (or ``nn.Identity``), a module mapping the backbone list to a list (with ``out_channels``/``out_strides``),
             or a factory for one (see module docstring).
         out_strides: strides to return; coarser ones than the neck provides are made with ``extra_pool``.
@@ -54,10 +52,7 @@ class DenseFeatureAdapter(nn.Module):
                  concat_backbone: bool = False, pool_name: str | None = None,
                  input_size: Sequence[int] | int | None = None, size_divisible: int | None = None):
         super().__init__()
-        for attr in ("forward_features", "out_channels", "out_strides"):
-            if not hasattr(backbone, attr):
-                raise TypeError(f"{type(backbone).__name__} lacks '{attr}': dense transfer needs the backbone contract "
-                                f"of CONTRIBUTING.md (forward_features, out_channels, out_strides).")
+        check_backbone(backbone)
         self.backbone = backbone
         if isinstance(neck, nn.Identity):  # the pre-training default "no neck"
             neck = None
@@ -134,60 +129,20 @@ class DenseFeatureAdapter(nn.Module):
         outs = [y[..., : math.ceil(h / s), : math.ceil(w / s)] for y, s in zip(full, self.out_strides)]
         return OrderedDict(zip(self.names(), outs))
 
-    # ----- layer-wise lr decay -------------------------------------------------------------------------------
-    def layer_ids(self) -> tuple[dict[str, int], int]:
-        """Layer id of every trainable parameter (names relative to this module) and ``num_layers``.
-
-        Uses ``backbone.layer_id(name)`` / ``backbone.num_layers`` when the backbone defines them. Otherwise:
-        embeddings → 0; the i-th block (``blocks.i``, ``stages.s.j``) → i+1 in parameter order; other backbone
-        params between blocks (PatchMerge, downsampling) take the id of the block before them; params after the
-        last block (final norm) and everything outside the backbone (neck, heads) → ``num_layers`` (lr scale 1).
-        """
-        names = [n for n, p in self.backbone.named_parameters() if p.requires_grad]
-        if hasattr(self.backbone, "layer_id") and hasattr(self.backbone, "num_layers"):
-            ids = {f"backbone.{n}": int(self.backbone.layer_id(n)) for n in names}
-            return ids, int(self.backbone.num_layers)
-        block_of, order = {}, {}
-        for n in names:
-            m = _BLOCK_RE.match(n)
-            if m:
-                order.setdefault(m.group(1), len(order) + 1)
-                block_of[n] = order[m.group(1)]
-        num_layers = len(order) + 1
-        ids, last, seen_block = {}, 0, 0
-        remaining_blocks = sum(1 for n in names if n in block_of)
-        for n in names:
-            if n in block_of:
-                last = block_of[n]
-                seen_block += 1
-                ids[f"backbone.{n}"] = last
-            elif n.startswith(_EMBED_PREFIXES):
-                ids[f"backbone.{n}"] = 0
-            else:
-                ids[f"backbone.{n}"] = last if seen_block < remaining_blocks else num_layers
-        return ids, num_layers
-
     # ----- loading pre-training checkpoints ----------------------------------------------------------------
-    def load_pretrained(self, path: str | Path, load_neck: bool = False) -> dict[str, list[str]]:
-        """Fill the backbone (``backbone.*`` keys) and optionally the neck (``neck.*``) from a pre-training checkpoint.
-
-        The backbone goes through :func:`mimlab.checkpoints.mae.load_backbone` (mimlab or official files; position
-        embeddings resampled from the checkpoint's grid to the backbone's, logged; keys the backbone declares in
-        ``checkpoint_optional_keys`` / ``checkpoint_unused_keys`` may be absent / are dropped). The neck is strict:
-        a missing, unexpected or mis-shaped key raises ``CheckpointMismatchError`` listing them. Other prefixes
-        (decoder, target) are ignored. Returns the keys that kept their initialisation, per prefix.
+    def load_pretrained(self, path: str | Path, load_neck: bool = False) -> dict[str, dict]:
+        """Fill the backbone and optionally the neck from a pre-training checkpoint of any layout the one loader reads
+        (:func:`mimlab.checkpoints.load_pretrained`: a mimlab ``.ckpt`` with ``backbone.*``/``neck.*`` keys, or an
+        official MAE / ConvNeXt V2 / iTPN file, whose pyramid is the neck; position embeddings resampled to the
+        backbone's grid, logged; the backbone's ``checkpoint_optional_keys`` / ``checkpoint_unused_keys`` may be
+        absent / are dropped). A missing, unexpected or mis-shaped key raises ``CheckpointMismatchError`` listing
+        them; decoder and target keys are ignored. Returns the per-part reports of the loader.
         """
         from mimlab.checkpoints import load_pretrained
-        from mimlab.checkpoints.mae import load_backbone
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set task.pretrained, or run `make pretrain`).")
-        loaded = load_backbone(self.backbone, path, allow_missing=getattr(self.backbone, "checkpoint_optional_keys", ()),
-                               ignore_unexpected=getattr(self.backbone, "checkpoint_unused_keys", ()))
-        report = {"backbone.": loaded["missing"]}
-        if load_neck:
-            if self.neck is None:
-                raise ValueError(f"load_neck=True but the adapter has no neck to load 'neck.*' keys of {path} into.")
-            report["neck."] = load_pretrained(self.neck, path, prefix="neck.", strict=True)
-        return report
+        if load_neck and self.neck is None:
+            raise ValueError(f"load_neck=True but the adapter has no neck to load the neck weights of {path} into.")
+        return load_pretrained(path, self.backbone, self.neck if load_neck else None)

@@ -1,0 +1,108 @@
+"""The backbone contract: what every task needs from a backbone, declared on the backbone itself.
+
+Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher``, ``no_weight_decay``,
+``forward_head(pre_logits=True)``) and mmpretrain (``get_layer_depth``). A backbone family (``nn.Module``) provides:
+
+* ``out_channels: list[int]``, ``out_strides: list[int]`` — the maps of ``forward_features``, finest first;
+* ``forward_features(x (N, C, H, W), mask=None) -> list[(N, out_channels[i], H / out_strides[i], W / out_strides[i])]``
+  (``mask`` (N, L) over mask units, 1 = masked; masked positions are zero in the maps);
+* ``num_features: int`` and ``feature_pools: tuple[str, ...]``; ``forward_pooled(x, pool) -> (N, num_features)`` for
+  each ``pool`` in ``feature_pools`` ("avg": mean of the last map; "cls": the class token after the final norm);
+* ``no_weight_decay() -> set[str]`` — backbone parameter names trained without weight decay (1-D parameters and
+  biases never get weight decay anyway);
+* ``layer_decay_rules: tuple[str, ...]`` and ``layer_decay_rule: str`` (the default) — the official layer-wise lr
+  decay rules of the family by name; ``layer_groups(rule=None) -> LayerGroups`` gives every parameter its layer id.
+
+:func:`check_backbone` verifies all of it; every task calls it when it is built (composition time, before any data
+is read), so a backbone that forgets part of the contract fails there, naming what is missing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+CONTRACT_METHODS = ("forward_features", "forward_pooled", "no_weight_decay", "layer_groups")
+CONTRACT_ATTRIBUTES = ("out_channels", "out_strides", "num_features", "feature_pools", "layer_decay_rules",
+                       "layer_decay_rule")
+
+
+class BackboneContractError(TypeError):
+    """A backbone does not implement the backbone contract; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class LayerGroups:
+    """Layer ids for layer-wise lr decay under one named rule.
+
+    ``ids`` maps every backbone parameter name to an id in ``[0, num_layers]``; parameters outside the backbone
+    (necks, heads) get ``num_layers``. The lr scale of id ``i`` under decay ``d`` is
+    ``(d ** decay_exponent) ** (num_layers - i)``: ``decay_exponent`` is 1 except for iTPN's renormalisation
+    ``13 / num_layers`` (a decay quoted for a 12-block ViT).
+    """
+
+    rule: str
+    ids: dict[str, int]
+    num_layers: int
+    decay_exponent: float = 1.0
+
+    @classmethod
+    def from_rule(cls, backbone: nn.Module, rule: str, layer_id: Callable[[str], int], num_layers: int,
+                  decay_exponent: float = 1.0) -> LayerGroups:
+        """Apply ``layer_id(name)`` to every parameter name of ``backbone``."""
+        return cls(rule, {name: int(layer_id(name)) for name, _ in backbone.named_parameters()}, num_layers,
+                   decay_exponent)
+
+    def scale(self, layer_decay: float, layer_id: int) -> float:
+        return (layer_decay ** self.decay_exponent) ** (self.num_layers - layer_id)
+
+
+def resolve_rule(backbone: nn.Module, rule: str | None) -> str:
+    """``rule`` (or the backbone's default ``layer_decay_rule``), checked against ``layer_decay_rules``."""
+    rule = backbone.layer_decay_rule if rule is None else rule
+    if rule not in backbone.layer_decay_rules:
+        raise ValueError(f"{type(backbone).__name__} has no layer-decay rule {rule!r}; its rules are "
+                         f"{list(backbone.layer_decay_rules)} (set model.backbone.layer_decay_rule)")
+    return rule
+
+
+def check_pool(backbone: nn.Module, pool: str) -> None:
+    """Raise unless ``pool`` is one of the backbone's ``feature_pools``."""
+    if pool not in backbone.feature_pools:
+        raise ValueError(f"{type(backbone).__name__} has no {pool!r} feature; its pooled features are "
+                         f"{list(backbone.feature_pools)} (set task.features.pool)")
+
+
+def check_backbone(backbone: nn.Module) -> None:
+    """Raise :class:`BackboneContractError` naming every missing or inconsistent part of the contract."""
+    name = type(backbone).__name__
+    missing = [m for m in CONTRACT_METHODS if not callable(getattr(backbone, m, None))]
+    missing += [a for a in CONTRACT_ATTRIBUTES if not hasattr(backbone, a)]
+    if missing:
+        raise BackboneContractError(
+            f"{name} does not implement the backbone contract: missing {', '.join(missing)}. Every backbone family "
+            "declares them (CONTRIBUTING.md, 'Adding a backbone family'; mimlab.models.backbones.contract).")
+    problems = []
+    if len(backbone.out_channels) != len(backbone.out_strides) or not backbone.out_strides:
+        problems.append(f"out_channels {list(backbone.out_channels)} and out_strides {list(backbone.out_strides)} "
+                        "must be non-empty lists of the same length")
+    unknown_pools = set(backbone.feature_pools) - {"avg", "cls"}
+    if unknown_pools or not backbone.feature_pools:
+        problems.append(f"feature_pools {tuple(backbone.feature_pools)} must be a non-empty subset of ('avg', 'cls')")
+    params = {n for n, _ in backbone.named_parameters()}
+    for rule in backbone.layer_decay_rules:
+        groups = backbone.layer_groups(rule)
+        uncovered = sorted(params - set(groups.ids))
+        outside = sorted(n for n, i in groups.ids.items() if not 0 <= i <= groups.num_layers)
+        if uncovered:
+            problems.append(f"layer_groups({rule!r}) gives no layer id to {uncovered[:5]}")
+        if outside:
+            problems.append(f"layer_groups({rule!r}) gives ids outside [0, {groups.num_layers}] to {outside[:5]}")
+    unknown_nwd = sorted(set(backbone.no_weight_decay()) - params)
+    if unknown_nwd:
+        problems.append(f"no_weight_decay() names parameters it does not have: {unknown_nwd[:5]}")
+    if backbone.layer_decay_rule not in backbone.layer_decay_rules:
+        problems.append(f"layer_decay_rule {backbone.layer_decay_rule!r} is not one of {list(backbone.layer_decay_rules)}")
+    if problems:
+        raise BackboneContractError(f"{name} breaks the backbone contract: " + "; ".join(problems))

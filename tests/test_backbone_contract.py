@@ -1,0 +1,101 @@
+"""The backbone contract (mimlab.models.backbones.contract): every backbone config declares it truthfully, and a new
+backbone that forgets part of it fails when any task is composed, before data is read, naming what is missing."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from torch import nn
+
+from conftest import compose_config
+from mimlab.models.backbones.contract import BackboneContractError, check_backbone
+from mimlab.train import CONFIG_DIR, build
+
+BACKBONES = sorted(p.stem for p in (Path(CONFIG_DIR) / "model" / "backbone").glob("*.yaml"))
+SMALL = ["vit_tiny_p8", "convnextv2_atto", "hivit_tiny"]
+
+
+def backbone(name: str, tmp_path, size: int = 64) -> nn.Module:
+    return instantiate(compose_config([f"model/backbone={name}", f"data.img_size={size}"], tmp_path).model.backbone)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_backbone_config_declares_the_contract_and_its_maps_match_it(name, tmp_path):
+    with torch.device("meta"):  # full-size models, shapes only
+        model = backbone(name, tmp_path, size=224)
+        check_backbone(model)
+        maps = model.forward_features(torch.empty(2, 3, 224, 224))
+        pooled = {pool: model.forward_pooled(torch.empty(2, 3, 224, 224), pool) for pool in model.feature_pools}
+    assert [m.shape[1] for m in maps] == list(model.out_channels)
+    assert [224 // m.shape[-1] for m in maps] == list(model.out_strides) and all(m.shape[-1] == m.shape[-2] for m in maps)
+    assert all(p.shape == (2, model.num_features) for p in pooled.values())
+    assert set(model.no_weight_decay()) <= {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_pooled_features_are_the_mean_of_the_last_map_and_the_cls_token(name, tmp_path):
+    model = backbone(name, tmp_path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_pooled(x, "avg"), model.forward_features(x)[-1].mean(dim=(2, 3)))
+        if "cls" in model.feature_pools:
+            torch.testing.assert_close(model.forward_pooled(x, "cls"), model.forward_tokens(x)[:, 0])
+    with pytest.raises(ValueError, match="has no 'max' feature"):
+        model.forward_pooled(x, "max")
+
+
+class PlainEncoder(nn.Module):
+    """A new backbone family that declares only its multi-scale outputs (it forgot the rest of the contract)."""
+
+    def __init__(self, **_) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 16, 16)
+        self.out_channels, self.out_strides = [16], [16]
+
+    def forward_features(self, x, mask=None):
+        return [self.proj(x)]
+
+    def forward(self, x, mask=None):
+        return self.proj(x)
+
+
+TASK_EXPERIMENTS = ["mae_vit_tiny_synthetic", "finetune_vit_tiny_synthetic", "linprobe_vit_tiny_synthetic",
+                    "detect_mae_vit_tiny_synthetic", "segment_mae_vit_tiny_synthetic"]
+
+
+@pytest.mark.parametrize("experiment", TASK_EXPERIMENTS)
+def test_a_backbone_that_forgets_the_contract_fails_at_composition_naming_what_is_missing(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", "logger=csv", "data.root=/nonexistent/never/read",
+                          f"model.backbone._target_={__name__}.PlainEncoder"], tmp_path)
+    with pytest.raises(InstantiationException) as err:
+        build(cfg)  # DataModule, task and Trainer objects only: no file is opened
+    assert isinstance(err.value.__cause__, BackboneContractError) or "BackboneContractError" in str(err.value)
+    message = str(err.value)
+    for part in ("PlainEncoder", "forward_pooled", "no_weight_decay", "layer_groups", "num_features", "feature_pools",
+                 "layer_decay_rules", "CONTRIBUTING.md"):
+        assert part in message, part
+
+
+def test_inconsistent_declarations_are_named():
+    class HalfDone(PlainEncoder):
+        num_features, feature_pools = 16, ("avg", "max")
+        layer_decay_rules, layer_decay_rule = ("mine",), "mine"
+
+        def forward_pooled(self, x, pool="avg"):
+            return self.proj(x).mean((2, 3))
+
+        def no_weight_decay(self):
+            return {"pos_embed"}
+
+        def layer_groups(self, rule=None):
+            from mimlab.models.backbones.contract import LayerGroups
+
+            return LayerGroups(rule or "mine", {"proj.weight": 0}, 1)
+
+    with pytest.raises(BackboneContractError) as err:
+        check_backbone(HalfDone())
+    message = str(err.value)
+    assert "feature_pools ('avg', 'max')" in message and "no layer id to ['proj.bias']" in message
+    assert "names parameters it does not have: ['pos_embed']" in message
