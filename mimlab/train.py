@@ -19,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mimlab.callbacks.nan_guard import NonFiniteGuard
 from mimlab.callbacks.resume import PreemptionCheckpoint, RNGState
 from mimlab.callbacks.run_metadata import RunMetadata
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
@@ -53,7 +52,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     module = instantiate_part(cfg.task)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),
-                      NonFiniteGuard(cfg.nan_guard, cfg.nan_guard_max_skips)]
+                      instantiate_part(cfg.guard)]
     callbacks = [instantiate_part(c) for c in cfg.callbacks.values()] + infrastructure
     loggers = [instantiate_part(c) for c in cfg.logger.values()]
     plugins = [AtomicCheckpointIO(), *(instantiate_part(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment

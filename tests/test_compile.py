@@ -12,10 +12,12 @@ from hydra.utils import instantiate
 from mimlab.bench import load_config, quiet_step
 from mimlab.bench.graphs import explain_step
 
-# Graph breaks of each tiny workload's training_step as measured (torch 2.14). Lower a bound when a break is removed.
-# Pre-training: the visible-count .item() in the ViT/HiViT backbones and the non-finite-loss check's .item();
-# fine-tuning: timm Mixup's data-dependent draw and Lightning's no-trainer self.log warning.
-GRAPH_BREAKS = {"mae_vit_b": 6, "fcmae_convnextv2_b": 2, "itpn_b": 6, "img2vec_vit_b": 6, "vit_b_finetune": 4,
+# Graph breaks of each tiny workload's training_step as measured (torch 2.14, global RNGs seeded). Lower a bound when a
+# break is removed. Pre-training: the host-side visible count (masking/utils.num_visible) read by the ViT/HiViT encoder
+# and by the decoder (no device sync: the mask is on the host); the masks themselves are drawn outside the graph
+# (torch.compiler.disable) and the non-finite check runs in a callback. Fine-tuning: Lightning's self.log warning
+# when no Trainer is attached (bench and tests only; absent under a Trainer).
+GRAPH_BREAKS = {"mae_vit_b": 4, "fcmae_convnextv2_b": 0, "itpn_b": 4, "img2vec_vit_b": 4, "vit_b_finetune": 2,
                 "convnextv2_b_finetune": 2}
 
 

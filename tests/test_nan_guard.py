@@ -1,4 +1,5 @@
-"""nan_guard: non-finite gradients never reach the weights; a run that keeps producing them stops with a message."""
+"""nan_guard: a non-finite loss or gradient never reaches the weights; a run that keeps producing them stops with a
+message naming the step, the batch and the loss terms."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ from torch import nn
 
 from conftest import compose_config
 from mimlab.train import build
-from mimlab.utils.nan_guard import NonFiniteLossError
+from mimlab.callbacks.nan_guard import NonFiniteLossError
 
 TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
         "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
@@ -45,16 +46,47 @@ class LossWithBadGradientsAt(nn.Module):
         return out
 
 
-def fit(tmp_path, root, bad: set[int], *overrides: str):
+class LossWithBadTermsAt(LossWithBadGradientsAt):
+    """The recipe's loss, whose total is NaN and an extra term ``aux`` infinite on the calls listed in ``bad``."""
+
+    def forward(self, pred, target, mask):
+        out = dict(self.loss(pred, target, mask))
+        bad = self.calls in self.bad
+        out["aux"] = out["loss"].detach() * (math.inf if bad else 1.0)
+        out["loss"] = out["loss"] * (math.nan if bad else 1.0)
+        self.calls += 1
+        return out
+
+
+def fit(tmp_path, root, bad: set[int], *overrides: str, loss=LossWithBadGradientsAt):
     cfg = compose_config([*TINY, f"data.root={root}", *overrides], tmp_path)
     datamodule, module, trainer = build(cfg)
-    module.loss = LossWithBadGradientsAt(module.loss, bad)
+    module.loss = loss(module.loss, bad)
     return module, trainer, lambda: trainer.fit(module, datamodule=datamodule)
+
+
+def test_stop_names_step_batch_and_the_non_finite_terms(tmp_path, synthetic_root):
+    module, trainer, run = fit(tmp_path, synthetic_root, {1}, "trainer.max_steps=5", loss=LossWithBadTermsAt)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 1, batch 1: term\(s\) loss, aux = "
+                                                 r"nan, inf.*nan_guard=skip"):
+        run()
+    assert trainer.global_step == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_skip_of_a_non_finite_loss_leaves_the_weights_untouched(tmp_path, synthetic_root):
+    module, trainer, run = fit(tmp_path, synthetic_root, {0, 1}, "nan_guard=skip", "trainer.max_steps=2",
+                               loss=LossWithBadTermsAt)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"non-finite loss at global step 0, batch 0: term\(s\) loss, aux.*skipping"):
+        run()
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert float(trainer.callback_metrics["train/skipped_updates"]) == 2
 
 
 def test_skip_drops_non_finite_gradients_before_the_weights_move(tmp_path, synthetic_root):
     module, trainer, run = fit(tmp_path, synthetic_root, {2}, "nan_guard=skip", "trainer.max_steps=5")
-    with pytest.warns(UserWarning, match=r"non-finite gradients at global step 2; skipping this update"):
+    with pytest.warns(UserWarning, match=r"non-finite gradients at global step 2 \(the loss was finite\); skipping this update"):
         run()
     assert trainer.global_step == 5
     assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -10,7 +10,6 @@ from conftest import compose_config
 from mimlab.checkpoints.atomic import AtomicCheckpointIO, CheckpointWriteError
 from mimlab.tasks.pretrain import CompositionError
 from mimlab.train import build, preflight, run
-from mimlab.utils.nan_guard import NonFiniteLossError, check_finite
 
 TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
         "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2"]
@@ -45,29 +44,3 @@ def test_parts_that_do_not_fit_fail_before_data_is_read(tmp_path):
     cfg = compose_config([*TINY, "masking.unit_size=12", "data.root=/nonexistent"], tmp_path)
     with pytest.raises(CompositionError, match=r"do not fit together.*unit_size.*MaskedViT"):
         run(cfg)
-
-
-class _NaNLoss(nn.Module):
-    def forward(self, pred, target, mask):
-        good = ((pred - target) ** 2).mean()
-        return {"loss": good * math.nan, "mse": good, "aux": good * math.inf}
-
-
-def test_nan_guard_stop_names_step_batch_and_terms():
-    losses = _NaNLoss()(torch.ones(2, 3), torch.zeros(2, 3), None)
-    with pytest.raises(NonFiniteLossError, match=r"step 7, batch 3: term\(s\) loss, aux.*nan_guard=skip"):
-        check_finite(losses, "stop", step=7, batch_idx=3)
-    assert check_finite(losses, "off", 7, 3)
-    assert check_finite({"loss": torch.tensor(1.0)}, "stop", 0, 0)
-
-
-def test_nan_guard_skip_leaves_weights_untouched(tmp_path, synthetic_root):
-    cfg = compose_config([*TINY, f"data.root={synthetic_root}", "data.batch_size=8", "nan_guard=skip",
-                          "trainer.max_steps=2", "trainer.limit_val_batches=0", "~callbacks.progress",
-                          "~callbacks.reconstruction"], tmp_path)
-    datamodule, module, trainer = build(cfg)
-    module.loss = _NaNLoss()
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    with pytest.warns(UserWarning, match="skipping this update"):
-        trainer.fit(module, datamodule=datamodule)
-    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

@@ -6,7 +6,7 @@ Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from mimlab.models.backbones.contract import check_backbone
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
-from mimlab.utils.nan_guard import check_finite
 
 
 class CompositionError(ValueError):
@@ -27,9 +26,8 @@ class MaskedPretraining(L.LightningModule):
     and ``seed``: each training sample's mask is drawn from a generator seeded by (seed, global step, batch index,
     position in the global batch) (:meth:`sample_generators`), so masks are reproducible, resume exactly and do not
     depend on the number of processes; validation masks depend only on (seed, batch index, rank) and are therefore
-    identical every epoch.
-    ``nan_guard``: 'stop' (raise naming step, batch and loss term), 'skip' (log it; the update is skipped by
-    :class:`mimlab.callbacks.nan_guard.NonFiniteGuard`) or 'off'."""
+    identical every epoch. Non-finite losses are :class:`mimlab.callbacks.nan_guard.NonFiniteGuard`'s business
+    (``nan_guard``), outside the (possibly compiled) step."""
 
     def __init__(
         self,
@@ -41,7 +39,6 @@ class MaskedPretraining(L.LightningModule):
         optim: OptimizerFactory,
         neck: nn.Module | None = None,
         seed: int = 0,
-        nan_guard: Literal["stop", "skip", "off"] = "stop",
     ) -> None:
         super().__init__()
         check_backbone(backbone)
@@ -53,7 +50,6 @@ class MaskedPretraining(L.LightningModule):
         self.masking = masking
         self.optim = optim
         self.seed = seed
-        self.nan_guard = nan_guard
 
     # ----------------------------------------------------------------------------------------------- masks
     def _generator(self, *keys: int) -> torch.Generator:
@@ -62,6 +58,7 @@ class MaskedPretraining(L.LightningModule):
             value = (value * 1_000_003 + key) % (2**63 - 1)
         return torch.Generator().manual_seed(value)
 
+    @torch.compiler.disable  # host-side generator objects: one graph break here instead of one per generator
     def sample_generators(self, batch_size: int, batch_idx: int) -> list[torch.Generator]:
         """One generator per training sample, keyed by (seed, step, batch, position in the global batch).
 
@@ -71,6 +68,7 @@ class MaskedPretraining(L.LightningModule):
         world = self._trainer.world_size if self._trainer is not None else 1
         return [self._generator(0, self.global_step, batch_idx, j * world + self.global_rank) for j in range(batch_size)]
 
+    @torch.compiler.disable  # host-side draws from host generators
     def make_mask(self, images: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor:
         """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked, **on the host**: backbones read the
         (static) visible count there without a device sync and move the mask to the images' device themselves.
@@ -96,8 +94,6 @@ class MaskedPretraining(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         images = batch[0]
         losses = self.compute_losses(images, self.sample_generators(images.shape[0], batch_idx))
-        if not check_finite(losses, self.nan_guard, self.global_step, batch_idx):
-            return losses["loss"]  # backward runs on every rank (DDP); NonFiniteGuard drops the non-finite gradients
         self._log_losses("train", losses, images.shape[0])
         return losses["loss"]
 

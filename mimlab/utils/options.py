@@ -72,7 +72,7 @@ def _has_target(value: Any) -> bool:
 
 
 def _source_key(raw: Any, key: str, path: str) -> str:
-    """The key the user sets: ``nan_guard`` for ``task.nan_guard: ${nan_guard}``, else ``<path>.<key>``."""
+    """The key the user sets: ``nan_guard`` for ``guard.mode: ${nan_guard}``, else ``<path>.<key>``."""
     match = _REFERENCE.fullmatch(raw) if isinstance(raw, str) else None
     return match.group(1) if match else f"{path}.{key}"
 
