@@ -60,7 +60,8 @@ class TeacherTargetPanel(L.Callback):
         if not any(True for _ in target.parameters()):
             return None  # pixel targets: nothing to map
         images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images).to(pl_module.device)
-        mask = torch.zeros_like(pl_module.make_mask(images, torch.Generator().manual_seed(0)))
+        grid = pl_module.masking.grid(tuple(images.shape[-2:]))
+        mask = torch.zeros(images.shape[0], grid[0] * grid[1])  # nothing masked, one row per image
         features = self._named_features(target(images, mask))
         if not features:
             return None
