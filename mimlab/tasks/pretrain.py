@@ -1,8 +1,9 @@
 """The one generic masked-image-modeling pre-training LightningModule.
 
 ``masking -> backbone(x, mask) -> neck -> decoder(features, mask) -> target(x, mask) -> loss(pred, target, mask)``.
-A method (MAE, FCMAE, iTPN, Img2Vec) is a composition of these parts chosen in ``conf/experiment/*.yaml``.
-Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked.
+A method (MAE, FCMAE, iTPN, Img2Vec, data2vec 2.0, I-JEPA) is a composition of these parts chosen in
+``conf/experiment/*.yaml``. Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked; or a
+:class:`~mimlab.masking.MaskSet` (several masks per image, target sets), which this module passes on untouched.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from mimlab.masking import MaskSet
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
 from mimlab.utils.nan_guard import check_finite
@@ -57,14 +59,15 @@ class MaskedPretraining(L.LightningModule):
             value = (value * 1_000_003 + key) % (2**63 - 1)
         return torch.Generator().manual_seed(value)
 
-    def make_mask(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked, **on the host**: backbones read the
-        (static) visible count there without a device sync and move the mask to the images' device themselves."""
+    def make_mask(self, images: Tensor, generator: torch.Generator) -> Tensor | MaskSet:
+        """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked (or a ``MaskSet``), **on the host**:
+        backbones read the (static) visible count there without a device sync and move the mask to the images' device
+        themselves."""
         grid = self.masking.grid(tuple(images.shape[-2:]))
         return self.masking(images.shape[0], grid, generator=generator)
 
     # ----------------------------------------------------------------------------------------------- forward
-    def forward(self, images: Tensor, mask: Tensor) -> tuple[Any, Any]:
+    def forward(self, images: Tensor, mask: Tensor | MaskSet) -> tuple[Any, Any]:
         """Return (prediction, target) for ``images`` under ``mask`` (host or device; the backbone gets it as given)."""
         features = self.neck(self.backbone(images, mask))
         device_mask = mask.to(images.device, non_blocking=True)
