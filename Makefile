@@ -14,7 +14,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
 DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
 
-.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench shards test clean
+.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench gpu-check shards test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ report: $(VENV)/.installed  ## table + plot of run folders: make report RUNS=out
 
 bench: $(VENV)/.installed  ## img/s, ms/step, memory, FLOPs/img, MFU -> outputs/bench/bench.json (tiny on CPU); ARGS="model=mae_vit_b batch=256"
 	$(PY) -m mimlab.bench out=outputs/bench/bench.json $(ARGS)
+
+gpu-check: $(VENV)/.installed  ## GPU acceptance run (bench, Trainer path, DDP, loaders; <= 8 min) -> outputs/gpu_check/results.md; CPU smoke mode without CUDA
+	$(PY) -m mimlab.gpu_check $(ARGS)
 
 shards: $(VENV)/.installed  ## WebDataset shards of an ImageNet folder: make shards SRC=/data/imagenet DST=/data/imagenet-shards
 	@if [ -z "$(SRC)" ] || [ -z "$(DST)" ]; then echo "make shards: set SRC=<ImageNet-layout folder> DST=<output folder>"; exit 2; fi
