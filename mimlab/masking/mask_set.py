@@ -36,10 +36,6 @@ class MaskSet:
             raise ValueError(f"MaskSet: targets must be (rows, T, K) with rows={self.mask.shape[0]}, "
                              f"got {tuple(self.targets.shape)}")
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.mask.shape
-
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskSet:
         targets = None if self.targets is None else self.targets.to(device, non_blocking=non_blocking)
         return MaskSet(self.mask.to(device, non_blocking=non_blocking), self.clones, targets)
