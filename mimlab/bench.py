@@ -1,7 +1,7 @@
 """Throughput benchmark: ``python -m mimlab.bench model=mae_vit_b batch=256 steps=15`` (``make bench``).
 
-For each workload of ``conf/bench.yaml`` it reports images/s, ms/step, peak GPU memory, train FLOPs per image (analytic
-or FlopCounterMode, see :func:`train_flops`) and MFU against ``peak_tflops`` (790 TFLOP/s, the measured H100 bf16 peak),
+For each workload of ``conf/bench.yaml`` (a recipe: the real pre-training or fine-tuning task) it reports images/s, ms/step,
+peak GPU memory, train FLOPs per image (:mod:`mimlab.utils.flops`, the count the dashboard's ``perf/mfu`` uses) and MFU against ``peak_tflops`` (790 TFLOP/s, the measured H100 bf16 peak),
 for every combination of {eager, compiled} x {plain PyTorch loop, Lightning Trainer} on synthetic batches that already sit
 on the device, then (with ``data_root``) the real data path alone and the model fed by it. Everything goes into a JSON.
 
@@ -24,16 +24,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 
 from mimlab.train import CONFIG_DIR
 from mimlab.utils.fast_paths import set_fused_attn
+from mimlab.utils.flops import flops_method, train_flops_per_image
 
 BENCH_CONFIG = Path(CONFIG_DIR) / "bench.yaml"
 GIB = 1024**3
@@ -56,77 +55,27 @@ def _data_overrides(cfg: DictConfig, img_size: int | None) -> list[str]:
     return out
 
 
-class PretrainWorkload:
-    """Pre-training: compose ``conf/experiment/<experiment>.yaml`` and instantiate its ``method`` (any MIM method)."""
+class ExperimentWorkload:
+    """Any recipe: compose ``conf/experiment/<experiment>.yaml`` (+ ``overrides``) and instantiate its task module, so
+    the bench times the real pre-training or fine-tuning LightningModule. ``tiny_overrides`` shrink it for the CPU mode."""
 
-    def __init__(self, experiment: str, flops: str = "counter", tiny_overrides: list[str] | None = None) -> None:
+    def __init__(self, experiment: str, overrides: list[str] | None = None, tiny_overrides: list[str] | None = None) -> None:
         self.experiment = experiment
-        self.flops = flops
+        self.overrides = list(overrides or [])
         self.tiny_overrides = list(tiny_overrides) if tiny_overrides is not None else None
 
     def unavailable(self, tiny: bool) -> str | None:
         if not (Path(CONFIG_DIR) / "experiment" / f"{self.experiment}.yaml").is_file():
-            return f"conf/experiment/{self.experiment}.yaml does not exist (yet)"
+            return f"conf/experiment/{self.experiment}.yaml does not exist"
         if tiny and self.tiny_overrides is None:
             return "no tiny_overrides in conf/bench.yaml for the CPU mode"
         return None
 
     def build(self, cfg: DictConfig, hardware: str, tiny: bool) -> tuple[L.LightningModule, DictConfig]:
-        overrides = [f"experiment={self.experiment}", f"hardware={hardware}", "logger=none",
+        overrides = [f"experiment={self.experiment}", f"hardware={hardware}", "logger=none", *self.overrides,
                      *(self.tiny_overrides if tiny else []), *_data_overrides(cfg, None), *cfg.overrides]
         composed = _compose(overrides)
         return instantiate(composed.method), composed
-
-
-class ClassifierTask(L.LightningModule):
-    """Fine-tuning step for the bench: ``backbone.forward_features(x)[-1]`` (N, C, h, w) -> mean -> LayerNorm -> Linear."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int, fused: bool) -> None:
-        super().__init__()
-        self.backbone = backbone
-        dim = backbone.out_channels[-1]
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-        self.fused = fused
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.norm(self.backbone.forward_features(images)[-1].mean((2, 3))))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images, labels = batch[0], batch[1]
-        loss = F.cross_entropy(self(images), labels)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-4, weight_decay=0.05, fused=self.fused)
-
-
-class FinetuneWorkload:
-    """Supervised fine-tuning of ``conf/model/backbone/<backbone>.yaml`` with a linear head (no pre-trained weights)."""
-
-    def __init__(self, backbone: str, num_classes: int = 1000, img_size: int = 224, flops: str = "counter",
-                 tiny_overrides: list[str] | None = None) -> None:
-        self.backbone = backbone
-        self.num_classes = num_classes
-        self.img_size = img_size
-        self.flops = flops
-        self.tiny_overrides = list(tiny_overrides) if tiny_overrides is not None else None
-
-    def unavailable(self, tiny: bool) -> str | None:
-        if not (Path(CONFIG_DIR) / "model" / "backbone" / f"{self.backbone}.yaml").is_file():
-            return f"conf/model/backbone/{self.backbone}.yaml does not exist (yet)"
-        if tiny and self.tiny_overrides is None:
-            return "no tiny_overrides in conf/bench.yaml for the CPU mode"
-        return None
-
-    def build(self, cfg: DictConfig, hardware: str, tiny: bool) -> tuple[L.LightningModule, DictConfig]:
-        overrides = [f"model/backbone={self.backbone}", f"hardware={hardware}", "logger=none",
-                     *(self.tiny_overrides if tiny else []), *_data_overrides(cfg, 32 if tiny else self.img_size),
-                     *cfg.overrides]
-        composed = _compose(overrides)
-        num_classes = 10 if tiny else self.num_classes
-        return ClassifierTask(instantiate(composed.model.backbone), num_classes, composed.hardware.fused_optimizer), composed
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
@@ -138,56 +87,6 @@ def _quiet_step(module: L.LightningModule, batch: Any, index: int) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() without a Trainer
         return _loss(module.training_step(batch, index))
-
-
-def conv_linear_macs(module: nn.Module, run: Callable[[], Any]) -> int:
-    """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` call during ``run()`` (the analytic count).
-
-    Conv2d: ``out.numel() * in_channels / groups * kh * kw``; Linear: ``out.numel() * in_features``. Attention score
-    products and functional convs are not counted, so use it for convnets (ConvNeXt), not for ViTs.
-    """
-    total = 0
-
-    def hook(mod: nn.Module, _inputs: Any, output: Tensor) -> None:
-        nonlocal total
-        if isinstance(mod, nn.Conv2d):
-            kh, kw = mod.kernel_size
-            total += output.numel() * (mod.in_channels // mod.groups) * kh * kw
-        else:
-            total += output.numel() * mod.in_features
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
-
-
-def train_flops(module: L.LightningModule, batch: Any, method: str) -> float:
-    """Train FLOPs per image of one step. ``counter``: FlopCounterMode over forward + backward with attention on the
-    math path (ViTs; MAE-B 58.5, ViT-B fine-tune 105.2 GFLOP/img against 58.8 / 105.9 in PERFORMANCE.md §2: the input
-    gradient of the patch embedding is never computed). ``analytic``: 6 x conv/linear MACs of the forward (2 FLOPs per MAC, backward = 2 x forward)."""
-    n = batch[0].shape[0]
-    if method == "analytic":
-        with torch.no_grad():
-            macs = conv_linear_macs(module, lambda: _quiet_step(module, batch, 0))
-        return 6.0 * macs / n
-    if method != "counter":
-        raise ValueError(f"conf/bench.yaml: workload flops must be 'counter' or 'analytic', got {method!r}")
-    # Count attention through the explicit matmul path: FlopCounterMode has no formula for the CPU flash-attention
-    # kernel, so with fused attention on a CPU the q@k and attn@v products (4.3 of 105 GFLOP for ViT-B) would be lost.
-    fused = {m: m.fused_attn for m in module.modules() if isinstance(getattr(m, "fused_attn", None), bool)}
-    set_fused_attn(module, False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            _quiet_step(module, batch, 0).backward()
-    finally:
-        for sub, value in fused.items():
-            sub.fused_attn = value
-    module.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / n
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -332,16 +231,17 @@ def bench_workload(name: str, workload: Any, cfg: DictConfig, device: torch.devi
     hardware = "gpu" if device.type == "cuda" else "cpu"
     bf16 = device.type == "cuda"
     module, composed = workload.build(cfg, hardware, tiny)
-    img = int(composed.data.img_size) if not isinstance(workload, FinetuneWorkload) else (32 if tiny else workload.img_size)
-    classes = 10 if tiny else 1000
+    img = int(composed.data.img_size)
+    classes = getattr(module, "num_classes", None) or 10
     gen = torch.Generator().manual_seed(0)
     batch = (torch.randn(cfg.batch, 3, img, img, generator=gen).to(device),
              torch.randint(0, classes, (cfg.batch,), generator=gen).to(device))
     module.to(device)
-    flops = train_flops(module, (batch[0][:2], batch[1][:2]), workload.flops)
+    two = (batch[0][:2], batch[1][:2])
+    flops = train_flops_per_image(module, lambda: _quiet_step(module, two, 0), 2)
     params = sum(p.numel() for p in module.parameters())
     result: dict[str, Any] = {"model": name, "batch": cfg.batch, "img_size": img, "tiny": tiny, "params": params,
-                              "train_gflop_per_img": flops / 1e9, "flops_method": workload.flops, "runs": []}
+                              "train_gflop_per_img": flops / 1e9, "flops_method": flops_method(module), "runs": []}
 
     def mfu(img_s: float) -> float:
         return img_s * flops / (cfg.peak_tflops * 1e12)

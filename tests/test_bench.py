@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from mimlab.bench import FinetuneWorkload, PretrainWorkload, conv_linear_macs, load_config, run, train_flops
+from mimlab.bench import ExperimentWorkload, _quiet_step, load_config, run
 from mimlab.utils.fast_paths import set_fused_attn
+from mimlab.utils.flops import conv_linear_macs, flops_method, train_flops_per_image
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +39,15 @@ def test_bench_reports_every_figure_for_each_loop(bench_json):
         assert real["loader_img_s"] > 0 and real["end_to_end"]["img_s"] > 0
 
 
-def test_bench_skips_methods_that_have_not_landed_with_a_reason():
-    assert "conf/experiment/not_landed.yaml does not exist" in PretrainWorkload("not_landed").unavailable(tiny=False)
-    assert "tiny_overrides" in PretrainWorkload("mae_vit_b").unavailable(tiny=True)
-    assert PretrainWorkload("mae_vit_b").unavailable(tiny=False) is None
+def test_bench_names_a_missing_recipe_or_tiny_setting():
+    assert "conf/experiment/no_such_recipe.yaml does not exist" in ExperimentWorkload("no_such_recipe").unavailable(tiny=False)
+    assert "tiny_overrides" in ExperimentWorkload("mae_vit_b").unavailable(tiny=True)
+    assert ExperimentWorkload("mae_vit_b").unavailable(tiny=False) is None
+
+
+def test_flop_method_follows_the_model():
+    assert flops_method(nn.Sequential(nn.Conv2d(8, 8, 7, groups=8))) == "analytic"
+    assert flops_method(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2))) == "counter"
 
 
 def test_unknown_model_names_the_config():
@@ -60,14 +66,15 @@ def test_conv_linear_macs_matches_the_hand_count():
 
 def test_flop_counter_counts_attention_whichever_kernel_runs():
     cfg = load_config(["batch=2"])
-    workload = FinetuneWorkload("vit_tiny_p8", img_size=32, tiny_overrides=["model.backbone.depth=1",
-                                "model.backbone.embed_dim=32", "model.backbone.num_heads=2"])
+    workload = ExperimentWorkload("finetune_vit_tiny_synthetic", tiny_overrides=[
+        "model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "data.img_size=32",
+        "method.num_classes=10", "method.mixup=null", "model.backbone.drop_path_rate=0"])
     module, _ = workload.build(cfg, "cpu", tiny=True)
     batch = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
     set_fused_attn(module, True)
-    counted = train_flops(module, batch, "counter")
+    counted = train_flops_per_image(module, lambda: _quiet_step(module, batch, 0), 2, "counter")
     assert all(m.fused_attn for m in module.modules() if hasattr(m, "fused_attn"))  # restored
-    linear_only = train_flops(module, batch, "analytic")
+    linear_only = train_flops_per_image(module, lambda: _quiet_step(module, batch, 0), 2, "analytic")
     tokens, dim = 1 + 16, 32
     attention = 6 * 2 * tokens * tokens * dim  # q@k^T and attn@v, forward + backward, one block, per image
     patch_input_grad = 2 * 16 * dim * 3 * 8 * 8  # never computed: the images need no gradient

@@ -66,18 +66,21 @@ def test_device_eval_transform_matches_torchvision_on_tensors(synthetic_root):
     torch.testing.assert_close(ours, reference(image), atol=0.03, rtol=0)  # uint8 rounding in torchvision
 
 
-def test_gpu_decode_datamodule_feeds_the_trainer_hook_path(synthetic_root):
+def test_gpu_decode_datamodule_feeds_the_trainer_hook_path_from_worker_processes(synthetic_root):
+    """Worker processes and an ImageNet-size batch: a list of per-file byte tensors ran out of file descriptors."""
     cfg = compose_config(["data=imagenet_gpu_decode", f"data.root={synthetic_root}", "data.img_size=32",
-                          "data.batch_size=6", "hardware.num_workers=0"])
+                          "data.batch_size=24", "hardware.num_workers=2"])
     from hydra.utils import instantiate
 
     module = instantiate(cfg.data)
     assert isinstance(module, GPUDecodeImageNetDataModule)
     module.setup("fit")
-    encoded, labels = next(iter(module.train_dataloader()))
-    assert isinstance(encoded, list) and encoded[0].dtype == torch.uint8
-    images, labels = module.transfer_batch_to_device((encoded, labels), torch.device("cpu"), 0)
-    assert images.shape == (6, 3, 32, 32) and images.dtype == torch.float32
+    batches = iter(module.train_dataloader())
+    for _ in range(2):  # one batch from each worker
+        flat, sizes, labels = next(batches)
+    assert flat.dtype == torch.uint8 and flat.numel() == int(sizes.sum()) and len(sizes) == len(labels) == 24
+    images, labels = module.transfer_batch_to_device((flat, sizes, labels), torch.device("cpu"), 0)
+    assert images.shape == (24, 3, 32, 32) and images.dtype == torch.float32
     assert -2.2 < images.min() and images.max() < 2.7  # ImageNet-normalised range
     assert module.val_set[0][0].shape == (3, 32, 32)
 

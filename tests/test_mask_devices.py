@@ -59,5 +59,16 @@ def test_every_pretraining_composition_runs_with_images_on_another_device(experi
     with META:
         module = instantiate(cfg.method)
     size = cfg.data.img_size
-    losses = module._shared_step(torch.empty(2, 3, size, size, device=META), torch.Generator().manual_seed(0))
+    losses = module.compute_losses(torch.empty(2, 3, size, size, device=META), torch.Generator().manual_seed(0))
     assert losses["loss"].device.type == "meta"
+
+
+def test_dashboard_flop_count_runs_with_the_model_on_another_device(tmp_path):
+    """The dashboard counts FLOPs through the module's own step (host mask moved by the module), so it works on a GPU:
+    counting with a host mask handed straight to the loss failed there (cuda:0 vs cpu)."""
+    from mimlab.callbacks.dashboard import measure_train_flops
+
+    cfg = compose_config(["experiment=mae_vit_tiny_synthetic", "data.img_size=32"], tmp_path)
+    with META:
+        module = instantiate(cfg.method)
+    assert measure_train_flops(module, torch.empty(2, 3, 32, 32, device=META)) > 0

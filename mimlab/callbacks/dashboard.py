@@ -14,25 +14,23 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.flop_counter import FlopCounterMode
+
+from mimlab.utils.flops import train_flops_per_image
 
 
 def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> float:
-    """FLOPs of one pre-training step (forward + backward) on ``images`` (N, C, H, W), counted by ``FlopCounterMode``.
-
-    Uses the pre-training contract (``make_mask``, ``forward(images, mask) -> (pred, target)``, ``loss(...)["loss"]``);
-    gradients are cleared afterwards. FlopCounterMode over-counts depthwise-conv backward (PERFORMANCE.md §2): modules
-    with an analytic count should set ``flops_per_batch`` themselves, which then wins.
-    """
+    """FLOPs of one pre-training step (forward + backward) on ``images`` (N, C, H, W): the count ``make bench`` uses
+    (:func:`mimlab.utils.flops.train_flops_per_image`), through the module's own ``compute_losses``. Gradients are
+    cleared afterwards; modules that know their cost may set ``flops_per_batch`` themselves, which then wins."""
     was_training = pl_module.training
     pl_module.train()
-    mask = pl_module.make_mask(images, torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        pred, target = pl_module(images, mask)
-        pl_module.loss(pred, target, mask)["loss"].backward()
-    pl_module.zero_grad(set_to_none=True)
-    pl_module.train(was_training)
-    return float(counter.get_total_flops())
+    generator = torch.Generator().manual_seed(0)
+    try:
+        per_image = train_flops_per_image(pl_module, lambda: pl_module.compute_losses(images, generator)["loss"],
+                                          images.shape[0])
+    finally:
+        pl_module.train(was_training)
+    return per_image * images.shape[0]
 
 
 class TrainingDashboard(L.Callback):
@@ -53,7 +51,7 @@ class TrainingDashboard(L.Callback):
         batch_size = trainer.datamodule.batch_size
         if getattr(pl_module, "flops_per_batch", None):
             self.flops_per_image = pl_module.flops_per_batch / batch_size
-        elif self.measure_flops and hasattr(pl_module, "make_mask"):
+        elif self.measure_flops and hasattr(pl_module, "compute_losses"):
             dataset = trainer.datamodule.val_set
             images = torch.stack([dataset[i][0] for i in range(min(self.flops_images, len(dataset)))])
             self.flops_per_image = measure_train_flops(pl_module, images.to(pl_module.device)) / len(images)

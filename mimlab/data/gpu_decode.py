@@ -46,8 +46,18 @@ class EncodedImageFolder(Dataset):
         return read_file(path), label
 
 
-def collate_encoded(batch: list[tuple[Tensor, int]]) -> tuple[list[Tensor], Tensor]:
-    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+def collate_encoded(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (all files' bytes concatenated (B,), per-file byte counts (N,), labels (N,)).
+
+    One storage per batch: a worker hands each storage to the main process through a file descriptor, and a list of
+    N separate byte tensors per batch runs out of descriptors ("Bad file descriptor") at ImageNet batch sizes."""
+    data = [d for d, _ in batch]
+    return torch.cat(data), torch.tensor([d.numel() for d in data]), torch.tensor([label for _, label in batch])
+
+
+def split_encoded(flat: Tensor, sizes: Tensor) -> list[Tensor]:
+    """Inverse of :func:`collate_encoded`'s concatenation: the files' byte tensors (views of ``flat``)."""
+    return list(torch.split(flat, sizes.tolist()))
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -123,10 +133,10 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
         return loader
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        encoded, labels = batch
+        flat, sizes, labels = batch
         training = self.trainer is None or self.trainer.training
         transform = self.train_device_transform if training else self.val_device_transform
-        return transform(encoded, device), labels.to(device, non_blocking=True)
+        return transform(split_encoded(flat, sizes), device), labels.to(device, non_blocking=True)
 
 
 class _DecodedView(Dataset):

@@ -73,14 +73,15 @@ class MaskedPretraining(L.LightningModule):
         device_mask = mask.to(images.device, non_blocking=True)
         return self.decoder(features, device_mask), self.target(images, device_mask)
 
-    def _shared_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+    def compute_losses(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """The loss terms of one step on ``images`` (N, C, H, W) with a mask drawn from ``generator``."""
         mask = self.make_mask(images, generator)
         pred, target = self(images, mask)
         return self.loss(pred, target, mask.to(images.device, non_blocking=True))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         images = batch[0]
-        losses = self._shared_step(images, self._generator(0, self.global_step, self.global_rank, batch_idx))
+        losses = self.compute_losses(images, self._generator(0, self.global_step, self.global_rank, batch_idx))
         if not check_finite(losses, self.nan_guard, self.global_step, batch_idx):
             return None
         self._log_losses("train", losses, images.shape[0])
@@ -88,7 +89,7 @@ class MaskedPretraining(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images = batch[0]
-        losses = self._shared_step(images, self._generator(1, batch_idx, self.global_rank))
+        losses = self.compute_losses(images, self._generator(1, batch_idx, self.global_rank))
         self._log_losses("val", losses, images.shape[0])
 
     def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
@@ -103,7 +104,7 @@ class MaskedPretraining(L.LightningModule):
         that do not fit (shapes, strides, dims) fail here with :class:`CompositionError`, before data or training."""
         images = torch.zeros(2, 3, *image_size, device=self.device)
         try:
-            losses = self._shared_step(images, self._generator(3))
+            losses = self.compute_losses(images, self._generator(3))
         except Exception as err:  # noqa: BLE001 - re-raised with context
             raise CompositionError(
                 f"the configured parts do not fit together at image size {image_size}: {type(err).__name__}: {err}. "
