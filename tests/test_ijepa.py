@@ -293,7 +293,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, synthetic_root):
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
     losses = []
     for step in range(25):
-        out = module._shared_step(images, module._generator(0, step))
+        out = module.compute_losses(images, module._generator(0, step))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
