@@ -58,8 +58,7 @@ class InverseBlockMasking:
         """Return a float mask (N, gh*gw), 1 = masked, every row with exactly ``num_visible(L)`` zeros."""
         keep = self._blocks(batch_size, grid, generator)
         target = self.num_visible(keep.shape[1])
-        for row in keep:
-            count = int(row.sum().item())
+        for row, count in zip(keep, keep.sum(1).int().tolist()):
             if count > target:
                 row[torch.multinomial(row, count - target, replacement=False, generator=generator)] = 0.0
             elif count < target:

@@ -65,26 +65,22 @@ class MultiBlockMasking:
                              f"masking.min_keep or raise masking.{key}_scale / the image size")
 
     def place(self, grid: tuple[int, int], size: tuple[int, int], g: torch.Generator | None,
-              allowed: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """Place one block; return its (ascending) unit indices after the ``allowed`` constraints and its complement."""
+              avoid: list[list[int]] | None = None) -> list[int]:
+        """Place one block; return its unit indices (ascending) outside the ``avoid`` blocks (lists of unit indices).
+        Plain Python arithmetic: this runs for every image of every step."""
         (gh, gw), (h, w) = grid, size
+        avoid = avoid or []
         tries, budget = 0, self.max_tries
         while True:
             top = int(torch.randint(0, gh - h, (1,), generator=g))
             left = int(torch.randint(0, gw - w, (1,), generator=g))
-            block = torch.zeros(gh, gw, dtype=torch.int32)
-            block[top:top + h, left:left + w] = 1
-            for region in (allowed or [])[: max(len(allowed or []) - tries, 0)]:
-                block *= region
-            indices = block.flatten().nonzero().squeeze(1)
+            taken = set().union(*avoid[: max(len(avoid) - tries, 0)])
+            indices = [i for r in range(top, top + h) for i in range(r * gw + left, r * gw + left + w) if i not in taken]
             if len(indices) > self.min_keep:
-                break
+                return indices
             budget -= 1
             if budget == 0:
                 tries, budget = tries + 1, self.max_tries
-        complement = torch.ones(gh, gw, dtype=torch.int32)
-        complement[top:top + h, left:left + w] = 0
-        return indices, complement
 
     def __call__(self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None) -> MaskSet:
         target_size = self.block_size(grid, self.target_scale, self.target_aspect, generator)
@@ -94,15 +90,14 @@ class MultiBlockMasking:
         targets, contexts = [], []
         for _ in range(batch_size):
             blocks = [self.place(grid, target_size, generator) for _ in range(self.num_targets)]
-            allowed = None if self.allow_overlap else [complement for _, complement in blocks]
-            contexts.append(self.place(grid, context_size, generator, allowed)[0])
-            targets.append([indices for indices, _ in blocks])
+            contexts.append(self.place(grid, context_size, generator, None if self.allow_overlap else blocks))
+            targets.append(blocks)
         keep_t = min(len(t) for per_image in targets for t in per_image)
         keep_c = min(len(c) for c in contexts)
         mask = torch.ones(batch_size, grid[0] * grid[1])
-        for row, context in zip(mask, contexts):
-            row[context[:keep_c]] = 0.0
-        target_index = torch.stack([torch.stack([t[:keep_t] for t in per_image]) for per_image in targets])
+        rows = torch.arange(batch_size).repeat_interleave(keep_c)
+        mask[rows, torch.tensor([i for c in contexts for i in c[:keep_c]])] = 0.0
+        target_index = torch.tensor([[t[:keep_t] for t in per_image] for per_image in targets])
         return MaskSet(mask, clones=1, targets=target_index)
 
     def __repr__(self) -> str:
