@@ -17,7 +17,7 @@ STEPS_PER_EPOCH = 60 // 8  # synthetic_root: 60 train images, batch 8
 def tiny_args(root: Path, run_dir: Path) -> list[str]:
     return [
         "experiment=mae_vit_tiny_synthetic", f"data.root={root}", "data.img_size=32", "data.batch_size=8",
-        "hardware.num_workers=0", "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
+        "hardware.num_workers=0", "model.backbone.embed_dim=32", "model.backbone.depth=2", "model.backbone.num_heads=2",
         "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "model.backbone.drop_path_rate=0.1",
         "optim.warmup_epochs=1", "trainer.max_epochs=2", "logger=csv", "~callbacks.progress", "~callbacks.reconstruction",
         "callbacks.checkpoint.monitor=null", "callbacks.checkpoint.save_top_k=0", "callbacks.checkpoint.every_n_train_steps=3",
