@@ -45,19 +45,19 @@ NEED_CKPT    = @test -n "$(CKPT)" || { echo "no checkpoint under outputs/$(PRETR
 
 finetune: $(VENV)/.installed  ## fine-tune the newest pretrain checkpoint on the embedded data (CPU, minutes)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,finetune_vit_tiny_synthetic) method.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,finetune_vit_tiny_synthetic) task.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
 
 linear-probe: $(VENV)/.installed  ## linear probe of the newest pretrain checkpoint on the embedded data (CPU, minutes)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,linprobe_vit_tiny_synthetic) method.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,linprobe_vit_tiny_synthetic) task.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
 
 detect: $(VENV)/.installed  ## Mask R-CNN on the embedded COCO-format set from the newest pretrain checkpoint (CPU)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,detect_mae_vit_tiny_synthetic) method.pretrained=$(CKPT) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,detect_mae_vit_tiny_synthetic) task.pretrained=$(CKPT) $(ARGS)
 
 segment: $(VENV)/.installed  ## UperNet on the embedded ADE20K-format set from the newest pretrain checkpoint (CPU)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,segment_mae_vit_tiny_synthetic) method.pretrained=$(CKPT) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,segment_mae_vit_tiny_synthetic) task.pretrained=$(CKPT) $(ARGS)
 
 sweep: $(VENV)/.installed  ## Hydra multirun of a sweep file: make sweep SWEEP=conf/sweep/mae_mask_ratio.yaml [ARGS=...]
 	@test -n "$(SWEEP)" || { echo "make sweep: set SWEEP=conf/sweep/<name>.yaml (files: $$(ls conf/sweep))"; exit 2; }

@@ -36,7 +36,7 @@ def scan_split(dataset, console: Console, name: str) -> tuple[Counter, list[str]
 
 def check(cfg: DictConfig, console: Console | None = None) -> bool:
     console = console or Console()
-    module = instantiate(cfg.method)
+    module = instantiate(cfg.task)
     if hasattr(module, "check_composition"):
         module.check_composition((cfg.data.img_size, cfg.data.img_size))
     console.print(f"[green]config ok[/]: {type(module).__name__} composes and runs at {cfg.data.img_size}px")

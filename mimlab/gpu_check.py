@@ -187,17 +187,18 @@ def time_loader_option(option: str, root: str, batch: int, workers: int, out: st
     import torch
     from hydra.utils import instantiate
 
-    from mimlab.bench import _compose, time_loader
+    from mimlab.bench.timing import time_loader
+    from mimlab.bench.workloads import compose_train
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hardware = "gpu" if device.type == "cuda" else "cpu"
-    cfg = _compose([f"data={option}", f"data.root={root}", f"data.batch_size={batch}", f"hardware={hardware}",
+    cfg = compose_train([f"data={option}", f"data.root={root}", f"data.batch_size={batch}", f"hardware={hardware}",
                     f"hardware.num_workers={workers}", "logger=none"])
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    steps = max(2, len(datamodule.train_dataloader()) - 2)
+    steps = max(1, (len(datamodule.train_dataloader()) - 2) // 3)
     figures = {"option": option, "workers": workers, "batch": batch, "device": str(device),
-               **time_loader(datamodule, steps, 2, device, batch)}
+               **time_loader(datamodule, steps, 2, 3, device, batch)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(figures, indent=2))
     return figures
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/gpu_check")
     parser.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto")
     parser.add_argument("--budget", type=float, default=None, help="seconds (default: 480 on a GPU, 300 on a CPU)")
-    parser.add_argument("--parallel", type=int, default=6, help="concurrent phase-1 checks on a GPU")
+    parser.add_argument("--parallel", type=int, default=8, help="concurrent phase-1 checks on a GPU")
     parser.add_argument("--loader", help=argparse.SUPPRESS)       # internal: one loader timing (a subprocess of run)
     parser.add_argument("--loader-root", help=argparse.SUPPRESS)
     parser.add_argument("--loader-batch", type=int, help=argparse.SUPPRESS)

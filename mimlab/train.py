@@ -33,7 +33,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     """Instantiate (datamodule, module, trainer) from a composed config; nothing is read from disk yet."""
     torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.method)
+    module = instantiate(cfg.task)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints")]
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + infrastructure

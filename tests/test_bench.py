@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mimlab.bench import ExperimentWorkload, _quiet_step, load_config, run
+from mimlab.bench import ExperimentWorkload, load_config, quiet_step, run
 from mimlab.utils.fast_paths import set_fused_attn
 from mimlab.utils.flops import conv_linear_macs, flops_method, train_flops_per_image
 
@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def bench_json(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    run(["model=mae_vit_b,vit_b_finetune,fcmae_convnextv2_b", "batch=4", "steps=2", "warmup=1", "compile=[false]",
-         f"data_root={synthetic_root}", "workers=0", f"out={out}", "device=cpu"])
+    run(["model=mae_vit_b,vit_b_finetune,fcmae_convnextv2_b", "batch=4", "steps=2", "warmup=1", "repeats=3",
+         "compile=[false]", f"data_root={synthetic_root}", "workers=0", f"out={out}", "device=cpu", "datapath_batches=2",
+         "datapath_batch=8", "datapath_img_size=32"])
     return json.loads(out.read_text())
 
 
@@ -31,12 +32,27 @@ def test_bench_reports_every_figure_for_each_loop(bench_json):
         assert res["tiny"] and res["train_gflop_per_img"] > 0
         assert {r["loop"] for r in res["runs"]} == {"plain", "lightning"}
         for r in res["runs"]:
-            assert r["img_s"] > 0 and r["ms_step"] > 0
+            assert r["img_s"] > 0 and r["ms_step"] > 0 and r["windows"] == 3
+            assert r["img_s_min"] <= r["img_s"] <= r["img_s_max"]
+            assert r["spread"] == pytest.approx((r["img_s_max"] - r["img_s_min"]) / r["img_s"])
             assert r["img_s"] == pytest.approx(4 * 1000 / r["ms_step"])
             assert r["mfu"] == pytest.approx(r["img_s"] * res["train_gflop_per_img"] * 1e9 / 790e12)
         assert "lightning_overhead_eager" in res
         real = res["real_data"]
         assert real["loader_img_s"] > 0 and real["end_to_end"]["img_s"] > 0
+    data = bench_json["datapath"]
+    assert not data["generated"] and len(data["ratio_per_round"]) == 3 and data["ratio_median"] > 0
+    assert data["ratio_per_round"] == pytest.approx([a / b for a, b in zip(data["mimlab_img_s"], data["official_img_s"])])
+
+
+def test_timing_windows_and_their_summary():
+    from mimlab.bench.timing import is_boundary, summarize
+
+    starts = [s for s in range(20) if is_boundary(s, warmup=2, steps=5, repeats=3)]
+    assert starts == [2, 7, 12]  # three windows of five steps after two warm-up steps
+    figures = summarize(8, 5, [1.0, 2.0, 4.0], torch.device("cpu"))
+    assert figures["img_s"] == 20.0 and figures["img_s_min"] == 10.0 and figures["img_s_max"] == 40.0
+    assert figures["spread"] == pytest.approx(1.5) and figures["ms_step"] == pytest.approx(400.0)
 
 
 def test_bench_names_a_missing_recipe_or_tiny_setting():
@@ -79,13 +95,13 @@ def test_flop_counter_counts_attention_whichever_kernel_runs():
     cfg = load_config(["batch=2"])
     workload = ExperimentWorkload("finetune_vit_tiny_synthetic", tiny_overrides=[
         "model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "data.img_size=32",
-        "method.num_classes=10", "method.mixup=null", "model.backbone.drop_path_rate=0"])
+        "task.num_classes=10", "task.mixup=null", "model.backbone.drop_path_rate=0"])
     module, _ = workload.build(cfg, "cpu", tiny=True)
     batch = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
     set_fused_attn(module, True)
-    counted = train_flops_per_image(module, lambda: _quiet_step(module, batch, 0), 2, "counter")
+    counted = train_flops_per_image(module, lambda: quiet_step(module, batch, 0), 2, "counter")
     assert all(m.fused_attn for m in module.modules() if hasattr(m, "fused_attn"))  # restored
-    linear_only = train_flops_per_image(module, lambda: _quiet_step(module, batch, 0), 2, "analytic")
+    linear_only = train_flops_per_image(module, lambda: quiet_step(module, batch, 0), 2, "analytic")
     tokens, dim = 1 + 16, 32
     attention = 6 * 2 * tokens * tokens * dim  # q@k^T and attn@v, forward + backward, one block, per image
     patch_input_grad = 2 * 16 * dim * 3 * 8 * 8  # never computed: the images need no gradient

@@ -41,7 +41,7 @@ def pretrained(chain_root, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_linear_probe_from_pretrain_checkpoint_beats_chance(pretrained, chain_root, tmp_path):
-    module, trainer = _fit(["experiment=linprobe_vit_tiny_synthetic", f"method.pretrained={pretrained}",
+    module, trainer = _fit(["experiment=linprobe_vit_tiny_synthetic", f"task.pretrained={pretrained}",
                             f"data.root={chain_root}", "data.batch_size=48", "trainer.max_epochs=4", *COMMON], tmp_path)
     sd = torch.load(pretrained, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.equal(module.backbone.blocks[0].attn.qkv.weight, sd["backbone.blocks.0.attn.qkv.weight"])  # frozen + loaded
@@ -52,7 +52,7 @@ def test_linear_probe_from_pretrain_checkpoint_beats_chance(pretrained, chain_ro
 
 @pytest.mark.slow
 def test_finetune_from_pretrain_checkpoint_beats_chance(pretrained, chain_root, tmp_path):
-    module, trainer = _fit(["experiment=finetune_vit_tiny_synthetic", f"method.pretrained={pretrained}",
+    module, trainer = _fit(["experiment=finetune_vit_tiny_synthetic", f"task.pretrained={pretrained}",
                             f"data.root={chain_root}", "data.batch_size=48", "trainer.max_epochs=4", *COMMON], tmp_path)
     metrics = trainer.callback_metrics
     acc = float(metrics["val/acc1"])

@@ -23,7 +23,7 @@ def test_there_are_experiments_of_both_kinds():
 def test_paper_scale_experiment_instantiates(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     assert sum(p.numel() for p in module.parameters()) > 1e6
     instantiate(cfg.data)
     instantiate(cfg.trainer)

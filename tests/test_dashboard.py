@@ -50,7 +50,7 @@ def tiny_mae():
         cfg = compose_config(["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "model.backbone.embed_dim=32",
                               "model.backbone.depth=1", "model.backbone.num_heads=2", "model.decoder.embed_dim=32",
                               "model.decoder.num_heads=2", f"masking.ratio={ratio}"])
-        return instantiate(cfg.method)
+        return instantiate(cfg.task)
     return build
 
 

@@ -35,7 +35,7 @@ def test_base_recipe_matches_row_28_and_model_rows_25_27():
     assert (cfg.optim.warmup_epochs, cfg.trainer.max_epochs, cfg.data.img_size) == (40, 1600, 224)
     assert cfg.data.batch_size * 64 == 4096  # 64 per GPU x 64 GPUs (or accumulate on fewer)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     assert round(count(module.backbone) / 1e6, 3) == 87.691 and round(count(module.decoder) / 1e6, 3) == 4.232
     assert (len(module.decoder.decoder), module.decoder.proj.out_channels, module.decoder.pred.out_channels) == (1, 512, 3072)
 
@@ -51,7 +51,7 @@ def test_every_size_has_an_experiment_with_the_same_recipe():
 def test_atto_at_224_masks_30_of_49_units_and_predicts_3072_values_each():
     cfg = composed("fcmae_convnextv2_atto")
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     assert round(count(module.backbone) / 1e6, 3) == 3.387 and round(count(module.decoder) / 1e6, 3) == 3.871
     mask = module.masking(4, module.masking.grid((224, 224)), generator=torch.Generator().manual_seed(0))
     assert mask.shape == (4, 49) and mask.sum(1).tolist() == [30.0] * 4

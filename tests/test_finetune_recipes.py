@@ -12,9 +12,9 @@ from conftest import compose_config
     ("finetune_itpn_b", 78.558, 0.60 ** (13 / 31), 31),  # §7 #34 (rpe on); iTPN renormalisation
 ])
 def test_recipe_param_count_and_layer_scales(experiment, params_m, decay, num_layers, tmp_path):
-    cfg = compose_config([f"experiment={experiment}", "logger=csv", "method.num_classes=1000", "method.ema_decay=null"], tmp_path)
+    cfg = compose_config([f"experiment={experiment}", "logger=csv", "task.num_classes=1000", "task.ema_decay=null"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
         groups = module.optim.param_groups(module, module.optim.weight_decay)
     assert sum(p.numel() for p in module.parameters()) / 1e6 == pytest.approx(params_m, abs=5e-4)
     scales = sorted({g["lr_scale"] for g in groups})
@@ -23,9 +23,9 @@ def test_recipe_param_count_and_layer_scales(experiment, params_m, decay, num_la
 
 
 def test_linear_probe_recipe_freezes_all_but_the_head(tmp_path):
-    cfg = compose_config(["experiment=linprobe_mae_vit_b", "logger=csv", "method.num_classes=1000"], tmp_path)
+    cfg = compose_config(["experiment=linprobe_mae_vit_b", "logger=csv", "task.num_classes=1000"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"head.fc.weight", "head.fc.bias"}
     assert sum(p.numel() for p in module.parameters()) / 1e6 == pytest.approx(86.568, abs=5e-4)

@@ -34,7 +34,7 @@ def decoder_params(enc_dim: int, depth: int, dim: int = 512, hidden: int = 2048,
 def test_paper_model_parameter_counts(experiment, enc_dim, depth, encoder, tmp_path):
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     assert count(module.backbone) / 1e6 == pytest.approx(encoder / 1e6, abs=1e-3)
     assert count(module.decoder, trainable_only=True) == decoder_params(enc_dim, depth)
     assert count(module.target) == 25_557_032 - (2048 * 1000 + 1000)  # ResNet-50 without its fc (torchvision count)

@@ -42,7 +42,7 @@ def test_convnextv2_moves_a_host_mask_to_the_image_device():
 
 
 def test_pretraining_draws_masks_on_the_host(tmp_path):
-    module = instantiate(compose_config(["experiment=mae_vit_tiny_synthetic", "data.img_size=32"], tmp_path).method)
+    module = instantiate(compose_config(["experiment=mae_vit_tiny_synthetic", "data.img_size=32"], tmp_path).task)
     mask = module.make_mask(torch.zeros(2, 3, 32, 32), torch.Generator().manual_seed(0))
     assert mask.device.type == "cpu" and mask.shape == (2, 16)
 
@@ -57,7 +57,7 @@ def test_every_pretraining_composition_runs_with_images_on_another_device(experi
     mask drawn on the host: every part must agree on devices as it would on a GPU."""
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     with META:
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     size = cfg.data.img_size
     losses = module.compute_losses(torch.empty(2, 3, size, size, device=META), torch.Generator().manual_seed(0))
     assert losses["loss"].device.type == "meta"
@@ -70,5 +70,5 @@ def test_dashboard_flop_count_runs_with_the_model_on_another_device(tmp_path):
 
     cfg = compose_config(["experiment=mae_vit_tiny_synthetic", "data.img_size=32"], tmp_path)
     with META:
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     assert measure_train_flops(module, torch.empty(2, 3, 32, 32, device=META)) > 0

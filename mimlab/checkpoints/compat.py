@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 # config sections that define the trained function; changing them under a resumed run is almost always a mistake
-MODEL_SECTIONS = ("model", "target", "masking", "loss")  # `method` only interpolates these
+MODEL_SECTIONS = ("model", "target", "masking", "loss")  # `task` only interpolates these
 
 
 class ConfigMismatchError(ValueError):

@@ -117,7 +117,7 @@ def load_backbone(
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         lines.append("  Check that model/backbone matches the checkpoint (size, patch, img_size), or list fine-tuning-only keys "
-                     "in method.allow_missing / checkpoint-only keys in method.ignore_unexpected.")
+                     "in task.allow_missing / checkpoint-only keys in task.ignore_unexpected.")
         raise CheckpointMismatchError("\n".join(lines))
     backbone.load_state_dict(state, strict=False)
     if missing:

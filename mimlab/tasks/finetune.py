@@ -4,7 +4,7 @@
 the backbone contract (``forward_features`` / ``out_channels``); its weights come from ``pretrained`` (a mimlab
 ``.ckpt`` or an official file, see :mod:`mimlab.checkpoints.mae`). Mixup/CutMix + label smoothing (timm), layer-wise
 lr decay (``optim.param_groups``), drop path (backbone config) and model EMA (timm ``ModelEmaV3``; validated instead of
-the raw weights when enabled) are configured in ``conf/method/finetune.yaml`` and the ``finetune_*`` experiments.
+the raw weights when enabled) are configured in ``conf/task/finetune.yaml`` and the ``finetune_*`` experiments.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class ImageClassification(L.LightningModule):
         if self.head is None:
             datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is None or not hasattr(datamodule, "num_classes"):
-                raise ValueError("method.num_classes is null and the datamodule does not report num_classes; set method.num_classes")
+                raise ValueError("task.num_classes is null and the datamodule does not report num_classes; set task.num_classes")
             self._build_head(datamodule.num_classes)
 
     # ------------------------------------------------------------------------------------------------ forward

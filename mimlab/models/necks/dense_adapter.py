@@ -168,7 +168,7 @@ class DenseFeatureAdapter(nn.Module):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set method.pretrained, or run `make pretrain`).")
+            raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set task.pretrained, or run `make pretrain`).")
         report = {"backbone.": load_pretrained(self.backbone, path, prefix="backbone.", strict=True)}
         if load_neck:
             if self.neck is None:

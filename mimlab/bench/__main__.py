@@ -1,0 +1,3 @@
+from mimlab.bench.cli import main
+
+main()
