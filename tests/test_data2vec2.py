@@ -265,7 +265,7 @@ def test_vit_b_recipe_parameter_counts(tmp_path):
     2.586 M, EMA teacher = a full copy of the encoder (no decoder). Analytic counts from the official modules."""
     cfg = compose_config(["experiment=data2vec2_vit_b", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa: E731
     block = (3 * 768 * 768 + 3 * 768) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768) + 4 * 768
     encoder = (768 * 3 * 16 * 16 + 768) + 768 + 2 * 768 + 12 * block  # patch conv, cls, embedding LN, blocks
@@ -284,7 +284,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
                           "model.backbone.embed_dim=64", "model.backbone.num_heads=2", "model.backbone.depth=2",
                           "model.decoder.decoder_dim=64", "target.top_k=2"], tmp_path)
     torch.manual_seed(0)
-    module = instantiate(cfg.method)
+    module = instantiate(cfg.task)
     module.target.sync_(module.backbone)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
     images = torch.randn(8, 3, 32, 32)

@@ -268,7 +268,7 @@ def test_recipe_parameter_counts(experiment, encoder, positions, predictor, pred
     final norm; predictor = embed + mask token + fixed table + 12d²+13d per block + norm + proj."""
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
-        module = instantiate(cfg.method)
+        module = instantiate(cfg.task)
     count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa: E731
     dim, depth, patch = cfg.model.backbone.embed_dim, cfg.model.backbone.depth, cfg.model.backbone.patch_size
     assert encoder == dim * 3 * patch * patch + dim + positions + depth * (12 * dim * dim + 13 * dim) + 2 * dim
@@ -288,7 +288,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, synthetic_root):
     datamodule.setup("fit")
     images = torch.stack([datamodule.val_set[i][0] for i in range(0, 20, 2)])  # one image of each class
     torch.manual_seed(0)
-    module = instantiate(cfg.method)
+    module = instantiate(cfg.task)
     module.target.sync_(module.backbone)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
     losses = []
