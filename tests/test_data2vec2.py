@@ -308,3 +308,18 @@ def test_bad_settings_are_named():
         Data2VecDecoder(30, groups=16)
     with pytest.raises(ValueError, match="class_token"):
         Data2VecLoss(0.01)({"tokens": torch.zeros(1, 4, 8)}, torch.zeros(1, 4, 8), torch.ones(1, 4))
+
+
+def test_teacher_panel_draws_the_ema_targets_once_per_image(tmp_path):
+    from types import SimpleNamespace
+
+    from mimlab.callbacks.target_maps import TeacherTargetPanel
+
+    cfg = compose_config(["experiment=data2vec2_vit_tiny_synthetic", "data.img_size=32"], tmp_path)
+    module = instantiate(cfg.task)
+    seen = []
+    module.target.register_forward_hook(lambda _m, _inp, out: seen.append(tuple(out.shape[:2])))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_set=[(torch.randn(3, 32, 32), 0) for _ in range(4)]),
+                              default_root_dir=str(tmp_path), global_step=0, loggers=[])
+    path = TeacherTargetPanel(num_images=2).render(trainer, module)
+    assert path is not None and seen == [(2, 16)]  # the recipe masks 4 clones; the panel asks for one row per image
