@@ -23,6 +23,7 @@ from mimlab.callbacks.run_metadata import RunMetadata
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
+from mimlab.utils.devices import check_devices
 from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 
@@ -31,6 +32,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate (datamodule, module, trainer) from a composed config; nothing is read from disk yet."""
+    check_devices(cfg.hardware)
     torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.task)

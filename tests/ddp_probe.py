@@ -1,8 +1,9 @@
-"""Test-only callback loaded into a real DDP run by tests/test_ddp.py (``+callbacks.probe._target_=tests.ddp_probe.DDPProbe``).
+"""Test-only callback loaded into real DDP runs by tests/test_ddp.py (``+callbacks.probe._target_=tests.ddp_probe.DDPProbe``).
 
-Every rank writes ``<out_dir>/rank<r>.pt`` with its parameters before the first and after the first optimiser step,
-the base lr of the optimiser, the world size, and how many checkpoint writes reached this rank's CheckpointIO
-and how many metric rows reached this rank's CSV writer.
+Every rank writes ``<out_dir>/rank<r>.pt`` with: its trainable parameters before the first and after the first optimiser step
+and at the end of training, the base lr of the optimiser, the world size, the training sample indices its sampler
+handed out (recorded in the main process, so worker processes do not hide them), the training batches it ran, and how
+many checkpoint writes reached this rank's CheckpointIO and how many metric rows reached this rank's CSV writer.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 class DDPProbe(L.Callback):
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
-        self.record: dict = {"checkpoint_writes": 0, "log_writes": 0}
+        self.record: dict = {"checkpoint_writes": 0, "log_writes": 0, "indices": [], "train_batches": 0}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         io = trainer.strategy.checkpoint_io
@@ -34,9 +35,30 @@ class DDPProbe(L.Callback):
             return writer(writer_self, *args, **kwargs)
 
         _ExperimentWriter.log_metrics = counting_log  # this process only
+        self._record_sampler(trainer.datamodule)
+
+    def _record_sampler(self, datamodule: L.LightningDataModule) -> None:
+        """Make the training loader's sampler append every index it yields to ``record["indices"]``."""
+        make, seen = datamodule.train_dataloader, self.record["indices"]
+
+        def recording_loader():
+            loader = make()
+            base = type(loader.sampler)
+
+            class Recording(base):
+                def __iter__(self):
+                    for key in base.__iter__(self):
+                        seen.append(key[0])
+                        yield key
+
+            loader.sampler.__class__ = Recording
+            return loader
+
+        datamodule.train_dataloader = recording_loader
 
     def _params(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        """The trained parameters (frozen teachers and frozen backbones are left out)."""
+        return {k: v.detach().clone() for k, v in pl_module.named_parameters() if v.requires_grad}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["before"] = self._params(pl_module)
@@ -45,8 +67,13 @@ class DDPProbe(L.Callback):
         self.record["is_global_zero"] = trainer.is_global_zero
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.record["train_batches"] += 1
         if trainer.global_step == 1 and "after_step_1" not in self.record:
             self.record["after_step_1"] = self._params(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record["final"] = self._params(pl_module)
+        self.record["steps"] = trainer.global_step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

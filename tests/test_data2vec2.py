@@ -15,7 +15,7 @@ from mimlab.losses.data2vec import Data2VecLoss
 from mimlab.masking import MaskSet
 from mimlab.masking.inverse_block import InverseBlockMasking
 from mimlab.masking.multi_mask import MultiMask
-from mimlab.models.backbones.vit import MaskedViT
+from mimlab.models.backbones.vit import MaskedViT, trunc_normal_init
 from mimlab.models.heads.data2vec_decoder import Data2VecDecoder
 from mimlab.targets.data2vec import Data2VecTarget
 from mimlab.targets.ema_teacher import LinearMomentum
@@ -26,7 +26,8 @@ D, HEADS, DEPTH, TOP_K = 32, 2, 3, 2
 
 def tiny_vit(seed: int) -> MaskedViT:
     torch.manual_seed(seed)
-    vit = MaskedViT(img_size=32, patch_size=8, embed_dim=D, depth=DEPTH, num_heads=HEADS, post_norm=True, init_std=0.02)
+    vit = MaskedViT(img_size=32, patch_size=8, embed_dim=D, depth=DEPTH, num_heads=HEADS, post_norm=True,
+                    weight_init=trunc_normal_init)
     with torch.no_grad():  # non-trivial LayerNorm affines, so a missing or misplaced norm cannot go unnoticed
         for name, p in vit.named_parameters():
             if "norm" in name:
@@ -159,6 +160,15 @@ def test_multi_mask_rows_belong_to_images_in_order():
     masks = MultiMask(base, clones=4)(3, (4, 4), generator=torch.Generator().manual_seed(5))
     assert isinstance(masks, MaskSet) and masks.clones == 4 and masks.mask.shape == (12, 16)
     assert torch.equal(masks.mask, base(12, (4, 4), generator=torch.Generator().manual_seed(5)))
+
+
+def test_multi_mask_with_one_generator_per_image_is_independent_of_the_batch():
+    """Training hands one generator per image: an image's clones then do not depend on its batch neighbours."""
+    multi = MultiMask(InverseBlockMasking(unit_size=8), clones=3)
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    pair = multi(2, (4, 4), gens(10, 11))
+    alone = multi(1, (4, 4), gens(11))
+    assert pair.mask.shape == (6, 16) and torch.equal(pair.mask[3:], alone.mask)
 
 
 def test_clones_encode_each_image_once_per_mask_row():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +29,12 @@ def test_shards_hold_every_image_once_with_imagefolder_labels(synthetic_root, sh
     assert metas["train"]["classes"] == folder.classes and metas["train"]["count"] == len(folder) == 60
     assert len(metas["train"]["shards"]) == 4  # 60 samples / 16 per shard
     module = ShardedImageNetDataModule(str(dst), batch_size=10, img_size=32, num_workers=0, pin_memory=False)
-    dataset, _ = module._pipeline("val", train=False)
-    labels = sorted(label for _, label in dataset)
+    module.setup()
+    labels = sorted(module.val_set.read(i)[1] for i in range(len(module.val_set)))
     assert labels == sorted(label for _, label in ImageFolder(synthetic_root / "val").samples)
+    originals = {p.read_bytes(): label for p, label in ((Path(p), y) for p, y in ImageFolder(synthetic_root / "train").samples)}
+    read = [module.train_set.read(i) for i in range(len(module.train_set))]  # the tar index finds the exact JPEG bytes
+    assert len({data for data, _ in read}) == 60 and all(originals[data] == label for data, label in read)
 
 
 def test_sharded_loader_gives_full_normalised_batches_each_epoch(shards):
@@ -40,12 +44,12 @@ def test_sharded_loader_gives_full_normalised_batches_each_epoch(shards):
         batches = list(module.train_dataloader())
         assert len(batches) == 60 // 8
         assert all(x.shape == (8, 3, 32, 32) and y.shape == (8,) for x, y in batches)
-    assert len(module.val_set) == 16 and module.val_set[0][0].shape == (3, 32, 32)
+    assert len(module.val_set) == 20 and module.val_set[0][0].shape == (3, 32, 32)
 
 
 def test_missing_shards_name_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="make shards"):
-        ShardedImageNetDataModule(str(tmp_path)).train_dataloader()
+        ShardedImageNetDataModule(str(tmp_path)).setup()
 
 
 def test_rrc_box_respects_scale_and_ratio():
@@ -77,10 +81,13 @@ def test_gpu_decode_datamodule_feeds_the_trainer_hook_path_from_worker_processes
     module.setup("fit")
     batches = iter(module.train_dataloader())
     for _ in range(2):  # one batch from each worker
-        flat, sizes, labels = next(batches)
+        flat, sizes, labels, seeds = next(batches)
     assert flat.dtype == torch.uint8 and flat.numel() == int(sizes.sum()) and len(sizes) == len(labels) == 24
-    images, labels = module.transfer_batch_to_device((flat, sizes, labels), torch.device("cpu"), 0)
+    assert len(set(seeds.tolist())) == 24
+    images, labels = module.transfer_batch_to_device((flat, sizes, labels, seeds), torch.device("cpu"), 0)
     assert images.shape == (24, 3, 32, 32) and images.dtype == torch.float32
+    again, _ = module.transfer_batch_to_device((flat, sizes, labels, seeds), torch.device("cpu"), 0)
+    assert torch.equal(images, again)  # each image's crop and flip follow its own seed
     assert -2.2 < images.min() and images.max() < 2.7  # ImageNet-normalised range
     assert module.val_set[0][0].shape == (3, 32, 32)
 

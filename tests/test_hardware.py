@@ -106,3 +106,28 @@ def test_ckpt_path_last_resumes_a_requeued_run(synthetic_root, tmp_path):
     assert steps == [(0, 2), (2, 4)]
     assert resolve_ckpt_path("last", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_ckpt_path("/x/y.ckpt", tmp_path) == "/x/y.ckpt"
+
+
+@pytest.mark.parametrize("gpus, devices, message", [
+    (0, -1, "hardware.accelerator=gpu asks for GPUs, but this machine has no CUDA GPU"),
+    (1, 2, "hardware.devices=2 asks for 2 GPUs, but this machine has 1. Set hardware.devices=1 (or -1 for all of them)"),
+    (2, "[0,3]", "hardware.devices=[0, 3] asks for 4 GPUs, but this machine has 2."),
+])
+def test_ddp_asking_for_more_gpus_than_there_are_is_named_before_the_trainer(monkeypatch, gpus, devices, message):
+    from mimlab.train import build
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    cfg = compose_config(["experiment=mae_vit_tiny_synthetic", "hardware=ddp", f"hardware.devices={devices}"])
+    with pytest.raises(ValueError) as err:
+        build(cfg)
+    assert message in str(err.value)
+
+
+def test_gpu_requests_within_the_machine_pass(monkeypatch):
+    from mimlab.utils.devices import check_devices, requested_gpus
+
+    assert [requested_gpus(d, 4) for d in (-1, "auto", 2, "3", "0,3", [0, 1])] == [4, 4, 2, 3, 4, 2]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for devices in (-1, 4, "0,3"):
+        check_devices(OmegaConf.create({"accelerator": "gpu", "devices": devices}))
+    check_devices(OmegaConf.create({"accelerator": "cpu", "devices": 64}))  # CPU devices are processes: not counted

@@ -17,7 +17,7 @@ from mimlab.callbacks.weight_decay_schedule import CosineWeightDecay
 from mimlab.losses.multi_term import MaskedSmoothL1
 from mimlab.masking import MaskSet
 from mimlab.masking.multiblock import MultiBlockMasking
-from mimlab.models.backbones.vit import MaskedViT
+from mimlab.models.backbones.vit import MaskedViT, trunc_normal_init
 from mimlab.models.heads.ijepa_predictor import IJEPAPredictor
 from mimlab.targets.ijepa import IJEPATarget
 from mimlab.tasks.pretrain import MaskedPretraining
@@ -27,7 +27,8 @@ D, HEADS = 32, 2
 
 def tiny_encoder(seed: int) -> MaskedViT:
     torch.manual_seed(seed)
-    vit = MaskedViT(img_size=64, patch_size=8, embed_dim=D, depth=2, num_heads=HEADS, class_token=False, init_std=0.02)
+    vit = MaskedViT(img_size=64, patch_size=8, embed_dim=D, depth=2, num_heads=HEADS, class_token=False,
+                    weight_init=trunc_normal_init)
     with torch.no_grad():
         for name, p in vit.named_parameters():
             if "norm" in name:
@@ -174,6 +175,15 @@ def test_multiblock_geometry_and_disjoint_context():
     spans = (rows.amax(2) - rows.amin(2) + 1) * (cols.amax(2) - cols.amin(2) + 1)
     assert (spans == targets.shape[2]).all()  # every target is one full rectangle
     assert rows.max() < 13 and cols.max() < 13  # the official bounds never reach the last row / column
+
+
+def test_multiblock_with_one_generator_per_image_keeps_one_block_size_per_batch():
+    gens = [torch.Generator().manual_seed(s) for s in range(6)]
+    masks = MultiBlockMasking()(6, (14, 14), gens)
+    assert masks.targets.shape[:2] == (6, 4) and (masks.mask.sum(1) == masks.mask[0].sum()).all()
+    rows, cols = masks.targets // 14, masks.targets % 14
+    spans = (rows.amax(2) - rows.amin(2) + 1) * (cols.amax(2) - cols.amin(2) + 1)
+    assert (spans == masks.targets.shape[2]).all()  # whole rectangles of one size: sizes come from the first generator
 
 
 def test_min_keep_larger_than_a_block_is_named():

@@ -45,3 +45,35 @@ def test_effective_batch_scales_the_lr():
     assert factory.effective_batch(trainer, 64) == 4096
     assert factory.absolute_lr(trainer, 64) == pytest.approx(1.5e-4 * 4096 / 256)
     assert OptimizerFactory(torch.optim.AdamW, lr=1.5e-3).absolute_lr(trainer, 64) == 1.5e-3
+
+
+def simmim_multistep_lr(step: int, lr: float, warmup_steps: int, milestones: list[int], gamma: float) -> float:
+    """microsoft/SimMIM lr_scheduler.MultiStepLRScheduler (per step, warm-up from 0)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    return lr * gamma ** sum(step >= m for m in milestones)
+
+
+@pytest.mark.parametrize("step", [0, 5, 999, 1000, 1001, 69_999, 70_000, 79_999])
+def test_multistep_schedule_matches_simmim(step):
+    from mimlab.optim import WarmupMultiStep
+
+    sched = WarmupMultiStep(steps_per_epoch=100, epochs=800, warmup_epochs=10, milestones=[700], gamma=0.1)
+    assert sched(step) * 1e-3 == pytest.approx(simmim_multistep_lr(step, 1e-3, 1000, [70_000], 0.1), rel=1e-12)
+
+
+def test_a_recipe_chooses_the_schedule(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+    from mimlab.optim import WarmupCosine, WarmupMultiStep
+
+    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=8000, max_epochs=800)
+    model = nn.Linear(2, 2)
+    for experiment, kind in [("simmim_vit_tiny_synthetic", WarmupCosine), ("simmim_vit_b", WarmupMultiStep)]:
+        factory = instantiate(compose_config([f"experiment={experiment}", "logger=csv"], tmp_path).optim)
+        scheduler = factory(model, trainer, 128)["lr_scheduler"]["scheduler"]
+        assert isinstance(scheduler.lr_lambdas[0], kind)
+    assert scheduler.lr_lambdas[0](699 * 10) == 1.0 and scheduler.lr_lambdas[0](700 * 10) == pytest.approx(0.1)

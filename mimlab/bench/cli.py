@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mimlab.bench.datapath import compare_loaders, write_imagenet_like_jpegs
+from mimlab.bench.graphs import explain_step
 from mimlab.bench.timing import cycle, mover, time_lightning, time_loader, time_plain
 from mimlab.bench.workloads import quiet_step
 from mimlab.train import CONFIG_DIR
@@ -58,6 +59,8 @@ def bench_workload(name: str, workload: Any, cfg: DictConfig, device: torch.devi
     params = sum(p.numel() for p in module.parameters())
     result: dict[str, Any] = {"model": name, "batch": cfg.batch, "img_size": img, "tiny": tiny, "params": params,
                               "train_gflop_per_img": flops / 1e9, "flops_method": flops_method(module), "runs": []}
+    if cfg.explain:
+        result["graph"] = explain_step(module, two)
 
     def mfu(img_s: float) -> float:
         return img_s * flops / (cfg.peak_tflops * 1e12)
@@ -178,6 +181,11 @@ def _print_table(payload: dict[str, Any], out: str) -> None:
     console = Console(width=170)
     console.print(table)
     for res in payload["results"]:
+        if "graph" in res:
+            graph = res["graph"]
+            console.print(f"{res['model']}: training_step compiles to {graph['graphs']} graphs, {graph['graph_breaks']} graph breaks")
+            for reason in graph["break_reasons"]:
+                console.print(f"    break: {reason}", highlight=False)
         for key in ("lightning_overhead_eager", "lightning_overhead_compiled"):
             if key in res:
                 console.print(f"{res['model']}: {key.replace('_', ' ')} {100 * res[key]:.1f}% (goal <= 2%)")

@@ -20,8 +20,8 @@ from mimlab.utils.flops import train_flops_per_image
 
 def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> float:
     """FLOPs of one pre-training step (forward + backward) on ``images`` (N, C, H, W): the count ``make bench`` uses
-    (:func:`mimlab.utils.flops.train_flops_per_image`), through the module's own ``compute_losses``. Gradients are
-    cleared afterwards; modules that know their cost may set ``flops_per_batch`` themselves, which then wins."""
+    (:func:`mimlab.utils.flops.train_flops_per_image`), through the module's own ``compute_losses``, without
+    writing any ``.grad``; modules that know their cost may set ``flops_per_batch`` themselves, which then wins."""
     was_training = pl_module.training
     pl_module.train()
     generator = torch.Generator().manual_seed(0)

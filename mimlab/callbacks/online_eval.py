@@ -7,8 +7,8 @@ the task's ``backbone`` on the labelled ImageNet-layout data, without gradients 
   L2-normalises the features and votes with the ``k`` (20) most cosine-similar train features, each weighted by
   ``exp(sim / T)`` (T 0.07; InstDisc / DINO weighted kNN).
 * :class:`OnlineLinearProbe` - ``probe/train_acc1``, ``probe/val_acc1``: a BatchNorm(affine=False) + Linear head trained
-  with its own AdamW on detached features of every training batch (labels come with the batch) and evaluated on the
-  validation batches.
+  with its own AdamW on detached features of every training batch (labels come with the batch; under DDP its gradients
+  are averaged over the ranks, so every rank keeps the same head) and evaluated on the validation batches.
 """
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mimlab.data.image_folder import CheckedImageFolder, DataLayoutError
+from mimlab.data.resumable import EvalSampler
 from mimlab.data.transforms import eval_transform
+from mimlab.data.workers import init_worker
 from mimlab.models.heads.classifier import GlobalAvgPool, LinearProbeHead
+from mimlab.utils.distributed import gather_rows
 
 
 def knn_predict(train_features: Tensor, train_labels: Tensor, query: Tensor, num_classes: int, k: int = 20,
@@ -56,6 +59,11 @@ def embed(backbone: nn.Module, loader: DataLoader, device: torch.device, feature
 class KNNMonitor(L.Callback):
     """kNN accuracy of the backbone's pooled features (see module docstring).
 
+    Under DDP every rank embeds its own contiguous block of the train and val images; the train bank is gathered in
+    data set order and the correct counts are summed, so ``knn/acc1`` equals the 1-process figure.
+    Validation folders are labelled by the training folders' names (a val class training lacks is an error), and a
+    set with fewer than two classes turns the monitor off with a warning (its accuracy would be 100% by construction).
+
     Args:
         root: ImageNet-layout folder; None uses ``trainer.datamodule.root``. img_size: None uses the datamodule's.
         k, temperature: 20 and 0.07. every_n_epochs: how often (the last epoch always runs).
@@ -69,15 +77,25 @@ class KNNMonitor(L.Callback):
         self.last_acc: float | None = None
         self.disabled = False
 
-    def _loader(self, trainer: L.Trainer, split: str) -> DataLoader:
+    def _datasets(self, trainer: L.Trainer) -> tuple[Dataset, CheckedImageFolder]:
         dm = trainer.datamodule
         root = Path(self.root if self.root is not None else dm.root)
-        size = self.img_size or dm.img_size
-        dataset = CheckedImageFolder(root / split, eval_transform(size), "fail", f"kNN monitor: {root} needs {split}/<class>/<image>")
-        if split == "train" and self.max_train is not None and len(dataset) > self.max_train:
-            stride = len(dataset) // self.max_train
-            dataset = torch.utils.data.Subset(dataset, range(0, stride * self.max_train, stride))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        transform, on_corrupt = eval_transform(self.img_size or dm.img_size), getattr(dm, "on_corrupt", "fail")
+        hint = f"kNN monitor: {root} needs train/<class>/<image> and val/<class>/<image>"
+        train = CheckedImageFolder(root / "train", transform, on_corrupt, hint)
+        val = CheckedImageFolder(root / "val", transform, on_corrupt, hint, class_to_idx=train.class_to_idx)
+        if len(train.classes) < 2:
+            raise DataLayoutError(f"{root}/train has {len(train.classes)} class folder; kNN accuracy needs at least two")
+        bank: Dataset = train
+        if self.max_train is not None and len(train) > self.max_train:
+            stride = len(train) // self.max_train
+            bank = Subset(train, range(0, stride * self.max_train, stride))
+        return bank, val
+
+    def _loader(self, trainer: L.Trainer, dataset: Dataset) -> DataLoader:
+        sampler = EvalSampler(len(dataset), trainer.world_size, trainer.global_rank)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          worker_init_fn=init_worker)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -88,18 +106,19 @@ class KNNMonitor(L.Callback):
         if self.disabled:
             return
         try:
-            train_loader, val_loader = self._loader(trainer, "train"), self._loader(trainer, "val")
+            bank, val = self._datasets(trainer)
         except (DataLayoutError, AttributeError) as err:  # sharded / unlabelled data: no class folders to vote with
             self.disabled = True
             rank_zero_warn(f"kNN monitor turned off for this run: {err} (point callbacks.knn.root at a labelled "
                            "ImageNet-layout folder, or drop it with ~callbacks.knn)")
             return
-        backbone = pl_module.backbone
-        train_f, train_y = embed(backbone, train_loader, pl_module.device)
-        val_f, val_y = embed(backbone, val_loader, pl_module.device)
-        num_classes = int(max(train_y.max(), val_y.max())) + 1
-        scores = knn_predict(train_f, train_y, val_f, num_classes, self.k, self.temperature)
-        self.last_acc = float((scores.argmax(1) == val_y).float().mean() * 100)
+        backbone, device = pl_module.backbone, pl_module.device
+        train_f, train_y = (gather_rows(t.to(device)) for t in embed(backbone, self._loader(trainer, bank), device))
+        val_f, val_y = embed(backbone, self._loader(trainer, val), device)
+        scores = knn_predict(train_f, train_y, val_f.to(device), len(val.classes), self.k, self.temperature)
+        counts = torch.tensor([(scores.argmax(1).cpu() == val_y).sum(), val_y.numel()], dtype=torch.float64, device=device)
+        correct, total = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        self.last_acc = 100.0 * correct / total
         pl_module.log("knn/acc1", self.last_acc, on_epoch=True, sync_dist=True)
 
 
@@ -137,7 +156,12 @@ class OnlineLinearProbe(L.Callback):
             loss = nn.functional.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for p in self.head.parameters():  # average over the ranks' batches: every rank keeps the same head
+                p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
             self.optimizer.step()
+        for buffer in self.head.buffers():  # and the same BatchNorm statistics
+            if buffer.is_floating_point():
+                buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
         self._count("train", logits, labels)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -153,7 +177,9 @@ class OnlineLinearProbe(L.Callback):
         counts[1] += labels.numel()
 
     def _log(self, pl_module: L.LightningModule, split: str) -> None:
-        correct, total = self._counts[split]
+        """Log the accuracy of the counts summed over the ranks (each counted its own disjoint samples)."""
+        counts = torch.tensor(self._counts[split], dtype=torch.float64, device=pl_module.device)
+        correct, total = pl_module.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         if total:
             pl_module.log(f"probe/{split}_acc1", 100.0 * correct / total, on_epoch=True, sync_dist=True)
         self._counts[split] = [0, 0]

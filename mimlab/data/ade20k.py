@@ -15,17 +15,17 @@ in 0..149 ∪ {255}. A validation sample keeps the label at its original size; t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from mimlab.data.base import ResumableDataModule
 from mimlab.data.coco import read_rgb
 
 IGNORE_INDEX = 255
@@ -123,21 +123,22 @@ def list_collate(batch):
     return list(images), list(labels)
 
 
-class ADE20KDataModule(L.LightningDataModule):
+class ADE20KDataModule(ResumableDataModule):
     """ADE20K train (random crops, stacked) and val (full images, lists) loaders; 150 classes, ignore 255.
 
     With ``generate_if_missing`` the embedded ADE-format synthetic set is written to ``root`` when absent.
+    Sharding, seeding and resume: :class:`~mimlab.data.base.ResumableDataModule` (``val_batch_size`` defaults to 1).
     """
 
+    val_collate = staticmethod(list_collate)
+
     def __init__(self, root: str, crop_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), batch_size: int = 2,
-                 val_batch_size: int = 1, num_workers: int = 0, num_classes: int = 150, photometric: bool = True,
-                 generate_if_missing: bool = False, synthetic_size: int = 64, pin_memory: bool = False):
-        super().__init__()
-        self.root, self.crop_size, self.scale_range = Path(root), crop_size, tuple(scale_range)
-        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
-        self.num_classes, self.photometric, self.pin_memory = num_classes, photometric, pin_memory
+                 val_batch_size: int = 1, num_classes: int = 150, photometric: bool = True,
+                 generate_if_missing: bool = False, synthetic_size: int = 64, **kwargs):
+        super().__init__(root, batch_size=batch_size, val_batch_size=val_batch_size, **kwargs)
+        self.crop_size, self.scale_range = crop_size, tuple(scale_range)
+        self.num_classes, self.photometric = num_classes, photometric
         self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
-        self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
         if self.generate_if_missing and not (self.root / "ADEChallengeData2016" / "annotations" / "validation").exists():
@@ -146,16 +147,16 @@ class ADE20KDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
-        if self.train_set is None:
-            self.train_set = ADE20KSegmentation(self.root, "training", train_transforms(self.crop_size, self.scale_range,
-                                                                                        self.photometric), True, self.num_classes)
-            self.val_set = ADE20KSegmentation(self.root, "validation", val_transforms(self.crop_size), False, self.num_classes)
+        super().setup(stage)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=default_collate, drop_last=True, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+    def build_datasets(self) -> tuple[ADE20KSegmentation, ADE20KSegmentation]:
+        train = ADE20KSegmentation(self.root, "training", train_transforms(self.crop_size, self.scale_range,
+                                                                          self.photometric), True, self.num_classes)
+        val = ADE20KSegmentation(self.root, "validation", val_transforms(self.crop_size), False, self.num_classes)
+        return train, val
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=list_collate, pin_memory=self.pin_memory)
+    def data_identity(self) -> tuple[str, Iterable[str]]:
+        def lines():
+            for dataset in (self.train_set, self.val_set):
+                yield from (f"{dataset.image_dir.name}/{p.name}" for p in dataset.images)
+        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()

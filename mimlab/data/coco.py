@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from mimlab.data.base import ResumableDataModule
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
@@ -182,27 +183,27 @@ def detection_collate(batch):
     return list(images), list(targets)
 
 
-class COCODataModule(L.LightningDataModule):
-    """COCO train/val loaders for instance detection/segmentation.
+class COCODataModule(ResumableDataModule):
+    """COCO train/val loaders for instance detection/segmentation (sharding, seeding, resume: the base class).
 
     Args:
         root: COCO folder. With ``generate_if_missing`` the embedded synthetic COCO-format set is written there
             first when its annotation files are absent (see :mod:`mimlab.data.synthetic_dense`).
         train_transforms / val_transforms: v2 pipelines (e.g. :func:`lsj_transforms`), built by Hydra.
         num_classes: expected category count (checked against the json at ``setup``; the task reads it from config).
+        Others: see :class:`~mimlab.data.base.ResumableDataModule` (``val_batch_size`` defaults to ``batch_size``).
     """
 
-    def __init__(self, root: str, batch_size: int = 2, num_workers: int = 0, train_transforms: Callable | None = None,
+    train_collate = val_collate = staticmethod(detection_collate)
+
+    def __init__(self, root: str, batch_size: int = 2, train_transforms: Callable | None = None,
                  val_transforms: Callable | None = None, generate_if_missing: bool = False, synthetic_size: int = 64,
-                 pin_memory: bool = False, num_classes: int | None = None):
-        super().__init__()
+                 num_classes: int | None = None, **kwargs):
+        super().__init__(root, batch_size=batch_size, **kwargs)
         self.expected_num_classes = num_classes
-        self.root = Path(root)
-        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.train_transforms = train_transforms if train_transforms is not None else lsj_transforms(synthetic_size)
         self.val_transforms = val_transforms if val_transforms is not None else lsj_transforms(synthetic_size, train=False)
         self.generate_if_missing, self.synthetic_size = generate_if_missing, synthetic_size
-        self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
         if self.generate_if_missing and not (self.root / "annotations" / "instances_val2017.json").exists():
@@ -211,26 +212,31 @@ class COCODataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # idempotent; makes the module usable without a Trainer
-        if self.train_set is None:
-            self.train_set = COCOInstances(self.root, "train", self.train_transforms, keep_crowd=False)
-            self.val_set = COCOInstances(self.root, "val", self.val_transforms, keep_crowd=True)
-            n = self.train_set.num_classes
-            if self.expected_num_classes is not None and n != self.expected_num_classes:
-                raise ValueError(f"data.num_classes={self.expected_num_classes} but {self.root} has {n} categories; "
-                                 f"set data.num_classes={n} (the detector's class count follows it).")
+        super().setup(stage)
+
+    def build_datasets(self) -> tuple[COCOInstances, COCOInstances]:
+        train = COCOInstances(self.root, "train", self.train_transforms, keep_crowd=False)
+        val = COCOInstances(self.root, "val", self.val_transforms, keep_crowd=True)
+        n = train.num_classes
+        if self.expected_num_classes is not None and n != self.expected_num_classes:
+            raise ValueError(f"data.num_classes={self.expected_num_classes} but {self.root} has {n} categories; "
+                             f"set data.num_classes={n} (the detector's class count follows it).")
+        if val.cat_id_to_label != train.cat_id_to_label:
+            only_train = sorted(set(train.cat_id_to_label) - set(val.cat_id_to_label))
+            only_val = sorted(set(val.cat_id_to_label) - set(train.cat_id_to_label))
+            raise ValueError(f"{annotation_file(self.root, 'val')} and {annotation_file(self.root, 'train')} list "
+                             f"different categories (only in train: {only_train}, only in val: {only_val}); labels "
+                             "follow the category ids, so both files need the same 'categories' list.")
+        return train, val
 
     @property
     def num_classes(self) -> int:
         self.setup()
         return self.train_set.num_classes
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=detection_collate, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+    def data_identity(self) -> tuple[str, Iterable[str]]:
+        def lines():
+            for dataset in (self.train_set, self.val_set):
+                yield from (f"{c['id']} {c['name']}" for c in dataset.categories)
+                yield from (f"{im['id']} {im['file_name']} {len(dataset.anns_by_image[im['id']])}" for im in dataset.images)
+        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()

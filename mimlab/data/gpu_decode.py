@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+from mimlab.data.image_folder import DataLayoutError
 from mimlab.data.imagenet import ImageNetDataModule
 from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -30,29 +31,39 @@ from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 class EncodedImageFolder(Dataset):
     """``root/<class>/*.jp(e)g`` -> (uint8 tensor of the file bytes, class index); classes in ImageFolder order."""
 
-    def __init__(self, root: str | Path, hint: str = "") -> None:
+    def __init__(self, root: str | Path, hint: str = "", class_to_idx: dict[str, int] | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} does not exist. {hint}")
         self.root = root
-        self.classes, class_to_idx = find_classes(str(root))
-        self.samples = make_dataset(str(root), class_to_idx, extensions=(".jpg", ".jpeg"))
+        self.classes, self.class_to_idx = find_classes(str(root))
+        if class_to_idx is not None:  # label by the training split's names (see CheckedImageFolder)
+            unknown = [c for c in self.classes if c not in class_to_idx]
+            if unknown:
+                raise DataLayoutError(f"{root} has class folder(s) that the training split does not have: "
+                                      f"{', '.join(unknown[:10])}. Labels are matched by folder name: rename them to "
+                                      "training class names, or remove them.")
+            self.classes, self.class_to_idx = sorted(class_to_idx, key=class_to_idx.get), dict(class_to_idx)
+        self.samples = make_dataset(str(root), self.class_to_idx, extensions=(".jpg", ".jpeg"),
+                                    allow_empty=class_to_idx is not None)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        """(file bytes, label, augmentation seed drawn from torch's RNG: per sample under the DataModule's seeding)."""
         path, label = self.samples[index]
-        return read_file(path), label
+        return read_file(path), label, int(torch.randint(2**62, ()))
 
 
-def collate_encoded(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (all files' bytes concatenated (B,), per-file byte counts (N,), labels (N,)).
+def collate_encoded(batch: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (all files' bytes concatenated (B,), per-file byte counts (N,), labels (N,), augmentation seeds (N,)).
 
     One storage per batch: a worker hands each storage to the main process through a file descriptor, and a list of
     N separate byte tensors per batch runs out of descriptors ("Bad file descriptor") at ImageNet batch sizes."""
-    data = [d for d, _ in batch]
-    return torch.cat(data), torch.tensor([d.numel() for d in data]), torch.tensor([label for _, label in batch])
+    data = [d for d, _, _ in batch]
+    return (torch.cat(data), torch.tensor([d.numel() for d in data]), torch.tensor([b[1] for b in batch]),
+            torch.tensor([b[2] for b in batch]))
 
 
 def split_encoded(flat: Tensor, sizes: Tensor) -> list[Tensor]:
@@ -82,7 +93,11 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
 
 
 class DeviceTransform:
-    """Batched decode + crop on ``device``. ``train``: RRC(scale, ratio 3/4-4/3) + flip; else resize + centre crop."""
+    """Batched decode + crop on ``device``. ``train``: RRC(scale, ratio 3/4-4/3) + flip; else resize + centre crop.
+
+    Given ``seeds`` (one per image, as the DataModule's loader delivers them) each image's crop and flip come from its
+    own ``random.Random(seed)``, so they depend only on (seed, epoch, index) and resume exactly; without, from ``seed``.
+    """
 
     def __init__(self, img_size: int, train: bool, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
                  crop_pct: float = 224 / 256, seed: int = 0) -> None:
@@ -93,21 +108,22 @@ class DeviceTransform:
         out = F.interpolate(img.unsqueeze(0).float(), size=size, mode="bicubic", antialias=True, align_corners=False)
         return out.squeeze(0)
 
-    def _one(self, img: Tensor) -> Tensor:
+    def _one(self, img: Tensor, rng: random.Random) -> Tensor:
         _, h, w = img.shape
         if self.train:
-            top, left, ch, cw = random_resized_crop_box(h, w, self.scale, (3 / 4, 4 / 3), self.rng)
+            top, left, ch, cw = random_resized_crop_box(h, w, self.scale, (3 / 4, 4 / 3), rng)
             out = self._resize(img[:, top:top + ch, left:left + cw], (self.img_size, self.img_size))
-            return out.flip(-1) if self.rng.random() < self.hflip else out
+            return out.flip(-1) if rng.random() < self.hflip else out
         short = int(round(self.img_size / self.crop_pct))  # torchvision Resize(int) / CenterCrop size arithmetic
         size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
         out = self._resize(img, size)
         top, left = int(round((size[0] - self.img_size) / 2.0)), int(round((size[1] - self.img_size) / 2.0))
         return out[:, top:top + self.img_size, left:left + self.img_size]
 
-    def __call__(self, encoded: list[Tensor], device: torch.device) -> Tensor:
+    def __call__(self, encoded: list[Tensor], device: torch.device, seeds: list[int] | None = None) -> Tensor:
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        images = torch.stack([self._one(img) for img in decoded]).clamp_(0, 255).div_(255)
+        rngs = [random.Random(s) for s in seeds] if seeds is not None else [self.rng] * len(decoded)
+        images = torch.stack([self._one(img, rng) for img, rng in zip(decoded, rngs)]).clamp_(0, 255).div_(255)
         mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
         return (images - mean) / std
@@ -121,22 +137,22 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
         self.train_device_transform = DeviceTransform(self.img_size, train=True, scale=tuple(crop_scale), seed=seed)
         self.val_device_transform = DeviceTransform(self.img_size, train=False, seed=seed)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = EncodedImageFolder(self.root / "train", self.hint)
-            self.val_set = _DecodedView(EncodedImageFolder(self.root / "val", self.hint), self.val_device_transform)
+    train_collate = val_collate = staticmethod(collate_encoded)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        """The parent's loader (resumable seeded sampler, DDP split) over the bytes, collated as a list."""
-        loader = super()._loader(dataset.encoded if isinstance(dataset, _DecodedView) else dataset, train)
-        loader.collate_fn = collate_encoded
-        return loader
+    def build_datasets(self) -> tuple[EncodedImageFolder, _DecodedView]:
+        train = EncodedImageFolder(self.root / "train", self.hint)
+        val = EncodedImageFolder(self.root / "val", self.hint, class_to_idx=train.class_to_idx)
+        return train, _DecodedView(val, self.val_device_transform)
+
+    def _loader(self, dataset: Dataset, *args: Any, **kwargs: Any) -> DataLoader:
+        """The base loader (resumable seeded sampler, DDP split) over the bytes; validation reads the encoded view."""
+        return super()._loader(dataset.encoded if isinstance(dataset, _DecodedView) else dataset, *args, **kwargs)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        flat, sizes, labels = batch
+        flat, sizes, labels, seeds = batch
         training = self.trainer is None or self.trainer.training
         transform = self.train_device_transform if training else self.val_device_transform
-        return transform(split_encoded(flat, sizes), device), labels.to(device, non_blocking=True)
+        return transform(split_encoded(flat, sizes), device, seeds.tolist()), labels.to(device, non_blocking=True)
 
 
 class _DecodedView(Dataset):
@@ -150,5 +166,5 @@ class _DecodedView(Dataset):
         return len(self.encoded)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        data, label = self.encoded[index]
+        data, label, _ = self.encoded[index]
         return self.transform([data], torch.device("cpu"))[0], label

@@ -58,14 +58,31 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class CheckedImageFolder(ImageFolder):
-    """torchvision ``ImageFolder`` that checks the layout first and applies ``on_corrupt`` ('fail' or 'skip')."""
+    """torchvision ``ImageFolder`` that checks the layout first and applies ``on_corrupt`` ('fail' or 'skip').
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, on_corrupt: str = "fail", hint: str = "") -> None:
+    ``class_to_idx`` (e.g. the training split's) labels the class folders by name with that mapping instead of by
+    their sorted position here; a folder whose name the mapping lacks is a :class:`DataLayoutError`.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, on_corrupt: str = "fail", hint: str = "",
+                 class_to_idx: dict[str, int] | None = None) -> None:
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
         check_image_folder(Path(root), hint)
-        super().__init__(str(root), transform=transform, loader=load_rgb)
+        self.given_class_to_idx = class_to_idx
+        super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=class_to_idx is not None)
         self.on_corrupt = on_corrupt
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, class_to_idx = super().find_classes(directory)
+        if self.given_class_to_idx is None:
+            return classes, class_to_idx
+        unknown = [c for c in classes if c not in self.given_class_to_idx]
+        if unknown:
+            raise DataLayoutError(
+                f"{directory} has class folder(s) that the training split does not have: {', '.join(unknown[:10])}. "
+                "Labels are matched by folder name: rename them to training class names, or remove them.")
+        return sorted(self.given_class_to_idx, key=self.given_class_to_idx.get), dict(self.given_class_to_idx)
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):

@@ -1,9 +1,14 @@
-"""Exactly resumable data order and augmentation.
+"""Exactly resumable, rank-sharded data order and per-sample seeded augmentation.
 
-:class:`ResumableSampler` yields ``(index, sample_seed)`` pairs: the order is a permutation drawn from
-(seed, epoch), split across ranks like ``DistributedSampler``, and can start ``skip`` samples into an epoch.
+:class:`ResumableSampler` (training) yields ``(index, sample_seed)`` pairs: the order is a permutation drawn from
+(seed, epoch), dealt to ranks like ``DistributedSampler`` (rank ``r`` takes positions ``r, r + W, r + 2W, ...``), and can
+start ``skip`` samples into an epoch. With ``W`` ranks of batch ``B`` a step therefore consumes the same ``W·B`` samples
+as one process with batch ``W·B``.
+:class:`EvalSampler` (validation) gives rank ``r`` the contiguous block ``[r·n/W, (r+1)·n/W)`` without padding: no sample
+is evaluated twice and gathering the ranks' results in rank order restores the data set order.
 :class:`SeededDataset` runs the wrapped dataset (and its random transforms) under ``sample_seed``, so a sample's
-augmentation depends only on (seed, epoch, index) — not on worker count, prefetching or process restarts.
+augmentation depends only on (seed, epoch, index), not on worker count, prefetching or process restarts.
+:class:`EpochAwareDataLoader` starts its workers at the first ``next()``, after Lightning has set the epoch.
 """
 from __future__ import annotations
 
@@ -11,10 +16,11 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (an LCG step per value), e.g. ``mix_seed(seed, epoch, index)``."""
     out = 0
     for v in values:
         out = (out * 6_364_136_223_846_793_005 + v + 1_442_695_040_888_963_407) % (2**63)
@@ -24,8 +30,8 @@ def _mix(*values: int) -> int:
 class ResumableSampler(Sampler):
     """Shuffled (or sequential) per-epoch order over ``length`` samples for rank ``rank`` of ``num_replicas``.
 
-    ``set_epoch`` is called by Lightning each epoch; ``skip`` (samples of this rank already consumed in the current
-    epoch) is set when resuming mid-epoch and cleared when the next epoch starts.
+    ``set_epoch`` is called by Lightning each epoch; ``resume_at(epoch, consumed)`` makes that epoch start after
+    ``consumed`` samples of this rank (a mid-epoch resume) and has no effect on other epochs.
     """
 
     def __init__(self, length: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
@@ -49,9 +55,10 @@ class ResumableSampler(Sampler):
         """Start ``epoch`` after ``consumed`` samples of this rank (no effect on later epochs)."""
         self._skip_epoch, self.skip = epoch, consumed
 
-    def _order(self) -> list[int]:
+    def epoch_order(self) -> list[int]:
+        """This rank's sample indices for the current epoch, in order (before any resume skip)."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.length, generator=g).tolist()
         else:
             order = list(range(self.length))
@@ -61,12 +68,29 @@ class ResumableSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start = self.skip if self._skip_epoch == self.epoch else 0
-        for index in self._order()[start:]:
-            yield index, _mix(self.seed, self.epoch, index)
+        for index in self.epoch_order()[start:]:
+            yield index, mix_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
         """The full epoch length (Lightning counts a resumed epoch's batches from its restored progress)."""
         return self.num_samples
+
+
+class EvalSampler(Sampler):
+    """Rank ``rank`` of ``num_replicas`` reads the contiguous block ``[rank·n/W, (rank+1)·n/W)`` of ``range(length)``.
+
+    Blocks differ in size by at most one sample and nothing is padded, so every sample is evaluated exactly once.
+    """
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.start = length * rank // num_replicas
+        self.stop = length * (rank + 1) // num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 class SeededDataset(Dataset):
@@ -85,3 +109,20 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.base[index]
+
+
+class EpochAwareDataLoader(DataLoader):
+    """A ``DataLoader`` whose iterator starts (and its workers prefetch) at the first ``next()``, not at ``iter()``.
+
+    Lightning calls ``iter()`` on the training loader before it calls ``sampler.set_epoch`` (and, when resuming, does
+    not call it again). A plain loader with worker processes would then prefetch the order of the sampler's previous
+    epoch (epoch 0 in a resumed process). Deferring the start makes every epoch read the order of the epoch it trains.
+    """
+
+    def __iter__(self) -> Iterator:
+        start = super().__iter__
+
+        def deferred() -> Iterator:
+            yield from start()
+
+        return deferred()

@@ -1,30 +1,46 @@
-"""WebDataset shards of an ImageNet-layout folder, and a DataModule that streams them (``make shards``).
+"""WebDataset shards of an ImageNet-layout folder, and a DataModule that reads them (``make shards``).
 
 Layout written by :func:`write_shards` (``python -m mimlab.data.shards --src data/imagenet --dst data/imagenet-shards``):
-``<dst>/<split>-000000.tar ...`` (plain POSIX tar files; one sample = ``<key>.jpg`` (the original JPEG bytes, or a
-re-encode at a shorter side of ``max_short_side`` px) + ``<key>.cls`` (the class index as text)) and ``<dst>/<split>.json``
-(class names in ImageFolder order, sample count, shard names). Samples are shuffled once at write time.
+``<dst>/<split>-000000.tar ...`` (plain POSIX tar files in the WebDataset convention; one sample = ``<key>.jpg`` (the
+original JPEG bytes, or a re-encode at a shorter side of ``max_short_side`` px) + ``<key>.cls`` (the class index as
+text)) and ``<dst>/<split>.json`` (class names in ImageFolder order, sample count, shard names and the tar index:
+per sample its shard, byte offset, byte size and label). Samples are shuffled once at write time.
 
-Why WebDataset rather than LitData: the shards are ordinary tar files (inspect them with ``tar tf``, write them with the
-standard library, copy them with anything), streaming needs no index server or cloud SDK, splitting by DDP rank and
-loader worker is two functions, and the one dependency is small and pure Python. Shards cut the per-file open/stat cost
-of 1.28M small files on network file systems; they do not make JPEG decoding cheaper (see ``mimlab.data.gpu_decode``).
+Reading: :class:`TarShardDataset` is a map-style dataset over the tar index: a sample is one ``seek`` + ``read`` in an
+already open shard, so the per-file open/stat cost of 1.28M small files on network file systems is gone while the
+order, DDP split, per-sample seeded augmentation and exact mid-epoch resume are those of every other DataModule
+(:class:`~mimlab.data.base.ResumableDataModule`). A streaming reader with a shuffle buffer cannot resume mid-epoch
+exactly, because the buffer's content is lost with the process. Shards do not make JPEG decoding cheaper (see
+``mimlab.data.gpu_decode``).
+
+Why WebDataset's format rather than LitData: the shards are ordinary tar files (inspect them with ``tar tf``, index them
+with the standard library ``tarfile``, copy them with anything), no index server or cloud SDK is needed, and the one
+dependency (``webdataset``, to write them) is small and pure Python.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import logging
+import os
 import random
-from collections.abc import Callable
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-import lightning as L
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from mimlab.data.base import ResumableDataModule
+from mimlab.data.image_folder import CorruptImageError, DataLayoutError
 from mimlab.data.transforms import eval_transform, pretrain_transform
+
+log = logging.getLogger(__name__)
 
 
 def _wds():
@@ -48,13 +64,29 @@ def _encoded(path: str, max_short_side: int | None, quality: int) -> bytes:
         return buffer.getvalue()
 
 
+def index_shard(path: Path) -> list[tuple[int, int, int]]:
+    """``[(offset, size, label), ...]`` of the ``.jpg`` members of one shard, in tar order (labels from ``.cls``)."""
+    jpg, cls = {}, {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext == "jpg":
+                jpg[key] = (member.offset_data, member.size)
+            elif ext == "cls":
+                cls[key] = int(tar.extractfile(member).read())
+    missing = sorted(set(jpg) ^ set(cls))
+    if missing:
+        raise ValueError(f"{path}: sample(s) {missing[:5]} lack a .jpg or a .cls member; rewrite the shards with make shards")
+    return [(*jpg[key], cls[key]) for key in jpg]
+
+
 def write_shards(src: str | Path, dst: str | Path, split: str = "train", shard_size: int = 1000, seed: int = 0,
                  max_short_side: int | None = None, quality: int = 95) -> dict:
     """Write ``<src>/<split>/<class>/*`` as shuffled ``<dst>/<split>-NNNNNN.tar`` shards of ``shard_size`` samples.
 
     Class indices follow torchvision ``ImageFolder`` (sorted folder names), so labels match ``data=imagenet``.
     ``max_short_side`` re-encodes images larger than that (FFCV/DailyMAE style; cuts decode cost, a documented option).
-    Returns the metadata also written to ``<dst>/<split>.json``.
+    Returns the metadata also written to ``<dst>/<split>.json`` (with the tar index, see module docstring).
     """
     wds = _wds()
     folder = Path(src) / split
@@ -69,92 +101,94 @@ def write_shards(src: str | Path, dst: str | Path, split: str = "train", shard_s
         for index, (path, label) in enumerate(samples):
             sink.write({"__key__": f"{index:09d}", "jpg": _encoded(path, max_short_side, quality), "cls": str(label)})
     shards = sorted(p.name for p in dst.glob(f"{split}-*.tar"))
+    index = [[i, *entry] for i, name in enumerate(shards) for entry in index_shard(dst / name)]
     meta = {"split": split, "classes": classes, "count": len(samples), "shards": shards,
-            "max_short_side": max_short_side, "source": str(Path(src).resolve())}
-    (dst / f"{split}.json").write_text(json.dumps(meta, indent=1))
+            "max_short_side": max_short_side, "source": str(Path(src).resolve()), "samples": index}
+    (dst / f"{split}.json").write_text(json.dumps(meta))
     return meta
 
 
-class ShardedImageNetDataModule(L.LightningDataModule):
-    """Streams :func:`write_shards` output with WebDataset: shards split by DDP rank then by loader worker.
+class TarShardDataset(Dataset):
+    """Map-style view of one split's shards: ``dataset[i] -> (transform(RGB image), label)`` via the tar index."""
 
-    Args mirror :class:`mimlab.data.imagenet.ImageNetDataModule`; ``shuffle_buffer`` is the in-memory sample shuffle.
-    Every rank runs the same number of batches per epoch, ``count // (batch_size * world_size)`` (DDP needs equal lengths),
-    so use at least ``world_size * num_workers`` shards. ``val_set`` is the first ``panel_images`` validation samples,
-    indexable, for the reconstruction panels.
-    """
+    def __init__(self, root: Path, meta: dict, transform: Callable) -> None:
+        self.root, self.transform = root, transform
+        self.shards = [root / name for name in meta["shards"]]
+        self.classes = meta["classes"]
+        self.samples = meta["samples"]  # [shard, offset, size, label]
+        self._files: dict[int, int] = {}  # file descriptors of the shards opened so far
 
-    def __init__(self, root: str, batch_size: int = 64, img_size: int = 224, num_workers: int = 4,
-                 pin_memory: bool = True, persistent_workers: bool = True, prefetch_factor: int | None = 2,
-                 shuffle_buffer: int = 5000, panel_images: int = 16, seed: int = 0,
-                 train_transform: Callable | None = None, val_transform: Callable | None = None) -> None:
-        super().__init__()
-        self.root = Path(root)
-        self.batch_size = batch_size
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        """The encoded JPEG bytes and the label of sample ``index``."""
+        shard, offset, size, label = self.samples[index]
+        if shard not in self._files:  # kept open; pread leaves the file offset alone, so forked workers may share it
+            self._files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return os.pread(self._files[shard], size, offset), label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        data, label = self.read(index)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                rgb = img.convert("RGB")
+        except (OSError, SyntaxError) as err:
+            shard, offset = self.samples[index][:2]
+            raise CorruptImageError(f"cannot decode sample {index} of {self.shards[shard]} (byte {offset}): {err}. "
+                                    "Rewrite the shards with make shards.") from err
+        return self.transform(rgb), label
+
+
+class ShardedImageNetDataModule(ResumableDataModule):
+    """Reads :func:`write_shards` output through the tar index (see module docstring); args as
+    :class:`mimlab.data.imagenet.ImageNetDataModule`. Labels and classes are those of the source ImageNet folder."""
+
+    def __init__(self, root: str, batch_size: int = 64, img_size: int = 224, train_transform: Callable | None = None,
+                 val_transform: Callable | None = None, **kwargs: Any) -> None:
+        super().__init__(root, batch_size=batch_size, **kwargs)
         self.img_size = img_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
-        self.shuffle_buffer = shuffle_buffer
-        self.panel_images = panel_images
-        self.seed = seed
         self.train_transform = train_transform or pretrain_transform(img_size)
         self.val_transform = val_transform or eval_transform(img_size)
-        self._val_set: list | None = None
+        self._meta: dict[str, dict] = {}
 
     def meta(self, split: str) -> dict:
-        path = self.root / f"{split}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: data.root must be a folder written by `make shards` "
-                                    f"(python -m mimlab.data.shards --src <imagenet> --dst {self.root})")
-        return json.loads(path.read_text())
+        """``<root>/<split>.json`` (with its tar index, built from the shards when an older writer left none)."""
+        if split not in self._meta:
+            path = self.root / f"{split}.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: data.root must be a folder written by `make shards` "
+                                        f"(python -m mimlab.data.shards --src <imagenet> --dst {self.root})")
+            meta = json.loads(path.read_text())
+            if "samples" not in meta:
+                log.info("%s has no tar index; indexing its %d shards", path, len(meta["shards"]))
+                meta["samples"] = [[i, *e] for i, name in enumerate(meta["shards"]) for e in index_shard(self.root / name)]
+            self._meta[split] = meta
+        return self._meta[split]
 
     @property
     def num_classes(self) -> int:
         return len(self.meta("train")["classes"])
 
-    def _world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
+    def build_datasets(self) -> tuple[TarShardDataset, TarShardDataset]:
+        train, val = self.meta("train"), self.meta("val")
+        if val["classes"] != train["classes"]:
+            raise DataLayoutError(f"{self.root}: val.json and train.json list different classes; write both splits "
+                                  "from one ImageNet folder with make shards")
+        return (TarShardDataset(self.root, train, self.train_transform),
+                TarShardDataset(self.root, val, self.val_transform))
 
-    def _pipeline(self, split: str, train: bool):
-        wds = _wds()
-        meta = self.meta(split)
-        urls = [str(self.root / name) for name in meta["shards"]]
-        transform = self.train_transform if train else self.val_transform
-        dataset = wds.WebDataset(urls, shardshuffle=len(urls) if train else False, nodesplitter=wds.split_by_node,
-                                 workersplitter=wds.split_by_worker, seed=self.seed, empty_check=False)
-        if train:
-            dataset = dataset.shuffle(self.shuffle_buffer)
-        return dataset.decode("pil").to_tuple("jpg", "cls").map_tuple(transform, int), meta["count"]
-
-    def _loader(self, split: str, train: bool):
-        wds = _wds()
-        dataset, count = self._pipeline(split, train)
-        dataset = dataset.batched(self.batch_size, partial=not train)
-        per_rank = count // (self.batch_size * self._world_size()) if train else -(-count // (self.batch_size * self._world_size()))
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                               persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
-        if train:  # repeat the stream so every rank yields exactly per_rank batches even with uneven shard splits
-            loader = loader.repeat()
-        return loader.with_epoch(max(per_rank, 1)).with_length(max(per_rank, 1), silent=True)
-
-    def train_dataloader(self):
-        return self._loader("train", train=True)
-
-    def val_dataloader(self):
-        return self._loader("val", train=False)
-
-    @property
-    def val_set(self) -> list[tuple[torch.Tensor, int]]:
-        if self._val_set is None:
-            dataset, _ = self._pipeline("val", train=False)
-            self._val_set = []
-            for sample in dataset:
-                self._val_set.append(sample)
-                if len(self._val_set) >= self.panel_images:
-                    break
-        return self._val_set
+    def data_identity(self) -> tuple[str, Iterable[str]]:
+        def lines():
+            for split in ("train", "val"):
+                meta = self.meta(split)
+                yield from meta["classes"]
+                counts = Counter(sample[0] for sample in meta["samples"])
+                yield from (f"{name} {counts[i]}" for i, name in enumerate(meta["shards"]))
+        return f"{len(self.train_set)} train + {len(self.val_set)} val samples in shards", lines()
 
 
 def main() -> None:

@@ -14,7 +14,10 @@ one context block are placed at random, and (unless ``allow_overlap``) the targe
 
 Output: :class:`~mimlab.masking.mask_set.MaskSet` with ``mask`` (N, L), 1 = outside the context (removed from the
 encoder input), and ``targets`` (N, num_targets, K_t) unit indices of the target blocks, each ascending.
-Randomness comes from the given ``torch.Generator`` only (sizes first, then positions image by image).
+Randomness comes from the given ``torch.Generator`` only (sizes first, then positions image by image). With one
+generator per image (training), the batch's block sizes come from the first image's generator and each image's
+placements from its own. The block sizes and the truncation are per (per-device) batch, as in the official collator,
+so unlike per-image maskers the masks of an image depend on the batch it is in.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class MultiBlockMasking:
     [pred_mask_scale] (0.15, 0.2), target_aspect [aspect_ratio] (0.75, 1.5), context_scale [enc_mask_scale]
     (0.85, 1.0), min_keep 10, allow_overlap False, unit_size [patch_size], max_tries (redraws before a constraint is
     dropped, 20)."""
+
+    takes_sample_generators = True  # block sizes and the context truncation are per batch (see module docstring)
 
     def __init__(self, num_targets: int = 4, target_scale: tuple[float, float] = (0.15, 0.2),
                  target_aspect: tuple[float, float] = (0.75, 1.5), context_scale: tuple[float, float] = (0.85, 1.0),
@@ -81,15 +86,17 @@ class MultiBlockMasking:
             if budget == 0:
                 tries, budget = tries + 1, self.max_tries
 
-    def __call__(self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None) -> MaskSet:
-        target_size = self.block_size(grid, self.target_scale, self.target_aspect, generator)
-        context_size = self.block_size(grid, self.context_scale, (1.0, 1.0), generator)
+    def __call__(self, batch_size: int, grid: tuple[int, int],
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> MaskSet:
+        per_image = generator if isinstance(generator, list) else [generator] * batch_size
+        target_size = self.block_size(grid, self.target_scale, self.target_aspect, per_image[0])
+        context_size = self.block_size(grid, self.context_scale, (1.0, 1.0), per_image[0])
         self._check(target_size, "target", grid)
         self._check(context_size, "context", grid)
         targets, contexts = [], []
-        for _ in range(batch_size):
-            blocks = [self.place(grid, target_size, generator) for _ in range(self.num_targets)]
-            contexts.append(self.place(grid, context_size, generator, None if self.allow_overlap else blocks))
+        for g in per_image:
+            blocks = [self.place(grid, target_size, g) for _ in range(self.num_targets)]
+            contexts.append(self.place(grid, context_size, g, None if self.allow_overlap else blocks))
             targets.append(blocks)
         keep_t = min(len(t) for per_image in targets for t in per_image)
         keep_c = min(len(c) for c in contexts)

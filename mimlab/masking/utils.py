@@ -38,3 +38,12 @@ def keep_indices(mask: Tensor, num_keep: int) -> Tensor:
 def num_visible(mask: Tensor) -> int:
     """Visible units per sample (identical for every row by construction)."""
     return int(mask.shape[1] - mask[0].sum().item())
+
+
+def fill_masked(tokens: Tensor, mask: Tensor, fill: Tensor) -> Tensor:
+    """Replace masked tokens by ``fill`` (a learnable mask token): ``tokens * (1 - m) + fill * m``.
+
+    tokens: (N, L, D) or (N, H, W, D); mask: (N, L) or (N, H*W) on the same token grid, 1 = masked; fill broadcasts
+    to one token (e.g. (1, 1, D)). As SimMIM / MaskFeat: the mask token takes the place of the patch embedding."""
+    w = mask.reshape(*tokens.shape[:-1], 1).to(device=tokens.device, dtype=tokens.dtype)
+    return tokens * (1 - w) + fill.to(tokens.dtype) * w

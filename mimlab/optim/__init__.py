@@ -1,5 +1,5 @@
-"""Optimiser factory (lr scaling, param groups) and the per-step warm-up cosine schedule."""
+"""Optimiser factory (lr scaling, param groups) and the per-step lr schedules (warm-up + cosine or multi-step)."""
 from mimlab.optim.factory import OptimizerFactory, weight_decay_groups
-from mimlab.optim.schedule import WarmupCosine
+from mimlab.optim.schedule import WarmupCosine, WarmupMultiStep
 
-__all__ = ["OptimizerFactory", "WarmupCosine", "weight_decay_groups"]
+__all__ = ["OptimizerFactory", "WarmupCosine", "WarmupMultiStep", "weight_decay_groups"]

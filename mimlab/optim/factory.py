@@ -34,6 +34,8 @@ class OptimizerFactory:
         weight_decay: decay for >=2-D weights.
         min_lr, warmup_epochs: the warm-up cosine schedule (epochs may be fractional).
         param_groups: ``f(module, weight_decay) -> list[dict]`` (weight-decay groups; layer-decay groups for fine-tuning).
+        schedule: ``f(steps_per_epoch, epochs, warmup_epochs, min_lr_ratio) -> (step -> lr factor)``; default
+            :class:`WarmupCosine`, e.g. a partial :class:`~mimlab.optim.schedule.WarmupMultiStep` for SimMIM.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class OptimizerFactory:
         warmup_epochs: float = 40,
         base_batch: int = 256,
         param_groups: Callable[..., list[dict]] = weight_decay_groups,
+        schedule: Callable[..., Callable[[int], float]] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.blr = blr
@@ -55,6 +58,7 @@ class OptimizerFactory:
         self.warmup_epochs = warmup_epochs
         self.base_batch = base_batch
         self.param_groups = param_groups
+        self.schedule = schedule or WarmupCosine
 
     @staticmethod
     def effective_batch(trainer: L.Trainer, batch_size: int) -> int:
@@ -74,7 +78,8 @@ class OptimizerFactory:
         optimizer = self.optimizer(groups, lr=lr)
         total_steps = max(int(trainer.estimated_stepping_batches), 1)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        schedule = WarmupCosine(total_steps / epochs, epochs, self.warmup_epochs, self.min_lr / lr if lr > 0 else 0.0)
+        schedule = self.schedule(steps_per_epoch=total_steps / epochs, epochs=epochs, warmup_epochs=self.warmup_epochs,
+                                 min_lr_ratio=self.min_lr / lr if lr > 0 else 0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 

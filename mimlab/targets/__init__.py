@@ -1,5 +1,6 @@
-"""What the student must predict: pixels, frozen teachers, EMA teachers."""
+"""What the student must predict: pixels, HOG features, frozen teachers, EMA teachers."""
 from mimlab.targets.base import Target
+from mimlab.targets.hog import HOGTarget
 from mimlab.targets.pixels import NormPixTarget
 
-__all__ = ["NormPixTarget", "Target"]
+__all__ = ["HOGTarget", "NormPixTarget", "Target"]

@@ -8,7 +8,9 @@ rescaling (LSJ or multi-scale), so the detector's own transform only normalises,
 
 Validation computes COCO box and mask mAP with ``torchmetrics.detection.MeanAveragePrecision`` (pycocotools backend:
 the official COCOeval, crowd regions honoured through ``iscrowd``/``area``) and logs ``val/bbox_mAP``, ``val/segm_mAP``
-(and the AP50/AP75/S/M/L variants) once per validation epoch.
+(the AP50/AP75/S/M/L variants and the recall ``val/{bbox,segm}_mAR_100``) once per validation epoch. Under DDP every
+rank evaluates its own block of validation images and the per-image results are gathered in data set order before
+COCOeval runs, so the figures are those of one process.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
 from mimlab.optim.dense import layer_decay_param_groups
+from mimlab.utils.distributed import gather_list_states
 
 
 class _EvalResizeTransform(GeneralizedRCNNTransform):
@@ -114,7 +117,7 @@ class MaskRCNNDetection(L.LightningModule):
                                                     self.model.transform.image_std, size_divisible=32)
         self.lr_schedule = lr_schedule
         with torch.device("cpu"):  # the metric builds its COCO thresholds with .tolist(): not on the meta device
-            self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools")
+            self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools", sync_on_compute=False)
 
     @property
     def adapter(self) -> DenseFeatureAdapter:
@@ -151,13 +154,15 @@ class MaskRCNNDetection(L.LightningModule):
         self.val_map.update(preds, gts)
 
     def on_validation_epoch_end(self) -> None:
+        gather_list_states(self.val_map)  # every rank's images, in data set order (exactly the 1-process figure)
         res = self.val_map.compute()
         self.val_map.reset()
         for iou in ("bbox", "segm"):
-            for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large"):
+            for k in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"):
                 key = f"{iou}_{k}"
                 if key in res:
-                    self.log(f"val/{iou}_{k.replace('map', 'mAP')}", res[key].float(), prog_bar=k == "map")
+                    name = k.replace("map", "mAP").replace("mar", "mAR")
+                    self.log(f"val/{iou}_{name}", res[key].float(), prog_bar=k == "map")
 
     def configure_optimizers(self):
         ids, num_layers = self.adapter.layer_ids()

@@ -17,6 +17,7 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mimlab.checkpoints.mae import load_backbone
@@ -67,6 +68,9 @@ class ImageClassification(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ building
     def _build_head(self, num_classes: int) -> None:
+        if int(num_classes) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes, got num_classes={num_classes} "
+                             "(one class folder gives 100% accuracy whatever the model); point data.root at labelled data")
         self.num_classes = int(num_classes)
         self.head = self.head_factory(self.features.dim(self.backbone), self.num_classes)
         top5 = min(5, self.num_classes)
@@ -74,6 +78,7 @@ class ImageClassification(L.LightningModule):
             "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
             "acc5": MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"),
         })
+        self.val_loss = MeanMetric()  # sample-weighted over every rank's validation block
         self.on_head_built()
 
     def on_head_built(self) -> None:
@@ -101,11 +106,14 @@ class ImageClassification(L.LightningModule):
         loss = nn.functional.cross_entropy(logits, labels)
         self.metrics["acc1"].update(logits, labels)
         self.metrics["acc5"].update(logits, labels)
-        self.log("val/loss", loss, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+        self.val_loss.update(loss, weight=images.shape[0])
 
     def on_validation_epoch_end(self) -> None:
+        """Log the metrics; ``compute`` sums their states over the ranks' disjoint blocks (exactly the 1-process figure)."""
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
         for name, metric in self.metrics.items():
-            self.log(f"val/{name}", metric.compute() * 100, prog_bar=name == "acc1", sync_dist=True)
+            self.log(f"val/{name}", metric.compute() * 100, prog_bar=name == "acc1")
             metric.reset()
 
     # ------------------------------------------------------------------------------------------------ optimisation
@@ -195,6 +203,6 @@ class FineTuning(ImageClassification):
 
     def on_validation_epoch_end(self) -> None:
         if self.ema is not None:
-            self.log("val/acc1_raw", self.raw_acc1.compute() * 100, sync_dist=True)
+            self.log("val/acc1_raw", self.raw_acc1.compute() * 100)
             self.raw_acc1.reset()
         super().on_validation_epoch_end()

@@ -1,8 +1,8 @@
 """The one generic masked-image-modeling pre-training LightningModule.
 
 ``masking -> backbone(x, mask) -> neck -> decoder(features, mask) -> target(x, mask) -> loss(pred, target, mask)``.
-A method (MAE, FCMAE, iTPN, Img2Vec, data2vec 2.0, I-JEPA) is a composition of these parts chosen in
-``conf/experiment/*.yaml``. Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked; or a
+A method (MAE, FCMAE, iTPN, Img2Vec, SimMIM, MaskFeat, data2vec 2.0, I-JEPA) is a composition of these parts chosen
+in ``conf/experiment/*.yaml``. Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked; or a
 :class:`~mimlab.masking.MaskSet` (several masks per image, target sets), which this module passes on untouched.
 """
 from __future__ import annotations
@@ -25,8 +25,10 @@ class CompositionError(ValueError):
 
 class MaskedPretraining(L.LightningModule):
     """Args: the composed parts (``nn.Module`` each, ``neck`` optional), the mask generator, the optimiser factory,
-    and ``seed``: masks are drawn from a generator seeded by (seed, global step, rank), so they are reproducible and
-    resume exactly; validation masks depend only on (seed, batch index) and are therefore identical every epoch.
+    and ``seed``: each training sample's mask is drawn from a generator seeded by (seed, global step, batch index,
+    position in the global batch) (:meth:`sample_generators`), so masks are reproducible, resume exactly and do not
+    depend on the number of processes; validation masks depend only on (seed, batch index, rank) and are therefore
+    identical every epoch.
     ``nan_guard``: 'stop' (raise naming step, batch and loss term), 'skip' (skip that update) or 'off'."""
 
     def __init__(
@@ -59,12 +61,24 @@ class MaskedPretraining(L.LightningModule):
             value = (value * 1_000_003 + key) % (2**63 - 1)
         return torch.Generator().manual_seed(value)
 
-    def make_mask(self, images: Tensor, generator: torch.Generator) -> Tensor | MaskSet:
+    def sample_generators(self, batch_size: int, batch_idx: int) -> list[torch.Generator]:
+        """One generator per training sample, keyed by (seed, step, batch, position in the global batch).
+
+        Position ``j`` of rank ``r`` among ``W`` processes is ``j·W + r``, the order in which the DataModule's sampler
+        deals a step's samples to the ranks; so ``W`` processes × batch ``B`` and one process × batch ``W·B`` draw the
+        same mask for the same sample, and a resumed run draws the masks of the uninterrupted one."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        return [self._generator(0, self.global_step, batch_idx, j * world + self.global_rank) for j in range(batch_size)]
+
+    def make_mask(self, images: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor | MaskSet:
         """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked (or a ``MaskSet``), **on the host**:
         backbones read the (static) visible count there without a device sync and move the mask to the images' device
-        themselves."""
+        themselves. ``generator``: one for the whole batch, or a list with one per sample (row ``n`` drawn from
+        ``generator[n]``; a masker with ``takes_sample_generators`` gets the whole list and builds the batch itself)."""
         grid = self.masking.grid(tuple(images.shape[-2:]))
-        return self.masking(images.shape[0], grid, generator=generator)
+        if isinstance(generator, torch.Generator) or getattr(self.masking, "takes_sample_generators", False):
+            return self.masking(images.shape[0], grid, generator=generator)
+        return torch.cat([self.masking(1, grid, generator=g) for g in generator])
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, images: Tensor, mask: Tensor | MaskSet) -> tuple[Any, Any]:
@@ -73,15 +87,15 @@ class MaskedPretraining(L.LightningModule):
         device_mask = mask.to(images.device, non_blocking=True)
         return self.decoder(features, device_mask), self.target(images, device_mask)
 
-    def compute_losses(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """The loss terms of one step on ``images`` (N, C, H, W) with a mask drawn from ``generator``."""
+    def compute_losses(self, images: Tensor, generator: torch.Generator | list[torch.Generator]) -> dict[str, Tensor]:
+        """The loss terms of one step on ``images`` (N, C, H, W) with a mask drawn from ``generator`` (see make_mask)."""
         mask = self.make_mask(images, generator)
         pred, target = self(images, mask)
         return self.loss(pred, target, mask.to(images.device, non_blocking=True))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         images = batch[0]
-        losses = self.compute_losses(images, self._generator(0, self.global_step, self.global_rank, batch_idx))
+        losses = self.compute_losses(images, self.sample_generators(images.shape[0], batch_idx))
         if not check_finite(losses, self.nan_guard, self.global_step, batch_idx):
             return None
         self._log_losses("train", losses, images.shape[0])

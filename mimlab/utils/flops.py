@@ -70,7 +70,7 @@ def conv_linear_macs(module: nn.Module, run: Callable[[], Any]) -> int:
 def train_flops_per_image(module: nn.Module, step: Callable[[], Tensor], batch_size: int, method: str = "auto") -> float:
     """FLOPs per image of one training step; ``step()`` runs the forward and returns the scalar loss.
 
-    ``method``: ``auto`` (:func:`flops_method`), ``counter`` or ``analytic``. Gradients are cleared afterwards.
+    ``method``: ``auto`` (:func:`flops_method`), ``counter`` or ``analytic``. No ``.grad`` is written.
     """
     method = flops_method(module) if method == "auto" else method
     if method == "analytic":
@@ -82,9 +82,10 @@ def train_flops_per_image(module: nn.Module, step: Callable[[], Tensor], batch_s
     set_fused_attn(module, False)
     try:
         with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}) as counter:
-            step().backward()
+            # gradients returned, not accumulated: a .backward() here would fire DDP's gradient hooks outside a DDP
+            # step, after which DDP with static_graph stops averaging some gradients (ranks drift apart)
+            torch.autograd.grad(step(), [p for p in module.parameters() if p.requires_grad], allow_unused=True)
     finally:
         for sub, value in fused.items():
             sub.fused_attn = value
-        module.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch_size

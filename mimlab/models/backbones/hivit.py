@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from mimlab.masking import keep_indices, num_visible
+from mimlab.masking import fill_masked, keep_indices, num_visible
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -262,8 +262,7 @@ class HiViT(nn.Module):
         f8 = x
         x = self.merge8(x)[:, :, 0, 0, :]  # (N, K, D)
         if mask is not None and not self.drop_masked:
-            w_ = mask[:, :, None].to(x.dtype)
-            x = x * (1 - w_) + self.mask_token.to(x.dtype) * w_
+            x = fill_masked(x, mask, self.mask_token)
         if self.absolute_pos_embed is not None:
             pos = self._pos_embed(grid)
             if ids_keep is not None:

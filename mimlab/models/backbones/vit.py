@@ -5,16 +5,22 @@ Mask convention: ``mask[n, l] = 1`` means patch (or mask unit) ``l`` is removed,
 coarser unit grid (e.g. 32-px units on a 16-px patch grid) is upsampled to the patch grid. A
 :class:`~mimlab.masking.MaskSet` with ``clones = M`` encodes every image M times, once per mask row (data2vec 2.0).
 
-Layouts: pre-norm blocks + final norm (MAE, I-JEPA; timm ``Block``), or ``post_norm`` (data2vec 2.0: LayerNorm on the
-embeddings, post-LN blocks, no final norm); with or without a cls token (I-JEPA has none).
+Layouts: pre-norm blocks + final norm (MAE, I-JEPA without cls token), or ``post_norm`` (data2vec 2.0: LayerNorm on
+the embeddings, post-LN blocks, no final norm). The BEiT-style variant (SimMIM's ViT, Bao et al. arXiv 2106.08254) is the same class with timm's ``EvaBlock``
+(q/v biases, layer scale ``gamma_1``/``gamma_2``) as ``block``, ``abs_pos_embed=False`` and ``rel_pos_bias=True``
+(one relative position bias table shared by all blocks, timm's ``beit.RelativePositionBias``, added to the
+attention logits through the blocks' ``attn_mask``).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models.beit import RelativePositionBias
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import Tensor, nn
 
@@ -50,10 +56,15 @@ class MaskedViT(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         keep_hidden_states: also return every block's output (multi-block targets, Img2Vec).
         learnable_pos_embed: make the pos-embed trainable (fine-tuning); it is always *initialised* to sin-cos.
+        abs_pos_embed: add an absolute pos-embed at all (False for BEiT/SimMIM, which use ``rel_pos_bias`` instead).
+        rel_pos_bias: one relative position bias table ``(heads, 1+L, 1+L)`` shared by every block (BEiT "shared rel pos").
+        block: builds one block from ``dim, num_heads, mlp_ratio, drop_path, norm_layer`` (default timm ``Block`` with
+            qkv bias; timm ``EvaBlock(qkv_fused=True, init_values=0.1)`` is BEiT's block). Blocks take ``attn_mask``.
+        weight_init: ``f(vit)`` initialising the weights; default :meth:`reset_parameters` (MAE), :func:`beit_init` (SimMIM),
+            :func:`trunc_normal_init` (I-JEPA, data2vec 2.0).
         class_token: prepend a cls token (False for I-JEPA; the pos-embed then has no cls row).
-        post_norm: data2vec 2.0 layout: LayerNorm on the embeddings (``norm_pre``), post-LN blocks, no final norm.
-        init_std: std of a truncated-normal init of every Linear weight (I-JEPA, data2vec 2.0: 0.02);
-            None = MAE's xavier-uniform.
+        post_norm: data2vec 2.0 layout: LayerNorm on the embeddings (``norm_pre``), post-LN blocks
+            (:class:`~mimlab.models.layers.post_norm_block.PostNormBlock` unless ``block`` is given), no final norm.
     """
 
     def __init__(
@@ -68,70 +79,104 @@ class MaskedViT(nn.Module):
         drop_path_rate: float = 0.0,
         keep_hidden_states: bool = False,
         learnable_pos_embed: bool = False,
+        abs_pos_embed: bool = True,
+        rel_pos_bias: bool = False,
+        block: Callable[..., nn.Module] | None = None,
+        weight_init: Callable[[nn.Module], None] | None = None,
         class_token: bool = True,
         post_norm: bool = False,
-        init_std: float | None = None,
     ) -> None:
         super().__init__()
+        if rel_pos_bias and not class_token:
+            raise ValueError("model.backbone.rel_pos_bias needs the cls token (class_token=true)")
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.keep_hidden_states = keep_hidden_states
         self.num_prefix_tokens = int(class_token)
-        self.init_std = init_std
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size
         num_patches = self.grid[0] * self.grid[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim),
-                                      requires_grad=learnable_pos_embed)
+        self.pos_embed = (nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim),
+                                       requires_grad=learnable_pos_embed) if abs_pos_embed else None)
+        self.rel_pos_bias = RelativePositionBias(tuple(self.grid), num_heads) if rel_pos_bias else None
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        block = PostNormBlock if post_norm else partial(Block, qkv_bias=True)
+        block = block or (PostNormBlock if post_norm else partial(Block, qkv_bias=True))
         self.blocks = nn.ModuleList(
-            block(embed_dim, num_heads, mlp_ratio, drop_path=dpr[i], norm_layer=norm_layer) for i in range(depth)
+            block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)
         )
         self.norm_pre = norm_layer(embed_dim) if post_norm else nn.Identity()
         self.norm = nn.Identity() if post_norm else norm_layer(embed_dim)
         self.out_channels = [embed_dim]
         self.out_strides = [patch_size]
-        self.reset_parameters()
+        weight_init(self) if weight_init is not None else self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """MAE init: sin-cos pos-embed, xavier-uniform Linear and patch-embed, normal(0.02) cls token
-        (Linear weights truncated-normal(``init_std``) instead when it is set)."""
-        self.pos_embed.data.copy_(
-            sincos_2d_pos_embed(self.embed_dim, self.grid, cls_token=self.cls_token is not None).unsqueeze(0))
+        """MAE init: sin-cos pos-embed, xavier-uniform Linear and patch-embed, normal(0.02) cls token (the relative
+        position bias table starts at zero, layer scales at the block's ``init_values``)."""
+        if self.pos_embed is not None:
+            self.pos_embed.data.copy_(
+                sincos_2d_pos_embed(self.embed_dim, self.grid, cls_token=self.cls_token is not None).unsqueeze(0))
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
-        init = _init_linear_and_norm if self.init_std is None else partial(_init_trunc_normal, std=self.init_std)
         for module in (self.blocks, self.norm_pre, self.norm):
-            module.apply(init)
+            module.apply(_init_linear_and_norm)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"} if self.cls_token is not None else {"pos_embed"}
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch-embed and add the patch pos-embed: (N, C, H, W) -> (N, L, D), grid."""
+        tokens, grid = self._patch_tokens(x)
+        return self._add_pos_embed(tokens, grid), grid
+
+    def _patch_tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(N, C, H, W) -> patch embeddings (N, L, D) without position, and the (gh, gw) grid."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        tokens = self.patch_embed(x)
+        if self.rel_pos_bias is not None and grid != tuple(self.grid):
+            raise ValueError(f"image {tuple(x.shape[-2:])} gives a {grid} patch grid but the relative position bias "
+                             f"was built for {tuple(self.grid)}; set model.backbone.img_size to the image size")
+        return self.patch_embed(x), grid
+
+    def _add_pos_embed(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        if self.pos_embed is None:
+            return tokens
         pos = self.pos_embed
         if grid != tuple(self.grid):
             pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=self.num_prefix_tokens)
-        return tokens + pos[:, self.num_prefix_tokens:], grid
+        return tokens + pos[:, self.num_prefix_tokens:]
 
     def _prepend_cls(self, tokens: Tensor) -> Tensor:
         if self.cls_token is None:
             return tokens
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1)
+        cls = self.cls_token if self.pos_embed is None else self.cls_token + self.pos_embed[:, :1]
+        return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
-    def _run_blocks(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def _attn_bias(self, x: Tensor, keep: Tensor | None = None) -> Tensor | None:
+        """The shared relative position bias as an additive attention mask: (1, heads, 1+L, 1+L), or (N, heads, 1+K, 1+K)
+        for the kept patches ``keep`` (N, K) (cls first); None without ``rel_pos_bias``."""
+        if self.rel_pos_bias is None:
+            return None
+        bias = self.rel_pos_bias()
+        if keep is None:
+            bias = bias.unsqueeze(0)
+        else:
+            idx = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], dim=1)
+            bias = bias[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)
+        device = x.device.type  # under autocast the attention logits are in the autocast dtype: the mask must match
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            return bias.to(torch.get_autocast_dtype(device))
+        return bias.to(x.dtype)
+
+    def _run_blocks(self, x: Tensor, attn_bias: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         hidden = []
         x = self.norm_pre(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, attn_mask=attn_bias)
             if self.keep_hidden_states:
                 hidden.append(x)
         return self.norm(x), hidden
@@ -155,14 +200,14 @@ class MaskedViT(nn.Module):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = keep_indices(mask, num_keep)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-        out, hidden = self._run_blocks(self._prepend_cls(visible))
+        out, hidden = self._run_blocks(self._prepend_cls(visible), self._attn_bias(visible, ids_keep))
         return ViTEncoding(tokens=out, mask=mask, ids_restore=ids_restore, grid=grid, hidden_states=hidden,
                            num_prefix_tokens=self.num_prefix_tokens)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Unmasked encoding: (N, C, H, W) -> (N, P+L, D) final-normed tokens (cls first when there is one, P = 1)."""
         tokens, _ = self._embed(x)
-        out, _ = self._run_blocks(self._prepend_cls(tokens))
+        out, _ = self._run_blocks(self._prepend_cls(tokens), self._attn_bias(tokens))
         return out
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
@@ -180,8 +225,43 @@ class MaskedViT(nn.Module):
         return [tokens.transpose(1, 2).reshape(n, d, grid[0], grid[1])]
 
 
+@torch.no_grad()
+def beit_init(vit: MaskedViT, std: float = 0.02) -> None:
+    """BEiT / SimMIM init (microsoft/SimMIM ``models/vision_transformer.py``, ``VisionTransformerForSimMIM``):
+    truncated-normal(0, std) cut at ±std for the cls token, a learnable pos-embed, Linear and patch-embed weights; zero
+    biases; unit LayerNorms; then block i's ``attn.proj`` and ``mlp.fc2`` weights divided by sqrt(2 (i + 1)).
+    A fixed (non-learnable) pos-embed keeps its sin-cos values; relative bias tables start at zero, layer scales at
+    the blocks' ``init_values``."""
+    trunc = partial(nn.init.trunc_normal_, std=std, a=-std, b=std)
+    if vit.pos_embed is not None and vit.pos_embed.requires_grad:
+        trunc(vit.pos_embed)
+    elif vit.pos_embed is not None:
+        vit.pos_embed.copy_(sincos_2d_pos_embed(vit.embed_dim, vit.grid, cls_token=True).unsqueeze(0))
+    trunc(vit.cls_token)
+    for m in vit.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for i, blk in enumerate(vit.blocks):
+        blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+        blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+
+
+@torch.no_grad()
+def trunc_normal_init(vit: MaskedViT, std: float = 0.02) -> None:
+    """I-JEPA (facebookresearch/ijepa ``src/helper.py`` ``init_model``) / data2vec 2.0 (fairseq ``init_bert_params``)
+    init: :meth:`MaskedViT.reset_parameters`, then truncated-normal(0, std) Linear weights, zero biases, unit norms."""
+    vit.reset_parameters()
+    for module in (vit.blocks, vit.norm_pre, vit.norm):
+        module.apply(partial(_init_trunc_normal, std=std))
+
+
 def _init_trunc_normal(m: nn.Module, std: float) -> None:
-    """I-JEPA / data2vec 2.0 init: truncated-normal(std) Linear weights, zero biases, LayerNorm 1 / 0."""
+    """Truncated-normal(std) Linear weights (cut at ±2, i.e. 100 σ for std 0.02), zero biases, LayerNorm 1 / 0."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=std)
         if m.bias is not None:

@@ -6,7 +6,7 @@
 
 Built from timm's ``Attention`` and ``Mlp``; parameter names match timm's pre-norm ``Block`` (norm1, attn.qkv,
 attn.proj, norm2, mlp.fc1, mlp.fc2). The FFN output ``mlp(x)`` *before* the residual is what data2vec 2.0 averages
-into its targets; read it with a forward hook on ``block.mlp``. Shapes: (N, T, D) -> (N, T, D).
+into its targets; read it with a forward hook on ``block.mlp``. Shapes: (N, T, D) -> (N, T, D); ``attn_mask`` is an additive attention bias, as for timm's blocks.
 """
 from __future__ import annotations
 
@@ -27,6 +27,6 @@ class PostNormBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.norm1(x + self.drop_path(self.attn(x)))
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        x = self.norm1(x + self.drop_path(self.attn(x, attn_mask=attn_mask)))
         return self.norm2(x + self.drop_path(self.mlp(x)))

@@ -1,0 +1,21 @@
+"""The ``worker_init_fn`` of every mimlab DataLoader: workers leave SIGTERM to the main process."""
+from __future__ import annotations
+
+import os
+import signal
+
+from lightning.fabric.utilities.seed import pl_worker_init_function
+
+
+def init_worker(worker_id: int) -> None:
+    """Ignore SIGTERM in this DataLoader worker, then seed it as Lightning's ``seed_everything(workers=True)`` does.
+
+    SLURM signals every process of a job on preemption, ``scancel`` and ``scontrol requeue``. A torch worker dies on
+    an outside SIGTERM, and the main process then fails with "DataLoader worker ... is killed by signal: Terminated"
+    before it can write its preemption checkpoint (and submitit reports the requeued job as failed). Ignoring it
+    here lets the main process alone handle the signal: Lightning stops after the batch, ``PreemptionCheckpoint``
+    writes ``last.ckpt``, and the workers are shut down with the loader (or exit when their parent is gone).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":  # what Lightning adds itself when no worker_init_fn is given
+        pl_worker_init_function(worker_id)

@@ -1,0 +1,48 @@
+"""Swin Transformer (timm) with SimMIM's learnable mask token (github.com/microsoft/SimMIM ``SwinTransformerForSimMIM``).
+
+timm's ``SwinTransformer`` has no absolute position embedding and its patch embedding (conv + LayerNorm) returns an
+NHWC token grid, so SimMIM's change is one step: the embeddings of masked patches are replaced by the mask token right
+after the patch embedding; the four stages and the final norm are timm's, unchanged.
+Mask convention: ``mask[n, l] = 1`` means unit ``l`` is masked; 32-px units are upsampled to the 4-px patch grid.
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.swin_transformer import SwinTransformer
+from torch import Tensor, nn
+
+from mimlab.masking import fill_masked, mask_to_token_grid
+
+
+class MaskTokenSwin(SwinTransformer):
+    """timm ``SwinTransformer`` (its keyword arguments; no classifier) plus ``mask_token`` (1, 1, C0).
+
+    Swin-B for SimMIM: ``embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)``, 192 px with ``window_size=6``.
+    Backbone contract: ``forward_features(x, mask=None)`` -> four NCHW maps at ``out_strides`` (4, 8, 16, 32) with
+    ``out_channels`` (C0, 2C0, 4C0, 8C0), the last one final-normed; ``forward(x, mask)`` -> the last map (dense kind).
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(num_classes=0, **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        self.out_channels = [info["num_chs"] for info in self.feature_info]
+        self.out_strides = [info["reduction"] for info in self.feature_info]
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        tokens = self.patch_embed(x)  # (N, H/4, W/4, C0)
+        if mask is not None:
+            tokens = fill_masked(tokens, mask_to_token_grid(mask, tuple(tokens.shape[1:3])), self.mask_token)
+        maps = []
+        for i, stage in enumerate(self.layers):
+            tokens = stage(tokens)
+            maps.append(self.norm(tokens) if i == len(self.layers) - 1 else tokens)
+        return [m.permute(0, 3, 1, 2) for m in maps]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(N, 3, H, W), (N, L_units) 1 = masked -> (N, 8C0, H/32, W/32), every position encoded."""
+        return self.forward_features(x, mask)[-1]
