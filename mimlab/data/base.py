@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mimlab.data.resumable import EpochAwareDataLoader, EvalSampler, ResumableSampler, SeededDataset
+from mimlab.data.workers import init_worker
 
 log = logging.getLogger(__name__)
 
