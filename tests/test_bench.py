@@ -65,6 +65,17 @@ def test_bench_names_a_missing_recipe_or_tiny_setting():
 def test_flop_method_follows_the_model():
     assert flops_method(nn.Sequential(nn.Conv2d(8, 8, 7, groups=8))) == "analytic"
     assert flops_method(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2))) == "counter"
+    assert flops_method(nn.Sequential(nn.Conv2d(32, 32, 3, groups=16))) == "counter"  # grouped, not depthwise
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_counter_counts_each_conv_gradient_as_one_forward_conv(groups):
+    """torch's convolution-backward formula ignores groups for the weight gradient; ours counts the real products."""
+    net = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=groups), nn.Conv2d(32, 32, 3, padding=1, groups=groups))
+    x = torch.randn(2, 32, 8, 8)
+    one_conv = 2 * 32 * (32 // groups) * 9 * 64  # FLOPs of one forward convolution per image
+    # first conv: forward + weight gradient (the input needs none); second: forward + input and weight gradients
+    assert train_flops_per_image(net, lambda: net(x).sum(), 2, "counter") == (2 + 3) * one_conv
 
 
 def test_unknown_model_names_the_config():

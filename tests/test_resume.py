@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = ["model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2"]
 COMMON = ["logger=csv", "~callbacks.progress", "trainer.max_epochs=2", "callbacks.checkpoint.monitor=null",
           "callbacks.checkpoint.save_top_k=0"]
-MAE = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "data.batch_size=8", *TINY_VIT,
+MAE = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "data.batch_size=8", "model.backbone.embed_dim=32",
+       "model.backbone.depth=2", "model.backbone.num_heads=2",  # 2 blocks: drop path draws from the global RNG
        "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "model.backbone.drop_path_rate=0.1",
        "optim.warmup_epochs=1", "~callbacks.reconstruction", "~callbacks.knn"]
 DENSE = [*TINY_VIT, "model.neck.out_channels=16", "data.batch_size=4", "data.generate_if_missing=false",

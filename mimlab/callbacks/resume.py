@@ -15,14 +15,26 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 class RNGState(L.Callback):
     """Saves the torch / CUDA / numpy / python RNG states in each checkpoint and restores them on resume
-    (dropout and drop-path then continue exactly; masks and augmentation are seeded per step/sample anyway)."""
+    (dropout, drop-path and data2vec 2.0's decoder noise then continue exactly; masks and augmentation are seeded per
+    step/sample anyway).
+
+    The states are put back at the start of the first training batch after loading, not at load time: between loading
+    and that batch, Lightning and the callbacks still draw from the global RNG (each DataLoader iterator draws its base
+    seed, the dashboard's FLOP count runs a training step), which an uninterrupted run did before the saved step."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = _collect_rng_states()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+        self._pending = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            _set_rng_states(self._pending)
+            self._pending = None
 
 
 class PreemptionCheckpoint(L.Callback):

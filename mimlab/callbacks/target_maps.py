@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mimlab.analysis.token_diversity import as_tokens, token_diversity
 from mimlab.callbacks.reconstruction import _denormalise, evenly_spaced_images
+from mimlab.masking import as_mask_set
 
 
 def similarity_maps(tokens: Tensor, query: int | None = None) -> Tensor:
@@ -60,7 +61,8 @@ class TeacherTargetPanel(L.Callback):
         if not any(True for _ in target.parameters()):
             return None  # pixel targets: nothing to map
         images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images).to(pl_module.device)
-        mask = torch.zeros_like(pl_module.make_mask(images, torch.Generator().manual_seed(0)))
+        masks = as_mask_set(pl_module.make_mask(images, torch.Generator().manual_seed(0)))
+        mask = torch.zeros_like(masks.mask[::masks.clones])  # nothing masked, one row per image
         features = self._named_features(target(images, mask))
         if not features:
             return None

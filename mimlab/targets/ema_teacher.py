@@ -1,4 +1,11 @@
-"""EMA-teacher targets for iTPN masked feature modeling (MFM).
+"""EMA teachers: the shared mechanism (:class:`EMATeacher`, momentum schedules) and the iTPN MFM target.
+
+``EMATeacher`` keeps a copy of the student backbone that follows it by exponential moving average after every
+optimiser step (``t ← m(p)·t + (1 − m(p))·s``, p = training progress in [0, 1]), never receives gradients, stays in
+eval mode and is hard-synced to the student once before training (``sync_``). It is the base of every EMA-teacher
+target: iTPN MFM (below), data2vec 2.0 (``targets/data2vec.py``), I-JEPA (``targets/ijepa.py``).
+
+iTPN masked feature modeling (MFM):
 
 What the paper says (seeds/itpn-review-a.txt, itpn-review-b.txt; Tian et al. CVPR'23 §3): MFM complements pixel MIM by
 giving the feature pyramid **multi-stage supervision**; the targets are intermediate features computed on the
@@ -23,6 +30,7 @@ with ``d = r²·C`` of the chosen teacher stage (r = 4, 2, 1 sub-tokens per unit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,37 @@ def cosine_momentum(base: float, final: float, progress: float) -> float:
     return final - (final - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
+class CosineMomentum:
+    """``m(p)`` = :func:`cosine_momentum` from ``start`` to ``end`` over training (BYOL / DINO; iTPN MFM here)."""
+
+    def __init__(self, start: float = 0.996, end: float = 1.0) -> None:
+        _check_momentum(start, end)
+        self.start, self.end = start, end
+
+    def __call__(self, progress: float) -> float:
+        return cosine_momentum(self.start, self.end, progress)
+
+
+class LinearMomentum:
+    """``m(p) = start + (end − start) · min(p / anneal_end, 1)``: a linear ramp that reaches ``end`` at progress
+    ``anneal_end`` and stays there. I-JEPA: 0.996 → 1.0 over all of training (``anneal_end=1``); data2vec 2.0:
+    0.9998 → 0.99999 over its first 100k of 375.3k updates (fairseq ``get_annealed_rate``, ``anneal_end=0.2665``)."""
+
+    def __init__(self, start: float, end: float, anneal_end: float = 1.0) -> None:
+        _check_momentum(start, end)
+        if not 0.0 < anneal_end <= 1.0:
+            raise ValueError(f"target.momentum.anneal_end must be in (0, 1], got {anneal_end}")
+        self.start, self.end, self.anneal_end = start, end, anneal_end
+
+    def __call__(self, progress: float) -> float:
+        return self.start + (self.end - self.start) * min(max(progress, 0.0) / self.anneal_end, 1.0)
+
+
+def _check_momentum(start: float, end: float) -> None:
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"need 0 <= target.momentum.start ({start}) <= target.momentum.end ({end}) <= 1")
+
+
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """In place: ``t ← m·t + (1 − m)·s`` for every parameter; buffers are copied."""
@@ -52,27 +91,18 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         tb.copy_(sb)
 
 
-class EMATeacherTarget(Target):
-    """Args: teacher (a backbone with ``forward_units``, same config as the student), pixel_target (e.g.
-    ``NormPixTarget``; None = no pixel term), momentum/final_momentum (cosine schedule), stages (teacher stage per
-    pyramid level s4/s8/s16), normalize (LayerNorm targets without affine)."""
+class EMATeacher(Target):
+    """Base of EMA-teacher targets. Args: teacher (built from the same config as the student backbone), momentum
+    (a schedule ``progress -> m``, e.g. :class:`LinearMomentum`). Subclasses implement ``forward(images, mask)``."""
 
-    def __init__(self, teacher: nn.Module, pixel_target: nn.Module | None = None, momentum: float = 0.996,
-                 final_momentum: float = 1.0, stages: tuple[int, int, int] | list[int] = (2, 2, 2),
-                 normalize: bool = True) -> None:
+    def __init__(self, teacher: nn.Module, momentum: Callable[[float], float]) -> None:
         super().__init__()
-        if len(stages) != 3 or any(s not in (0, 1, 2) for s in stages):
-            raise ValueError(f"target.stages must be three indices into (f4, f8, x16), got {stages}")
-        if not 0.0 <= momentum <= final_momentum <= 1.0:
-            raise ValueError(f"need 0 <= target.momentum ({momentum}) <= target.final_momentum ({final_momentum}) <= 1")
         self.teacher = teacher.requires_grad_(False).eval()
-        self.pixel_target = pixel_target
-        self.momentum, self.final_momentum = momentum, final_momentum
-        self.stages, self.normalize = tuple(stages), normalize
+        self.momentum_schedule = momentum
         self.register_buffer("synced", torch.zeros((), dtype=torch.bool))
-        self.current_momentum = momentum
+        self.current_momentum = momentum(0.0)
 
-    def train(self, mode: bool = True) -> EMATeacherTarget:
+    def train(self, mode: bool = True) -> EMATeacher:
         super().train(mode)
         self.teacher.eval()
         return self
@@ -88,11 +118,29 @@ class EMATeacherTarget(Target):
 
     @torch.no_grad()
     def update(self, student: nn.Module, progress: float) -> None:
-        """Hard copy if never synced (see ``sync_``), else ``t ← m(p)·t + (1 − m(p))·s`` (see ``cosine_momentum``)."""
+        """Hard copy if never synced (see ``sync_``), else ``t ← m(p)·t + (1 − m(p))·s`` (``m`` = the momentum schedule)."""
         if self.sync_(student):
             return
-        self.current_momentum = cosine_momentum(self.momentum, self.final_momentum, progress)
+        self.current_momentum = self.momentum_schedule(progress)
         ema_update_(self.teacher, student, self.current_momentum)
+
+
+class EMATeacherTarget(EMATeacher):
+    """iTPN MFM target. Args: teacher (a backbone with ``forward_units``, same config as the student), pixel_target
+    (e.g. ``NormPixTarget``; None = no pixel term), momentum/final_momentum (cosine schedule), stages (teacher stage
+    per pyramid level s4/s8/s16), normalize (LayerNorm targets without affine)."""
+
+    def __init__(self, teacher: nn.Module, pixel_target: nn.Module | None = None, momentum: float = 0.996,
+                 final_momentum: float = 1.0, stages: tuple[int, int, int] | list[int] = (2, 2, 2),
+                 normalize: bool = True) -> None:
+        if len(stages) != 3 or any(s not in (0, 1, 2) for s in stages):
+            raise ValueError(f"target.stages must be three indices into (f4, f8, x16), got {stages}")
+        if not 0.0 <= momentum <= final_momentum <= 1.0:
+            raise ValueError(f"need 0 <= target.momentum ({momentum}) <= target.final_momentum ({final_momentum}) <= 1")
+        super().__init__(teacher, CosineMomentum(momentum, final_momentum))
+        self.pixel_target = pixel_target
+        self.momentum, self.final_momentum = momentum, final_momentum
+        self.stages, self.normalize = tuple(stages), normalize
 
     def _flat(self, f: Tensor) -> Tensor:
         if self.normalize:

@@ -1,8 +1,9 @@
 """The one generic masked-image-modeling pre-training LightningModule.
 
 ``masking -> backbone(x, mask) -> neck -> decoder(features, mask) -> target(x, mask) -> loss(pred, target, mask)``.
-A method (MAE, FCMAE, iTPN, Img2Vec) is a composition of these parts chosen in ``conf/experiment/*.yaml``.
-Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked.
+A method (MAE, FCMAE, iTPN, Img2Vec, SimMIM, MaskFeat, data2vec 2.0, I-JEPA) is a composition of these parts chosen
+in ``conf/experiment/*.yaml``. Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked; or a
+:class:`~mimlab.masking.MaskSet` (several masks per image, target sets), which this module passes on untouched.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from mimlab.models.backbones.contract import check_backbone
+from mimlab.masking import MaskSet
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
 
@@ -69,17 +71,18 @@ class MaskedPretraining(L.LightningModule):
         return [self._generator(0, self.global_step, batch_idx, j * world + self.global_rank) for j in range(batch_size)]
 
     @torch.compiler.disable  # host-side draws from host generators
-    def make_mask(self, images: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor:
-        """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked, **on the host**: backbones read the
-        (static) visible count there without a device sync and move the mask to the images' device themselves.
-        ``generator``: one for the whole batch, or a list with one per sample (row ``n`` drawn from ``generator[n]``)."""
+    def make_mask(self, images: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor | MaskSet:
+        """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked (or a ``MaskSet``), **on the host**:
+        backbones read the (static) visible count there without a device sync and move the mask to the images' device
+        themselves. ``generator``: one for the whole batch, or a list with one per sample (row ``n`` drawn from
+        ``generator[n]``; a masker with ``takes_sample_generators`` gets the whole list and builds the batch itself)."""
         grid = self.masking.grid(tuple(images.shape[-2:]))
-        if isinstance(generator, torch.Generator):
+        if isinstance(generator, torch.Generator) or getattr(self.masking, "takes_sample_generators", False):
             return self.masking(images.shape[0], grid, generator=generator)
         return torch.cat([self.masking(1, grid, generator=g) for g in generator])
 
     # ----------------------------------------------------------------------------------------------- forward
-    def forward(self, images: Tensor, mask: Tensor) -> tuple[Any, Any]:
+    def forward(self, images: Tensor, mask: Tensor | MaskSet) -> tuple[Any, Any]:
         """Return (prediction, target) for ``images`` under ``mask`` (host or device; the backbone gets it as given)."""
         features = self.neck(self.backbone(images, mask))
         device_mask = mask.to(images.device, non_blocking=True)

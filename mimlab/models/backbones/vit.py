@@ -2,9 +2,11 @@
 
 Masked patches are *dropped* before the transformer blocks (MAE): only the visible tokens are computed.
 Mask convention: ``mask[n, l] = 1`` means patch (or mask unit) ``l`` is removed, ``0`` visible; a mask on a
-coarser unit grid (e.g. 32-px units on a 16-px patch grid) is upsampled to the patch grid.
+coarser unit grid (e.g. 32-px units on a 16-px patch grid) is upsampled to the patch grid. A
+:class:`~mimlab.masking.MaskSet` with ``clones = M`` encodes every image M times, once per mask row (data2vec 2.0).
 
-The BEiT-style variant (SimMIM's ViT, Bao et al. arXiv 2106.08254) is the same class with timm's ``EvaBlock``
+Layouts: pre-norm blocks + final norm (MAE, I-JEPA without cls token), or ``post_norm`` (data2vec 2.0: LayerNorm on
+the embeddings, post-LN blocks, no final norm). The BEiT-style variant (SimMIM's ViT, Bao et al. arXiv 2106.08254) is the same class with timm's ``EvaBlock``
 (q/v biases, layer scale ``gamma_1``/``gamma_2``) as ``block``, ``abs_pos_embed=False`` and ``rel_pos_bias=True``
 (one relative position bias table shared by all blocks, timm's ``beit.RelativePositionBias``, added to the
 attention logits through the blocks' ``attn_mask``).
@@ -22,8 +24,9 @@ from timm.models.beit import RelativePositionBias
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import Tensor, nn
 
-from mimlab.masking import keep_indices, mask_to_token_grid, num_visible
+from mimlab.masking import MaskSet, as_mask_set, keep_indices, mask_to_token_grid, num_visible, repeat_clones
 from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
+from mimlab.models.layers.post_norm_block import PostNormBlock
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -33,10 +36,11 @@ _norm_layer = partial(nn.LayerNorm, eps=1e-6)
 class ViTEncoding:
     """Output of :meth:`MaskedViT.forward`.
 
-    tokens: (N, 1+K, D) final-normed cls + visible tokens (K visible patches, ascending spatial order).
+    tokens: (N, P+K, D) final-normed prefix (cls, P = 1; P = 0 without a cls token) + visible tokens (K visible
+    patches, ascending spatial order); N is the number of mask rows (images × clones).
     mask: (N, L) patch-grid mask, 1 = masked.  ids_restore: (N, L) unshuffle indices for [visible, masked] order.
-    hidden_states: per-block outputs (N, 1+K, D) before the final norm, when ``keep_hidden_states``.
-    grid: (gh, gw) patch grid.
+    hidden_states: per-block outputs (N, P+K, D) before the final norm, when ``keep_hidden_states``.
+    grid: (gh, gw) patch grid.  num_prefix_tokens: P.
     """
 
     tokens: Tensor
@@ -44,6 +48,7 @@ class ViTEncoding:
     ids_restore: Tensor
     grid: tuple[int, int]
     hidden_states: list[Tensor] = field(default_factory=list)
+    num_prefix_tokens: int = 1
 
 
 class MaskedViT(nn.Module):
@@ -63,7 +68,11 @@ class MaskedViT(nn.Module):
         rel_pos_bias: one relative position bias table ``(heads, 1+L, 1+L)`` shared by every block (BEiT "shared rel pos").
         block: builds one block from ``dim, num_heads, mlp_ratio, drop_path, norm_layer`` (default timm ``Block`` with
             qkv bias; timm ``EvaBlock(qkv_fused=True, init_values=0.1)`` is BEiT's block). Blocks take ``attn_mask``.
-        weight_init: ``f(vit)`` initialising the weights; default :meth:`reset_parameters` (MAE), :func:`beit_init` (SimMIM).
+        weight_init: ``f(vit)`` initialising the weights; default :meth:`reset_parameters` (MAE), :func:`beit_init` (SimMIM),
+            :func:`trunc_normal_init` (I-JEPA, data2vec 2.0).
+        class_token: prepend a cls token (False for I-JEPA; the pos-embed then has no cls row).
+        post_norm: data2vec 2.0 layout: LayerNorm on the embeddings (``norm_pre``), post-LN blocks
+            (:class:`~mimlab.models.layers.post_norm_block.PostNormBlock` unless ``block`` is given), no final norm.
     """
 
     def __init__(
@@ -82,26 +91,33 @@ class MaskedViT(nn.Module):
         rel_pos_bias: bool = False,
         block: Callable[..., nn.Module] | None = None,
         weight_init: Callable[[nn.Module], None] | None = None,
+        class_token: bool = True,
+        post_norm: bool = False,
     ) -> None:
         super().__init__()
+        if rel_pos_bias and not class_token:
+            raise ValueError("model.backbone.rel_pos_bias needs the cls token (class_token=true)")
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.keep_hidden_states = keep_hidden_states
+        self.num_prefix_tokens = int(class_token)
+        self.feature_pools = ("avg", "cls") if class_token else ("avg",)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size
         num_patches = self.grid[0] * self.grid[1]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = (nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=learnable_pos_embed)
-                          if abs_pos_embed else None)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = (nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim),
+                                       requires_grad=learnable_pos_embed) if abs_pos_embed else None)
         self.rel_pos_bias = RelativePositionBias(tuple(self.grid), num_heads) if rel_pos_bias else None
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        block = block or partial(Block, qkv_bias=True)
+        block = block or (PostNormBlock if post_norm else partial(Block, qkv_bias=True))
         self.blocks = nn.ModuleList(
             self._make_block(i, block, dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=dpr[i],
                              norm_layer=_norm_layer)
             for i in range(depth)
         )
-        self.norm = _norm_layer(embed_dim)
+        self.norm_pre = _norm_layer(embed_dim) if post_norm else nn.Identity()
+        self.norm = nn.Identity() if post_norm else _norm_layer(embed_dim)
         self.out_channels = [embed_dim]
         self.out_strides = [patch_size]
         self.num_features = embed_dim
@@ -116,12 +132,14 @@ class MaskedViT(nn.Module):
         """MAE init: sin-cos pos-embed, xavier-uniform Linear and patch-embed, normal(0.02) cls token (the relative
         position bias table starts at zero, layer scales at the block's ``init_values``)."""
         if self.pos_embed is not None:
-            self.pos_embed.data.copy_(sincos_2d_pos_embed(self.embed_dim, self.grid, cls_token=True).unsqueeze(0))
+            self.pos_embed.data.copy_(
+                sincos_2d_pos_embed(self.embed_dim, self.grid, cls_token=self.cls_token is not None).unsqueeze(0))
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
-        self.blocks.apply(_init_linear_and_norm)
-        self.norm.reset_parameters()
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+        for module in (self.blocks, self.norm_pre, self.norm):
+            module.apply(_init_linear_and_norm)
 
     # ----------------------------------------------------------------------------------------------- contract
     feature_pools = ("avg", "cls")
@@ -134,13 +152,13 @@ class MaskedViT(nn.Module):
 
     def layer_groups(self, rule: str | None = None) -> LayerGroups:
         """MAE ``param_groups_lrd`` (= SimMIM's ``get_vit_layer``, from BEiT): ``cls_token``/``mask_token``/``pos_embed``/
-        ``patch_embed.*`` -> 0, ``blocks.i.*`` -> i+1, everything else (final norm, shared ``rel_pos_bias``) ->
+        ``patch_embed.*`` (and a post-norm ViT's ``norm_pre``, which acts on the embeddings) -> 0, ``blocks.i.*`` -> i+1, everything else (final norm, shared ``rel_pos_bias``) ->
         ``num_layers = depth + 1`` (scale 1)."""
         top = len(self.blocks) + 1
 
         def layer_id(name: str) -> int:
             root = name.split(".")[0]
-            if root in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
+            if root in ("cls_token", "mask_token", "pos_embed", "patch_embed", "norm_pre"):
                 return 0
             return int(name.split(".")[1]) + 1 if root == "blocks" else top
 
@@ -151,7 +169,7 @@ class MaskedViT(nn.Module):
         fine-tuning replaces by Identity), "cls" = the final-normed cls token (MAE linear probe)."""
         check_pool(self, pool)
         tokens = self.forward_tokens(x)
-        return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+        return tokens[:, 0] if pool == "cls" else tokens[:, self.num_prefix_tokens:].mean(dim=1)
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch-embed and add the patch pos-embed: (N, C, H, W) -> (N, L, D), grid."""
@@ -171,10 +189,12 @@ class MaskedViT(nn.Module):
             return tokens
         pos = self.pos_embed
         if grid != tuple(self.grid):
-            pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=1)
-        return tokens + pos[:, 1:]
+            pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=self.num_prefix_tokens)
+        return tokens + pos[:, self.num_prefix_tokens:]
 
     def _prepend_cls(self, tokens: Tensor) -> Tensor:
+        if self.cls_token is None:
+            return tokens
         cls = self.cls_token if self.pos_embed is None else self.cls_token + self.pos_embed[:, :1]
         return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
@@ -196,22 +216,26 @@ class MaskedViT(nn.Module):
 
     def _run_blocks(self, x: Tensor, attn_bias: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         hidden = []
+        x = self.norm_pre(x)
         for block in self.blocks:
             x = block(x, attn_mask=attn_bias)
             if self.keep_hidden_states:
                 hidden.append(x)
         return self.norm(x), hidden
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> ViTEncoding:
-        """Encode the visible patches of ``x`` (N, C, H, W) given ``mask`` (N, L_units), 1 = masked.
+    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> ViTEncoding:
+        """Encode the visible patches of ``x`` (N, C, H, W) given ``mask`` (N·M, L_units), 1 = masked (a
+        ``MaskSet`` with M clones repeats each image's embedded patches M times; a plain mask has M = 1).
 
         The mask may live on the host (as in pre-training): its visible count is read there, without a device sync,
         and it is then moved to the device of ``x``."""
         tokens, grid = self._embed(x)
-        n, length, dim = tokens.shape
         if mask is None:
-            mask = torch.zeros(n, length, device=x.device)
-        mask = mask_to_token_grid(mask, grid)
+            mask = torch.zeros(tokens.shape[0], tokens.shape[1], device=x.device)
+        masks = as_mask_set(mask)
+        tokens = repeat_clones(tokens, masks.clones)
+        n, length, dim = tokens.shape
+        mask = mask_to_token_grid(masks.mask, grid)
         num_keep = num_visible(mask)  # counted before the move: a host-side mask costs no device sync
         mask = mask.to(device=tokens.device, dtype=tokens.dtype)
         ids_shuffle = torch.argsort(mask, dim=1, stable=True)
@@ -219,10 +243,11 @@ class MaskedViT(nn.Module):
         ids_keep = keep_indices(mask, num_keep)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
         out, hidden = self._run_blocks(self._prepend_cls(visible), self._attn_bias(visible, ids_keep))
-        return ViTEncoding(tokens=out, mask=mask, ids_restore=ids_restore, grid=grid, hidden_states=hidden)
+        return ViTEncoding(tokens=out, mask=mask, ids_restore=ids_restore, grid=grid, hidden_states=hidden,
+                           num_prefix_tokens=self.num_prefix_tokens)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
-        """Unmasked encoding: (N, C, H, W) -> (N, 1+L, D) final-normed tokens (cls first)."""
+        """Unmasked encoding: (N, C, H, W) -> (N, P+L, D) final-normed tokens (cls first when there is one, P = 1)."""
         tokens, _ = self._embed(x)
         out, _ = self._run_blocks(self._prepend_cls(tokens), self._attn_bias(tokens))
         return out
@@ -230,12 +255,12 @@ class MaskedViT(nn.Module):
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """Backbone contract: one map (N, D, H/p, W/p) at stride ``patch_size`` (masked patches zeroed if a mask is given)."""
         if mask is None:
-            tokens = self.forward_tokens(x)[:, 1:]
+            tokens = self.forward_tokens(x)[:, self.num_prefix_tokens:]
             grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         else:
             enc = self.forward(x, mask)
             grid = enc.grid
-            visible = enc.tokens[:, 1:]
+            visible = enc.tokens[:, self.num_prefix_tokens:]
             full = torch.cat([visible, visible.new_zeros(visible.shape[0], enc.mask.shape[1] - visible.shape[1], visible.shape[2])], 1)
             tokens = torch.gather(full, 1, enc.ids_restore.unsqueeze(-1).expand(-1, -1, full.shape[2]))
         n, _, d = tokens.shape
@@ -266,6 +291,26 @@ def beit_init(vit: MaskedViT, std: float = 0.02) -> None:
     for i, blk in enumerate(vit.blocks):
         blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
         blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+
+
+@torch.no_grad()
+def trunc_normal_init(vit: MaskedViT, std: float = 0.02) -> None:
+    """I-JEPA (facebookresearch/ijepa ``src/helper.py`` ``init_model``) / data2vec 2.0 (fairseq ``init_bert_params``)
+    init: :meth:`MaskedViT.reset_parameters`, then truncated-normal(0, std) Linear weights, zero biases, unit norms."""
+    vit.reset_parameters()
+    for module in (vit.blocks, vit.norm_pre, vit.norm):
+        module.apply(partial(_init_trunc_normal, std=std))
+
+
+def _init_trunc_normal(m: nn.Module, std: float) -> None:
+    """Truncated-normal(std) Linear weights (cut at ±2, i.e. 100 σ for std 0.02), zero biases, LayerNorm 1 / 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=std)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def _init_linear_and_norm(m: nn.Module) -> None:
