@@ -151,5 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     return result
 
 
+
+def cli() -> None:
+    """``mimlab-feature-cosine``: :func:`main` without its return value (a console script exits with what its function returns)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mimlab.data.base import ResumableDataModule
+from mimlab.utils.extras import require
+
+_PYCOCOTOOLS_FEATURE = "COCO data (data=coco..., polygon and RLE masks)"
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
@@ -52,6 +54,7 @@ def annotation_file(root: str | Path, split: str) -> Path:
 
 def _segmentation_to_mask(segm, height: int, width: int) -> np.ndarray:
     """Decode a COCO polygon list, uncompressed RLE (``counts`` a list) or compressed RLE to an (H, W) uint8 mask."""
+    mask_utils = require("pycocotools.mask", _PYCOCOTOOLS_FEATURE)
     if isinstance(segm, list):  # polygons
         rles = mask_utils.frPyObjects(segm, height, width)
         rle = mask_utils.merge(rles)
@@ -199,6 +202,7 @@ class COCODataModule(ResumableDataModule):
     def __init__(self, root: str, batch_size: int = 2, train_transforms: Callable | None = None,
                  val_transforms: Callable | None = None, generate_if_missing: bool = False, synthetic_size: int = 64,
                  num_classes: int | None = None, **kwargs):
+        require("pycocotools.mask", _PYCOCOTOOLS_FEATURE)  # before any data is read
         super().__init__(root, batch_size=batch_size, **kwargs)
         self.expected_num_classes = num_classes
         self.train_transforms = train_transforms if train_transforms is not None else lsj_transforms(synthetic_size)

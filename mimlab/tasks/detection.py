@@ -32,6 +32,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
 from mimlab.optim.dense import layer_decay_param_groups
 from mimlab.utils.distributed import gather_list_states
+from mimlab.utils.extras import require
 
 
 class _EvalResizeTransform(GeneralizedRCNNTransform):
@@ -86,6 +87,7 @@ class MaskRCNNDetection(L.LightningModule):
                  head_channels: int = 256, representation_size: int = 1024, box_batch_size_per_image: int = 512,
                  rpn_pre_nms_top_n: int = 2000, rpn_post_nms_top_n: int = 1000,
                  detections_per_img: int = 100, mask_threshold: float = 0.5, monitor: str = "val/bbox_mAP"):
+        require("pycocotools", "task=detect (COCO box and mask mAP)")
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "lr_schedule"])
         if pretrained:
