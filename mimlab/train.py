@@ -1,5 +1,5 @@
-"""The one entry point: ``mimlab-train experiment=<recipe> [overrides]`` (or ``python -m mimlab.train``; Hydra, ``-m`` for
-sweeps, ``--help`` lists the config groups).
+"""The one entry point: ``mimlab-train experiment=<recipe> [overrides]`` (or ``python -m mimlab.train``; Hydra,
+``-m`` for sweeps, ``--help`` lists the config groups).
 
 Instantiates the DataModule, the task LightningModule, callbacks, loggers and the Trainer from the composed config,
 fits, and prints where the checkpoints, logs and pictures went.
@@ -118,7 +118,7 @@ def main(cfg: DictConfig) -> float | None:
 def require_launcher(args: list[str]) -> None:
     """Exit with the extra to install when the overrides pick Hydra's submitit launcher (``hardware=slurm``,
     ``hydra/launcher=submitit_*``) and it is not installed: without it Hydra only says the config is missing."""
-    picked = [a for a in args if re.fullmatch(r"\+{0,2}(hardware=.*\bslurm\b.*|hydra/launcher=.*\bsubmitit\w*.*)", a)]
+    picked = [a for a in args if re.fullmatch(r"\+{0,2}(hardware=.*\bslurm\b.*|hydra/launcher=.*\bsubmitit.*)", a)]
     if picked:
         try:
             require("hydra_plugins.hydra_submitit_launcher", f"{picked[0]} (SLURM jobs through submitit)")

@@ -67,7 +67,8 @@ class DDPProbe(L.Callback):
         self.record["world_size"] = trainer.world_size
         self.record["is_global_zero"] = trainer.is_global_zero
         ddp = trainer.strategy.model  # the DistributedDataParallel wrapper
-        self.record["ddp"] = {k: getattr(ddp, k) for k in ("static_graph", "gradient_as_bucket_view", "find_unused_parameters")}
+        settings = ("static_graph", "gradient_as_bucket_view", "find_unused_parameters")
+        self.record["ddp"] = {name: getattr(ddp, name) for name in settings}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.record["train_batches"] += 1

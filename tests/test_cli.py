@@ -1,5 +1,6 @@
-"""The ``mimlab-*`` console scripts of pyproject.toml and their ``--help``; the optional extras (slurm, shards, coco):
-what installs them, and the message naming ``pip install 'mimlab[<extra>]'`` when a picked option needs a missing one."""
+"""The ``mimlab-*`` console scripts of pyproject.toml and their ``--help``; the optional extras (slurm, shards,
+coco): what installs them, and the message naming ``pip install 'mimlab[<extra>]'`` when a picked option needs one
+that is missing."""
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,8 @@ def helps(request) -> dict[str, dict]:
     """:func:`run_helps` of every console script, in this process or (slow: imports take ~15 s) in a new interpreter."""
     if request.param == "in-process":
         return run_helps(PROJECT["scripts"])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     code = "import json; from test_cli import PROJECT, run_helps; print(json.dumps(run_helps(PROJECT['scripts'])))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,7 +140,7 @@ def test_writing_shards_without_webdataset_names_the_shards_extra(monkeypatch, s
     from mimlab.data import shards
 
     monkeypatch.setitem(sys.modules, "webdataset", None)
-    monkeypatch.setattr(sys, "argv", ["python -m mimlab.data.shards", "--src", str(synthetic_root), "--dst", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["mimlab.data.shards", "--src", str(synthetic_root), "--dst", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"Writing shards .* pip install 'mimlab\[shards\]'"):
         shards.main()
     assert not list(tmp_path.iterdir())  # stopped before writing anything

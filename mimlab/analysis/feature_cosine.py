@@ -151,9 +151,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     return result
 
 
-
 def cli() -> None:
-    """``mimlab-feature-cosine``: :func:`main` without its return value (a console script exits with what its function returns)."""
+    """``mimlab-feature-cosine``: :func:`main`, returning None (a console script exits with what its function
+    returns; a dict would be printed as an error, with exit status 1)."""
     main()
 
 

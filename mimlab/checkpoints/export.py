@@ -131,14 +131,15 @@ OPTIONS = {
 def main(argv: list[str] | None = None) -> None:
     argv = argv if argv is not None else sys.argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        width = max(map(len, OPTIONS))
-        print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) + chr(10), 1)[0]}\n\noptions (key=value):")
+        width, summary = max(map(len, OPTIONS)), __doc__.split("\n\n", 1)[0]
+        print(f"usage: {USAGE}\n\n{summary}\n\noptions (key=value):")
         print("\n".join(f"  {key:<{width}}  {text}" for key, text in OPTIONS.items()))
         return
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = sorted(set(args) - set(OPTIONS)) + [a for a in argv if "=" not in a]
     if "ckpt" not in args or unknown:
-        raise SystemExit(f"usage: {USAGE}" + (f" (unknown: {', '.join(unknown)})" if unknown else "") + "; --help lists them")
+        named = f" (unknown: {', '.join(unknown)})" if unknown else ""
+        raise SystemExit(f"usage: {USAGE}{named}; --help lists the options")
     if args.get("format", "timm") != "timm":
         raise SystemExit(f"format={args['format']} is not supported; use format=timm")
     path, name, kwargs = export_timm(args["ckpt"], args.get("out"), args.get("ema", "false").lower() == "true",

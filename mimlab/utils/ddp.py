@@ -30,7 +30,8 @@ class MimDDPStrategy(DDPStrategy):
             rank_zero_warn(
                 "hardware.strategy.static_graph=true is switched off because trainer.accumulate_grad_batches="
                 f"{accumulate_grad_batches}: DDP static_graph with no_sync() accumulation is broken in torch "
-                "(pytorch/pytorch#143580). Use more devices or a larger data.batch_size instead of accumulation to keep it."
+                "(pytorch/pytorch#143580). Use more devices or a larger data.batch_size instead of accumulation to "
+                "keep it."
             )
             static_graph = False
         super().__init__(*args, static_graph=static_graph, **kwargs)
@@ -40,8 +41,9 @@ class MimDDPStrategy(DDPStrategy):
     def setup(self, trainer: L.Trainer) -> None:
         if self.static_graph and trainer.accumulate_grad_batches > 1:
             raise ValueError(
-                f"MimDDPStrategy(static_graph=True) was built for accumulate_grad_batches={self.accumulate_grad_batches} "
-                f"but the Trainer accumulates {trainer.accumulate_grad_batches} batches, which DDP's static graph does "
-                "not survive (pytorch/pytorch#143580). Pass the Trainer's value as MimDDPStrategy(accumulate_grad_batches=...) "
-                "(conf/hardware/ddp.yaml does: ${trainer.accumulate_grad_batches}) or static_graph=False.")
+                "MimDDPStrategy(static_graph=True) was built for accumulate_grad_batches="
+                f"{self.accumulate_grad_batches} but the Trainer accumulates {trainer.accumulate_grad_batches} batches, "
+                "which DDP's static graph does not survive (pytorch/pytorch#143580). Pass the Trainer's value as "
+                "MimDDPStrategy(accumulate_grad_batches=...) (conf/hardware/ddp.yaml does: "
+                "${trainer.accumulate_grad_batches}) or static_graph=False.")
         super().setup(trainer)

@@ -27,4 +27,5 @@ def require(module: str, feature: str) -> ModuleType:
         distribution, extra = OPTIONAL_MODULES[top]
         raise MissingExtraError(
             f"{feature} needs the optional package {distribution}, which is not installed ({err}). Install it with "
-            f"pip install 'mimlab[{extra}]' (from a clone: pip install -e '.[{extra}]'; every extra: '.[all]').") from err
+            f"pip install 'mimlab[{extra}]' (from a clone: pip install -e '.[{extra}]'; every extra: '.[all]')."
+        ) from err
