@@ -23,10 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,all]"
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install mimlab with its dependencies
+install: $(VENV)/.installed  ## create .venv and install mimlab with every extra (slurm, shards, coco) and the mimlab-* commands
 
 data: $(VENV)/.installed  ## write the embedded synthetic data sets (ImageNet, COCO and ADE20K layouts) to data/synthetic
 	$(PY) -m mimlab.data.synthetic --root data/synthetic/imagenet

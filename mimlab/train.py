@@ -1,10 +1,12 @@
-"""The one entry point: ``python -m mimlab.train experiment=<recipe> [overrides]`` (Hydra; ``-m`` for sweeps).
+"""The one entry point: ``mimlab-train experiment=<recipe> [overrides]`` (or ``python -m mimlab.train``; Hydra,
+``-m`` for sweeps, ``--help`` lists the config groups).
 
 Instantiates the DataModule, the task LightningModule, callbacks, loggers and the Trainer from the composed config,
 fits, and prints where the checkpoints, logs and pictures went.
 """
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
 from mimlab.run_folder import RunFolder, claim_for_rank_zero
 from mimlab.utils.devices import check_devices
+from mimlab.utils.extras import MissingExtraError, require
 from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils.options import empty_override_messages, validate_options
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
@@ -132,10 +135,23 @@ def main(cfg: DictConfig) -> float | None:
     return result["metrics"].get("val/loss")
 
 
+def require_launcher(args: list[str]) -> None:
+    """Exit with the extra to install when the overrides pick Hydra's submitit launcher (``hardware=slurm``,
+    ``hydra/launcher=submitit_*``) and it is not installed: without it Hydra only says the config is missing."""
+    picked = [a for a in args if re.fullmatch(r"\+{0,2}(hardware=.*\bslurm\b.*|hydra/launcher=.*\bsubmitit.*)", a)]
+    if picked:
+        try:
+            require("hydra_plugins.hydra_submitit_launcher", f"{picked[0]} (SLURM jobs through submitit)")
+        except MissingExtraError as err:
+            sys.exit(str(err))
+
+
 def cli() -> None:
-    """``python -m mimlab.train``: name empty values and misspelled keys (with a suggestion), then hand over to Hydra."""
+    """``mimlab-train`` / ``python -m mimlab.train``: check the launcher extra, name empty values and misspelled keys
+    (with a suggestion), then hand over to Hydra."""
     from mimlab.utils.config_keys import unknown_key_messages
 
+    require_launcher(sys.argv[1:])
     problems = empty_override_messages(sys.argv[1:]) + unknown_key_messages(CONFIG_DIR, "train", sys.argv[1:])
     if problems:
         sys.exit("\n".join(problems))

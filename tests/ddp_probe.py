@@ -2,8 +2,9 @@
 
 Every rank writes ``<out_dir>/rank<r>.pt`` with: its trainable parameters before the first and after the first optimiser step
 and at the end of training, the base lr of the optimiser, the world size, the training sample indices its sampler
-handed out (recorded in the main process, so worker processes do not hide them), the training batches it ran, and how
-many checkpoint writes reached this rank's CheckpointIO and how many metric rows reached this rank's CSV writer.
+handed out (recorded in the main process, so worker processes do not hide them), the training batches it ran, how
+many checkpoint writes reached this rank's CheckpointIO and how many metric rows reached this rank's CSV writer, and
+the ``static_graph`` / ``gradient_as_bucket_view`` / ``find_unused_parameters`` its DDP wrapper was built with.
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ class DDPProbe(L.Callback):
         self.record["base_lr"] = trainer.optimizers[0].param_groups[0]["initial_lr"]
         self.record["world_size"] = trainer.world_size
         self.record["is_global_zero"] = trainer.is_global_zero
+        ddp = trainer.strategy.model  # the DistributedDataParallel wrapper
+        settings = ("static_graph", "gradient_as_bucket_view", "find_unused_parameters")
+        self.record["ddp"] = {name: getattr(ddp, name) for name in settings}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.record["train_batches"] += 1

@@ -1,8 +1,10 @@
 """Dashboard pieces: kNN accuracy against a loop reference, FLOP counting behaviour, grad norm, wandb defaults."""
 from __future__ import annotations
 
+import csv
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -12,6 +14,7 @@ from conftest import compose_config
 from mimlab.callbacks.dashboard import TrainingDashboard, measure_train_flops
 from mimlab.callbacks.online_eval import knn_predict
 from mimlab.loggers import override_tags, wandb_logger
+from mimlab.train import build
 
 
 def _knn_reference(train, train_labels, val, val_labels, k, t):
@@ -73,8 +76,45 @@ def test_grad_norm_is_the_total_l2_norm_of_all_gradients():
     TrainingDashboard().on_before_optimizer_step(SimpleNamespace(global_step=0, log_every_n_steps=1), module, None)
     assert logged["train/grad_norm"] == pytest.approx(float(expected), rel=1e-6)
     logged.clear()
-    TrainingDashboard().on_before_optimizer_step(SimpleNamespace(global_step=3, log_every_n_steps=2), module, None)
-    assert logged == {}  # only on logging steps
+    trainer = SimpleNamespace(global_step=2, log_every_n_steps=2, should_stop=False)
+    TrainingDashboard().on_before_optimizer_step(trainer, module, None)
+    assert logged == {}  # only before the steps after which Lightning writes the logs
+
+
+class _GradNormSpy(L.Callback):
+    """The total gradient norm before every optimiser step, by the number of steps done before it."""
+
+    def __init__(self):
+        self.norms: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms[trainer.global_step] = float(torch.nn.utils.get_total_norm(grads))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_dashboard_logs_on_lightnings_logging_steps_with_fresh_values(accumulate, tmp_path, synthetic_root):
+    """A real fit: ``train/grad_norm`` in metrics.csv is the norm of the step it is logged at (Lightning writes the
+    ``self.log`` values of every ``log_every_n_steps``-th step), ``perf/mfu`` comes once per logging step."""
+    cfg = compose_config(["experiment=mae_vit_tiny_synthetic", f"data.root={synthetic_root}", "data.img_size=32",
+                          "data.batch_size=4", "hardware.num_workers=0", "logger=csv", "~callbacks.progress",
+                          "~callbacks.reconstruction", "~callbacks.knn", "model.backbone.depth=1",
+                          "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.decoder.embed_dim=32",
+                          "model.decoder.num_heads=2", "trainer.max_steps=7", "trainer.log_every_n_steps=2",
+                          f"trainer.accumulate_grad_batches={accumulate}", "trainer.limit_val_batches=0",
+                          "callbacks.dashboard.peak_tflops=1"], tmp_path)
+    datamodule, module, trainer = build(cfg)
+    spy = _GradNormSpy()
+    trainer.callbacks.append(spy)
+    trainer.fit(module, datamodule=datamodule)
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    grad_norms = {int(r["step"]): float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")}
+    mfu_steps = [int(r["step"]) for r in rows if r.get("perf/mfu")]
+    assert sorted(grad_norms) == [1, 3, 5]  # Lightning's row of the 2nd, 4th and 6th optimiser step
+    assert grad_norms == pytest.approx({step: spy.norms[step] for step in grad_norms}, rel=1e-5)
+    assert mfu_steps == [2, 4, 6]  # after the 2nd, 4th and 6th step (the first, untimed one starts the clock)
 
 
 def test_wandb_logger_outside_a_sweep_and_override_tags(tmp_path):

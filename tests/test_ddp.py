@@ -182,8 +182,15 @@ def test_only_rank_zero_writes_checkpoints_and_logs(fits):
         assert any(row.get("train/loss_step") for row in csv.DictReader(handle))
 
 
+def test_ddp_wrapper_is_built_with_the_hardware_settings(fits):
+    _, ranks, _ = fits("mae")
+    expected = {"static_graph": True, "gradient_as_bucket_view": True, "find_unused_parameters": False}
+    assert [r["ddp"] for r in ranks] == [expected, expected]
+
+
 def test_accumulation_scales_the_lr_and_drops_the_static_graph(fits):
     run_dir, ranks, _ = fits("fcmae")
     expected = BLR * BATCH * 2 * 2 / 256  # per-device batch x devices x accumulation
     assert [r["base_lr"] for r in ranks] == pytest.approx([expected, expected])
+    assert [r["ddp"]["static_graph"] for r in ranks] == [False, False]
     assert (run_dir / "stderr.txt").read_text().count("static_graph=true is switched off") == 1  # rank-zero warning

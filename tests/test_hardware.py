@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -50,7 +51,16 @@ def test_slurm_wires_submitit_requeue_and_resume():
     plugins = instantiate(cfg.hardware.plugins)
     assert type(plugins[0]).__name__ == "SLURMEnvironment" and plugins[0].auto_requeue is False
     strategy = instantiate(cfg.hardware.strategy)
-    assert isinstance(strategy, MimDDPStrategy) and strategy._ddp_kwargs["static_graph"]
+    assert isinstance(strategy, MimDDPStrategy) and strategy.static_graph
+
+
+def test_ddp_static_graph_follows_the_trainers_accumulation():
+    assert instantiate(compose_config(["hardware=ddp"]).hardware.strategy).static_graph
+    with pytest.warns(UserWarning, match="static_graph=true is switched off because trainer.accumulate_grad_batches=4"):
+        strategy = instantiate(compose_config(["hardware=ddp", "trainer.accumulate_grad_batches=4"]).hardware.strategy)
+    assert not strategy.static_graph
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=1 but the Trainer accumulates 2 batches"):
+        MimDDPStrategy(static_graph=True).setup(SimpleNamespace(accumulate_grad_batches=2))  # built outside Hydra
 
 
 def test_fast_path_switches_act_on_the_module():

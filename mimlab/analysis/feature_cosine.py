@@ -151,5 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     return result
 
 
+def cli() -> None:
+    """``mimlab-feature-cosine``: :func:`main`, returning None (a console script exits with what its function
+    returns; a dict would be printed as an error, with exit status 1)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

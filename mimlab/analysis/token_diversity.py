@@ -189,5 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"token_diversity: {err}") from None
 
 
+def cli() -> None:
+    """``mimlab-token-diversity``: :func:`main`, returning None (a console script exits with what its function
+    returns; a dict would be printed as an error, with exit status 1)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""``python -m mimlab.bench key=value ...``: arguments over ``conf/bench.yaml``, the driver, the JSON and the table.
+"""``mimlab-bench key=value ...`` (or ``python -m mimlab.bench``; ``--help`` lists the keys): arguments over
+``conf/bench.yaml``, the driver, the JSON and the table.
 
 Without CUDA the models are shrunk (``tiny=auto``) and the CPU threads are pinned (``threads``), so the bench checks
 correctness on a CPU; medians and spreads over ``repeats`` windows make its ratios readable there too.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -199,7 +201,24 @@ def _print_table(payload: dict[str, Any], out: str) -> None:
     print(f"wrote {out}")
 
 
+def help_text() -> str:
+    """Usage, then every top-level key of conf/bench.yaml with its default and its comment, then the workloads."""
+    keys = [m.groups() for line in BENCH_CONFIG.read_text().splitlines()
+            if (m := re.match(r"(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line)) and m[1] != "workloads"]
+    width = max(len(f"{key}={default}") for key, default, _ in keys)
+    return "\n".join([
+        "usage: mimlab-bench [key=value ...]   (or python -m mimlab.bench; make bench ARGS=\"key=value ...\")", "",
+        " ".join(__doc__.split("\n\n")[1].split()), "",
+        f"keys ({BENCH_CONFIG}):",
+        *(f"  {f'{key}={default}':<{width}}  {comment or ''}".rstrip() for key, default, comment in keys), "",
+        "workloads (model=...): " + ", ".join(OmegaConf.load(BENCH_CONFIG).workloads),
+    ])
+
+
 def main() -> None:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(help_text())
+        return
     run(sys.argv[1:])
 
 

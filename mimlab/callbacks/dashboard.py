@@ -45,6 +45,7 @@ class TrainingDashboard(L.Callback):
         self.flops_per_image: float | None = None
         self._t0: float | None = None
         self._steps = 0
+        self._last_step = -1
 
     # --------------------------------------------------------------------------------------------- FLOPs
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -60,14 +61,18 @@ class TrainingDashboard(L.Callback):
             rank_zero_info(f"TrainingDashboard: {self.flops_per_image / 1e9:.3f} GFLOP per image per training step")
             for logger in trainer.loggers:
                 logger.log_metrics({"perf/train_gflops_per_img": self.flops_per_image / 1e9}, step=trainer.global_step)
-        self._t0, self._steps = None, 0
+        self._t0, self._steps, self._last_step = None, 0, -1
 
     # --------------------------------------------------------------------------------------------- per step
-    def _log_step(self, trainer: L.Trainer) -> bool:
-        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+    @staticmethod
+    def _logs_after(trainer: L.Trainer, steps: int) -> bool:
+        """Whether Lightning writes ``self.log`` values to the loggers once ``steps`` optimiser steps are done: every
+        ``log_every_n_steps`` steps and when the run is stopping (its rule, from public Trainer state)."""
+        every = trainer.log_every_n_steps
+        return every > 0 and (steps % every == 0 or trainer.should_stop)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self._log_step(trainer):
+        if not self._logs_after(trainer, trainer.global_step + 1):  # the step about to happen is a logging step
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:
@@ -79,7 +84,8 @@ class TrainingDashboard(L.Callback):
         if self._t0 is None:  # the first step (compilation, warm-up) is not timed
             self._t0, self._steps = time.perf_counter(), 0
             return
-        if not trainer._logger_connector.should_update_logs:
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        if not (stepped and self._logs_after(trainer, trainer.global_step)):  # once per logging step (accumulation)
             return
         metrics: dict[str, float] = {}
         if pl_module.device.type == "cuda":

@@ -2,15 +2,37 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+import numpy as np
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """The global torch, CUDA (one state per device, ``[]`` without CUDA), numpy and Python RNG states, under the keys
+    Lightning's ``seed`` utilities use (``torch``, ``torch.cuda``, ``numpy``, ``python``), so older checkpoints load."""
+    return {"torch": torch.get_rng_state(),
+            "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate()}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global RNGs from :func:`collect_rng_states`'s dict (keys it lacks are left alone)."""
+    torch.set_rng_state(states["torch"])
+    if states.get("torch.cuda"):
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    if "numpy" in states:
+        np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))  # a checkpoint round trip may turn the tuple into a list
 
 
 class RNGState(L.Callback):
@@ -26,14 +48,14 @@ class RNGState(L.Callback):
         self._pending: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._pending = checkpoint.get("rng_states")
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._pending is not None:
-            _set_rng_states(self._pending)
+            restore_rng_states(self._pending)
             self._pending = None
 
 

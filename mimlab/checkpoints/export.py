@@ -1,6 +1,7 @@
 """Export a checkpoint's backbone (+ classifier head) as a timm state dict.
 
-``python -m mimlab.checkpoints.export ckpt=PATH format=timm [out=PATH] [ema=true] [name=TIMM_NAME] [num_heads=H]``
+``mimlab-export ckpt=PATH format=timm [out=PATH] [ema=true] [name=TIMM_NAME] [num_heads=H]``
+(or ``python -m mimlab.checkpoints.export``)
 
 Writes ``out`` (default ``<ckpt stem>.timm.pth``: a bare state dict) and ``<out>.json`` with the ``timm.create_model``
 name and keyword arguments under which ``model.load_state_dict(torch.load(out), strict=True)`` holds. Inputs: mimlab
@@ -151,12 +152,29 @@ def export_timm(ckpt: str | Path, out: str | Path | None = None, ema: bool = Fal
     return out, name, kwargs
 
 
+USAGE = "mimlab-export ckpt=PATH [format=timm] [out=PATH] [ema=true] [name=TIMM_NAME] [num_heads=H]"
+OPTIONS = {
+    "ckpt": "mimlab .ckpt (pre-training, fine-tuning, linear probe) or official MAE / ConvNeXt V2 file (required)",
+    "format": "timm (the only format so far)",
+    "out": "state dict to write (default <ckpt stem>.timm.pth); <out>.json gets the timm.create_model call",
+    "ema": "true: export the model-EMA weights of a fine-tuning run with task.ema_decay (default false)",
+    "name": "timm model name (default vit_base_patch16_224 for ViT, convnextv2_base for ConvNeXt V2)",
+    "num_heads": "attention heads of a ViT (default: the checkpoint's config, else embed_dim / 64)",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]))
-    unknown = set(args) - {"ckpt", "format", "out", "ema", "name", "num_heads"}
+    argv = argv if argv is not None else sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        width, summary = max(map(len, OPTIONS)), __doc__.split("\n\n", 1)[0]
+        print(f"usage: {USAGE}\n\n{summary}\n\noptions (key=value):")
+        print("\n".join(f"  {key:<{width}}  {text}" for key, text in OPTIONS.items()))
+        return
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    unknown = sorted(set(args) - set(OPTIONS)) + [a for a in argv if "=" not in a]
     if "ckpt" not in args or unknown:
-        raise SystemExit(f"usage: python -m mimlab.checkpoints.export ckpt=PATH format=timm [out=PATH] [ema=true] "
-                         f"[name=TIMM_NAME] [num_heads=H]" + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
+        named = f" (unknown: {', '.join(unknown)})" if unknown else ""
+        raise SystemExit(f"usage: {USAGE}{named}; --help lists the options")
     if args.get("format", "timm") != "timm":
         raise SystemExit(f"format={args['format']} is not supported; use format=timm")
     path, name, kwargs = export_timm(args["ckpt"], args.get("out"), args.get("ema", "false").lower() == "true",

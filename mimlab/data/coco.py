@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -33,6 +32,9 @@ from mimlab.data.base import ResumableDataModule
 from mimlab.data.generated import check_generated_root
 from mimlab.data.image_folder import load_rgb
 from mimlab.data.synthetic_dense import COCO_OWN_DATA_HINT, write_coco
+from mimlab.utils.extras import require
+
+_PYCOCOTOOLS_FEATURE = "COCO data (data=coco..., polygon and RLE masks)"
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
@@ -89,6 +91,7 @@ def _check_segmentation(ann: dict, ann_path: Path) -> None:
 
 def _segmentation_to_mask(segm, height: int, width: int) -> np.ndarray:
     """Decode a COCO polygon list, uncompressed RLE (``counts`` a list) or compressed RLE to an (H, W) uint8 mask."""
+    mask_utils = require("pycocotools.mask", _PYCOCOTOOLS_FEATURE)
     if isinstance(segm, list):  # polygons
         rles = mask_utils.frPyObjects(segm, height, width)
         rle = mask_utils.merge(rles)
@@ -241,6 +244,7 @@ class COCODataModule(ResumableDataModule):
                  train_transforms: Callable | None = None, val_transforms: Callable | None = None,
                  generate_if_missing: bool = False, synthetic_size: int = 64, num_classes: int | None = None,
                  val_split: str = "val", **kwargs):
+        require("pycocotools.mask", _PYCOCOTOOLS_FEATURE)  # before any data is read
         super().__init__(root, batch_size=batch_size, **kwargs)
         self.expected_num_classes = num_classes
         self.img_size, self.max_size = img_size, max_size or img_size

@@ -15,7 +15,7 @@ exactly, because the buffer's content is lost with the process. Shards do not ma
 
 Why WebDataset's format rather than LitData: the shards are ordinary tar files (inspect them with ``tar tf``, index them
 with the standard library ``tarfile``, copy them with anything), no index server or cloud SDK is needed, and the one
-dependency (``webdataset``, to write them) is small and pure Python.
+dependency (``webdataset``, only to write them: the ``shards`` extra) is small and pure Python.
 """
 from __future__ import annotations
 
@@ -39,16 +39,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from mimlab.data.base import ResumableDataModule
 from mimlab.data.image_folder import CorruptImageError, DataLayoutError
 from mimlab.data.transforms import eval_transform, pretrain_transform
+from mimlab.utils.extras import MissingExtraError, require
 
 log = logging.getLogger(__name__)
-
-
-def _wds():
-    try:
-        import webdataset
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("data=imagenet_shards and `make shards` need the webdataset package: pip install webdataset") from err
-    return webdataset
 
 
 def _encoded(path: str, max_short_side: int | None, quality: int) -> bytes:
@@ -88,7 +81,7 @@ def write_shards(src: str | Path, dst: str | Path, split: str = "train", shard_s
     ``max_short_side`` re-encodes images larger than that (FFCV/DailyMAE style; cuts decode cost, a documented option).
     Returns the metadata also written to ``<dst>/<split>.json`` (with the tar index, see module docstring).
     """
-    wds = _wds()
+    wds = require("webdataset", "Writing shards (make shards, python -m mimlab.data.shards)")
     folder = Path(src) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"make shards: {folder} does not exist; SRC must hold {split}/<class>/<image> folders")
@@ -201,7 +194,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for split in args.splits:
-        meta = write_shards(args.src, args.dst, split, args.shard_size, args.seed, args.max_short_side or None)
+        try:
+            meta = write_shards(args.src, args.dst, split, args.shard_size, args.seed, args.max_short_side or None)
+        except MissingExtraError as err:
+            raise SystemExit(str(err)) from None
         print(f"{split}: {meta['count']} samples, {len(meta['classes'])} classes, {len(meta['shards'])} shards in {args.dst}")
 
 

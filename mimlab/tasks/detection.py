@@ -32,6 +32,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
 from mimlab.optim import OptimizerFactory
 from mimlab.utils.distributed import gather_list_states
+from mimlab.utils.extras import require
 
 
 class _EvalResizeTransform(GeneralizedRCNNTransform):
@@ -89,6 +90,7 @@ class MaskRCNNDetection(L.LightningModule):
                  rpn_pre_nms_top_n: int = 2000, rpn_post_nms_top_n: int = 1000,
                  detections_per_img: int = 100, box_score_thresh: float = 0.05, mask_threshold: float = 0.5,
                  monitor: str = "val/bbox_mAP"):
+        require("pycocotools", "task=detect (COCO box and mask mAP)")
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "optim"])
         adapter.check_input_size(min_size, "min_size")

@@ -67,7 +67,10 @@ class MaskedPretraining(L.LightningModule):
         Position ``j`` of rank ``r`` among ``W`` processes is ``j·W + r``, the order in which the DataModule's sampler
         deals a step's samples to the ranks; so ``W`` processes × batch ``B`` and one process × batch ``W·B`` draw the
         same mask for the same sample, and a resumed run draws the masks of the uninterrupted one."""
-        world = self._trainer.world_size if self._trainer is not None else 1
+        try:
+            world = self.trainer.world_size
+        except RuntimeError:  # not attached to a Trainer (a bare step, a FLOP count): one process
+            world = 1
         return [self._generator(0, self.global_step, batch_idx, j * world + self.global_rank) for j in range(batch_size)]
 
     @torch.compiler.disable  # host-side draws from host generators
