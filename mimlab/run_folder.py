@@ -82,7 +82,7 @@ class RunFolder:
             return _CLAIMED[folder]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            lock = open(folder / LOCK, "a+")  # noqa: SIM115 - held open for the whole run
+            lock = open(folder / LOCK, "a+")  # held open for the whole run
         except OSError as err:
             raise PermissionError(f"run folder {folder} is not writable ({err.strerror}); "
                                   "choose another with hydra.run.dir=/writable/path") from err

@@ -27,11 +27,11 @@ from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
 from mimlab.run_folder import RunFolder, claim_for_rank_zero
+from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 from mimlab.utils.devices import check_devices
 from mimlab.utils.extras import MissingExtraError, require
 from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils.options import empty_override_messages, validate_options
-from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -1,7 +1,6 @@
 """Checkpoints are written when asked, hold the final state, survive Ctrl-C, and bad files give clear messages."""
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess

@@ -8,8 +8,8 @@ from timm.optim import Lars
 from torch import nn
 
 from mimlab.callbacks.online_eval import knn_predict
-from mimlab.checkpoints.export import export_timm, main as export_main
 from mimlab.checkpoints.convnextv2 import convert_convnextv2_state_dict
+from mimlab.checkpoints.export import export_timm, main as export_main
 from mimlab.checkpoints.load import CheckpointMismatchError, load_pretrained
 from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2
 from mimlab.models.backbones.vit import MaskedViT
@@ -51,7 +51,7 @@ def test_lars_groups_match_mae_lars_rule():
         grads = torch.autograd.grad(model(x).pow(2).sum(), list(model.parameters()))
         for p, g in zip(model.parameters(), grads):
             p.grad = g
-        for (n, p), g in zip(model.named_parameters(), grads):  # MAE reference on the pre-step weights
+        for (n, _), g in zip(model.named_parameters(), grads):  # MAE reference on the pre-step weights
             d = g.clone()
             if ref[n].ndim > 1:
                 pn, un = ref[n].norm(), d.norm()

@@ -10,11 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from unittest import mock
 
 import pytest
+import tomllib
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
 from conftest import compose_config
-from hydra.utils import instantiate
 from mimlab.losses.data2vec import Data2VecLoss
 from mimlab.masking import MaskSet
 from mimlab.masking.inverse_block import InverseBlockMasking
@@ -165,7 +165,7 @@ def test_multi_mask_rows_belong_to_images_in_order():
 def test_multi_mask_with_one_generator_per_image_is_independent_of_the_batch():
     """Training hands one generator per image: an image's clones then do not depend on its batch neighbours."""
     multi = MultiMask(InverseBlockMasking(unit_size=8), clones=3)
-    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
     pair = multi(2, (4, 4), gens(10, 11))
     alone = multi(1, (4, 4), gens(11))
     assert pair.mask.shape == (6, 16) and torch.equal(pair.mask[3:], alone.mask)
@@ -276,7 +276,7 @@ def test_vit_b_recipe_parameter_counts(tmp_path):
     cfg = compose_config(["experiment=data2vec2_vit_b", "logger=csv"], tmp_path)
     with torch.device("meta"):
         module = instantiate(cfg.task)
-    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa: E731
+    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
     block = (3 * 768 * 768 + 3 * 768) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768) + 4 * 768
     encoder = (768 * 3 * 16 * 16 + 768) + 768 + 2 * 768 + 12 * block  # patch conv, cls, embedding LN, blocks
     decoder = 6 * (768 * (768 // 16) * 3 * 3 + 768) + 768 * 768 + 768

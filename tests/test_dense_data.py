@@ -16,7 +16,6 @@ from mimlab.data.coco import COCODataModule, COCOInstances, lsj_transforms
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
 
 
-
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     return write_coco(tmp_path_factory.mktemp("coco"), num_train=8, num_val=8, size=64, seed=0)

@@ -79,6 +79,7 @@ def test_mask_rcnn_memorises_two_real_coco_images():
     if SHARED is None or not (SHARED / "coco_tiny").is_dir():
         pytest.skip("shared/data/coco_tiny is not staged beside the checkout")
     from functools import partial
+    from types import SimpleNamespace
 
     import torch
 
@@ -86,8 +87,6 @@ def test_mask_rcnn_memorises_two_real_coco_images():
     from mimlab.models.backbones.vit import MaskedViT
     from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
     from mimlab.models.necks.simple_fpn import SimpleFeaturePyramid
-    from types import SimpleNamespace
-
     from mimlab.optim import OptimizerFactory, ParamGroups, WarmupMultiStep
     from mimlab.tasks.detection import MaskRCNNDetection
 

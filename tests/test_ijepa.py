@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
 from conftest import compose_config
-from hydra.utils import instantiate
 from mimlab.callbacks.weight_decay_schedule import CosineWeightDecay
 from mimlab.losses.multi_term import MaskedSmoothL1
 from mimlab.masking import MaskSet
@@ -210,7 +210,7 @@ def test_composed_step_equals_official_train_step():
     pred, target = module(images, masks)
     loss = module.loss(pred, target, masks)["loss"]
     z, h, ref_loss = reference_step(encoder, predictor, target_encoder, images, *official_layout(masks))
-    block_major = lambda t: t.transpose(0, 1).flatten(0, 1)  # noqa: E731 - (N, T, K, D) -> (T·N, K, D)
+    block_major = lambda t: t.transpose(0, 1).flatten(0, 1)  # (N, T, K, D) -> (T·N, K, D)
     torch.testing.assert_close(block_major(pred), z, rtol=0, atol=2e-5)
     torch.testing.assert_close(block_major(target), h, rtol=0, atol=2e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
@@ -279,7 +279,7 @@ def test_recipe_parameter_counts(experiment, encoder, positions, predictor, pred
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
         module = instantiate(cfg.task)
-    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa: E731
+    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
     dim, depth, patch = cfg.model.backbone.embed_dim, cfg.model.backbone.depth, cfg.model.backbone.patch_size
     assert encoder == dim * 3 * patch * patch + dim + positions + depth * (12 * dim * dim + 13 * dim) + 2 * dim
     assert predictor == (dim * 384 + 384) + 384 + predictor_positions + 12 * (12 * 384**2 + 13 * 384) + 768 + (384 * dim + dim)

@@ -23,7 +23,7 @@ def count(module: nn.Module, trainable_only: bool = False) -> int:
 def decoder_params(enc_dim: int, depth: int, dim: int = 512, hidden: int = 2048, out: int = 2048) -> int:
     """Analytic trainable count: blocks + aggregate norm + embed + mask token + final norm + both projection MLPs."""
     block = 12 * dim * dim + 13 * dim
-    mlp = lambda i: i * hidden + hidden + hidden * out + out  # noqa: E731
+    mlp = lambda i: i * hidden + hidden + hidden * out + out
     return depth * block + 2 * enc_dim + (enc_dim * dim + dim) + dim + 2 * dim + mlp(dim) + mlp(enc_dim)
 
 

@@ -9,9 +9,9 @@ the official flat ``blocks`` list, PatchMerges skipped, decay renormalised by ``
 """
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from conftest import compose_config
-from hydra.utils import instantiate
 from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2
 from mimlab.models.backbones.hivit import HiViT
 from mimlab.optim import ParamGroups

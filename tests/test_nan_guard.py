@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from mimlab.train import build
 from mimlab.callbacks.nan_guard import NonFiniteLossError
+from mimlab.train import build
 
 TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
         "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",

@@ -1,10 +1,8 @@
 """Bad input and numerical trouble give clear errors and lose nothing."""
 import errno
-import math
 import random
 
 import numpy as np
-
 import pytest
 import torch
 from torch import nn

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_generated_data import snapshot
 
 from conftest import compose_config
 from mimlab.run_folder import STATE, RunFolder, RunFolderError
 from mimlab.train import run
-from test_generated_data import snapshot
 
 TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
         "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",

@@ -72,7 +72,7 @@ def submit(name: str, overrides: list[str], root: Path) -> subprocess.Popen:
     args = [sys.executable, "-m", "mimlab.train", "-m", *overrides, f"hydra.sweep.dir={out}",
             f"+callbacks.probe.out_dir={out / 'probe'}"]
     (out / "command.txt").write_text(" ".join(args[1:]))
-    log = open(out / "submit.log", "w")  # noqa: SIM115 - closed with the process
+    log = open(out / "submit.log", "w")  # closed with the process
     return subprocess.Popen(args, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -97,7 +97,7 @@ def slurm_runs(cluster, synthetic_root, tmp_path_factory):
         wait_for(root / "requeued" / "probe" / "holding", procs["requeued"], timeout=300)
         job_id = probe(root / "requeued", 0, 0)["env"]["SLURM_JOB_ID"]
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-        for name, proc in procs.items():
+        for proc in procs.values():
             proc.wait(timeout=600)
     finally:
         for proc in procs.values():

@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's mimlab, run from anywhere
 
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from mimlab.analysis.feature_cosine import feature_cosine_distance, load_images, plot_feature_cosine  # noqa: E402
-from mimlab.report import find_runs, read_overrides  # noqa: E402
+from mimlab.analysis.feature_cosine import feature_cosine_distance, load_images, plot_feature_cosine
+from mimlab.report import find_runs, read_overrides
 
 
 def run_label(run: Path) -> str:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's mimlab, run from anywhere
 
-import torch  # noqa: E402
+import torch
 
-from mimlab.models.backbones.vit import MaskedViT  # noqa: E402
-from mimlab.models.backbones.vitdet import ViTDetBackbone  # noqa: E402
+from mimlab.models.backbones.vit import MaskedViT
+from mimlab.models.backbones.vitdet import ViTDetBackbone
 
 VARIANTS = ("global", "vitdet", "vitdet_no_relpos")
 MIB = 2**20

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader
-from torchvision import datasets
-from torchvision import transforms as T
+from torchvision import datasets, transforms as T
 
 from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 

@@ -21,7 +21,6 @@ from torch import Tensor
 
 from mimlab.checkpoints.load import read_state_dict
 
-
 NECK_PREFIXES = ("align_dim_", "split_", "block_16to8.", "block_8to4.", "fpn_modules.")
 PIXEL_DECODER_PREFIXES = ("decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 CLIP_HEAD_PREFIXES = ("decoder_embed.", "lm_head.", "lm_cls_head.", "norm.", "norm_cls.", "cls_pt_layers.")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mimlab.data.base import ResumableDataModule
-from mimlab.data.image_folder import CheckedImageFolder, DataLayoutError
+from mimlab.data.image_folder import CheckedImageFolder
 from mimlab.data.transforms import eval_transform, pretrain_transform
 
 

@@ -8,5 +8,5 @@ class Target(nn.Module):
     """A target generator. Stateful targets (EMA teachers) override :meth:`update`, which the pre-training
     module calls after every optimiser step with the student backbone and the training progress in [0, 1]."""
 
-    def update(self, student: nn.Module, progress: float) -> None:  # noqa: B027 - deliberately a no-op
+    def update(self, student: nn.Module, progress: float) -> None:
         """Follow the student after an optimiser step (no-op for stateless targets)."""

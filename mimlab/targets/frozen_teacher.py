@@ -154,7 +154,7 @@ class FrozenTeacher(Target):
     def _infer_dim(self) -> int | None:
         return getattr(self.teacher, "num_features", None)
 
-    def train(self, mode: bool = True) -> "FrozenTeacher":
+    def train(self, mode: bool = True) -> FrozenTeacher:
         super().train(mode)
         self.teacher.eval()  # BatchNorm statistics and dropout stay frozen whatever the task does
         return self
@@ -175,13 +175,13 @@ class FrozenTeacher(Target):
 
     # -- checkpoint hygiene: teacher weights are config-derived, not training state --------------
     @staticmethod
-    def _drop_teacher_keys(module: "FrozenTeacher", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    def _drop_teacher_keys(module: FrozenTeacher, state_dict: dict, prefix: str, local_metadata: dict) -> None:
         if not module.keep_in_checkpoint:
             for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
                 del state_dict[key]
 
     @staticmethod
-    def _fill_teacher_keys(module: "FrozenTeacher", state_dict: dict, prefix: str, *args: Any) -> None:
+    def _fill_teacher_keys(module: FrozenTeacher, state_dict: dict, prefix: str, *args: Any) -> None:
         if not any(k.startswith(prefix + "teacher.") for k in state_dict):
             for key, value in module.teacher.state_dict().items():
                 state_dict[prefix + "teacher." + key] = value

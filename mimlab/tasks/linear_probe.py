@@ -21,7 +21,7 @@ class LinearProbe(ImageClassification):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
 
-    def train(self, mode: bool = True) -> "LinearProbe":
+    def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
         self.backbone.eval()  # frozen: always in eval mode
         return self

@@ -13,8 +13,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from mimlab.models.backbones.contract import check_backbone
 from mimlab.masking import MaskSet
+from mimlab.models.backbones.contract import check_backbone
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
 
@@ -121,7 +121,7 @@ class MaskedPretraining(L.LightningModule):
         images = torch.zeros(2, 3, *image_size, device=self.device)
         try:
             losses = self.compute_losses(images, self._generator(3))
-        except Exception as err:  # noqa: BLE001 - re-raised with context
+        except Exception as err:  # re-raised with context
             raise CompositionError(
                 f"the configured parts do not fit together at image size {image_size}: {type(err).__name__}: {err}. "
                 f"backbone={type(self.backbone).__name__}, neck={type(self.neck).__name__}, "

@@ -51,7 +51,7 @@ def unknown_key_messages(config_dir: str, config_name: str, args: list[str]) -> 
     """
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
-    except Exception:  # noqa: BLE001 - let Hydra report syntax errors itself
+    except Exception:  # let Hydra report syntax errors itself
         return []
     groups = set(_group_names(config_dir))
     slots = task_slots(config_dir)
@@ -60,7 +60,7 @@ def unknown_key_messages(config_dir: str, config_name: str, args: list[str]) -> 
         try:
             base = compose(config_name, overrides=[o.input_line for o in selections if o.key_or_group not in slots],
                            return_hydra_config=True)
-        except Exception:  # noqa: BLE001 - a wrong group option: Hydra lists the choices itself
+        except Exception:  # a wrong group option: Hydra lists the choices itself
             return []
         task = base.hydra.runtime.choices.get("task")
         present = {g for g in slots if OmegaConf.select(base, g.replace("/", "."), default=None) is not None}
@@ -71,7 +71,7 @@ def unknown_key_messages(config_dir: str, config_name: str, args: list[str]) -> 
             return messages
         try:
             cfg = compose(config_name, overrides=[o.input_line for o in selections])
-        except Exception:  # noqa: BLE001
+        except Exception:
             return []
     keys = _leaf_keys(cfg)
     for o in overrides:

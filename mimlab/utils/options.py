@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from hydra.utils import get_object
@@ -29,7 +29,7 @@ class OptionError(ValueError):
     """One or more config options are invalid; the message lists each key, its value and what is expected."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _arguments(target: str) -> tuple[dict[str, Any], bool]:
     """({argument: annotation or None}, takes ``**kwargs``) of the callable ``target``; for a class, an ``__init__``
     with ``**kwargs`` is assumed to pass them on to its base class's ``__init__``, whose arguments are added."""
@@ -44,7 +44,7 @@ def _arguments(target: str) -> tuple[dict[str, Any], bool]:
             return arguments, True
         try:
             hints = typing.get_type_hints(call, include_extras=True)
-        except Exception:  # noqa: BLE001 - unresolvable forward references: check names only
+        except Exception:  # unresolvable forward references: check names only
             hints = {}
         for name, param in params.items():
             if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -55,7 +55,7 @@ def _arguments(target: str) -> tuple[dict[str, Any], bool]:
     return arguments, open_ended
 
 
-@lru_cache(maxsize=None)
+@cache
 def _adapter(annotation: Any) -> TypeAdapter | None:
     try:
         return TypeAdapter(annotation, config=_LAX)
@@ -82,7 +82,7 @@ def _check_call(node: DictConfig, path: str) -> list[tuple[str, str]]:
     target = node._target_
     try:
         arguments, open_ended = _arguments(target)
-    except Exception as err:  # noqa: BLE001 - reported as a problem of this key
+    except Exception as err:  # reported as a problem of this key
         return [(f"{path}._target_", f"{path}._target_={target!r} cannot be imported: {err}")]
     name = target.rsplit(".", 1)[-1]
     raw = OmegaConf.to_container(node, resolve=False)

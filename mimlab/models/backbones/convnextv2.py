@@ -17,10 +17,9 @@ of the unit grid.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import nn
 
