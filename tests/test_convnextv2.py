@@ -1,4 +1,4 @@
-"""ConvNeXt V2 backbone: sizes (METHODS.md §7 rows 19, 23, 24, 25, 29), GRN, masked-dense leakage, timm equivalence."""
+"""ConvNeXt V2 backbone: sizes (docs/methods.md §7 rows 19, 23, 24, 25, 29), GRN, masked-dense leakage, timm equivalence."""
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,4 @@
-"""Import of official ConvNeXt-V2 state dicts (METHODS.md §3.6) through the one loader: dense, sparse (Minkowski),
+"""Import of official ConvNeXt-V2 state dicts (docs/methods.md §3.6) through the one loader: dense, sparse (Minkowski),
 mimlab, and error reporting."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Feature cosine distance (METHODS.md §3.5): formula, random vs collapsed model, CLI with PNG output."""
+"""Feature cosine distance (docs/methods.md §3.5): formula, random vs collapsed model, CLI with PNG output."""
 import json
 
 import pytest

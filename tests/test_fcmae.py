@@ -1,4 +1,4 @@
-"""FCMAE composition (METHODS.md §3.3, §7 rows 24–28): configs, mask counts, shapes, loss going down."""
+"""FCMAE composition (docs/methods.md §3.3, §7 rows 24–28): configs, mask counts, shapes, loss going down."""
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,7 @@ def test_base_recipe_matches_row_28_and_model_rows_25_27():
 
 
 def test_every_size_has_an_experiment_with_the_same_recipe():
-    for size, (depths, dims) in SIZES.items():  # METHODS.md §3.1
+    for size, (depths, dims) in SIZES.items():  # docs/methods.md §3.1
         cfg = composed(f"fcmae_convnextv2_{size}")
         assert (list(cfg.model.backbone.depths), list(cfg.model.backbone.dims)) == (depths, dims), size
         assert (cfg.masking.ratio, cfg.masking.unit_size, cfg.optim.blr, cfg.trainer.max_epochs) == (0.6, 32, 1.5e-4, 1600)

@@ -1,4 +1,4 @@
-"""FCMAE decoder (METHODS.md §7 rows 24, 25, 27) and the torch.compile path of encoder + decoder."""
+"""FCMAE decoder (docs/methods.md §7 rows 24, 25, 27) and the torch.compile path of encoder + decoder."""
 import pytest
 import torch
 

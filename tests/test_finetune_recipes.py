@@ -1,4 +1,4 @@
-"""Paper fine-tuning / probing recipes on the meta device: classifier parameter counts (METHODS.md §7) and lr-scale range."""
+"""Paper fine-tuning / probing recipes on the meta device: classifier parameter counts (docs/methods.md §7) and lr-scale range."""
 import pytest
 import torch
 from hydra.utils import instantiate

@@ -1,4 +1,4 @@
-"""HiViT backbone: parameter counts (METHODS.md §7 rows 31, 34), mask-unit dropping, layouts, RPE."""
+"""HiViT backbone: parameter counts (docs/methods.md §7 rows 31, 34), mask-unit dropping, layouts, RPE."""
 from __future__ import annotations
 
 import pytest
@@ -30,7 +30,7 @@ def test_param_counts_match_methods_table(name):
 def test_hivit_base_without_rpe():
     with torch.device("meta"):
         model = HiViT(**SIZES["hivit_base"][0], rpe=False, num_classes=1000)
-    assert count(model) == pytest.approx(66.302, abs=5e-4)  # METHODS.md §4.1: "With rpe=False HiViT-B is 66.30M"
+    assert count(model) == pytest.approx(66.302, abs=5e-4)  # docs/methods.md §4.1: "With rpe=False HiViT-B is 66.30M"
 
 
 def tiny(**kw) -> HiViT:

@@ -28,7 +28,7 @@ def decoder_params(enc_dim: int, depth: int, dim: int = 512, hidden: int = 2048,
 
 
 @pytest.mark.parametrize("experiment,enc_dim,depth,encoder", [
-    ("img2vec_vit_b", 768, 2, 111.908e6 - 26.109e6),   # METHODS.md §7 rows 4 and 7: MAE ViT-B total minus its decoder
+    ("img2vec_vit_b", 768, 2, 111.908e6 - 26.109e6),   # docs/methods.md §7 rows 4 and 7: MAE ViT-B total minus its decoder
     ("img2vec_vit_l", 1024, 4, 329.542e6 - 26.240e6),  # rows 5 and 7 (ViT-L)
 ])
 def test_paper_model_parameter_counts(experiment, enc_dim, depth, encoder, tmp_path):

@@ -1,4 +1,4 @@
-"""iTPN pyramid + decoders: sizes (METHODS.md §7 rows 34-35), pyramid strides/channels, tiny pre-training runs."""
+"""iTPN pyramid + decoders: sizes (docs/methods.md §7 rows 34-35), pyramid strides/channels, tiny pre-training runs."""
 from __future__ import annotations
 
 import pytest
@@ -37,7 +37,7 @@ def test_itpn_large_encoder_plus_pyramid_size():
     with torch.device("meta"):
         backbone = HiViT(embed_dim=768, mlp_depth=2, depth=40, num_heads=12, rpe=False)
         neck = ITPNPyramid([192, 384, 768], fpn_dim=256, fpn_depth=2)
-    assert count(backbone, neck) == pytest.approx(292.45, abs=5e-3)  # METHODS.md §4.3
+    assert count(backbone, neck) == pytest.approx(292.45, abs=5e-3)  # docs/methods.md §4.3
 
 
 def tiny_backbone(**kw) -> HiViT:

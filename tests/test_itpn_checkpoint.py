@@ -1,4 +1,4 @@
-"""Import of the official iTPN checkpoint layout (METHODS.md §4.7) through the one loader, on synthetic state dicts in
+"""Import of the official iTPN checkpoint layout (docs/methods.md §4.7) through the one loader, on synthetic state dicts in
 that layout (backbone + pyramid; the pre-training decoder through the same fit check)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MAE composition: parameter counts (METHODS.md §7 rows 1-7, 9, 10) and equivalence with the official forward order."""
+"""MAE composition: parameter counts (docs/methods.md §7 rows 1-7, 9, 10) and equivalence with the official forward order."""
 import pytest
 import torch
 from torch import nn

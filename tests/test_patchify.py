@@ -9,7 +9,7 @@ def test_round_trip_is_exact():
 
 
 def test_layout_is_row_col_channel_with_channel_fastest():
-    """METHODS.md §1: patch l = (row i, col j); value index (r*p + c)*C + ch holds img[ch, i*p + r, j*p + c]."""
+    """docs/methods.md §1: patch l = (row i, col j); value index (r*p + c)*C + ch holds img[ch, i*p + r, j*p + c]."""
     p, c = 4, 3
     x = torch.arange(2 * c * 8 * 12, dtype=torch.float32).reshape(2, c, 8, 12)
     out = patchify(x, p)

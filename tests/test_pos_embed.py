@@ -5,7 +5,7 @@ from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
 def reference_mae_pos_embed(dim: int, grid_size: int) -> np.ndarray:
-    """The MAE recipe written out (METHODS.md §2.1): meshgrid(grid_w, grid_h), first half encodes grid[0] (w)."""
+    """The MAE recipe written out (docs/methods.md §2.1): meshgrid(grid_w, grid_h), first half encodes grid[0] (w)."""
     grid_h = np.arange(grid_size, dtype=np.float64)
     grid_w = np.arange(grid_size, dtype=np.float64)
     grid = np.meshgrid(grid_w, grid_h)  # grid[0] varies along w

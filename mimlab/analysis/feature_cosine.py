@@ -1,10 +1,10 @@
-"""Feature cosine distance (ConvNeXt V2 paper, Fig. 3/4; METHODS.md §3.5): how diverse the channels of a layer are.
+"""Feature cosine distance (ConvNeXt V2 paper, Fig. 3/4; docs/methods.md §3.5): how diverse the channels of a layer are.
 
 For one image and one layer with activation ``X`` (H, W, C), channel ``X_i`` flattened to an HW-vector,
 ``d(X) = 1/C² · Σ_i Σ_j (1 − cos(X_i, X_j)) / 2`` ∈ [0, 1] (mean over all C×C pairs, self-pairs included).
 It is computed **per image** and averaged over images (the paper's protocol; a third-party reproduction pools
 N·H·W instead). High = diverse channels, ~0 = collapsed (redundant) channels. An all-zero (dead) channel has
-cosine 0 with every channel. The 1/C² normalisation is recalled from the paper, not re-read (METHODS.md §8).
+cosine 0 with every channel. The 1/C² normalisation is recalled from the paper, not re-read (docs/methods.md §8).
 
 Default layers: the MLP hidden activation of every block, i.e. the output of each GRN module (V2), or of each
 GELU when the model has no GRN (V1-style). CLI::

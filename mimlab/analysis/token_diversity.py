@@ -5,12 +5,12 @@ For one image with K tokens f_1..f_K (a 7x7 grid for a stride-32 CNN at 224 px, 
     similarity = 1 / (K (K - 1)) * sum_{i != k} cos(f_i, f_k),
 
 averaged over the N images (the review's formula). ``diversity = 1 - similarity`` is this project's
-working definition (METHODS.md §5; not yet checked against the paper PDF). A zero token has cosine 0
+working definition (docs/methods.md §5; not yet checked against the paper PDF). A zero token has cosine 0
 with every other token (``F.normalize`` with eps).
 
 CLI (key=value arguments, like the Hydra entry points)::
 
-    python -m mimlab.analysis.token_diversity teacher=resnet50 data=../shared/data/imagenet_sample
+    python -m mimlab.analysis.token_diversity teacher=resnet50 data=/path/to/imagenet_sample
     python -m mimlab.analysis.token_diversity teacher=vit_base_patch16_224 checkpoint=/path/w.pth plot=fig3.png
 
 prints the similarity and diversity and saves the per-query similarity map of one image (Figure 3).

@@ -35,7 +35,7 @@ def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> f
 
 class TrainingDashboard(L.Callback):
     """Args: ``measure_flops`` (count FLOPs with ``flops_images`` images at the start of training when the module has
-    no ``flops_per_batch``), ``peak_tflops`` (per-device peak for ``perf/mfu``; PERFORMANCE.md uses 790 for a bf16 H100;
+    no ``flops_per_batch``), ``peak_tflops`` (per-device peak for ``perf/mfu``; docs/performance.md uses 790 for a bf16 H100;
     null = no ``perf/mfu``)."""
 
     def __init__(self, measure_flops: bool = True, flops_images: int = 2, peak_tflops: float | None = None) -> None:

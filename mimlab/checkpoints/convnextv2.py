@@ -1,7 +1,7 @@
 """Convert official ConvNeXt-V2 weights (FCMAE pre-trained, fine-tuned, sparse-encoder or timm layout) to the names of
 :class:`mimlab.models.backbones.convnextv2.MaskedConvNeXtV2`; :func:`mimlab.checkpoints.load.load_pretrained` loads them.
 
-Accepted layouts (METHODS.md §3.6), detected per key:
+Accepted layouts (docs/methods.md §3.6), detected per key:
 
 * **official dense** (``convnextv2_*_fcmae.pt``, ``*_ema.pt``): ``downsample_layers.k.*``, ``stages.s.b.{dwconv,
   norm, pwconv1, grn.gamma, grn.beta, pwconv2}``, ``norm.*``/``head.*`` for fine-tuned models. GRN params are

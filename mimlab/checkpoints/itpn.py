@@ -1,4 +1,4 @@
-"""Convert official iTPN / HiViT checkpoints (METHODS.md §4.7) to the names of mimlab's ``HiViT`` + ``ITPNPyramid`` +
+"""Convert official iTPN / HiViT checkpoints (docs/methods.md §4.7) to the names of mimlab's ``HiViT`` + ``ITPNPyramid`` +
 heads; :func:`mimlab.checkpoints.load.load_pretrained` loads the backbone and the pyramid.
 
 Official layout (a model ``state_dict`` under ``'model'``, or ``'module'`` / ``'model_ema'`` / ``'state_dict'``,

@@ -3,7 +3,7 @@
 The loader workers only read file bytes; :meth:`GPUDecodeImageNetDataModule.transfer_batch_to_device` decodes the whole
 batch on the device in one batched call, then applies the MAE transforms there: RandomResizedCrop(scale, bicubic,
 antialiased) + horizontal flip + normalise for training, Resize(img/crop_pct) + CenterCrop + normalise for evaluation.
-On a CPU trainer the same code decodes on the CPU (that is what the tests run). PERFORMANCE.md §3: PIL on 16 cores
+On a CPU trainer the same code decodes on the CPU (that is what the tests run). docs/performance.md §3: PIL on 16 cores
 delivers ~2.4k img/s, nvjpeg decode ~18.9k img/s on one H100, so this path removes the loader bottleneck of MAE-B.
 
 Output batches are ``(images (N, 3, S, S) float, ImageNet-normalised, labels (N,))``, like ``data=imagenet``.

@@ -1,4 +1,4 @@
-"""Frozen CLIP image-tower target for iTPN-CLIP (METHODS.md §4.4).
+"""Frozen CLIP image-tower target for iTPN-CLIP (docs/methods.md §4.4).
 
 ``T = LayerNorm_no_affine(head(norm(tokens))[:, prefix:])`` — every patch token of the teacher after ``ln_post`` and the
 visual projection (timm's CLIP ViTs hold OpenAI's ``visual.proj`` as ``head``), normalised without affine.

@@ -7,12 +7,12 @@ target: iTPN MFM (below), data2vec 2.0 (``targets/data2vec.py``), I-JEPA (``targ
 
 iTPN masked feature modeling (MFM):
 
-What the paper says (seeds/itpn-review-a.txt, itpn-review-b.txt; Tian et al. CVPR'23 §3): MFM complements pixel MIM by
+What the paper says (Tian et al. CVPR'23 §3): MFM complements pixel MIM by
 giving the feature pyramid **multi-stage supervision**; the targets are intermediate features computed on the
 **original (unmasked) image** by a **moving-averaged backbone**, and **each pyramid level** reconstructs them; the total
 loss is the pixel reconstruction loss **plus** the MFM losses (three of them in the paper's figure).
 
-What is **our choice** (no public code exists; METHODS.md §4.3 marks all of it UNVERIFIED):
+What is **our choice** (no public code exists; docs/methods.md §4.3 marks all of it UNVERIFIED):
 * the teacher is an EMA copy of the student *backbone only* (not the pyramid), built from the same config;
   it is hard-synced to the student before training (``mimlab.callbacks.ema_teacher_sync.EMATeacherSync``, or the
   first ``update`` call otherwise) and never receives gradients;
@@ -20,7 +20,7 @@ What is **our choice** (no public code exists; METHODS.md §4.3 marks all of it 
   (BYOL/DINO/data2vec convention): ``m(p) = final - (final - base) · (cos(π p) + 1) / 2``;
 * which teacher stage each pyramid level predicts is ``stages`` (indices into (f4, f8, x16)); the default
   ``(2, 2, 2)`` takes every target from the teacher's **final stage**; ``(0, 1, 2)`` pairs each level with the
-  teacher stage of the same stride (the seeds' "intermediate features" reading);
+  teacher stage of the same stride (the paper's "intermediate features", read literally);
 * targets are LayerNorm'd without affine per sub-token (as iTPN-CLIP does for its teacher) and flattened per unit;
 * the loss type and weights live in the loss config (``WeightedLossSum``), not here.
 

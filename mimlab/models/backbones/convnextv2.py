@@ -1,13 +1,13 @@
 """ConvNeXt V2 backbone that can run **masked-dense** (FCMAE) or dense (fine-tuning / features).
 
-Architecture as ConvNeXt-V2 ``models/convnextv2.py`` (METHODS.md §3.1): stem Conv2d(k4, s4) + channels-first LN,
+Architecture as ConvNeXt-V2 ``models/convnextv2.py`` (docs/methods.md §3.1): stem Conv2d(k4, s4) + channels-first LN,
 three downsamples LN + Conv2d(k2, s2), blocks ``dwconv 7x7 -> LN -> Linear C->4C -> GELU -> GRN -> Linear 4C->C
 -> DropPath -> +x`` with no LayerScale; optional head = global average pool -> LN -> Linear.
 Module and parameter names follow the official dense layout (``downsample_layers.k.*``, ``stages.s.b.dwconv``,
 ``pwconv1``, ``grn.gamma``, ``pwconv2``, ``norm``, ``head``) so official checkpoints load by renaming nothing
 (see ``mimlab.checkpoints.convnextv2`` for the sparse / timm layouts).
 
-Masked-dense convention (replaces MinkowskiEngine, see METHODS.md §3.3 and PERFORMANCE.md §5):
+Masked-dense convention (replaces MinkowskiEngine, see docs/methods.md §3.3 and docs/performance.md §5):
 ``mask`` is ``(N, L)`` over a ``gh x gw`` grid of square mask units (row-major), ``1 = masked``. It is upsampled
 to every stage's resolution; masked positions are set to zero after the stem, after every depthwise conv, after
 every block and after every downsample, and GRN statistics use visible positions only (per sample). Masked

@@ -1,6 +1,6 @@
 """HiViT backbone (Zhang et al., ICLR'23) as used by iTPN, with MAE-style dropping of masked 16-px mask units.
 
-Layout (METHODS.md §4.1). An image is cut into 16×16-px *mask units* (grid ``gh × gw``, ``L = gh·gw``). Every unit is
+Layout (docs/methods.md §4.1). An image is cut into 16×16-px *mask units* (grid ``gh × gw``, ``L = gh·gw``). Every unit is
 embedded as 4×4 inner tokens of 4 px, so the whole early network runs **per unit**:
 
     patch_embed  (N, L, 4, 4, D/4)   Conv2d(3, D/4, k=4, s=4) + LN

@@ -1,6 +1,6 @@
 """FCMAE decoder: 1x1 proj -> mask token -> ConvNeXt V2 block(s) -> 1x1 pred (ConvNeXt-V2 ``models/fcmae.py``).
 
-METHODS.md §3.3: ``proj`` C_in -> 512, the learned mask token (1, 512, 1, 1) replaces masked positions,
+docs/methods.md §3.3: ``proj`` C_in -> 512, the learned mask token (1, 512, 1, 1) replaces masked positions,
 ``depth`` dense ConvNeXt V2 blocks at width 512 (k7, GRN), ``pred`` 512 -> patch_size² · 3 = 3072. No pos-embed.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""iTPN-CLIP prediction heads (METHODS.md §4.4): two regressions of the teacher's features at every unit.
+"""iTPN-CLIP prediction heads (docs/methods.md §4.4): two regressions of the teacher's features at every unit.
 
 Input: the pyramid's ``HiViTEncoding`` of a backbone run with ``drop_masked=False`` (all ``L`` units present, masked
 ones inpainted) and ``keep_hidden=(aux_block,)``.

@@ -1,4 +1,4 @@
-"""iTPN pixel decoder (METHODS.md §4.3): fuses all three pyramid levels per mask unit, then an MAE decoder.
+"""iTPN pixel decoder (docs/methods.md §4.3): fuses all three pyramid levels per mask unit, then an MAE decoder.
 
 Input: the pyramid's ``HiViTEncoding`` with ``features = (P4 (N,K,4,4,F), P8 (N,K,2,2,F), P16 (N,K,1,1,F))`` at the
 ``K`` visible units (``ids_keep``). Per level ``decoder_embed[i] = LN(F) + Linear(F → E/r²)`` is applied to every

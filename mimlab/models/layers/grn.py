@@ -1,7 +1,7 @@
 """Global Response Normalization (ConvNeXt V2), with an optional mask for masked-dense FCMAE.
 
 Reference: ConvNeXt-V2 ``models/utils.py`` (dense GRN) and the JAX masked-dense block in its
-TRAINING.md; METHODS.md §3.2.
+TRAINING.md; docs/methods.md §3.2.
 """
 from __future__ import annotations
 

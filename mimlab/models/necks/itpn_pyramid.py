@@ -1,4 +1,4 @@
-"""iTPN feature pyramid (Tian et al., CVPR'23; METHODS.md §4.2), pre-trained with the backbone and reused downstream.
+"""iTPN feature pyramid (Tian et al., CVPR'23; docs/methods.md §4.2), pre-trained with the backbone and reused downstream.
 
 With ``F = fpn_dim`` (256) and backbone features ``f4`` (D/4, stride 4), ``f8`` (D/2, stride 8), ``x16`` (D, stride 16):
 
