@@ -88,7 +88,7 @@ CPU_SIZES = Sizes(gpu=False, train_steps=3, train_batch=8, train_img=64, bench_s
 BENCH_WORKLOADS = (("mae_vit_b", 256), ("vit_b_finetune", 256), ("fcmae_convnextv2_b", 128),
                    ("convnextv2_b_finetune", 128), ("itpn_b", 256), ("img2vec_vit_b", 256))
 # (check name, paper recipe on the GPU, CPU-size recipe, extra overrides)
-TRAIN_RECIPES = (
+TRAIN_RECIPES: tuple[tuple[str, str, str, list[str]], ...] = (
     ("mae_vit_b", "mae_vit_b", "mae_vit_tiny_synthetic", []),
     ("fcmae_convnextv2_base", "fcmae_convnextv2_base", "fcmae_convnextv2_atto_synthetic", []),
     ("itpn_base_pixel", "itpn_base_pixel", "itpn_hivit_tiny_synthetic", []),

@@ -57,7 +57,7 @@ def read_metrics(run: Path, agg: str = "last") -> dict[str, float]:
                 if value not in ("", None):
                     columns.setdefault(key, []).append(float(value))
     reduce = {"last": lambda v: v[-1], "max": max, "min": min}[agg]
-    return {key: reduce(values) for key, values in columns.items()}
+    return {key: reduce(values) for key, values in columns.items()}  # type: ignore[operator]
 
 
 def read_overrides(run: Path) -> dict[str, Any]:

@@ -124,7 +124,7 @@ class RunFolder:
 
 def claim_for_rank_zero(folder: str | Path, ckpt_path: str | None) -> RunFolder | None:
     """:meth:`RunFolder.claim` on global rank 0 (read from the launcher's environment); None on other ranks."""
-    if rank_zero_only.rank != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
+    if rank_zero_only.rank != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:  # type: ignore[attr-defined]
         return None
     return RunFolder.claim(folder, ckpt_path)
 

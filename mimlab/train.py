@@ -54,7 +54,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = instantiate_part(cfg.data)
     module = instantiate_part(cfg.task)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),
+    infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),  # type: ignore[arg-type]
                       instantiate_part(cfg.guard)]
     callbacks = [instantiate_part(c) for c in cfg.callbacks.values()] + infrastructure
     loggers = [instantiate_part(c) for c in cfg.logger.values()]
@@ -68,10 +68,10 @@ def preflight(cfg: DictConfig, module: L.LightningModule) -> RunFolder | None:
     claimed for this run (writable, not in use, not holding another run: :mod:`mimlab.run_folder`)."""
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     if ckpt_path:
-        check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True), cfg.allow_config_change)
+        check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True), cfg.allow_config_change)  # type: ignore[arg-type]
     if hasattr(module, "check_composition"):
         size = cfg.data.img_size
-        module.check_composition((size, size))
+        module.check_composition((size, size))  # type: ignore[operator]
     return claim_for_rank_zero(cfg.paths.output_dir, cfg.ckpt_path)
 
 
@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit_module = apply_fast_paths(module, cfg.hardware)
     status = "failed"
     try:
-        trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))
+        trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))  # type: ignore[arg-type]
         status = "finished"
     except (SIGTERMException, KeyboardInterrupt):
         status = "interrupted"
@@ -102,9 +102,9 @@ def _artefacts(trainer: L.Trainer) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": trainer.default_root_dir}
     ckpt = trainer.checkpoint_callback
     if ckpt is not None:
-        out["last_checkpoint"] = ckpt.last_model_path or None
-        out["best_checkpoint"] = ckpt.best_model_path or None
-    for callback in trainer.callbacks:
+        out["last_checkpoint"] = ckpt.last_model_path or None  # type: ignore[attr-defined]
+        out["best_checkpoint"] = ckpt.best_model_path or None  # type: ignore[attr-defined]
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if getattr(callback, "last_path", None) is not None:
             out["reconstruction_png"] = str(callback.last_path)
     out["logs"] = [lg.log_dir if hasattr(lg, "log_dir") and lg.log_dir else lg.save_dir for lg in trainer.loggers]
@@ -122,7 +122,7 @@ def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, artefacts
         console.print(f"{key:>20}: {metrics[key]:.4f}")
     for key, value in artefacts.items():
         if value:
-            shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)  # type: ignore[assignment]
             console.print(f"{key.replace('_', ' '):>20}: {shown}", highlight=False)
 
 

@@ -157,7 +157,7 @@ def run(cfg: TokenDiversityConfig) -> dict[str, float]:
         if start <= cfg.plot_image < start + len(images):
             plot_map, plot_image = fmap[cfg.plot_image - start], images[cfg.plot_image - start]
     similarity = torch.cat(sims).mean().item()
-    grid = tuple(plot_map.shape[-2:])
+    grid = tuple(plot_map.shape[-2:])  # type: ignore[union-attr]
     result = {"images": len(files), "tokens": grid[0] * grid[1], "similarity": similarity, "diversity": 1 - similarity}
     print(f"teacher={cfg.teacher} checkpoint={cfg.checkpoint or 'random init'} images={len(files)} grid={grid[0]}x{grid[1]}")
     print(f"token similarity = {similarity:.4f}")
@@ -165,7 +165,7 @@ def run(cfg: TokenDiversityConfig) -> dict[str, float]:
     if cfg.plot:
         query = tuple(cfg.query) if cfg.query is not None else (grid[0] // 2, grid[1] // 2)
         path = Path(cfg.plot.format(teacher=cfg.teacher))
-        save_similarity_plot(plot_image, plot_map, query, path, f"{cfg.teacher}: cosine to query")
+        save_similarity_plot(plot_image, plot_map, query, path, f"{cfg.teacher}: cosine to query")  # type: ignore[arg-type]
         print(f"similarity map of image {cfg.plot_image} ({files[cfg.plot_image].name}) -> {path}")
     return result
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"token_diversity: bad argument ({err}). Options:\n"
                          f"{OmegaConf.to_yaml(OmegaConf.structured(TokenDiversityConfig))}") from None
     try:
-        return run(OmegaConf.to_object(cfg))
+        return run(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except (FileNotFoundError, KeyError, ValueError) as err:  # bad data path / checkpoint / options: no traceback
         raise SystemExit(f"token_diversity: {err}") from None
 

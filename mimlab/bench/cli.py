@@ -117,9 +117,9 @@ def load_config(argv: list[str]) -> DictConfig:
         raise SystemExit(f"mimlab.bench: arguments are key=value pairs over conf/bench.yaml, got {bad}")
     cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
     for key in ("compile", "loops"):
-        if not OmegaConf.is_list(cfg[key]):
-            cfg[key] = [cfg[key]]
-    return cfg
+        if not OmegaConf.is_list(cfg[key]):  # type: ignore[index]
+            cfg[key] = [cfg[key]]  # type: ignore[index]
+    return cfg  # type: ignore[return-value]
 
 
 def run(argv: list[str]) -> dict[str, Any]:

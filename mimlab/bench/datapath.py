@@ -102,7 +102,7 @@ def compare_loaders(root: Path, img_size: int = 224, batch_size: int = 64, worke
         official.append(_rate(official_mae_loader(root, img_size, batch_size, workers), batches))
         loader = mimlab_loader(root, img_size, batch_size, workers)
         ours.append(_rate(loader, batches))
-        workers_only.append(_rate(loader.loader, batches))
+        workers_only.append(_rate(loader.loader, batches))  # type: ignore[attr-defined]
     ratios = [a / b for a, b in zip(ours, official)]
     ratios_workers = [a / b for a, b in zip(workers_only, official)]
     return {"root": str(root), "workers": workers, "batch": batch_size, "img_size": img_size, "batches": batches,

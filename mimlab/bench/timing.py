@@ -41,7 +41,8 @@ class WindowClock:
     """Marks window boundaries (synchronising the device first); ``seconds`` are the windows' lengths."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.marks = device, []
+        self.device = device
+        self.marks: list[float] = []
 
     def mark(self) -> None:
         sync(self.device)

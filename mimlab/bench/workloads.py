@@ -47,7 +47,7 @@ class ExperimentWorkload:
         return None
 
     def build(self, cfg: DictConfig, hardware: str, tiny: bool) -> tuple[L.LightningModule, DictConfig]:
-        overrides = [f"experiment={self.experiment}", f"hardware={hardware}", "logger=none", *self.overrides,
+        overrides = [f"experiment={self.experiment}", f"hardware={hardware}", "logger=none", *self.overrides,  # type: ignore[misc]
                      *(self.tiny_overrides if tiny else []), *data_overrides(cfg), *cfg.overrides]
         composed = compose_train(overrides)
         return instantiate(composed.task), composed
@@ -58,4 +58,4 @@ def quiet_step(module: L.LightningModule, batch: Any, index: int) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = module.training_step(batch, index)
-    return out["loss"] if isinstance(out, dict) else out
+    return out["loss"] if isinstance(out, dict) else out  # type: ignore[return-value]

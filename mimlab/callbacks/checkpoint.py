@@ -36,7 +36,7 @@ class RunCheckpoint(ModelCheckpoint):
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if not self.save_last or self._last_written_at == trainer.global_step:
             return
-        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":  # type: ignore[attr-defined]
             return
         judged_at = self._last_global_step_saved
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -26,7 +26,7 @@ def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> f
     pl_module.train()
     generator = torch.Generator().manual_seed(0)
     try:
-        per_image = train_flops_per_image(pl_module, lambda: pl_module.compute_losses(images, generator)["loss"],
+        per_image = train_flops_per_image(pl_module, lambda: pl_module.compute_losses(images, generator)["loss"],  # type: ignore[operator]
                                           images.shape[0])
     finally:
         pl_module.train(was_training)
@@ -49,11 +49,11 @@ class TrainingDashboard(L.Callback):
 
     # --------------------------------------------------------------------------------------------- FLOPs
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        batch_size = trainer.datamodule.batch_size
+        batch_size = trainer.datamodule.batch_size  # type: ignore[attr-defined]
         if getattr(pl_module, "flops_per_batch", None):
             self.flops_per_image = pl_module.flops_per_batch / batch_size
         elif self.measure_flops and hasattr(pl_module, "compute_losses"):
-            dataset = trainer.datamodule.val_set
+            dataset = trainer.datamodule.val_set  # type: ignore[attr-defined]
             images = torch.stack([dataset[i][0] for i in range(min(self.flops_images, len(dataset)))])
             self.flops_per_image = measure_train_flops(pl_module, images.to(pl_module.device)) / len(images)
             pl_module.flops_per_batch = self.flops_per_image * batch_size
@@ -68,7 +68,7 @@ class TrainingDashboard(L.Callback):
     def _logs_after(trainer: L.Trainer, steps: int) -> bool:
         """Whether Lightning writes ``self.log`` values to the loggers once ``steps`` optimiser steps are done: every
         ``log_every_n_steps`` steps and when the run is stopping (its rule, from public Trainer state)."""
-        every = trainer.log_every_n_steps
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]
         return every > 0 and (steps % every == 0 or trainer.should_stop)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:

@@ -79,7 +79,7 @@ class KNNMonitor(L.Callback):
         self.disabled = False
 
     def _datasets(self, trainer: L.Trainer) -> tuple[Dataset, CheckedImageFolder]:
-        dm = trainer.datamodule
+        dm = trainer.datamodule  # type: ignore[attr-defined]
         root = Path(self.root if self.root is not None else dm.root)
         transform, on_corrupt = eval_transform(self.img_size or dm.img_size), getattr(dm, "on_corrupt", "fail")
         hint = f"kNN monitor: {root} needs train/<class>/<image> and val/<class>/<image>"
@@ -94,7 +94,7 @@ class KNNMonitor(L.Callback):
         return bank, val
 
     def _loader(self, trainer: L.Trainer, dataset: Dataset) -> DataLoader:
-        sampler = EvalSampler(len(dataset), trainer.world_size, trainer.global_rank)
+        sampler = EvalSampler(len(dataset), trainer.world_size, trainer.global_rank)  # type: ignore[arg-type]
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           worker_init_fn=init_worker)
 
@@ -114,8 +114,8 @@ class KNNMonitor(L.Callback):
                            "ImageNet-layout folder, or drop it with ~callbacks.knn)")
             return
         backbone, device = pl_module.backbone, pl_module.device
-        train_f, train_y = (gather_rows(t.to(device)) for t in embed(backbone, self._loader(trainer, bank), device))
-        val_f, val_y = embed(backbone, self._loader(trainer, val), device)
+        train_f, train_y = (gather_rows(t.to(device)) for t in embed(backbone, self._loader(trainer, bank), device))  # type: ignore[arg-type]
+        val_f, val_y = embed(backbone, self._loader(trainer, val), device)  # type: ignore[arg-type]
         scores = knn_predict(train_f, train_y, val_f.to(device), len(val.classes), self.k, self.temperature)
         counts = torch.tensor([(scores.argmax(1).cpu() == val_y).sum(), val_y.numel()], dtype=torch.float64, device=device)
         correct, total = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
@@ -138,38 +138,38 @@ class OnlineLinearProbe(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.head is None:
-            num_classes = self.num_classes or trainer.datamodule.num_classes
-            self.head = LinearProbeHead(self.features.dim(pl_module.backbone), num_classes)
+            num_classes = self.num_classes or trainer.datamodule.num_classes  # type: ignore[attr-defined]
+            self.head = LinearProbeHead(self.features.dim(pl_module.backbone), num_classes)  # type: ignore[arg-type]
             self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.head.to(pl_module.device)
+        self.head.to(pl_module.device)  # type: ignore[union-attr]
 
     def _features(self, pl_module: L.LightningModule, images: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.features(pl_module.backbone, images).float().detach()
+            return self.features(pl_module.backbone, images).float().detach()  # type: ignore[arg-type]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         images, labels = batch[0], batch[1]
-        self.head.train()
+        self.head.train()  # type: ignore[union-attr]
         with torch.enable_grad():
-            logits = self.head(self._features(pl_module, images))
+            logits = self.head(self._features(pl_module, images))  # type: ignore[misc]
             loss = nn.functional.cross_entropy(logits, labels)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
             loss.backward()
-            for p in self.head.parameters():  # average over the ranks' batches: every rank keeps the same head
+            for p in self.head.parameters():  # type: ignore[union-attr]  # average over the ranks' batches: every rank keeps the same head
                 p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
-            self.optimizer.step()
-        for buffer in self.head.buffers():  # and the same BatchNorm statistics
+            self.optimizer.step()  # type: ignore[union-attr]
+        for buffer in self.head.buffers():  # type: ignore[union-attr]  # and the same BatchNorm statistics
             if buffer.is_floating_point():
                 buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
         self._count("train", logits, labels)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.head.eval()
+        self.head.eval()  # type: ignore[union-attr]
         with torch.no_grad():
-            logits = self.head(self._features(pl_module, batch[0]))
+            logits = self.head(self._features(pl_module, batch[0]))  # type: ignore[misc]
         self._count("val", logits, batch[1])
 
     def _count(self, split: str, logits: Tensor, labels: Tensor) -> None:
@@ -195,9 +195,9 @@ class OnlineLinearProbe(L.Callback):
         self._log(pl_module, "val")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()} if self.head is not None else {}
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()} if self.head is not None else {}  # type: ignore[union-attr]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict and self.head is not None:
             self.head.load_state_dict(state_dict["head"])
-            self.optimizer.load_state_dict(state_dict["optimizer"])
+            self.optimizer.load_state_dict(state_dict["optimizer"])  # type: ignore[union-attr]

@@ -55,7 +55,7 @@ class ReconstructionPanel(L.Callback):
 
     def _fixed_images(self, trainer: L.Trainer) -> Tensor:
         if self.images is None:
-            self.images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images)
+            self.images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images)  # type: ignore[attr-defined]
         return self.images
 
     @rank_zero_only
@@ -65,7 +65,7 @@ class ReconstructionPanel(L.Callback):
         images = self._fixed_images(trainer).to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        out = pl_module.reconstruct(images)
+        out = pl_module.reconstruct(images)  # type: ignore[operator]
         pl_module.train(was_training)
         grid = reconstruction_grid(images.float(), out["mask"].float(), out["pred"].float()).cpu()
         folder = Path(trainer.default_root_dir) / self.dirname

@@ -30,12 +30,12 @@ class RunMetadata(L.Callback):
         self.metadata = {"config": config, "code_version": code_version(), "torch": str(torch.__version__)}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        params = {**self.metadata["config"], "code_version": self.metadata["code_version"]}
+        params = {**self.metadata["config"], "code_version": self.metadata["code_version"]}  # type: ignore[dict-item]
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if "data" not in self.metadata:
             fingerprint = getattr(trainer.datamodule, "fingerprint", None)
-            self.metadata["data"] = fingerprint() if callable(fingerprint) else None
+            self.metadata["data"] = fingerprint() if callable(fingerprint) else None  # type: ignore[assignment]
         checkpoint["mimlab"] = self.metadata

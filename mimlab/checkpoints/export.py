@@ -113,7 +113,7 @@ def registered_vit(state: dict[str, Tensor], kwargs: dict[str, Any]) -> str | No
     for name in (f"vit_{s}_patch{kwargs['patch_size']}_{kwargs['img_size']}" for s in sizes):
         if name in registered:
             model = _meta_model(name, num_classes=kwargs["num_classes"], global_pool=kwargs["global_pool"])
-            if _same_tensors(model, state) and model.blocks[0].attn.num_heads == kwargs["num_heads"]:
+            if _same_tensors(model, state) and model.blocks[0].attn.num_heads == kwargs["num_heads"]:  # type: ignore[index, union-attr]
                 return name
     return None
 

@@ -190,4 +190,4 @@ class ADE20KDataModule(ResumableDataModule):
         def lines():
             for dataset in (self.train_set, self.val_set):
                 yield from (f"{dataset.image_dir.name}/{p.name}" for p in dataset.images)
-        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()
+        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()  # type: ignore[arg-type]

@@ -105,21 +105,21 @@ class ResumableDataModule(L.LightningDataModule):
         self.setup()
         num_replicas, rank = self._replicas()
         dataset = self.train_set
-        drop_last = self.drop_last and len(dataset) >= self.batch_size * num_replicas
-        sampler = ResumableSampler(len(dataset), self.seed, shuffle=True, num_replicas=num_replicas, rank=rank,
+        drop_last = self.drop_last and len(dataset) >= self.batch_size * num_replicas  # type: ignore[arg-type]
+        sampler = ResumableSampler(len(dataset), self.seed, shuffle=True, num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
                                    drop_last=drop_last)
         if self._resume is not None:
             sampler.resume_at(*self._resume)
-        return self._loader(dataset, sampler, self.batch_size, drop_last, self.train_collate, EpochAwareDataLoader)
+        return self._loader(dataset, sampler, self.batch_size, drop_last, self.train_collate, EpochAwareDataLoader)  # type: ignore[arg-type]
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
         num_replicas, rank = self._replicas()
-        if len(self.val_set) < num_replicas:
-            raise ValueError(f"the validation split of {self.root} has {len(self.val_set)} samples, fewer than the "
+        if len(self.val_set) < num_replicas:  # type: ignore[arg-type]
+            raise ValueError(f"the validation split of {self.root} has {len(self.val_set)} samples, fewer than the "  # type: ignore[arg-type]
                              f"{num_replicas} processes; add validation samples or run on fewer devices")
-        sampler = EvalSampler(len(self.val_set), num_replicas, rank)
-        return self._loader(self.val_set, sampler, self.val_batch_size, False, self.val_collate)
+        sampler = EvalSampler(len(self.val_set), num_replicas, rank)  # type: ignore[arg-type]
+        return self._loader(self.val_set, sampler, self.val_batch_size, False, self.val_collate)  # type: ignore[arg-type]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 image batches (N, C, H, W) — what the pre-training transforms hand over — are normalised here, on the
@@ -150,7 +150,7 @@ class ResumableDataModule(L.LightningDataModule):
             return {}
         return {
             "epoch": trainer.current_epoch,
-            "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,  # type: ignore[attr-defined]
             "epoch_batches": trainer.num_training_batches,
             "batch_size": self.batch_size,
             "world_size": trainer.world_size,

@@ -19,7 +19,7 @@ def finetune_transform(img_size: int = 224, auto_augment: str | None = "rand-m9-
                        color_jitter: float | None = None, interpolation: str = "bicubic") -> T.Compose:
     """timm training transform with the fine-tuning recipe's RandAugment and random erasing."""
     transform = create_transform(
-        input_size=img_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
+        input_size=img_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,  # type: ignore[arg-type]
         interpolation=interpolation, re_prob=re_prob, re_mode="pixel", re_count=1,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )

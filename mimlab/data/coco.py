@@ -281,11 +281,11 @@ class COCODataModule(ResumableDataModule):
     @property
     def num_classes(self) -> int:
         self.setup()
-        return self.train_set.num_classes
+        return self.train_set.num_classes  # type: ignore[union-attr]
 
     def data_identity(self) -> tuple[str, Iterable[str]]:
         def lines():
             for dataset in (self.train_set, self.val_set):
                 yield from (f"{c['id']} {c['name']}" for c in dataset.categories)
                 yield from (f"{im['id']} {im['file_name']} {len(dataset.anns_by_image[im['id']])}" for im in dataset.images)
-        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()
+        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()  # type: ignore[arg-type]

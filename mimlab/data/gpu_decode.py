@@ -43,7 +43,7 @@ class EncodedImageFolder(Dataset):
                 raise DataLayoutError(f"{root} has class folder(s) that the training split does not have: "
                                       f"{', '.join(unknown[:10])}. Labels are matched by folder name: rename them to "
                                       "training class names, or remove them.")
-            self.classes, self.class_to_idx = sorted(class_to_idx, key=class_to_idx.get), dict(class_to_idx)
+            self.classes, self.class_to_idx = sorted(class_to_idx, key=class_to_idx.get), dict(class_to_idx)  # type: ignore[arg-type]
         self.samples = make_dataset(str(root), self.class_to_idx, extensions=(".jpg", ".jpeg"),
                                     allow_empty=class_to_idx is not None)
 
@@ -111,7 +111,7 @@ class DeviceTransform:
     def _one(self, img: Tensor, rng: random.Random) -> Tensor:
         _, h, w = img.shape
         if self.train:
-            top, left, ch, cw = random_resized_crop_box(h, w, self.scale, (3 / 4, 4 / 3), rng)
+            top, left, ch, cw = random_resized_crop_box(h, w, self.scale, (3 / 4, 4 / 3), rng)  # type: ignore[arg-type]
             out = self._resize(img[:, top:top + ch, left:left + cw], (self.img_size, self.img_size))
             return out.flip(-1) if rng.random() < self.hflip else out
         short = int(round(self.img_size / self.crop_pct))  # torchvision Resize(int) / CenterCrop size arithmetic
@@ -134,12 +134,12 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
 
     def __init__(self, root: str, crop_scale: tuple[float, float] = (0.2, 1.0), seed: int = 0, **kwargs: Any) -> None:
         super().__init__(root, seed=seed, **kwargs)
-        self.train_device_transform = DeviceTransform(self.img_size, train=True, scale=tuple(crop_scale), seed=seed)
+        self.train_device_transform = DeviceTransform(self.img_size, train=True, scale=tuple(crop_scale), seed=seed)  # type: ignore[arg-type]
         self.val_device_transform = DeviceTransform(self.img_size, train=False, seed=seed)
 
     train_collate = val_collate = staticmethod(collate_encoded)
 
-    def build_datasets(self) -> tuple[EncodedImageFolder, _DecodedView]:
+    def build_datasets(self) -> tuple[EncodedImageFolder, _DecodedView]:  # type: ignore[override]
         train = EncodedImageFolder(self.root / "train", self.hint)
         val = EncodedImageFolder(self.root / "val", self.hint, class_to_idx=train.class_to_idx)
         return train, _DecodedView(val, self.val_device_transform)

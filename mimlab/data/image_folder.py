@@ -58,7 +58,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v / 256).convert("L")
+        img = img.point(lambda v: v / 256).convert("L")  # type: ignore[assignment]
     return img.convert("RGB")
 
 
@@ -87,7 +87,7 @@ class CheckedImageFolder(ImageFolder):
             raise DataLayoutError(
                 f"{directory} has class folder(s) that the training split does not have: {', '.join(unknown[:10])}. "
                 "Labels are matched by folder name: rename them to training class names, or remove them.")
-        return sorted(self.given_class_to_idx, key=self.given_class_to_idx.get), dict(self.given_class_to_idx)
+        return sorted(self.given_class_to_idx, key=self.given_class_to_idx.get), dict(self.given_class_to_idx)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):

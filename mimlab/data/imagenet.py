@@ -45,11 +45,11 @@ class ImageNetDataModule(ResumableDataModule):
     @property
     def num_classes(self) -> int:
         self.setup()
-        return len(self.train_set.classes)
+        return len(self.train_set.classes)  # type: ignore[union-attr]
 
     def data_identity(self) -> tuple[str, Iterable[str]]:
         def lines():
             for dataset in (self.train_set, self.val_set):
                 yield from dataset.classes
                 yield from (str(Path(p).relative_to(dataset.root)) for p, _ in dataset.samples)
-        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()
+        return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()  # type: ignore[arg-type]

@@ -100,7 +100,7 @@ class SeededDataset(Dataset):
         self.base = base
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, key):
         if isinstance(key, int):
@@ -124,7 +124,7 @@ class EpochAwareDataLoader(DataLoader):
     epoch (epoch 0 in a resumed process). Deferring the start makes every epoch read the order of the epoch it trains.
     """
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator:  # type: ignore[override]
         start = super().__iter__
 
         def deferred() -> Iterator:

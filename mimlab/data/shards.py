@@ -66,7 +66,7 @@ def index_shard(path: Path) -> list[tuple[int, int, int]]:
             if ext == "jpg":
                 jpg[key] = (member.offset_data, member.size)
             elif ext == "cls":
-                cls[key] = int(tar.extractfile(member).read())
+                cls[key] = int(tar.extractfile(member).read())  # type: ignore[union-attr]
     missing = sorted(set(jpg) ^ set(cls))
     if missing:
         raise ValueError(f"{path}: sample(s) {missing[:5]} lack a .jpg or a .cls member; rewrite the shards with make shards")
@@ -94,7 +94,7 @@ def write_shards(src: str | Path, dst: str | Path, split: str = "train", shard_s
         for index, (path, label) in enumerate(samples):
             sink.write({"__key__": f"{index:09d}", "jpg": _encoded(path, max_short_side, quality), "cls": str(label)})
     shards = sorted(p.name for p in dst.glob(f"{split}-*.tar"))
-    index = [[i, *entry] for i, name in enumerate(shards) for entry in index_shard(dst / name)]
+    index = [[i, *entry] for i, name in enumerate(shards) for entry in index_shard(dst / name)]  # type: ignore[assignment]
     meta = {"split": split, "classes": classes, "count": len(samples), "shards": shards,
             "max_short_side": max_short_side, "source": str(Path(src).resolve()), "samples": index}
     (dst / f"{split}.json").write_text(json.dumps(meta))
@@ -181,7 +181,7 @@ class ShardedImageNetDataModule(ResumableDataModule):
                 yield from meta["classes"]
                 counts = Counter(sample[0] for sample in meta["samples"])
                 yield from (f"{name} {counts[i]}" for i, name in enumerate(meta["shards"]))
-        return f"{len(self.train_set)} train + {len(self.val_set)} val samples in shards", lines()
+        return f"{len(self.train_set)} train + {len(self.val_set)} val samples in shards", lines()  # type: ignore[arg-type]
 
 
 def main() -> None:

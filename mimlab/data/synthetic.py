@@ -38,7 +38,7 @@ CLASSES = (
 
 
 def _jitter(colour: tuple[int, int, int], rng: random.Random, amount: int = 35) -> tuple[int, int, int]:
-    return tuple(int(min(255, max(0, c + rng.randint(-amount, amount)))) for c in colour)
+    return tuple(int(min(255, max(0, c + rng.randint(-amount, amount)))) for c in colour)  # type: ignore[return-value]
 
 
 def _background(size: tuple[int, int], rng: random.Random, nprng: np.random.Generator) -> Image.Image:

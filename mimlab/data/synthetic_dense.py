@@ -42,7 +42,7 @@ _COCO_COLOURS = {1: (220, 40, 40), 3: (40, 200, 60), 5: (50, 80, 230)}
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Smooth random texture, (size, size, 3) uint8, kept darker than the object colours."""
     coarse = rng.integers(0, 90, size=(4, 4, 3), dtype=np.uint8)
-    img = Image.fromarray(coarse).resize((size, size), Image.BILINEAR)
+    img = Image.fromarray(coarse).resize((size, size), Image.BILINEAR)  # type: ignore[attr-defined]
     noise = rng.integers(0, 25, size=(size, size, 3))
     return np.clip(np.asarray(img, dtype=np.int64) + noise, 0, 255).astype(np.uint8)
 
@@ -73,7 +73,7 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
     for v in flat:
         if v != prev:
             counts.append(run)
-            run, prev = 0, v
+            run, prev = 0, v  # type: ignore[assignment]
         run += 1
     counts.append(run)
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
@@ -104,7 +104,7 @@ def _render_coco(root: Path, num_train: int, num_val: int, size: int, seed: int,
             image_id = id_offset + k
             img = _background(rng, size)
             for _ in range(int(rng.integers(1, 5))):
-                cat = int(rng.choice([c["id"] for c in COCO_CATEGORIES]))
+                cat = int(rng.choice([c["id"] for c in COCO_CATEGORIES]))  # type: ignore[arg-type]
                 poly = _shape_polygon(rng, cat, size)
                 mask = _polygon_mask(poly, size)
                 if mask.sum() < 4:
@@ -131,7 +131,7 @@ def _render_coco(root: Path, num_train: int, num_val: int, size: int, seed: int,
             Image.fromarray(img).save(root / split / name, quality=95)
             images.append({"id": image_id, "file_name": name, "width": size, "height": size})
             if progress:
-                progress.advance(task)
+                progress.advance(task)  # type: ignore[arg-type]
         data = {"info": {"description": "mimlab synthetic COCO-format set"}, "images": images,
                 "annotations": list(annotations), "categories": COCO_CATEGORIES}
         with open(root / "annotations" / f"instances_{split[:-4]}2017.json", "w") as f:
@@ -175,7 +175,7 @@ def _render_ade20k(folder: Path, num_train: int, num_val: int, size: int, num_us
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / split / f"{name}.jpg", quality=95)
             Image.fromarray(label, mode="L").save(root / "annotations" / split / f"{name}.png")
             if progress:
-                progress.advance(task)
+                progress.advance(task)  # type: ignore[arg-type]
     return {"training": num_train, "validation": num_val}
 
 

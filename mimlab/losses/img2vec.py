@@ -59,7 +59,7 @@ class Img2VecLoss(nn.Module):
                 f"Img2Vec prediction {tuple(pred['tokens'].shape)} does not match teacher tokens {tuple(tokens.shape)}: "
                 "check model.decoder.out_dim == target.dim and model.decoder.out_stride == target.stride"
             )
-        weights = position_weights(mask_to_token_grid(mask, grid).to(tokens.dtype), self.positions)
+        weights = position_weights(mask_to_token_grid(mask, grid).to(tokens.dtype), self.positions)  # type: ignore[arg-type]
         per_token = F.smooth_l1_loss(pred["tokens"].float(), tokens, beta=self.beta, reduction="none").mean(-1)
         loss_patch = (per_token * weights).sum() / weights.sum().clamp_min(1.0)
         loss_global = F.smooth_l1_loss(pred["global"].float(), tokens.mean(1), beta=self.global_beta)

@@ -56,5 +56,5 @@ class WeightedLossSum(nn.Module):
             value = term(pred[k], tgt, mask)["loss"]
             out[k] = value.detach()
             total = total + self.weights[k] * value
-        out["loss"] = total
+        out["loss"] = total  # type: ignore[assignment]
         return out

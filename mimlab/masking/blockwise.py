@@ -43,7 +43,7 @@ class BlockMasking:
         return h // self.unit_size, w // self.unit_size
 
     def count(self, num_units: int) -> int:
-        n = self.num_masked if self.num_masked is not None else int(round(num_units * self.ratio))
+        n = self.num_masked if self.num_masked is not None else int(round(num_units * self.ratio))  # type: ignore[operator]
         if not 0 < n < num_units:
             raise ValueError(f"masking masks {n} of {num_units} mask unit(s) of {self.unit_size} px; it must mask at "
                              f"least one and keep one visible (masking.num_masked / masking.ratio, data.img_size)")

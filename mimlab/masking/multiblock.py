@@ -89,8 +89,8 @@ class MultiBlockMasking:
     def __call__(self, batch_size: int, grid: tuple[int, int],
                  generator: torch.Generator | list[torch.Generator] | None = None) -> MaskSet:
         per_image = generator if isinstance(generator, list) else [generator] * batch_size
-        target_size = self.block_size(grid, self.target_scale, self.target_aspect, per_image[0])
-        context_size = self.block_size(grid, self.context_scale, (1.0, 1.0), per_image[0])
+        target_size = self.block_size(grid, self.target_scale, self.target_aspect, per_image[0])  # type: ignore[arg-type]
+        context_size = self.block_size(grid, self.context_scale, (1.0, 1.0), per_image[0])  # type: ignore[arg-type]
         self._check(target_size, "target", grid)
         self._check(context_size, "context", grid)
         targets, contexts = [], []

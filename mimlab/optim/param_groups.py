@@ -54,7 +54,7 @@ class ParamGroups:
     def layer_ids(self, module: nn.Module) -> tuple[dict[str, int], LayerGroups]:
         """Layer id of every parameter of ``module`` (full names) and the backbone's :class:`LayerGroups`."""
         prefix = backbone_prefix(module)
-        groups = module.backbone.layer_groups()
+        groups = module.backbone.layer_groups()  # type: ignore[operator, union-attr]
         ids = {name: groups.ids.get(name[len(prefix):], groups.num_layers) if name.startswith(prefix)
                else groups.num_layers for name, _ in module.named_parameters()}
         return ids, groups
@@ -62,7 +62,7 @@ class ParamGroups:
     def __call__(self, module: nn.Module, weight_decay: float) -> list[dict]:
         ids, layers = self.layer_ids(module)
         prefix = backbone_prefix(module)
-        skip = {prefix + n for n in module.backbone.no_weight_decay()} if self.backbone_no_weight_decay else set()
+        skip = {prefix + n for n in module.backbone.no_weight_decay()} if self.backbone_no_weight_decay else set()  # type: ignore[operator, union-attr]
         groups: dict[tuple[int, bool], dict] = {}
         for name, param in module.named_parameters():
             if not param.requires_grad:

@@ -78,11 +78,11 @@ class ClipTeacherTarget(Target):
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
         """(N, 3, H, W) student-normalised images -> (N, L, T) LayerNorm'd teacher patch features."""
-        x = images * self.scale + self.shift  # = (images * std_in + mean_in - mean_clip) / std_clip
+        x = images * self.scale + self.shift  # type: ignore[operator]  # = (images * std_in + mean_in - mean_clip) / std_clip
         if self.teacher_size is not None and x.shape[-1] != self.teacher_size:
             x = F.interpolate(x, size=(self.teacher_size, self.teacher_size), mode="bicubic", align_corners=False)
-        tokens = self.teacher.forward_features(x)[:, self.num_prefix:]
-        feats = self.teacher.head(tokens) if hasattr(self.teacher, "head") else tokens
+        tokens = self.teacher.forward_features(x)[:, self.num_prefix:]  # type: ignore[operator]
+        feats = self.teacher.head(tokens) if hasattr(self.teacher, "head") else tokens  # type: ignore[operator]
         if mask is not None and feats.shape[1] != mask.shape[1]:
             raise ValueError(f"CLIP teacher gives {feats.shape[1]} tokens but the mask has {mask.shape[1]} units; "
                              "set target.teacher_size so that the teacher's token grid equals the unit grid")

@@ -33,7 +33,7 @@ class Data2VecTarget(EMATeacher):
     def __init__(self, teacher: nn.Module, momentum: LinearMomentum | None = None, top_k: int = 10,
                  instance_norm: bool = True, layer_norm: bool = True) -> None:
         super().__init__(teacher, momentum or LinearMomentum(0.9998, 0.99999, 100_000 / 375_300))
-        depth = len(teacher.blocks)
+        depth = len(teacher.blocks)  # type: ignore[arg-type]
         if not 1 <= top_k <= depth:
             raise ValueError(f"target.top_k={top_k} must be in [1, {depth}] (the teacher's depth)")
         self.top_k, self.instance_norm, self.layer_norm = top_k, instance_norm, layer_norm
@@ -42,9 +42,9 @@ class Data2VecTarget(EMATeacher):
         """Run the teacher on the full image; return the FFN outputs (N, L, D) of its top ``top_k`` blocks."""
         outputs: list[Tensor] = []
         hooks = [block.mlp.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-                 for block in self.teacher.blocks[-self.top_k:]]
+                 for block in self.teacher.blocks[-self.top_k:]]  # type: ignore[index]
         try:
-            self.teacher.forward_tokens(images)
+            self.teacher.forward_tokens(images)  # type: ignore[operator]
         finally:
             for hook in hooks:
                 hook.remove()

@@ -86,7 +86,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     if len(t_params) != len(s_params):
         raise ValueError("EMA teacher and student have different parameter lists; build target.teacher from the "
                          "same config as model.backbone")
-    torch._foreach_lerp_(t_params, [s.to(t.dtype) for s, t in zip(s_params, t_params)], 1.0 - momentum)
+    torch._foreach_lerp_(t_params, [s.to(t.dtype) for s, t in zip(s_params, t_params)], 1.0 - momentum)  # type: ignore[arg-type]
     for tb, sb in zip(teacher.buffers(), student.buffers()):
         tb.copy_(sb)
 
@@ -113,7 +113,7 @@ class EMATeacher(Target):
         if bool(self.synced):
             return False
         ema_update_(self.teacher, student, 0.0)
-        self.synced.fill_(True)
+        self.synced.fill_(True)  # type: ignore[operator]
         return True
 
     @torch.no_grad()
@@ -149,7 +149,7 @@ class EMATeacherTarget(EMATeacher):
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
-        feats = self.teacher.forward_units(images).features  # full, unmasked image
+        feats = self.teacher.forward_units(images).features  # type: ignore[operator]  # full, unmasked image
         out = {name: self._flat(feats[s]) for name, s in zip(LEVELS, self.stages)}
         if self.pixel_target is not None:
             out["pixels"] = self.pixel_target(images, mask)
@@ -159,4 +159,4 @@ class EMATeacherTarget(EMATeacher):
         """Pixel view of the pixel head's prediction (for reconstruction panels)."""
         if self.pixel_target is None:
             raise ValueError("EMATeacherTarget has no pixel_target, so there is no pixel prediction to show")
-        return self.pixel_target.to_image(pred["pixels"], images)
+        return self.pixel_target.to_image(pred["pixels"], images)  # type: ignore[operator]

@@ -84,8 +84,8 @@ def teacher_feature_map(model: nn.Module, images: Tensor) -> Tensor:
     norm applied); other modules must return an ``(N, C, h, w)`` map from ``forward_features`` or ``forward``.
     """
     if hasattr(model, "forward_intermediates"):
-        return model.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
-    out = model.forward_features(images) if hasattr(model, "forward_features") else model(images)
+        return model.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]  # type: ignore[operator]
+    out = model.forward_features(images) if hasattr(model, "forward_features") else model(images)  # type: ignore[operator]
     if not isinstance(out, Tensor) or out.ndim != 4:
         raise ValueError(
             f"teacher {type(model).__name__} must return an (N, C, h, w) feature map, got "

@@ -46,7 +46,7 @@ class HOGTarget(Target):
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}x{w} is not divisible by target.patch_size={self.patch_size}")
         x = F.pad(images.float().reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
-        gx, gy = F.conv2d(x, self.sobel.float()).unbind(1)
+        gx, gy = F.conv2d(x, self.sobel.float()).unbind(1)  # type: ignore[arg-type]
         magnitude = torch.sqrt(gx**2 + gy**2)
         bins = torch.floor(torch.atan2(gx, gy) / math.pi * self.nbins).long() % self.nbins
         hist = torch.zeros(n * c, self.nbins, h, w, device=images.device).scatter_add_(1, bins[:, None], magnitude[:, None])

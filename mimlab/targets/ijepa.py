@@ -24,7 +24,7 @@ class IJEPATarget(EMATeacher):
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Tensor | MaskSet | None = None) -> Tensor:
-        h = self.teacher.forward_tokens(images)[:, self.teacher.num_prefix_tokens:]
+        h = self.teacher.forward_tokens(images)[:, self.teacher.num_prefix_tokens:]  # type: ignore[operator]
         h = F.layer_norm(h.float(), h.shape[-1:])
         if mask is None:
             return h

@@ -155,7 +155,7 @@ class MaskRCNNDetection(L.LightningModule):
 
     def to_metric_inputs(self, preds: list[dict], targets: list[dict]) -> tuple[list[dict], list[dict]]:
         """Detections and targets in the ``MeanAveragePrecision`` format (bool (K, H, W) masks)."""
-        thr = self.hparams.mask_threshold
+        thr = self.hparams.mask_threshold  # type: ignore[attr-defined]
         p = [{"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"],
               "masks": (d["masks"][:, 0] > thr) if d["masks"].ndim == 4 else d["masks"].bool()} for d in preds]
         t = [{"boxes": g["boxes"].as_subclass(torch.Tensor), "labels": g["labels"], "masks": g["masks"].bool(),

@@ -55,7 +55,7 @@ class ImageClassification(L.LightningModule):
         check_backbone(backbone)
         self.backbone = backbone
         self.features = features if features is not None else GlobalAvgPool()
-        self.features.dim(backbone)  # the backbone offers this pooled feature (composition-time error otherwise)
+        self.features.dim(backbone)  # type: ignore[attr-defined]  # the backbone offers this pooled feature (composition-time error otherwise)
         self.head_factory = head
         self.optim = optim
         self.num_classes = num_classes
@@ -76,7 +76,7 @@ class ImageClassification(L.LightningModule):
             raise ValueError(f"{type(self).__name__} needs at least 2 classes, got num_classes={num_classes} "
                              "(one class folder gives 100% accuracy whatever the model); point data.root at labelled data")
         self.num_classes = int(num_classes)
-        self.head = self.head_factory(self.features.dim(self.backbone), self.num_classes)
+        self.head = self.head_factory(self.features.dim(self.backbone), self.num_classes)  # type: ignore[attr-defined]
         top5 = min(5, self.num_classes)
         self.metrics = nn.ModuleDict({
             "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
@@ -98,7 +98,7 @@ class ImageClassification(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, num_classes) logits."""
-        return self.head(self.features(self.backbone, images))
+        return self.head(self.features(self.backbone, images))  # type: ignore[misc]
 
     def evaluate(self, images: Tensor) -> Tensor:
         """Logits used for validation (subclasses: EMA weights)."""
@@ -108,8 +108,8 @@ class ImageClassification(L.LightningModule):
         images, labels = batch[0], batch[1]
         logits = self.evaluate(images)
         loss = nn.functional.cross_entropy(logits, labels)
-        self.metrics["acc1"].update(logits, labels)
-        self.metrics["acc5"].update(logits, labels)
+        self.metrics["acc1"].update(logits, labels)  # type: ignore[operator]
+        self.metrics["acc5"].update(logits, labels)  # type: ignore[operator]
         self.val_loss.update(loss, weight=images.shape[0])
 
     def on_validation_epoch_end(self) -> None:
@@ -117,12 +117,12 @@ class ImageClassification(L.LightningModule):
         self.log("val/loss", self.val_loss.compute())
         self.val_loss.reset()
         for name, metric in self.metrics.items():
-            self.log(f"val/{name}", metric.compute() * 100, prog_bar=name == "acc1")
-            metric.reset()
+            self.log(f"val/{name}", metric.compute() * 100, prog_bar=name == "acc1")  # type: ignore[operator]
+            metric.reset()  # type: ignore[operator]
 
     # ------------------------------------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict:
-        return self.optim(self, self.trainer, self.trainer.datamodule.batch_size)
+    def configure_optimizers(self) -> dict:  # type: ignore[override]
+        return self.optim(self, self.trainer, self.trainer.datamodule.batch_size)  # type: ignore[attr-defined]
 
 
 class FineTuning(ImageClassification):
@@ -164,7 +164,7 @@ class FineTuning(ImageClassification):
     def on_head_built(self) -> None:
         self.mixup = self.mixup_factory(num_classes=self.num_classes) if self.mixup_factory is not None else None
         if self.mixup is not None:
-            self.train_loss = SoftTargetCrossEntropy()
+            self.train_loss: nn.Module = SoftTargetCrossEntropy()
         elif self.label_smoothing > 0:
             self.train_loss = LabelSmoothingCrossEntropy(self.label_smoothing)
         else:
@@ -176,7 +176,7 @@ class FineTuning(ImageClassification):
 
     def _ema_source(self) -> nn.ModuleDict:
         """A view (not registered) of the trained parts, in the layout the EMA copy keeps: ``backbone.*``, ``head.*``."""
-        return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
+        return nn.ModuleDict({"backbone": self.backbone, "head": self.head})  # type: ignore[dict-item]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch[0], batch[1]

@@ -29,7 +29,7 @@ class LinearProbe(ImageClassification):
     def forward(self, images: Tensor) -> Tensor:
         with torch.no_grad():
             features = self.features(self.backbone, images)
-        return self.head(features.detach())
+        return self.head(features.detach())  # type: ignore[misc]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch[0], batch[1]

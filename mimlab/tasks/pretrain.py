@@ -140,11 +140,11 @@ class MaskedPretraining(L.LightningModule):
         unit = self.masking.unit_size
         gh, gw = images.shape[-2] // unit, images.shape[-1] // unit
         mask_px = mask.to(images.device).reshape(-1, 1, gh, gw).repeat_interleave(unit, 2).repeat_interleave(unit, 3)
-        return {"mask": mask_px, "pred": self.target.to_image(pred, images)}
+        return {"mask": mask_px, "pred": self.target.to_image(pred, images)}  # type: ignore[operator]
 
     # ----------------------------------------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> dict:
-        batch_size = self.trainer.datamodule.batch_size
+    def configure_optimizers(self) -> dict:  # type: ignore[override]
+        batch_size = self.trainer.datamodule.batch_size  # type: ignore[attr-defined]
         return self.optim(self, self.trainer, batch_size)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -113,8 +113,8 @@ class UperNetSegmentation(L.LightningModule):
 
     def predict_full(self, image: torch.Tensor, out_size) -> torch.Tensor:
         """Sliding-window logits of one (3, H, W) image resized to ``out_size``: (num_classes, *out_size)."""
-        logits = slide_inference(self._logits, image[None], self.hparams.num_classes, self.hparams.crop_size,
-                                 self.hparams.stride)
+        logits = slide_inference(self._logits, image[None], self.hparams.num_classes, self.hparams.crop_size,  # type: ignore[attr-defined]
+                                 self.hparams.stride)  # type: ignore[attr-defined]
         return F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)[0]
 
     def validation_step(self, batch, batch_idx):

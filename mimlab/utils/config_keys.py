@@ -27,7 +27,7 @@ def task_slots(config_dir: str) -> dict[str, list[str]]:
     """``{slot group: [tasks whose defaults list adds it]}`` read from ``conf/task/*.yaml`` (e.g. masking -> [pretrain])."""
     slots: dict[str, list[str]] = {}
     for path in sorted((Path(config_dir) / "task").glob("*.yaml")):
-        for entry in OmegaConf.load(path).get("defaults", []):
+        for entry in OmegaConf.load(path).get("defaults", []):  # type: ignore[arg-type]
             if OmegaConf.is_dict(entry):
                 group = str(next(iter(entry))).removeprefix("override ").split("@")[0].strip("/")
                 slots.setdefault(group, []).append(path.stem)
@@ -58,19 +58,19 @@ def unknown_key_messages(config_dir: str, config_name: str, args: list[str]) -> 
     with initialize_config_dir(config_dir, version_base="1.3"):
         selections = [o for o in overrides if o.key_or_group in groups and not o.is_force_add()]
         try:
-            base = compose(config_name, overrides=[o.input_line for o in selections if o.key_or_group not in slots],
+            base = compose(config_name, overrides=[o.input_line for o in selections if o.key_or_group not in slots],  # type: ignore[misc]
                            return_hydra_config=True)
         except Exception:  # a wrong group option: Hydra lists the choices itself
             return []
         task = base.hydra.runtime.choices.get("task")
         present = {g for g in slots if OmegaConf.select(base, g.replace("/", "."), default=None) is not None}
-        messages = [_unused_slot_message(o.input_line, slot, task, slots[slot])
+        messages = [_unused_slot_message(o.input_line, slot, task, slots[slot])  # type: ignore[arg-type]
                     for o in overrides if not o.is_add() and (slot := _slot_of(o.key_or_group, slots)) is not None
                     and slot not in present]
         if messages:
             return messages
         try:
-            cfg = compose(config_name, overrides=[o.input_line for o in selections])
+            cfg = compose(config_name, overrides=[o.input_line for o in selections])  # type: ignore[misc]
         except Exception:
             return []
     keys = _leaf_keys(cfg)

@@ -14,7 +14,7 @@ def requested_gpus(devices: object, available: int) -> int:
     if isinstance(devices, (list, tuple, ListConfig)) or (isinstance(devices, str) and "," in devices):
         indices = [int(i) for i in (devices.split(",") if isinstance(devices, str) else devices) if str(i).strip()]
         return max(indices) + 1
-    return int(devices)
+    return int(devices)  # type: ignore[call-overload]
 
 
 def check_devices(hardware: DictConfig) -> None:

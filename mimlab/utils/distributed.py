@@ -39,4 +39,4 @@ def gather_list_states(metric: Metric) -> None:
             local = [v.cpu() if isinstance(v, Tensor) else v for v in value]
             parts: list[list | None] = [None] * size
             dist.all_gather_object(parts, local)
-            setattr(metric, name, [item for part in parts for item in part])
+            setattr(metric, name, [item for part in parts for item in part])  # type: ignore[union-attr]

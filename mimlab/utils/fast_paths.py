@@ -19,7 +19,7 @@ def set_fused_attn(module: nn.Module, enabled: bool) -> int:
     count = 0
     for sub in module.modules():
         if isinstance(getattr(sub, "fused_attn", None), bool):
-            sub.fused_attn = bool(enabled)
+            sub.fused_attn = bool(enabled)  # type: ignore[assignment]
             count += 1
     return count
 
@@ -35,5 +35,5 @@ def apply_fast_paths(module: nn.Module, hardware: Any) -> nn.Module:
         module.to(memory_format=torch.channels_last)
     if hardware.get("compile", False):
         mode = hardware.get("compile_mode", None)
-        return torch.compile(module, mode=mode) if mode else torch.compile(module)
+        return torch.compile(module, mode=mode) if mode else torch.compile(module)  # type: ignore[return-value]
     return module

@@ -56,7 +56,7 @@ def conv_linear_macs(module: nn.Module, run: Callable[[], Any]) -> int:
             kh, kw = mod.kernel_size
             total += output.numel() * (mod.in_channels // mod.groups) * kh * kw
         else:
-            total += output.numel() * mod.in_features
+            total += output.numel() * mod.in_features  # type: ignore[assignment, operator]
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:

@@ -92,7 +92,7 @@ def _check_call(node: DictConfig, path: str) -> list[tuple[str, str]]:
             continue
         if key not in arguments:
             if not open_ended:
-                problems.append((f"{path}.{key}", f"{path}.{key}: {name} takes no argument {key!r}"))
+                problems.append((f"{path}.{key}", f"{path}.{key}: {name} takes no argument {key!r}"))  # type: ignore[str-bytes-safe]
             continue
         annotation = arguments[key]
         try:
@@ -110,7 +110,7 @@ def _check_call(node: DictConfig, path: str) -> list[tuple[str, str]]:
             adapter.validate_python(value)
         except ValidationError as err:
             reason = "; ".join(e["msg"] for e in err.errors()[:3])
-            source = _source_key(raw[key], key, path)
+            source = _source_key(raw[key], key, path)  # type: ignore[call-overload, index]
             problems.append((source, f"{source}={value!r}: {reason} ({name} argument {key})"))
     return problems
 
@@ -121,8 +121,8 @@ def _walk(node: Any, path: str) -> list[tuple[str, str]]:
         if "_target_" in node and not OmegaConf.is_interpolation(node, "_target_"):
             problems += _check_call(node, path)
         for key in node.keys():
-            if not OmegaConf.is_interpolation(node, key):  # interpolated nodes are checked where they are defined
-                problems += _walk(node[key], f"{path}.{key}" if path else str(key))
+            if not OmegaConf.is_interpolation(node, key):  # type: ignore[arg-type]  # interpolated nodes are checked where they are defined
+                problems += _walk(node[key], f"{path}.{key}" if path else str(key))  # type: ignore[str-bytes-safe]
     elif isinstance(node, ListConfig):
         for i in range(len(node)):
             if not OmegaConf.is_interpolation(node, i):

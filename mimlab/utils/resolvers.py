@@ -57,7 +57,7 @@ def job_dirname(sweep_dir: object, override_dirname: object) -> str:
 
 
 def scale(size: object, factor: object) -> int:
-    return int(round(float(size) * float(factor)))
+    return int(round(float(size) * float(factor)))  # type: ignore[arg-type]
 
 
 def register() -> None:

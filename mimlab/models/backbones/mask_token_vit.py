@@ -41,7 +41,7 @@ class MaskTokenViT(MaskedViT):
         out, _ = self._run_blocks(self._prepend_cls(tokens), self._attn_bias(tokens))
         return out
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """(N, C, H, W), (N, L_units) 1 = masked -> (N, D, H/p, W/p) map of every patch."""
         if mask is None:
             return super().forward_features(x)[-1]

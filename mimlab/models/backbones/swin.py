@@ -44,7 +44,7 @@ class MaskTokenSwin(SwinTransformer):
         """SimMIM ``optimizer.py`` ``get_swin_layer``: ``mask_token``/``patch_embed.*`` -> 0, block j of stage i ->
         ``sum(depths[:i]) + j + 1``, a patch merging -> the id of the block before it, the rest (final norm) ->
         ``sum(depths) + 1``. (SimMIM's Swin keeps the merging at the end of stage i-1, timm at the start of stage i.)"""
-        depths = [len(stage.blocks) for stage in self.layers]
+        depths = [len(stage.blocks) for stage in self.layers]  # type: ignore[arg-type]
         top = sum(depths) + 1
 
         def layer_id(name: str) -> int:
@@ -65,7 +65,7 @@ class MaskTokenSwin(SwinTransformer):
         check_pool(self, pool)
         return self.forward_features(x)[-1].mean(dim=(-2, -1))
 
-    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:  # type: ignore[override]
         tokens = self.patch_embed(x)  # (N, H/4, W/4, C0)
         if mask is not None:
             tokens = fill_masked(tokens, mask_to_token_grid(mask, tuple(tokens.shape[1:3])), self.mask_token)

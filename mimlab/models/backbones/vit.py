@@ -142,7 +142,7 @@ class MaskedViT(nn.Module):
             module.apply(_init_linear_and_norm)
 
     # ----------------------------------------------------------------------------------------------- contract
-    feature_pools = ("avg", "cls")
+    feature_pools: tuple[str, ...] = ("avg", "cls")
     layer_decay_rules = ("mae",)
     layer_decay_rule = "mae"
 
@@ -279,7 +279,7 @@ def beit_init(vit: MaskedViT, std: float = 0.02) -> None:
         trunc(vit.pos_embed)
     elif vit.pos_embed is not None:
         vit.pos_embed.copy_(sincos_2d_pos_embed(vit.embed_dim, vit.grid, cls_token=True).unsqueeze(0))
-    trunc(vit.cls_token)
+    trunc(vit.cls_token)  # type: ignore[arg-type]
     for m in vit.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             trunc(m.weight)
@@ -289,8 +289,8 @@ def beit_init(vit: MaskedViT, std: float = 0.02) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     for i, blk in enumerate(vit.blocks):
-        blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
-        blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+        blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))  # type: ignore[operator, union-attr]
+        blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))  # type: ignore[operator, union-attr]
 
 
 @torch.no_grad()

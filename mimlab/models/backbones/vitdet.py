@@ -49,7 +49,7 @@ class ViTDetBackbone(MaskedViT):
         self.window_size, self.global_blocks, self.rel_pos = int(window_size), {int(i) for i in global_blocks}, rel_pos
         super().__init__(**vit_kwargs)
         self.norm = nn.Identity()
-        self.cls_token.requires_grad_(False)  # kept so that checkpoints load unchanged; ViTDet does not use it
+        self.cls_token.requires_grad_(False)  # type: ignore[union-attr]  # kept so that checkpoints load unchanged; ViTDet does not use it
 
     def _make_block(self, index: int, block: Callable[..., nn.Module], **kwargs) -> nn.Module:
         """Windowed (or, for ``global_blocks``, global) ViTDet block on (N, gh, gw, D) token grids; ``kwargs`` are the
@@ -58,7 +58,7 @@ class ViTDetBackbone(MaskedViT):
         return WindowedBlock(**kwargs, qkv_bias=True, use_rel_pos=self.rel_pos, window_size=window,
                              input_size=tuple(self.grid))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None):
+    def forward(self, x: Tensor, mask: Tensor | None = None):  # type: ignore[override]
         raise NotImplementedError("ViTDetBackbone is for dense transfer (forward_features); pre-train with MaskedViT "
                                   "(model/backbone=vit_*) and load its checkpoint here.")
 

@@ -22,10 +22,10 @@ class GlobalAvgPool:
     def dim(self, backbone: nn.Module) -> int:
         """Feature width; raises if the backbone does not offer this pool."""
         check_pool(backbone, self.pool)
-        return int(backbone.num_features)
+        return int(backbone.num_features)  # type: ignore[arg-type]
 
     def __call__(self, backbone: nn.Module, images: Tensor) -> Tensor:
-        return backbone.forward_pooled(images, self.pool)
+        return backbone.forward_pooled(images, self.pool)  # type: ignore[operator]
 
 
 class ClsToken(GlobalAvgPool):

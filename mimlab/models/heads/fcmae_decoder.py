@@ -43,7 +43,7 @@ class FCMAEDecoder(nn.Module):
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         gh, gw = x.shape[-2:]

@@ -38,7 +38,7 @@ class IJEPAPredictor(nn.Module):
         self.predictor_pos_embed = nn.Parameter(sincos_2d_pos_embed(predictor_dim, self.grid).unsqueeze(0),
                                                 requires_grad=False)
         self.predictor_blocks = nn.ModuleList(
-            Block(predictor_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))
+            Block(predictor_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))  # type: ignore[arg-type]
         self.predictor_norm = norm_layer(predictor_dim)
         self.predictor_proj = nn.Linear(predictor_dim, embed_dim)
         nn.init.trunc_normal_(self.mask_token, std=init_std)

@@ -52,7 +52,7 @@ class ITPNClipHead(nn.Module):
         for lvl in levels[1:]:
             x = x + lvl
         aux = enc.hidden[self.aux_block]
-        rpe_index = self.relative_position_index[None]
+        rpe_index = self.relative_position_index[None]  # type: ignore[index]
         for blk in self.cls_pt_layers:
             aux = blk(aux, rpe_index)
         return {"pyramid": self.lm_head(self.norm(x)), "aux": self.lm_cls_head(self.norm_cls(aux))}

@@ -38,7 +38,7 @@ class LevelFeatureDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_2d_pos_embed(embed_dim, grid)[None], requires_grad=False)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # type: ignore[arg-type]
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -75,7 +75,7 @@ class ITPNMFMDecoder(nn.Module):
         })
         self.level_decoders.apply(init_weights)
         for dec in self.level_decoders.values():
-            nn.init.normal_(dec.mask_token, std=0.02)
+            nn.init.normal_(dec.mask_token, std=0.02)  # type: ignore[arg-type]
 
     def forward(self, enc: HiViTEncoding, mask: Tensor | None = None) -> dict[str, Tensor]:
         out = {name: dec(level, enc.ids_keep)

@@ -62,7 +62,7 @@ class ITPNPixelDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_2d_pos_embed(embed_dim, self.grid)[None], requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # type: ignore[arg-type]
             for _ in range(depth)
         )
         self.decoder_norm = nn.LayerNorm(embed_dim, eps=1e-6)

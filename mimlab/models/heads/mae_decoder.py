@@ -43,7 +43,7 @@ class MAEDecoder(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)  # type: ignore[arg-type]
         )
         self.decoder_norm = norm_layer(embed_dim)
         self.decoder_pred = nn.Linear(embed_dim, out_dim or patch_size**2 * in_chans) if with_prediction else nn.Identity()

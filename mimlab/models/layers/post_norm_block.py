@@ -10,6 +10,7 @@ into its targets; read it with a forward hook on ``block.mlp``. Shapes: (N, T, D
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from timm.layers import DropPath, Mlp
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 class PostNormBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6)) -> None:
+                 drop_path: float = 0.0, norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)) -> None:
         super().__init__()
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.norm1 = norm_layer(dim)

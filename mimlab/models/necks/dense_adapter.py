@@ -57,13 +57,13 @@ class DenseFeatureAdapter(nn.Module):
         if isinstance(neck, nn.Identity):  # the pre-training default "no neck"
             neck = None
         if neck is not None and not isinstance(neck, nn.Module):
-            neck = neck(in_channels=list(backbone.out_channels), in_strides=list(backbone.out_strides))
+            neck = neck(in_channels=list(backbone.out_channels), in_strides=list(backbone.out_strides))  # type: ignore[arg-type]
         self.neck = neck
         src = neck if neck is not None else backbone
-        src_channels, src_strides = list(src.out_channels), list(src.out_strides)
+        src_channels, src_strides = list(src.out_channels), list(src.out_strides)  # type: ignore[arg-type]
         self.concat_backbone = concat_backbone
         if concat_backbone:
-            bb = dict(zip(backbone.out_strides, backbone.out_channels))
+            bb = dict(zip(backbone.out_strides, backbone.out_channels))  # type: ignore[arg-type]
             missing = [s for s in src_strides if s not in bb]
             if missing:
                 raise ValueError(f"concat_backbone: the backbone has no map at stride(s) {missing} (it has {list(bb)}).")
@@ -71,7 +71,8 @@ class DenseFeatureAdapter(nn.Module):
         self.out_strides = [int(s) for s in out_strides]
         self.extra_pool = extra_pool if extra_pool is not None else nn.MaxPool2d(1, 2)
         chans = dict(zip(src_strides, src_channels))
-        self._select, self.out_channels = [], []
+        self._select: list[int | None] = []
+        self.out_channels: list[int] = []
         for s in self.out_strides:
             if s in chans:
                 self._select.append(src_strides.index(s))
@@ -91,12 +92,12 @@ class DenseFeatureAdapter(nn.Module):
     def check_input_size(self, size: int, key: str) -> None:
         """Raise unless ``size`` (the run's input size, ``data.img_size``, given to the task as ``task.<key>``) is a
         multiple of the backbone's largest stride."""
-        stride = max(int(s) for s in self.backbone.out_strides)
+        stride = max(int(s) for s in self.backbone.out_strides)  # type: ignore[union-attr]
         if size % stride:
             lower, upper = size // stride * stride, (size // stride + 1) * stride
             raise ValueError(f"input size {size} (data.img_size, given as task.{key}) is not a multiple of "
                              f"{type(self.backbone).__name__}'s largest stride {stride} (out_strides "
-                             f"{list(self.backbone.out_strides)}); set data.img_size={lower or upper} or {upper}.")
+                             f"{list(self.backbone.out_strides)}); set data.img_size={lower or upper} or {upper}.")  # type: ignore[arg-type]
 
     def names(self) -> list[str]:
         names = [str(i) for i in range(len(self.out_strides))]
@@ -117,12 +118,12 @@ class DenseFeatureAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         h, w = x.shape[-2:]
-        feats = self.backbone.forward_features(self._pad(x))
+        feats = self.backbone.forward_features(self._pad(x))  # type: ignore[operator]
         maps = self.neck(feats) if self.neck is not None else list(feats)
         if self.concat_backbone:
-            by_stride = dict(zip(self.backbone.out_strides, feats))
+            by_stride = dict(zip(self.backbone.out_strides, feats))  # type: ignore[arg-type]
             src_strides = self.neck.out_strides if self.neck is not None else self.backbone.out_strides
-            maps = [torch.cat([m, by_stride[s]], dim=1) for m, s in zip(maps, src_strides)]
+            maps = [torch.cat([m, by_stride[s]], dim=1) for m, s in zip(maps, src_strides)]  # type: ignore[arg-type]
         full: list[torch.Tensor] = []  # on the padded grid, so that pooling sees whole windows
         for sel in self._select:
             full.append(maps[sel] if sel is not None else self.extra_pool(full[-1]))

@@ -55,16 +55,16 @@ class ITPNPyramid(nn.Module):
         super().__init__()
         if (in_channels is None) == (embed_dim is None):
             raise ValueError("ITPNPyramid: give exactly one of in_channels (3 values) or embed_dim (backbone D)")
-        c4, c8, c16 = in_channels if in_channels is not None else (embed_dim // 4, embed_dim // 2, embed_dim)
+        c4, c8, c16 = in_channels if in_channels is not None else (embed_dim // 4, embed_dim // 2, embed_dim)  # type: ignore[operator]
         self.out_channels = [fpn_dim] * 3
         self.out_strides = [4, 8, 16]
 
         def mlp_block() -> HiViTBlock:
             return HiViTBlock(fpn_dim, 0, mlp_ratio, grid=(1, 1))
 
-        self.align_dim_16tofpn = nn.Linear(c16, fpn_dim) if c16 != fpn_dim else None
+        self.align_dim_16tofpn = nn.Linear(c16, fpn_dim) if c16 != fpn_dim else None  # type: ignore[arg-type]
         self.align_dim_16to8 = nn.Linear(c8, fpn_dim, bias=False)
-        self.split_16to8 = PatchSplit(c16, fpn_dim)
+        self.split_16to8 = PatchSplit(c16, fpn_dim)  # type: ignore[arg-type]
         self.block_16to8 = nn.Sequential(*[mlp_block() for _ in range(fpn_depth)])
         self.align_dim_8to4 = nn.Linear(c4, fpn_dim, bias=False)
         self.split_8to4 = PatchSplit(fpn_dim, fpn_dim)
@@ -88,5 +88,5 @@ class ITPNPyramid(nn.Module):
         s4, s8, s16 = features
         grid = tuple(s16.shape[-2:])
         units = (map_to_units(s4, 4), map_to_units(s8, 2), map_to_units(s16, 1)[:, :, 0, 0, :])
-        return [units_to_map(p, grid) for p in self.forward_units(*units)]
+        return [units_to_map(p, grid) for p in self.forward_units(*units)]  # type: ignore[arg-type]
 
