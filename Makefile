@@ -14,7 +14,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
 DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
 
-.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench gpu-check shards test test-full clean
+.PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench gpu-check shards lint format test test-full clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -76,6 +76,17 @@ gpu-check: $(VENV)/.installed  ## GPU acceptance run (bench, Trainer path, DDP, 
 shards: $(VENV)/.installed  ## WebDataset shards of an ImageNet folder: make shards SRC=/data/imagenet DST=/data/imagenet-shards
 	@if [ -z "$(SRC)" ] || [ -z "$(DST)" ]; then echo "make shards: set SRC=<ImageNet-layout folder> DST=<output folder>"; exit 2; fi
 	$(PY) -m mimlab.data.shards --src $(SRC) --dst $(DST) $(ARGS)
+
+LINT_PATHS  := mimlab tests scripts experiments
+
+lint: $(VENV)/.installed  ## ruff check + ruff format --check + mypy (what CI and the pre-commit hooks run)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+format: $(VENV)/.installed  ## apply ruff's import sorting, safe fixes and formatting
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 test: $(VENV)/.installed  ## the fast tier (every module, no slow end-to-end runs; ~3 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow and not slurm"
