@@ -4,6 +4,7 @@ Composes the config (unknown keys are named), dry-runs the model composition, ch
 decodes every image with a progress bar and reports per-class counts and *all* unreadable files at once.
 Exit status 0 when everything is usable, 1 otherwise.
 """
+
 from __future__ import annotations
 
 import sys
@@ -66,7 +67,9 @@ def check(cfg: DictConfig, console: Console | None = None) -> bool:
     for msg in bad:
         console.print(f"[red]unreadable[/]: {msg}", highlight=False)
     if bad:
-        console.print(f"[red]{len(bad)} unreadable file(s)[/]: replace or delete them, or train with data.on_corrupt=skip")
+        console.print(
+            f"[red]{len(bad)} unreadable file(s)[/]: replace or delete them, or train with data.on_corrupt=skip"
+        )
     return not bad
 
 

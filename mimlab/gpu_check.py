@@ -20,6 +20,7 @@ rewritten after every check, so a run stopped early still leaves its figures.
 Without CUDA (``--mode cpu``, the default there) the same checks run at tiny sizes in about a minute, so CI keeps the
 script working; its speed figures mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,12 @@ class Check:
     """One command of the acceptance run; ``phase`` 1 runs concurrently, phase 2 alone and in order."""
 
     name: str
-    kind: str                      # bench | train | loader
+    kind: str  # bench | train | loader
     argv: list[str]
     phase: int
     timeout_s: float
     outputs: dict[str, str] = field(default_factory=dict)
-    status: str = "pending"        # pending | ok | failed | timeout | skipped
+    status: str = "pending"  # pending | ok | failed | timeout | skipped
     seconds: float | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -77,16 +78,42 @@ class Sizes:
     log_every: int
 
 
-GPU_SIZES = Sizes(gpu=True, train_steps=30, train_batch=64, train_img=224, bench_steps=15, bench_warmup=4,
-                  loader_images=1536, loader_batch=256, workers=12,
-                  train_workers=4, log_every=5)
-CPU_SIZES = Sizes(gpu=False, train_steps=3, train_batch=8, train_img=64, bench_steps=2, bench_warmup=1,
-                  loader_images=64, loader_batch=16, workers=2,
-                  train_workers=2, log_every=1)
+GPU_SIZES = Sizes(
+    gpu=True,
+    train_steps=30,
+    train_batch=64,
+    train_img=224,
+    bench_steps=15,
+    bench_warmup=4,
+    loader_images=1536,
+    loader_batch=256,
+    workers=12,
+    train_workers=4,
+    log_every=5,
+)
+CPU_SIZES = Sizes(
+    gpu=False,
+    train_steps=3,
+    train_batch=8,
+    train_img=64,
+    bench_steps=2,
+    bench_warmup=1,
+    loader_images=64,
+    loader_batch=16,
+    workers=2,
+    train_workers=2,
+    log_every=1,
+)
 
 # (bench workload, batch on the GPU): the batches of the measured anchors (docs/performance.md).
-BENCH_WORKLOADS = (("mae_vit_b", 256), ("vit_b_finetune", 256), ("fcmae_convnextv2_b", 128),
-                   ("convnextv2_b_finetune", 128), ("itpn_b", 256), ("img2vec_vit_b", 256))
+BENCH_WORKLOADS = (
+    ("mae_vit_b", 256),
+    ("vit_b_finetune", 256),
+    ("fcmae_convnextv2_b", 128),
+    ("convnextv2_b_finetune", 128),
+    ("itpn_b", 256),
+    ("img2vec_vit_b", 256),
+)
 # (check name, paper recipe on the GPU, CPU-size recipe, extra overrides)
 TRAIN_RECIPES: tuple[tuple[str, str, str, list[str]], ...] = (
     ("mae_vit_b", "mae_vit_b", "mae_vit_tiny_synthetic", []),
@@ -107,41 +134,128 @@ def plan(out: Path, sizes: Sizes) -> list[Check]:
     hardware = "gpu" if sizes.gpu else "cpu"
     img = sizes.train_img if sizes.gpu else 96  # FCMAE's 32-px mask units need >= 3 units a side on the CPU too
     for name, recipe, cpu_recipe, extra in TRAIN_RECIPES:
-        checks.append(Check(name=f"train/{name}", kind="train", phase=1, timeout_s=300, argv=_python(
-            "-m", "mimlab.train", f"experiment={recipe if sizes.gpu else cpu_recipe}", f"hardware={hardware}",
-            "data=imagenet", f"data.root={data / 'train_set'}", f"data.batch_size={sizes.train_batch}",
-            f"data.img_size={img}", f"hardware.num_workers={sizes.train_workers}", f"trainer.max_steps={sizes.train_steps}",
-            f"trainer.log_every_n_steps={sizes.log_every}",
-            f"trainer.limit_train_batches={sizes.train_steps}", "trainer.limit_val_batches=2", "trainer.max_epochs=1",
-            "logger=csv", f"hydra.run.dir={out / 'runs' / name}", f"name=gpu_check_{name}", *extra)))
-    ddp = ["hardware=ddp", "hardware.devices=1"] + ([] if sizes.gpu else [
-        "hardware.accelerator=cpu", "hardware.precision=32-true", "hardware.compile=false",
-        "hardware.fused_optimizer=false", "hardware.pin_memory=false", "hardware.matmul_precision=highest"])
+        checks.append(
+            Check(
+                name=f"train/{name}",
+                kind="train",
+                phase=1,
+                timeout_s=300,
+                argv=_python(
+                    "-m",
+                    "mimlab.train",
+                    f"experiment={recipe if sizes.gpu else cpu_recipe}",
+                    f"hardware={hardware}",
+                    "data=imagenet",
+                    f"data.root={data / 'train_set'}",
+                    f"data.batch_size={sizes.train_batch}",
+                    f"data.img_size={img}",
+                    f"hardware.num_workers={sizes.train_workers}",
+                    f"trainer.max_steps={sizes.train_steps}",
+                    f"trainer.log_every_n_steps={sizes.log_every}",
+                    f"trainer.limit_train_batches={sizes.train_steps}",
+                    "trainer.limit_val_batches=2",
+                    "trainer.max_epochs=1",
+                    "logger=csv",
+                    f"hydra.run.dir={out / 'runs' / name}",
+                    f"name=gpu_check_{name}",
+                    *extra,
+                ),
+            )
+        )
+    ddp = ["hardware=ddp", "hardware.devices=1"] + (
+        []
+        if sizes.gpu
+        else [
+            "hardware.accelerator=cpu",
+            "hardware.precision=32-true",
+            "hardware.compile=false",
+            "hardware.fused_optimizer=false",
+            "hardware.pin_memory=false",
+            "hardware.matmul_precision=highest",
+        ]
+    )
     mae = checks[0].argv
-    checks.append(Check(name="train/mae_vit_b_ddp1", kind="train", phase=1, timeout_s=300, argv=[
-        *[a for a in mae if not a.startswith(("hardware=", "hydra.run.dir=", "name="))], *ddp,
-        f"hydra.run.dir={out / 'runs' / 'mae_vit_b_ddp1'}", "name=gpu_check_mae_vit_b_ddp1"]))
+    checks.append(
+        Check(
+            name="train/mae_vit_b_ddp1",
+            kind="train",
+            phase=1,
+            timeout_s=300,
+            argv=[
+                *[a for a in mae if not a.startswith(("hardware=", "hydra.run.dir=", "name="))],
+                *ddp,
+                f"hydra.run.dir={out / 'runs' / 'mae_vit_b_ddp1'}",
+                "name=gpu_check_mae_vit_b_ddp1",
+            ],
+        )
+    )
     for workload, batch in BENCH_WORKLOADS:
         loops = "[plain,lightning]" if workload == "mae_vit_b" else "[plain]"
         common = [f"model={workload}", f"batch={batch if sizes.gpu else 4}", f"loops={loops}", "real_data=false"]
         if sizes.gpu:  # fill the compile caches while phase 1 runs (CPU mode times eager only)
-            checks.append(Check(name=f"warm/{workload}", kind="bench", phase=1, timeout_s=300, argv=_python(
-                "-m", "mimlab.bench", *common, "compile=[true]", "steps=1", "warmup=1",
-                f"out={out / 'bench' / f'warm_{workload}.json'}")))
-        checks.append(Check(name=f"bench/{workload}", kind="bench", phase=2, timeout_s=240, argv=_python(
-            "-m", "mimlab.bench", *common, f"compile={'[false,true]' if sizes.gpu else '[false]'}", f"steps={sizes.bench_steps}",
-            f"warmup={sizes.bench_warmup}", f"out={out / 'bench' / f'{workload}.json'}"),
-            outputs={"json": str(out / "bench" / f"{workload}.json")}))
+            checks.append(
+                Check(
+                    name=f"warm/{workload}",
+                    kind="bench",
+                    phase=1,
+                    timeout_s=300,
+                    argv=_python(
+                        "-m",
+                        "mimlab.bench",
+                        *common,
+                        "compile=[true]",
+                        "steps=1",
+                        "warmup=1",
+                        f"out={out / 'bench' / f'warm_{workload}.json'}",
+                    ),
+                )
+            )
+        checks.append(
+            Check(
+                name=f"bench/{workload}",
+                kind="bench",
+                phase=2,
+                timeout_s=240,
+                argv=_python(
+                    "-m",
+                    "mimlab.bench",
+                    *common,
+                    f"compile={'[false,true]' if sizes.gpu else '[false]'}",
+                    f"steps={sizes.bench_steps}",
+                    f"warmup={sizes.bench_warmup}",
+                    f"out={out / 'bench' / f'{workload}.json'}",
+                ),
+                outputs={"json": str(out / "bench" / f"{workload}.json")},
+            )
+        )
     # phase 1 starts the compile warm-ups of the workloads with speed goals first (phase 2 needs their caches)
     goals = [c for c in checks if c.name.startswith("warm/") and c.name.split("/")[1] in GOALS_IMG_S]
     checks = goals + [c for c in checks if c not in goals]
     loader_root = data / "jpeg_500x375"
     for option in ("imagenet", "imagenet_gpu_decode"):
-        checks.append(Check(name=f"loader/{option}", kind="loader", phase=2, timeout_s=120, argv=_python(
-            "-m", "mimlab.gpu_check", "--loader", option, "--loader-root", str(loader_root),
-            "--loader-batch", str(sizes.loader_batch), "--workers", str(sizes.workers),
-            "--loader-out", str(out / "bench" / f"loader_{option}.json")),
-            outputs={"json": str(out / "bench" / f"loader_{option}.json")}))
+        checks.append(
+            Check(
+                name=f"loader/{option}",
+                kind="loader",
+                phase=2,
+                timeout_s=120,
+                argv=_python(
+                    "-m",
+                    "mimlab.gpu_check",
+                    "--loader",
+                    option,
+                    "--loader-root",
+                    str(loader_root),
+                    "--loader-batch",
+                    str(sizes.loader_batch),
+                    "--workers",
+                    str(sizes.workers),
+                    "--loader-out",
+                    str(out / "bench" / f"loader_{option}.json"),
+                ),
+                outputs={"json": str(out / "bench" / f"loader_{option}.json")},
+            )
+        )
     return checks
 
 
@@ -157,8 +271,9 @@ def _render_one(job: tuple[Path, int, int, tuple[int, int] | None, int, int]) ->
     img.save(folder / f"{index:06d}.JPEG", quality=90)
 
 
-def write_jpeg_folder(root: Path, per_class: int, val_per_class: int, size: tuple[int, int] | None, lo: int,
-                      hi: int, processes: int) -> Path:
+def write_jpeg_folder(
+    root: Path, per_class: int, val_per_class: int, size: tuple[int, int] | None, lo: int, hi: int, processes: int
+) -> Path:
     """An ImageNet-layout folder of the synthetic classes (``size`` = exact (W, H), else random in [lo, hi])."""
     from mimlab.data.synthetic import CLASSES
 
@@ -192,13 +307,26 @@ def time_loader_option(option: str, root: str, batch: int, workers: int, out: st
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hardware = "gpu" if device.type == "cuda" else "cpu"
-    cfg = compose_train([f"data={option}", f"data.root={root}", f"data.batch_size={batch}", f"hardware={hardware}",
-                    f"hardware.num_workers={workers}", "logger=none"])
+    cfg = compose_train(
+        [
+            f"data={option}",
+            f"data.root={root}",
+            f"data.batch_size={batch}",
+            f"hardware={hardware}",
+            f"hardware.num_workers={workers}",
+            "logger=none",
+        ]
+    )
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     steps = max(1, (len(datamodule.train_dataloader()) - 2) // 3)
-    figures = {"option": option, "workers": workers, "batch": batch, "device": str(device),
-               **time_loader(datamodule, steps, 2, 3, device, batch)}
+    figures = {
+        "option": option,
+        "workers": workers,
+        "batch": batch,
+        "device": str(device),
+        **time_loader(datamodule, steps, 2, 3, device, batch),
+    }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(figures, indent=2))
     return figures
@@ -212,17 +340,26 @@ def _run(check: Check, deadline: float, logs: Path) -> None:
         return
     log = logs / (check.name.replace("/", "__") + ".log")
     start = time.monotonic()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1",
-           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "WANDB_MODE": "offline",
+        "HYDRA_FULL_ERROR": "1",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+    }
     with open(log, "w") as handle:
         try:
-            proc = subprocess.run(check.argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                  timeout=min(check.timeout_s, remaining))
+            proc = subprocess.run(
+                check.argv, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=min(check.timeout_s, remaining)
+            )
             check.status = "ok" if proc.returncode == 0 else "failed"
             if proc.returncode != 0:
                 check.error = f"exit {proc.returncode}: " + _tail(log)
         except subprocess.TimeoutExpired:
-            check.status, check.error = "timeout", f"stopped after {min(check.timeout_s, remaining):.0f} s: " + _tail(log)
+            check.status, check.error = (
+                "timeout",
+                f"stopped after {min(check.timeout_s, remaining):.0f} s: " + _tail(log),
+            )
     check.seconds = round(time.monotonic() - start, 1)
     check.outputs["log"] = str(log)
     if check.status == "ok":
@@ -248,8 +385,12 @@ def _bench_figures(payload: dict[str, Any]) -> dict[str, Any]:
     res = payload["results"][0]
     if "skipped" in res:
         return {"skipped": res["skipped"]}
-    out: dict[str, Any] = {"device": payload["device"], "batch": res["batch"], "params_m": res["params"] / 1e6,
-                           "gflop_per_img": res["train_gflop_per_img"]}
+    out: dict[str, Any] = {
+        "device": payload["device"],
+        "batch": res["batch"],
+        "params_m": res["params"] / 1e6,
+        "gflop_per_img": res["train_gflop_per_img"],
+    }
     for run in res["runs"]:
         key = f"{run['loop']}_{'compiled' if run['compiled'] else 'eager'}"
         out[key] = {k: run[k] for k in ("img_s", "ms_step", "peak_mem_gib", "mfu")}
@@ -286,40 +427,63 @@ def _fmt(value: Any, spec: str = ".0f") -> str:
 
 
 def markdown(checks: list[Check], meta: dict[str, Any]) -> str:
-    lines = [f"# mimlab GPU check — {meta.get('device', '?')}", "",
-             f"mode {meta['mode']}, torch {meta.get('torch')}, wall {meta.get('wall_s', '?')} s of {meta['budget_s']} s budget", "",
-             "## Bench (synthetic batches on the device, bf16; one workload at a time, warm compile caches)", "",
-             "| workload | batch | GFLOP/img | eager img/s | compiled img/s | goal | compiled MFU | peak GiB | Lightning overhead (eager / compiled, goal ≤ 2%) | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# mimlab GPU check — {meta.get('device', '?')}",
+        "",
+        f"mode {meta['mode']}, torch {meta.get('torch')}, wall {meta.get('wall_s', '?')} s of {meta['budget_s']} s budget",
+        "",
+        "## Bench (synthetic batches on the device, bf16; one workload at a time, warm compile caches)",
+        "",
+        "| workload | batch | GFLOP/img | eager img/s | compiled img/s | goal | compiled MFU | peak GiB | Lightning overhead (eager / compiled, goal ≤ 2%) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in checks:
         if c.kind != "bench" or c.phase != 2:
             continue
         name = c.name.split("/", 1)[1]
         f = c.figures
         eager, comp = f.get("plain_eager", {}), f.get("plain_compiled", {})
-        over = " / ".join(f"{100 * f[k]:.1f}%" for k in ("lightning_overhead_eager", "lightning_overhead_compiled") if k in f)
-        lines.append(f"| {name} | {f.get('batch', '-')} | {_fmt(f.get('gflop_per_img'), '.1f')} | {_fmt(eager.get('img_s'))} "
-                     f"| {_fmt(comp.get('img_s'))} | {GOALS_IMG_S.get(name, '-')} | {_fmt(comp.get('mfu') and 100 * comp['mfu'], '.1f')}% "
-                     f"| {_fmt(comp.get('peak_mem_gib'), '.1f')} | {over or '-'} | {c.status} |")
-    lines += ["", "## Real Trainer path (`python -m mimlab.train ... hardware=gpu`, generated JPEGs; run concurrently: correctness, not speed)", "",
-              "| check | status | seconds | last step | loss first → last | last.ckpt |", "|---|---|---|---|---|---|"]
+        over = " / ".join(
+            f"{100 * f[k]:.1f}%" for k in ("lightning_overhead_eager", "lightning_overhead_compiled") if k in f
+        )
+        lines.append(
+            f"| {name} | {f.get('batch', '-')} | {_fmt(f.get('gflop_per_img'), '.1f')} | {_fmt(eager.get('img_s'))} "
+            f"| {_fmt(comp.get('img_s'))} | {GOALS_IMG_S.get(name, '-')} | {_fmt(comp.get('mfu') and 100 * comp['mfu'], '.1f')}% "
+            f"| {_fmt(comp.get('peak_mem_gib'), '.1f')} | {over or '-'} | {c.status} |"
+        )
+    lines += [
+        "",
+        "## Real Trainer path (`python -m mimlab.train ... hardware=gpu`, generated JPEGs; run concurrently: correctness, not speed)",
+        "",
+        "| check | status | seconds | last step | loss first → last | last.ckpt |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in checks:
         if c.kind != "train":
             continue
         f = c.figures
         loss = f.get("train/loss_step", {})
-        lines.append(f"| {c.name} | {c.status} | {_fmt(c.seconds)} | {f.get('last_step', '-')} | "
-                     f"{_fmt(loss.get('first'), '.4f')} → {_fmt(loss.get('last'), '.4f')} | {f.get('last_ckpt', '-')} |")
-    lines += ["", "## Data path (generated 500×375 JPEGs, loader + host-to-device + device transforms, no model)", "",
-              f"| option | workers | batch | img/s | goal: ≥ {GOAL_LOADER_OVER_MODEL}× the compiled MAE-B rate | status |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {c.name} | {c.status} | {_fmt(c.seconds)} | {f.get('last_step', '-')} | "
+            f"{_fmt(loss.get('first'), '.4f')} → {_fmt(loss.get('last'), '.4f')} | {f.get('last_ckpt', '-')} |"
+        )
+    lines += [
+        "",
+        "## Data path (generated 500×375 JPEGs, loader + host-to-device + device transforms, no model)",
+        "",
+        f"| option | workers | batch | img/s | goal: ≥ {GOAL_LOADER_OVER_MODEL}× the compiled MAE-B rate | status |",
+        "|---|---|---|---|---|---|",
+    ]
     mae = next((c.figures.get("plain_compiled", {}).get("img_s") for c in checks if c.name == "bench/mae_vit_b"), None)
     for c in checks:
         if c.kind != "loader":
             continue
         rate = c.figures.get("img_s")
         ratio = f"{rate / mae:.2f}×" if rate and mae else "-"
-        lines.append(f"| {c.name.split('/', 1)[1]} | {c.figures.get('workers', '-')} | {c.figures.get('batch', '-')} "
-                     f"| {_fmt(rate)} | {ratio} | {c.status} |")
+        lines.append(
+            f"| {c.name.split('/', 1)[1]} | {c.figures.get('workers', '-')} | {c.figures.get('batch', '-')} "
+            f"| {_fmt(rate)} | {ratio} | {c.status} |"
+        )
     lines += ["", "## Compile warm-up (phase 1, concurrent)", "", "| check | status | seconds |", "|---|---|---|"]
     lines += [f"| {c.name} | {c.status} | {_fmt(c.seconds)} |" for c in checks if c.name.startswith("warm/")]
     problems = [c for c in checks if c.status not in ("ok",)]
@@ -357,9 +521,13 @@ def run(out: Path, mode: str, budget_s: float, parallel: int) -> list[Check]:
         shutil.rmtree(out)
     logs = out / "logs"
     logs.mkdir(parents=True)
-    meta: dict[str, Any] = {"mode": mode, "budget_s": budget_s, "torch": torch.__version__,
-                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                            "matmul_bf16_tflops": matmul_tflops()}
+    meta: dict[str, Any] = {
+        "mode": mode,
+        "budget_s": budget_s,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "matmul_bf16_tflops": matmul_tflops(),
+    }
     print(f"mimlab gpu-check ({mode}) on {meta['device']}: writing {out}/results.md", flush=True)
     write_data(out, sizes)
     meta["data_s"] = round(time.monotonic() - started, 1)
@@ -389,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto")
     parser.add_argument("--budget", type=float, default=None, help="seconds (default: 480 on a GPU, 300 on a CPU)")
     parser.add_argument("--parallel", type=int, default=8, help="concurrent phase-1 checks on a GPU")
-    parser.add_argument("--loader", help=argparse.SUPPRESS)       # internal: one loader timing (a subprocess of run)
+    parser.add_argument("--loader", help=argparse.SUPPRESS)  # internal: one loader timing (a subprocess of run)
     parser.add_argument("--loader-root", help=argparse.SUPPRESS)
     parser.add_argument("--loader-batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--loader-out", help=argparse.SUPPRESS)

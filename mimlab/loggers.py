@@ -4,6 +4,7 @@
 jobs of one ``-m`` sweep in one group) and tagged with the job's command-line overrides, so runs of a sweep can be
 compared side by side in the wandb UI. Outside a Hydra run (tests, notebooks) it falls back to plain settings.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,9 @@ def override_tags(overrides: list[str]) -> list[str]:
     return [t[:_MAX_TAG] for t in tags]
 
 
-def wandb_logger(group: str | None = None, tags: list[str] | None = None, job_type: str | None = None,
-                 **kwargs: Any) -> WandbLogger:
+def wandb_logger(
+    group: str | None = None, tags: list[str] | None = None, job_type: str | None = None, **kwargs: Any
+) -> WandbLogger:
     """A ``WandbLogger`` (all ``kwargs`` pass through) with sweep-aware defaults.
 
     ``group`` (null = automatic): the sweep name in a multirun, so every job of a sweep lands in one wandb group.
@@ -72,5 +74,7 @@ def wandb_logger(group: str | None = None, tags: list[str] | None = None, job_ty
         kwargs["name"] = f"{kwargs.get('name') or 'job'}[{ident['job_num']}]{ident['override_dirname']}"[:128]
     config = dict(kwargs.pop("config", None) or {})
     if ident:
-        config.setdefault("hydra", {"overrides": ident["overrides"], "sweep": ident["sweep"], "job_num": ident["job_num"]})
+        config.setdefault(
+            "hydra", {"overrides": ident["overrides"], "sweep": ident["sweep"], "job_num": ident["job_num"]}
+        )
     return WandbLogger(group=group, tags=tags, job_type=job_type, config=config or None, **kwargs)

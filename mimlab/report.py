@@ -7,6 +7,7 @@ A run folder is any folder with ``.hydra/config.yaml``; its varying settings com
 whose values differ between the runs), its numbers from ``csv/metrics.csv`` (the last logged value of each metric, or
 ``--agg max/min``). Writes ``results.md``, ``results.csv`` and ``<y>_vs_<x>.png`` to ``--out`` (default: the first path).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,14 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     runs: set[Path] = set()
     for path in map(Path, paths):
         if not path.exists():
-            raise FileNotFoundError(f"mimlab.report: {path} does not exist; pass a run folder, a sweep folder or outputs/")
+            raise FileNotFoundError(
+                f"mimlab.report: {path} does not exist; pass a run folder, a sweep folder or outputs/"
+            )
         runs.update(p.parent.parent for p in path.glob("**/.hydra/config.yaml"))
     if not runs:
-        raise FileNotFoundError(f"mimlab.report: no run folders (with .hydra/config.yaml) below {', '.join(map(str, paths))}")
+        raise FileNotFoundError(
+            f"mimlab.report: no run folders (with .hydra/config.yaml) below {', '.join(map(str, paths))}"
+        )
 
     def order(p: Path) -> tuple:
         head = p.name.split("_", 1)[0]
@@ -104,8 +109,14 @@ def table(rows: list[dict[str, Any]], keys: list[str], metrics: list[str], root:
         head = name.split("_", 1)[0]
         name = f"job {head}" if head.isdigit() and "/" not in name else name  # sweep jobs: the keys say the rest
         steps = row["metrics"].get("step")
-        lines.append([name or ".", *(_fmt(row["overrides"].get(k)) for k in keys),
-                      *(_fmt(row["metrics"].get(m)) for m in metrics), _fmt(int(steps) + 1 if steps is not None else None)])
+        lines.append(
+            [
+                name or ".",
+                *(_fmt(row["overrides"].get(k)) for k in keys),
+                *(_fmt(row["metrics"].get(m)) for m in metrics),
+                _fmt(int(steps) + 1 if steps is not None else None),
+            ]
+        )
     return lines
 
 
@@ -116,8 +127,9 @@ def markdown(lines: list[list[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], x: str, metrics: list[str], path: Path, hue: str | None = None,
-         title: str | None = None) -> Path:
+def plot(
+    rows: list[dict[str, Any]], x: str, metrics: list[str], path: Path, hue: str | None = None, title: str | None = None
+) -> Path:
     """One panel per metric: metric against override ``x``, one line per value of ``hue``."""
     import matplotlib
 
@@ -130,14 +142,18 @@ def plot(rows: list[dict[str, Any]], x: str, metrics: list[str], path: Path, hue
         groups.setdefault(row["overrides"].get(hue) if hue else None, []).append(row)
     for ax, metric in zip(axes[0], metrics):
         for label, members in groups.items():
-            points = sorted((r["overrides"].get(x), r["metrics"][metric]) for r in members
-                            if metric in r["metrics"] and r["overrides"].get(x) is not None)
+            points = sorted(
+                (r["overrides"].get(x), r["metrics"][metric])
+                for r in members
+                if metric in r["metrics"] and r["overrides"].get(x) is not None
+            )
             if not points:
                 continue
             xs, ys = zip(*points)
             categorical = not all(isinstance(v, (int, float)) for v in xs)
-            ax.plot([str(v) for v in xs] if categorical else xs, ys, marker="o",
-                    label=f"{hue}={label}" if hue else None)
+            ax.plot(
+                [str(v) for v in xs] if categorical else xs, ys, marker="o", label=f"{hue}={label}" if hue else None
+            )
         ax.set_xlabel(x)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -152,8 +168,15 @@ def plot(rows: list[dict[str, Any]], x: str, metrics: list[str], path: Path, hue
     return path
 
 
-def report(paths: list[str | Path], out: str | Path | None = None, x: str | None = None, y: list[str] | None = None,
-           hue: str | None = None, agg: str = "last", title: str | None = None) -> dict[str, Any]:
+def report(
+    paths: list[str | Path],
+    out: str | Path | None = None,
+    x: str | None = None,
+    y: list[str] | None = None,
+    hue: str | None = None,
+    agg: str = "last",
+    title: str | None = None,
+) -> dict[str, Any]:
     """Build the table (and the plot when there is a numeric or categorical ``x``); returns paths and the markdown."""
     runs = find_runs(paths)
     rows = gather(runs, agg)
@@ -171,8 +194,14 @@ def report(paths: list[str | Path], out: str | Path | None = None, x: str | None
     (out_dir / "results.md").write_text(text)
     with open(out_dir / "results.csv", "w", newline="") as f:
         csv.writer(f).writerows(table(rows, keys, metrics, root))
-    result: dict[str, Any] = {"markdown": text, "table": out_dir / "results.md", "csv": out_dir / "results.csv",
-                              "runs": runs, "keys": keys, "metrics": metrics}
+    result: dict[str, Any] = {
+        "markdown": text,
+        "table": out_dir / "results.md",
+        "csv": out_dir / "results.csv",
+        "runs": runs,
+        "keys": keys,
+        "metrics": metrics,
+    }
     x = x or next((k for k in keys if k != hue), None)
     if x is not None and len(rows) > 1:
         hue = hue if hue is not None else next((k for k in keys if k != x), None)
@@ -187,13 +216,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--x", help="override key on the x axis (default: the first varying key)")
     parser.add_argument("--y", help=f"comma-separated metrics (default: those of {', '.join(DEFAULT_METRICS)} present)")
     parser.add_argument("--hue", help="override key drawn as separate lines (default: the second varying key)")
-    parser.add_argument("--agg", default="last", choices=["last", "max", "min"], help="how a metric column becomes one number")
+    parser.add_argument(
+        "--agg", default="last", choices=["last", "max", "min"], help="how a metric column becomes one number"
+    )
     parser.add_argument("--out", help="folder for results.md / results.csv / the plot (default: the first path)")
     parser.add_argument("--title", help="plot title")
     args = parser.parse_args(argv)
     result = report(args.paths, args.out, args.x, args.y.split(",") if args.y else None, args.hue, args.agg, args.title)
     print(result["markdown"])
-    print(f"table: {result['table']}\ncsv:   {result['csv']}" + (f"\nplot:  {result['plot']}" if "plot" in result else ""))
+    print(
+        f"table: {result['table']}\ncsv:   {result['csv']}" + (f"\nplot:  {result['plot']}" if "plot" in result else "")
+    )
 
 
 if __name__ == "__main__":

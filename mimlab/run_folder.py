@@ -10,6 +10,7 @@ Only rank 0 claims (other ranks of the same run write where it claimed). :class:
 ``hydra.callbacks`` in ``conf/train.yaml``) claims in ``on_run_start``, before Hydra writes ``.hydra/``; runs started
 without Hydra's run mode (sweeps, tests) claim in :func:`mimlab.train.preflight`.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -84,8 +85,10 @@ class RunFolder:
             folder.mkdir(parents=True, exist_ok=True)
             lock = open(folder / LOCK, "a+")  # held open for the whole run
         except OSError as err:
-            raise PermissionError(f"run folder {folder} is not writable ({err.strerror}); "
-                                  "choose another with hydra.run.dir=/writable/path") from err
+            raise PermissionError(
+                f"run folder {folder} is not writable ({err.strerror}); "
+                "choose another with hydra.run.dir=/writable/path"
+            ) from err
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -94,7 +97,8 @@ class RunFolder:
             raise RunFolderError(
                 f"run folder {folder} is in use by another run (pid {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}, started {holder.get('started', '?')}). Two runs never share a folder: "
-                "wait for that run to end, or start this one in another folder (hydra.run.dir=...).") from None
+                "wait for that run to end, or start this one in another folder (hydra.run.dir=...)."
+            ) from None
         state = previous_run(folder)
         if state is not None and not _may_resume_in(folder, ckpt_path, state):
             lock.close()
@@ -102,9 +106,20 @@ class RunFolder:
             raise RunFolderError(
                 f"run folder {folder} already holds a run ({_describe(state)}). A new run never reuses a run folder: "
                 "start it in a new one (the default time-stamped folder, or hydra.run.dir=...), or continue that run "
-                f"explicitly with ckpt_path={last}.")
-        claim = cls(folder, lock, {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                                   "started": _now(), "resumed_from": ckpt_path, "step": None})
+                f"explicitly with ckpt_path={last}."
+            )
+        claim = cls(
+            folder,
+            lock,
+            {
+                "status": "running",
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": _now(),
+                "resumed_from": ckpt_path,
+                "step": None,
+            },
+        )
         claim._write()
         _CLAIMED[folder] = claim
         return claim

@@ -4,6 +4,7 @@
 Instantiates the DataModule, the task LightningModule, callbacks, loggers and the Trainer from the composed config,
 fits, and prints where the checkpoints, logs and pictures went.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,8 +55,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = instantiate_part(cfg.data)
     module = instantiate_part(cfg.task)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    infrastructure = [RunMetadata(resolved), RNGState(), PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),  # type: ignore[arg-type]
-                      instantiate_part(cfg.guard)]
+    infrastructure = [
+        RunMetadata(resolved),  # type: ignore[arg-type]
+        RNGState(),
+        PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),
+        instantiate_part(cfg.guard),
+    ]
     callbacks = [instantiate_part(c) for c in cfg.callbacks.values()] + infrastructure
     loggers = [instantiate_part(c) for c in cfg.logger.values()]
     plugins = [AtomicCheckpointIO(), *(instantiate_part(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment
@@ -118,7 +123,9 @@ def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, artefacts
     console = Console(soft_wrap=True)
     console.rule(f"mimlab run '{cfg.name}' finished after {trainer.global_step} steps")
     shown = [k for k in metrics if k == "train/loss_epoch" or k.split("/")[0] in ("val", "knn", "probe")]
-    for key in sorted(shown, key=lambda k: (k.count("_"), k))[:12]:  # headline metrics first (val/mIoU before val/mIoU_x)
+    for key in sorted(shown, key=lambda k: (k.count("_"), k))[
+        :12
+    ]:  # headline metrics first (val/mIoU before val/mIoU_x)
         console.print(f"{key:>20}: {metrics[key]:.4f}")
     for key, value in artefacts.items():
         if value:

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny synthetic ImageNet-layout folder and Hydra composition of conf/."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,9 @@ def shared_data(name: str) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """10 classes x (6 train, 2 val) small JPEGs in the ImageNet layout."""
-    return write_synthetic_imagenet(tmp_path_factory.mktemp("synthetic"), train_per_class=6, val_per_class=2,
-                                    min_size=64, max_size=96)
+    return write_synthetic_imagenet(
+        tmp_path_factory.mktemp("synthetic"), train_per_class=6, val_per_class=2, min_size=64, max_size=96
+    )
 
 
 def compose_config(overrides: list[str], output_dir: Path | str = "/tmp/mimlab-test") -> DictConfig:

@@ -6,6 +6,7 @@ handed out (recorded in the main process, so worker processes do not hide them),
 many checkpoint writes reached this rank's CheckpointIO and how many metric rows reached this rank's CSV writer, and
 the ``static_graph`` / ``gradient_as_bucket_view`` / ``find_unused_parameters`` its DDP wrapper was built with.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ its cluster environment, the step and parameters training starts from; at the en
 With ``hold_at_step``, the first attempt stops at that step, writes ``<out_dir>/holding`` and waits (up to
 ``hold_s``) for SIGTERM, so that a ``scontrol requeue`` from the test lands mid-run at a known step.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,13 @@ class SlurmProbe(L.Callback):
         self.record = {
             "env": {k: os.environ.get(k) for k in SLURM_VARS},
             "cluster_environment": type(environment).__name__,
-            "global_rank": trainer.global_rank, "local_rank": trainer.local_rank, "node_rank": trainer.node_rank,
-            "world_size": trainer.world_size, "main_address": getattr(environment, "main_address", None),
-            "start_step": trainer.global_step, "start_params": self._params(pl_module),
+            "global_rank": trainer.global_rank,
+            "local_rank": trainer.local_rank,
+            "node_rank": trainer.node_rank,
+            "world_size": trainer.world_size,
+            "main_address": getattr(environment, "main_address", None),
+            "start_step": trainer.global_step,
+            "start_params": self._params(pl_module),
         }
         self._save(trainer)
 

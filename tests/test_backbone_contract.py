@@ -1,5 +1,6 @@
 """The backbone contract (mimlab.models.backbones.contract): every backbone config declares it truthfully, and a new
 backbone that forgets part of it fails when any task is composed, before data is read, naming what is missing."""
+
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,9 @@ def test_every_backbone_config_declares_the_contract_and_its_maps_match_it(name,
         maps = model.forward_features(torch.empty(2, 3, 224, 224))
         pooled = {pool: model.forward_pooled(torch.empty(2, 3, 224, 224), pool) for pool in model.feature_pools}
     assert [m.shape[1] for m in maps] == list(model.out_channels)
-    assert [224 // m.shape[-1] for m in maps] == list(model.out_strides) and all(m.shape[-1] == m.shape[-2] for m in maps)
+    assert [224 // m.shape[-1] for m in maps] == list(model.out_strides) and all(
+        m.shape[-1] == m.shape[-2] for m in maps
+    )
     assert all(p.shape == (2, model.num_features) for p in pooled.values())
     assert set(model.no_weight_decay()) <= {n for n, _ in model.named_parameters()}
 
@@ -61,20 +64,40 @@ class PlainEncoder(nn.Module):
         return self.proj(x)
 
 
-TASK_EXPERIMENTS = ["mae_vit_tiny_synthetic", "finetune_vit_tiny_synthetic", "linprobe_vit_tiny_synthetic",
-                    "detect_mae_vit_tiny_synthetic", "segment_mae_vit_tiny_synthetic"]
+TASK_EXPERIMENTS = [
+    "mae_vit_tiny_synthetic",
+    "finetune_vit_tiny_synthetic",
+    "linprobe_vit_tiny_synthetic",
+    "detect_mae_vit_tiny_synthetic",
+    "segment_mae_vit_tiny_synthetic",
+]
 
 
 @pytest.mark.parametrize("experiment", TASK_EXPERIMENTS)
 def test_a_backbone_that_forgets_the_contract_fails_at_composition_naming_what_is_missing(experiment, tmp_path):
-    cfg = compose_config([f"experiment={experiment}", "logger=csv", "data.root=/nonexistent/never/read",
-                          f"model.backbone._target_={__name__}.PlainEncoder"], tmp_path)
+    cfg = compose_config(
+        [
+            f"experiment={experiment}",
+            "logger=csv",
+            "data.root=/nonexistent/never/read",
+            f"model.backbone._target_={__name__}.PlainEncoder",
+        ],
+        tmp_path,
+    )
     with pytest.raises(InstantiationException) as err:
         build(cfg)  # DataModule, task and Trainer objects only: no file is opened
     assert isinstance(err.value.__cause__, BackboneContractError) or "BackboneContractError" in str(err.value)
     message = str(err.value)
-    for part in ("PlainEncoder", "forward_pooled", "no_weight_decay", "layer_groups", "num_features", "feature_pools",
-                 "layer_decay_rules", "CONTRIBUTING.md"):
+    for part in (
+        "PlainEncoder",
+        "forward_pooled",
+        "no_weight_decay",
+        "layer_groups",
+        "num_features",
+        "feature_pools",
+        "layer_decay_rules",
+        "CONTRIBUTING.md",
+    ):
         assert part in message, part
 
 

@@ -1,4 +1,5 @@
 """Bad data files get a message naming the file, and data.on_corrupt=skip holds wherever images are read."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,10 +15,22 @@ from mimlab.check import check
 from mimlab.data.image_folder import CheckedImageFolder, CorruptImageError
 from mimlab.train import build
 
-TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
-        "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
-        "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "~callbacks.progress", "~callbacks.reconstruction",
-        "~callbacks.dashboard", "~callbacks.throughput", "data.batch_size=8"]
+TINY = [
+    "experiment=mae_vit_tiny_synthetic",
+    "data.img_size=32",
+    "hardware.num_workers=0",
+    "logger=csv",
+    "model.backbone.embed_dim=32",
+    "model.backbone.depth=1",
+    "model.backbone.num_heads=2",
+    "model.decoder.embed_dim=16",
+    "model.decoder.num_heads=2",
+    "~callbacks.progress",
+    "~callbacks.reconstruction",
+    "~callbacks.dashboard",
+    "~callbacks.throughput",
+    "data.batch_size=8",
+]
 
 
 @pytest.fixture(scope="session")
@@ -31,12 +44,14 @@ def bomb(tmp_path_factory) -> Path:
 @pytest.fixture
 def data_with(tmp_path, synthetic_root):
     """A copy of the synthetic set with ``files`` ({relative path: source file or bytes}) added to it."""
+
     def make(files: dict[str, Path | bytes]) -> Path:
         root = tmp_path / "data"
         shutil.copytree(synthetic_root, root)
         for rel, content in files.items():
             (root / rel).write_bytes(content if isinstance(content, bytes) else content.read_bytes())
         return root
+
     return make
 
 
@@ -45,7 +60,9 @@ def test_decompression_bomb_is_a_corrupt_image_named_by_its_path(data_with, bomb
     bomb_path = root / "train" / "00_circle" / "bomb.png"
     strict = CheckedImageFolder(root / "train", on_corrupt="fail")
     index = [p for p, _ in strict.samples].index(str(bomb_path))
-    with pytest.raises(CorruptImageError, match=rf"cannot decode image {bomb_path}: .*decompression bomb.*data\.on_corrupt=skip"):
+    with pytest.raises(
+        CorruptImageError, match=rf"cannot decode image {bomb_path}: .*decompression bomb.*data\.on_corrupt=skip"
+    ):
         strict[index]
     lenient = CheckedImageFolder(root / "train", on_corrupt="skip")
     image, label = lenient[index]  # the next readable image instead
@@ -72,8 +89,17 @@ def test_check_reports_a_missing_split_as_a_message(tmp_path, synthetic_root):
 
 def test_knn_monitor_reads_train_with_the_runs_on_corrupt_policy(data_with, tmp_path):
     root = data_with({"train/00_circle/broken.JPEG": b"not a jpeg", "val/01_square/broken.JPEG": b"\xff\xd8 nope"})
-    cfg = compose_config([*TINY, f"data.root={root}", "data.on_corrupt=skip", "trainer.max_epochs=1",
-                          "trainer.limit_train_batches=2", "callbacks.knn.every_n_epochs=1"], tmp_path / "run")
+    cfg = compose_config(
+        [
+            *TINY,
+            f"data.root={root}",
+            "data.on_corrupt=skip",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "callbacks.knn.every_n_epochs=1",
+        ],
+        tmp_path / "run",
+    )
     datamodule, module, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule)
     assert 0 <= float(trainer.callback_metrics["knn/acc1"]) <= 100
@@ -103,7 +129,9 @@ def test_malformed_coco_json_names_the_file_and_position(tmp_path, coco_set):
     from mimlab.data.coco import COCOInstances
 
     root = coco_with(tmp_path, coco_set, '{"images": [{"id": 1,}]')
-    with pytest.raises(ValueError, match=r"instances_train2017\.json is not valid JSON \(line 1, column 22: Expecting property name"):
+    with pytest.raises(
+        ValueError, match=r"instances_train2017\.json is not valid JSON \(line 1, column 22: Expecting property name"
+    ):
         COCOInstances(root, "train")
 
 
@@ -115,8 +143,11 @@ def test_invalid_polygon_names_the_annotation(tmp_path, coco_set):
         return data
 
     root = coco_with(tmp_path, coco_set, break_polygon)
-    with pytest.raises(ValueError, match=r"instances_train2017\.json: annotation 2 \(image 1\) has an invalid polygon "
-                                         r"\[3\.0, 4\.0, 10\.0, 4\.0\]: a polygon is a flat list"):
+    with pytest.raises(
+        ValueError,
+        match=r"instances_train2017\.json: annotation 2 \(image 1\) has an invalid polygon "
+        r"\[3\.0, 4\.0, 10\.0, 4\.0\]: a polygon is a flat list",
+    ):
         COCOInstances(root, "train")
 
 

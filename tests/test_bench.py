@@ -1,4 +1,5 @@
 """``python -m mimlab.bench`` in its CPU tiny mode: correctness of the figures and the JSON, not speed."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,23 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def bench_json(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    run(["model=mae_vit_b,vit_b_finetune,fcmae_convnextv2_b", "batch=4", "steps=2", "warmup=1", "repeats=3",
-         "compile=[false]", f"data_root={synthetic_root}", "workers=0", f"out={out}", "device=cpu", "datapath_batches=2",
-         "datapath_batch=8", "datapath_img_size=32"])
+    run(
+        [
+            "model=mae_vit_b,vit_b_finetune,fcmae_convnextv2_b",
+            "batch=4",
+            "steps=2",
+            "warmup=1",
+            "repeats=3",
+            "compile=[false]",
+            f"data_root={synthetic_root}",
+            "workers=0",
+            f"out={out}",
+            "device=cpu",
+            "datapath_batches=2",
+            "datapath_batch=8",
+            "datapath_img_size=32",
+        ]
+    )
     return json.loads(out.read_text())
 
 
@@ -42,7 +57,9 @@ def test_bench_reports_every_figure_for_each_loop(bench_json):
         assert real["loader_img_s"] > 0 and real["end_to_end"]["img_s"] > 0
     data = bench_json["datapath"]
     assert not data["generated"] and len(data["ratio_per_round"]) == 3 and data["ratio_median"] > 0
-    assert data["ratio_per_round"] == pytest.approx([a / b for a, b in zip(data["mimlab_img_s"], data["official_img_s"])])
+    assert data["ratio_per_round"] == pytest.approx(
+        [a / b for a, b in zip(data["mimlab_img_s"], data["official_img_s"])]
+    )
     assert len(data["ratio_workers_per_round"]) == 3 and data["ratio_workers_median"] > 0
 
 
@@ -57,7 +74,9 @@ def test_timing_windows_and_their_summary():
 
 
 def test_bench_names_a_missing_recipe_or_tiny_setting():
-    assert "conf/experiment/no_such_recipe.yaml does not exist" in ExperimentWorkload("no_such_recipe").unavailable(tiny=False)
+    assert "conf/experiment/no_such_recipe.yaml does not exist" in ExperimentWorkload("no_such_recipe").unavailable(
+        tiny=False
+    )
     assert "tiny_overrides" in ExperimentWorkload("mae_vit_b").unavailable(tiny=True)
     assert ExperimentWorkload("mae_vit_b").unavailable(tiny=False) is None
 
@@ -86,17 +105,27 @@ def test_unknown_model_names_the_config():
 
 
 def test_conv_linear_macs_matches_the_hand_count():
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.Flatten(),
-                        nn.Linear(8 * 6 * 6, 5))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)
+    )
     macs = conv_linear_macs(net, lambda: net(torch.randn(2, 3, 6, 6)))
     assert macs == 2 * (8 * 36 * 3 * 9 + 8 * 36 * 1 * 49 + 5 * 288)
 
 
 def test_flop_counter_counts_attention_whichever_kernel_runs():
     cfg = load_config(["batch=2"])
-    workload = ExperimentWorkload("finetune_vit_tiny_synthetic", tiny_overrides=[
-        "model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "data.img_size=32",
-        "task.num_classes=10", "task.mixup=null", "model.backbone.drop_path_rate=0"])
+    workload = ExperimentWorkload(
+        "finetune_vit_tiny_synthetic",
+        tiny_overrides=[
+            "model.backbone.depth=1",
+            "model.backbone.embed_dim=32",
+            "model.backbone.num_heads=2",
+            "data.img_size=32",
+            "task.num_classes=10",
+            "task.mixup=null",
+            "model.backbone.drop_path_rate=0",
+        ],
+    )
     module, _ = workload.build(cfg, "cpu", tiny=True)
     batch = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
     set_fused_attn(module, True)

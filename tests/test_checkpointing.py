@@ -1,4 +1,5 @@
 """Checkpoints are written when asked, hold the final state, survive Ctrl-C, and bad files give clear messages."""
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,22 @@ from conftest import compose_config
 from mimlab.checkpoints.atomic import AtomicCheckpointIO, CheckpointWriteError
 from mimlab.train import build
 
-TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
-        "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
-        "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "~callbacks.progress", "~callbacks.reconstruction",
-        "~callbacks.knn", "~callbacks.dashboard", "~callbacks.throughput"]
+TINY = [
+    "experiment=mae_vit_tiny_synthetic",
+    "data.img_size=32",
+    "hardware.num_workers=0",
+    "logger=csv",
+    "model.backbone.embed_dim=32",
+    "model.backbone.depth=1",
+    "model.backbone.num_heads=2",
+    "model.decoder.embed_dim=16",
+    "model.decoder.num_heads=2",
+    "~callbacks.progress",
+    "~callbacks.reconstruction",
+    "~callbacks.knn",
+    "~callbacks.dashboard",
+    "~callbacks.throughput",
+]
 
 
 def test_every_n_train_steps_writes_last_at_each_nth_step_and_at_the_end(tmp_path, synthetic_root, monkeypatch):
@@ -30,8 +43,16 @@ def test_every_n_train_steps_writes_last_at_each_nth_step_and_at_the_end(tmp_pat
         save(self, checkpoint, path, storage_options)
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
-    cfg = compose_config([*TINY, f"data.root={synthetic_root}", "data.batch_size=5", "trainer.max_epochs=2",
-                          "callbacks.checkpoint.every_n_train_steps=5"], tmp_path)
+    cfg = compose_config(
+        [
+            *TINY,
+            f"data.root={synthetic_root}",
+            "data.batch_size=5",
+            "trainer.max_epochs=2",
+            "callbacks.checkpoint.every_n_train_steps=5",
+        ],
+        tmp_path,
+    )
     datamodule, module, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 24
@@ -43,18 +64,34 @@ def test_every_n_train_steps_writes_last_at_each_nth_step_and_at_the_end(tmp_pat
 def train_cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m mimlab.train`` in its own session (a terminal's process group: DataLoader workers get signals too)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "mimlab.train", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, start_new_session=True)
+    return subprocess.run(
+        [sys.executable, "-m", "mimlab.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.slow
 def test_ctrl_c_mid_epoch_saves_last_ckpt_and_prints_the_resume_hint(tmp_path, synthetic_root):
     run_dir = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("hardware.num_workers")]
-    proc = train_cli([*args, "hardware.num_workers=2", f"data.root={synthetic_root}", "data.batch_size=8",
-                      "trainer.max_epochs=2", f"hydra.run.dir={run_dir}",
-                      "+callbacks.kill._target_=mimlab.callbacks.fault_injection.KillAtStep", "+callbacks.kill.step=3",
-                      "+callbacks.kill.signal_name=SIGINT", "+callbacks.kill.process_group=true"])
+    proc = train_cli(
+        [
+            *args,
+            "hardware.num_workers=2",
+            f"data.root={synthetic_root}",
+            "data.batch_size=8",
+            "trainer.max_epochs=2",
+            f"hydra.run.dir={run_dir}",
+            "+callbacks.kill._target_=mimlab.callbacks.fault_injection.KillAtStep",
+            "+callbacks.kill.step=3",
+            "+callbacks.kill.signal_name=SIGINT",
+            "+callbacks.kill.process_group=true",
+        ]
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 128 + signal.SIGINT, output[-3000:]
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -77,8 +114,11 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_keeps_the_previous_one(tmp
         return os.open("/dev/full", os.O_WRONLY), name
 
     monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp_on_a_full_disk)
-    with pytest.raises(CheckpointWriteError, match=rf"writing checkpoint {path} failed \(No space left on device; "
-                                                   r"\d+ MiB free there\); the previous checkpoint .* is intact\. Free disk"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=rf"writing checkpoint {path} failed \(No space left on device; "
+        r"\d+ MiB free there\); the previous checkpoint .* is intact\. Free disk",
+    ):
         io.save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, path)
     assert torch.load(path, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
@@ -94,8 +134,11 @@ def test_a_short_write_reported_by_torch_is_named_as_a_full_disk(tmp_path, monke
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(torch, "save", short_write)
-    with pytest.raises(CheckpointWriteError, match=rf"{path} failed \(a short write: the disk or a quota is full; "
-                                                   r"\d+ MiB free there\).*intact\. Free disk space"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=rf"{path} failed \(a short write: the disk or a quota is full; "
+        r"\d+ MiB free there\).*intact\. Free disk space",
+    ):
         io.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1}
@@ -112,8 +155,14 @@ def bad_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: folder / f"{name}.ckpt" for name in files}
 
 
-@pytest.mark.parametrize("kind, looks_like", [("random", r"1000 bytes, starting with b'"), ("empty", "an empty file"),
-                                              ("truncated", r"\d+ bytes, starting with b'PK")])
+@pytest.mark.parametrize(
+    "kind, looks_like",
+    [
+        ("random", r"1000 bytes, starting with b'"),
+        ("empty", "an empty file"),
+        ("truncated", r"\d+ bytes, starting with b'PK"),
+    ],
+)
 def test_a_corrupt_checkpoint_is_named_when_resuming(tmp_path, bad_checkpoints, kind, looks_like):
     from mimlab.checkpoints.files import CheckpointReadError
     from mimlab.train import run
@@ -129,8 +178,15 @@ def test_a_corrupt_checkpoint_is_named_as_pretrained_weights_and_on_export(tmp_p
     from mimlab.checkpoints.files import CheckpointReadError
 
     path = bad_checkpoints["random"]
-    cfg = compose_config(["experiment=finetune_vit_tiny_synthetic", f"task.pretrained={path}", "logger=csv",
-                          "data.root=/nonexistent/never-read"], tmp_path)
+    cfg = compose_config(
+        [
+            "experiment=finetune_vit_tiny_synthetic",
+            f"task.pretrained={path}",
+            "logger=csv",
+            "data.root=/nonexistent/never-read",
+        ],
+        tmp_path,
+    )
     with pytest.raises(CheckpointReadError, match=rf"{path} is not a PyTorch checkpoint"):
         build(cfg)
     with pytest.raises(CheckpointReadError, match=rf"{path} is not a PyTorch checkpoint"):

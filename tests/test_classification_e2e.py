@@ -1,4 +1,5 @@
 """The pretrain -> linear-probe -> fine-tune chain on the embedded synthetic data (tiny, CPU), and the online monitors."""
+
 from pathlib import Path
 
 import pytest
@@ -9,15 +10,24 @@ from mimlab.data.synthetic import write_synthetic_imagenet
 from mimlab.train import build
 
 CHANCE = 10.0  # 10 balanced classes
-COMMON = ["hardware.num_workers=0", "logger=csv", "~callbacks.progress", "~callbacks.throughput", "data.img_size=32",
-          "model.backbone.embed_dim=64", "model.backbone.depth=2", "model.backbone.num_heads=2"]
+COMMON = [
+    "hardware.num_workers=0",
+    "logger=csv",
+    "~callbacks.progress",
+    "~callbacks.throughput",
+    "data.img_size=32",
+    "model.backbone.embed_dim=64",
+    "model.backbone.depth=2",
+    "model.backbone.num_heads=2",
+]
 
 
 @pytest.fixture(scope="module")
 def chain_root(tmp_path_factory) -> Path:
     """10 classes x (24 train, 8 val) small images."""
-    return write_synthetic_imagenet(tmp_path_factory.mktemp("chain"), train_per_class=24, val_per_class=8,
-                                    min_size=36, max_size=48)
+    return write_synthetic_imagenet(
+        tmp_path_factory.mktemp("chain"), train_per_class=24, val_per_class=8, min_size=36, max_size=48
+    )
 
 
 def _fit(overrides, out):
@@ -30,9 +40,21 @@ def _fit(overrides, out):
 @pytest.fixture(scope="module")
 def pretrained(chain_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain")
-    _, trainer = _fit(["experiment=mae_vit_tiny_synthetic", f"data.root={chain_root}", "data.batch_size=48",
-                       "trainer.max_epochs=3", "optim.warmup_epochs=1", "callbacks=pretrain_with_probes",
-                       "~callbacks.reconstruction", "model.decoder.embed_dim=32", "model.decoder.num_heads=2", *COMMON], out)
+    _, trainer = _fit(
+        [
+            "experiment=mae_vit_tiny_synthetic",
+            f"data.root={chain_root}",
+            "data.batch_size=48",
+            "trainer.max_epochs=3",
+            "optim.warmup_epochs=1",
+            "callbacks=pretrain_with_probes",
+            "~callbacks.reconstruction",
+            "model.decoder.embed_dim=32",
+            "model.decoder.num_heads=2",
+            *COMMON,
+        ],
+        out,
+    )
     metrics = trainer.callback_metrics
     assert {"knn/acc1", "probe/val_acc1", "probe/train_acc1"} <= set(metrics)
     assert float(metrics["knn/acc1"]) > CHANCE + 20  # the kNN monitor sees the class structure
@@ -41,10 +63,21 @@ def pretrained(chain_root, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_linear_probe_from_pretrain_checkpoint_beats_chance(pretrained, chain_root, tmp_path):
-    module, trainer = _fit(["experiment=linprobe_vit_tiny_synthetic", f"task.pretrained={pretrained}",
-                            f"data.root={chain_root}", "data.batch_size=48", "trainer.max_epochs=4", *COMMON], tmp_path)
+    module, trainer = _fit(
+        [
+            "experiment=linprobe_vit_tiny_synthetic",
+            f"task.pretrained={pretrained}",
+            f"data.root={chain_root}",
+            "data.batch_size=48",
+            "trainer.max_epochs=4",
+            *COMMON,
+        ],
+        tmp_path,
+    )
     sd = torch.load(pretrained, map_location="cpu", weights_only=False)["state_dict"]
-    assert torch.equal(module.backbone.blocks[0].attn.qkv.weight, sd["backbone.blocks.0.attn.qkv.weight"])  # frozen + loaded
+    assert torch.equal(
+        module.backbone.blocks[0].attn.qkv.weight, sd["backbone.blocks.0.attn.qkv.weight"]
+    )  # frozen + loaded
     acc = float(trainer.callback_metrics["val/acc1"])
     assert acc > CHANCE + 25, acc  # measured 47.5 (kNN on the same features ~51)
     assert Path(trainer.checkpoint_callback.best_model_path).is_file()
@@ -52,8 +85,17 @@ def test_linear_probe_from_pretrain_checkpoint_beats_chance(pretrained, chain_ro
 
 @pytest.mark.slow
 def test_finetune_from_pretrain_checkpoint_beats_chance(pretrained, chain_root, tmp_path):
-    module, trainer = _fit(["experiment=finetune_vit_tiny_synthetic", f"task.pretrained={pretrained}",
-                            f"data.root={chain_root}", "data.batch_size=48", "trainer.max_epochs=4", *COMMON], tmp_path)
+    module, trainer = _fit(
+        [
+            "experiment=finetune_vit_tiny_synthetic",
+            f"task.pretrained={pretrained}",
+            f"data.root={chain_root}",
+            "data.batch_size=48",
+            "trainer.max_epochs=4",
+            *COMMON,
+        ],
+        tmp_path,
+    )
     metrics = trainer.callback_metrics
     acc = float(metrics["val/acc1"])
     assert "val/acc1_raw" in metrics and "val/acc5" in metrics

@@ -1,4 +1,5 @@
 """Probe head, LARS, model EMA, checkpoint import (mimlab + official layouts) and timm export round-trips."""
+
 import json
 
 import pytest
@@ -71,8 +72,10 @@ def test_model_ema_update_and_eval_uses_ema():
         for p in list(task.backbone.parameters()) + list(task.head.parameters()):
             p.add_(1.0)
     task.ema.update(task._ema_source(), step=None)
-    live = {**{f"backbone.{k}": v for k, v in task.backbone.state_dict().items()},
-            **{f"head.{k}": v for k, v in task.head.state_dict().items()}}
+    live = {
+        **{f"backbone.{k}": v for k, v in task.backbone.state_dict().items()},
+        **{f"head.{k}": v for k, v in task.head.state_dict().items()},
+    }
     for key, value in task.ema.module.state_dict().items():
         if value.is_floating_point():
             assert torch.allclose(value, 0.5 * before[key] + 0.5 * live[key], atol=1e-6), key
@@ -131,8 +134,14 @@ def test_minkowski_remap_matches_official_formula():
     k, cin, cout, c = 3, 2, 4, 5
     conv = torch.randn(k * k, cin, cout)
     dw = torch.randn(k * k, c)
-    out, _ = convert_convnextv2_state_dict({"encoder.x.kernel": conv, "encoder.dw.kernel": dw, "b.bias": torch.randn(1, c),
-                                            "stages.0.0.pwconv1.linear.weight": torch.randn(3, 3)})
+    out, _ = convert_convnextv2_state_dict(
+        {
+            "encoder.x.kernel": conv,
+            "encoder.dw.kernel": dw,
+            "b.bias": torch.randn(1, c),
+            "stages.0.0.pwconv1.linear.weight": torch.randn(3, 3),
+        }
+    )
     assert torch.equal(out["x.weight"], conv.permute(2, 1, 0).reshape(cout, cin, k, k).transpose(3, 2))
     assert torch.equal(out["dw.weight"], dw.permute(1, 0).reshape(c, 1, k, k).transpose(3, 2))
     # index check: kernel offset (x * k + y) of input i / output o lands at weight[o, i, y, x]
@@ -142,8 +151,11 @@ def test_minkowski_remap_matches_official_formula():
 
 def test_export_vit_pretrain_ckpt_loads_in_timm_strict(tmp_path):
     src = tiny_vit().eval()
-    ckpt = _save_mimlab(tmp_path / "pre.ckpt", {f"backbone.{k}": v for k, v in src.state_dict().items()},
-                        {"model": {"backbone": {"num_heads": 2}}})
+    ckpt = _save_mimlab(
+        tmp_path / "pre.ckpt",
+        {f"backbone.{k}": v for k, v in src.state_dict().items()},
+        {"model": {"backbone": {"num_heads": 2}}},
+    )
     export_main([f"ckpt={ckpt}", "format=timm"])
     out = tmp_path / "pre.timm.pth"
     spec = json.loads((tmp_path / "pre.timm.pth.json").read_text())
@@ -224,7 +236,13 @@ def test_official_itpn_layout_is_routed_to_the_itpn_converter(tmp_path):
     kw = dict(img_size=32, embed_dim=64, mlp_depth=1, depth=2, num_heads=2, num_classes=0)
     src = HiViT(**kw)
     official = _official_hivit_layout(src.state_dict(), m=1)
-    official.update({"fpn_modules.0.weight": torch.zeros(3), "decoder_pred.weight": torch.zeros(3), "mask_token": torch.zeros(1, 1, 64)})
+    official.update(
+        {
+            "fpn_modules.0.weight": torch.zeros(3),
+            "decoder_pred.weight": torch.zeros(3),
+            "mask_token": torch.zeros(1, 1, 64),
+        }
+    )
     torch.save({"model": official}, tmp_path / "itpn.pth")
     dst = HiViT(**kw, rpe=True)  # fine-tuning turns the relative position bias on: new tables
     report = load_pretrained(tmp_path / "itpn.pth", dst, allow_missing=["*relative_position_bias_table"])["backbone"]
@@ -240,9 +258,17 @@ def test_official_fcmae_checkpoint_loads_into_convnextv2(tmp_path):
     with torch.no_grad():
         for p in src.parameters():
             p.normal_()
-    official = {k: (v.reshape(1, 1, 1, -1) if ".grn." in k else v) for k, v in src.state_dict().items()}  # official GRN shape
-    official.update({"mask_token": torch.zeros(1, 512, 1, 1), "proj.weight": torch.zeros(512, 32, 1, 1),
-                     "decoder.0.dwconv.weight": torch.zeros(512, 1, 7, 7), "pred.weight": torch.zeros(3072, 512, 1, 1)})
+    official = {
+        k: (v.reshape(1, 1, 1, -1) if ".grn." in k else v) for k, v in src.state_dict().items()
+    }  # official GRN shape
+    official.update(
+        {
+            "mask_token": torch.zeros(1, 512, 1, 1),
+            "proj.weight": torch.zeros(512, 32, 1, 1),
+            "decoder.0.dwconv.weight": torch.zeros(512, 1, 7, 7),
+            "pred.weight": torch.zeros(3072, 512, 1, 1),
+        }
+    )
     torch.save({"model": official}, tmp_path / "convnextv2_fcmae.pt")
     dst = MaskedConvNeXtV2(**kw)
     load_pretrained(tmp_path / "convnextv2_fcmae.pt", dst)

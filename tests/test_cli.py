@@ -1,6 +1,7 @@
 """The ``mimlab-*`` console scripts of pyproject.toml and their ``--help``; the optional extras (slurm, shards,
 coco): what installs them, and the message naming ``pip install 'mimlab[<extra>]'`` when a picked option needs one
 that is missing."""
+
 from __future__ import annotations
 
 import contextlib
@@ -63,15 +64,18 @@ def helps(request) -> dict[str, dict]:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("tool, expected", [
-    ("train", ["== Configuration groups ==", "experiment: ", "hardware: cpu, ddp, gpu, slurm", "== Config =="]),
-    ("check", ["== Configuration groups ==", "experiment: ", "data: "]),
-    ("export", ["usage: mimlab-export ckpt=PATH", "ckpt ", "format ", "out ", "ema ", "name ", "num_heads "]),
-    ("report", ["--x X", "--y Y", "--hue HUE", "--agg {last,max,min}", "--out OUT"]),
-    ("bench", ["usage: mimlab-bench [key=value ...]", "workloads (model=...): mae_vit_b"]),
-    ("token-diversity", ["teacher:", "checkpoint:", "data:", "plot:"]),
-    ("feature-cosine", ["--checkpoint CHECKPOINT", "--images IMAGES", "--backbone BACKBONE", "--max-images"]),
-])
+@pytest.mark.parametrize(
+    "tool, expected",
+    [
+        ("train", ["== Configuration groups ==", "experiment: ", "hardware: cpu, ddp, gpu, slurm", "== Config =="]),
+        ("check", ["== Configuration groups ==", "experiment: ", "data: "]),
+        ("export", ["usage: mimlab-export ckpt=PATH", "ckpt ", "format ", "out ", "ema ", "name ", "num_heads "]),
+        ("report", ["--x X", "--y Y", "--hue HUE", "--agg {last,max,min}", "--out OUT"]),
+        ("bench", ["usage: mimlab-bench [key=value ...]", "workloads (model=...): mae_vit_b"]),
+        ("token-diversity", ["teacher:", "checkpoint:", "data:", "plot:"]),
+        ("feature-cosine", ["--checkpoint CHECKPOINT", "--images IMAGES", "--backbone BACKBONE", "--max-images"]),
+    ],
+)
 def test_help_lists_the_options(helps, tool, expected):
     result = helps[f"mimlab-{tool}"]
     assert result["code"] in (0, None), result
@@ -117,8 +121,9 @@ def test_hardware_slurm_without_the_launcher_names_the_slurm_extra(monkeypatch, 
     monkeypatch.setattr(sys, "argv", ["mimlab-train", "-m", "experiment=mae_vit_b", "hardware=slurm"])
     with pytest.raises(SystemExit) as err:
         train.cli()
-    assert str(err.value).startswith("hardware=slurm (SLURM jobs through submitit) needs the optional package "
-                                     "hydra-submitit-launcher")
+    assert str(err.value).startswith(
+        "hardware=slurm (SLURM jobs through submitit) needs the optional package hydra-submitit-launcher"
+    )
     assert "pip install 'mimlab[slurm]'" in str(err.value)
     train.require_launcher(["hardware=gpu", "data.root=/slurm"])  # not picked: no launcher needed
 

@@ -1,5 +1,6 @@
 """torch.compile on the CPU (inductor): the compiled training step of every pre-training method and of fine-tuning
 matches eager, and the number of graph breaks per workload cannot grow unnoticed."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,14 @@ from mimlab.bench.graphs import explain_step
 # and by the decoder (no device sync: the mask is on the host); the masks themselves are drawn outside the graph
 # (torch.compiler.disable) and the non-finite check runs in a callback. Fine-tuning: Lightning's self.log warning
 # when no Trainer is attached (bench and tests only; absent under a Trainer).
-GRAPH_BREAKS = {"mae_vit_b": 4, "fcmae_convnextv2_b": 0, "itpn_b": 4, "img2vec_vit_b": 4, "vit_b_finetune": 2,
-                "convnextv2_b_finetune": 2}
+GRAPH_BREAKS = {
+    "mae_vit_b": 4,
+    "fcmae_convnextv2_b": 0,
+    "itpn_b": 4,
+    "img2vec_vit_b": 4,
+    "vit_b_finetune": 2,
+    "convnextv2_b_finetune": 2,
+}
 
 
 def tiny(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -40,8 +47,8 @@ def _train(module: torch.nn.Module, batch, step_fn, steps: int = 2) -> list[floa
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for step in range(steps):
-        torch.manual_seed(step)   # drop path, teacher noise: the same draws in both runs
-        np.random.seed(step)      # timm Mixup draws from numpy
+        torch.manual_seed(step)  # drop path, teacher noise: the same draws in both runs
+        np.random.seed(step)  # timm Mixup draws from numpy
         loss = step_fn(batch, step)
         loss.backward()
         optimizer.step()

@@ -1,4 +1,5 @@
 """ConvNeXt V2 backbone: sizes (docs/methods.md §7 rows 19, 23, 24, 25, 29), GRN, masked-dense leakage, timm equivalence."""
+
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,16 @@ from mimlab.models.layers.grn import GRN
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "backbone"
 # row 19: classifier with a 1000-class head (M, 3 decimals); row 24/25: FCMAE encoder without head / final norm.
-PARAMS_M = {"atto": 3.708, "femto": 5.233, "pico": 9.066, "nano": 15.624, "tiny": 28.635, "base": 88.718,
-            "large": 197.957, "huge": 660.290}
+PARAMS_M = {
+    "atto": 3.708,
+    "femto": 5.233,
+    "pico": 9.066,
+    "nano": 15.624,
+    "tiny": 28.635,
+    "base": 88.718,
+    "large": 197.957,
+    "huge": 660.290,
+}
 ENCODER_M = {"atto": 3.387, "base": 87.691}
 
 
@@ -107,8 +116,9 @@ def test_masked_pixels_do_not_leak_into_visible_outputs():
 
 
 def test_dense_path_and_head_match_timm_convnextv2():
-    ref = ConvNeXt(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5, ls_init_value=None,
-                   use_grn=True, conv_mlp=False).eval()  # timm ConvNeXt V2 layout (Linear MLP)
+    ref = ConvNeXt(
+        depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5, ls_init_value=None, use_grn=True, conv_mlp=False
+    ).eval()  # timm ConvNeXt V2 layout (Linear MLP)
     for name, p in ref.named_parameters():
         if "grn" in name or name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.1)

@@ -1,5 +1,6 @@
 """Import of official ConvNeXt-V2 state dicts (docs/methods.md §3.6) through the one loader: dense, sparse (Minkowski),
 mimlab, and error reporting."""
+
 import pytest
 import torch
 
@@ -49,9 +50,15 @@ def official_sparse(model):
             sd[f"encoder.{k}"] = v.reshape(1, -1)
         else:  # conv biases are (1, C)
             sd[f"encoder.{k}"] = v.reshape(1, -1)
-    sd.update({"proj.weight": torch.zeros(512, DIMS[-1], 1, 1), "proj.bias": torch.zeros(512),
-               "mask_token": torch.zeros(1, 512, 1, 1), "decoder.0.dwconv.weight": torch.zeros(512, 1, 7, 7),
-               "pred.weight": torch.zeros(3072, 512, 1, 1)})
+    sd.update(
+        {
+            "proj.weight": torch.zeros(512, DIMS[-1], 1, 1),
+            "proj.bias": torch.zeros(512),
+            "mask_token": torch.zeros(1, 512, 1, 1),
+            "decoder.0.dwconv.weight": torch.zeros(512, 1, 7, 7),
+            "pred.weight": torch.zeros(3072, 512, 1, 1),
+        }
+    )
     return sd
 
 
@@ -90,7 +97,9 @@ def test_sparse_fcmae_state_dict_loads_and_drops_the_decoder():
 def test_fcmae_checkpoint_into_classifier_needs_allow_missing():
     fcmae = official_dense(randomised())
     clf = randomised(num_classes=10)
-    with pytest.raises(CheckpointMismatchError, match=r"missing in checkpoint \(4\): head.bias, head.weight, norm.bias"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"missing in checkpoint \(4\): head.bias, head.weight, norm.bias"
+    ):
         load_pretrained(fcmae, clf)
     report = load_pretrained(fcmae, clf, allow_missing=("norm.*", "head.*"))["backbone"]
     assert report["missing"] == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
@@ -111,8 +120,13 @@ def test_mismatch_error_lists_shapes_and_unexpected_keys():
 
 def test_mimlab_pretraining_checkpoint_reads_the_backbone_only():
     src = randomised()
-    lightning_ckpt = {"state_dict": {**{f"backbone.{k}": v for k, v in src.state_dict().items()},
-                                     "decoder.proj.weight": torch.zeros(512, 32, 1, 1)}, "global_step": 10}
+    lightning_ckpt = {
+        "state_dict": {
+            **{f"backbone.{k}": v for k, v in src.state_dict().items()},
+            "decoder.proj.weight": torch.zeros(512, 32, 1, 1),
+        },
+        "global_step": 10,
+    }
     dst = randomised(seed=1)
     load_pretrained(lightning_ckpt, dst)
     assert_same(src, dst)
@@ -128,7 +142,11 @@ def test_segmentation_starts_from_an_official_sparse_fcmae_file(tmp_path):
 
     src = randomised()
     torch.save({"model": official_sparse(src)}, tmp_path / "convnextv2_fcmae_sparse.pt")
-    task = UperNetSegmentation(DenseFeatureAdapter(randomised(seed=1)), partial(UperNetHead, channels=16),
-                               OptimizerFactory(partial(torch.optim.AdamW), lr=1e-4, param_groups=ParamGroups(0.9)),
-                               num_classes=5, pretrained=str(tmp_path / "convnextv2_fcmae_sparse.pt"))
+    task = UperNetSegmentation(
+        DenseFeatureAdapter(randomised(seed=1)),
+        partial(UperNetHead, channels=16),
+        OptimizerFactory(partial(torch.optim.AdamW), lr=1e-4, param_groups=ParamGroups(0.9)),
+        num_classes=5,
+        pretrained=str(tmp_path / "convnextv2_fcmae_sparse.pt"),
+    )
     assert_same(src, task.backbone)

@@ -1,4 +1,5 @@
 """Feature cosine distance (docs/methods.md §3.5): formula, random vs collapsed model, CLI with PNG output."""
+
 import json
 
 import pytest
@@ -50,13 +51,26 @@ def test_cli_writes_plot_and_numbers(tmp_path, capsys):
     for i in range(3):
         Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("_target_: mimlab.models.backbones.convnextv2.MaskedConvNeXtV2\n"
-                   "depths: [1, 1, 1, 1]\ndims: [8, 16, 24, 32]\n")
+    cfg.write_text(
+        "_target_: mimlab.models.backbones.convnextv2.MaskedConvNeXtV2\ndepths: [1, 1, 1, 1]\ndims: [8, 16, 24, 32]\n"
+    )
     ckpt = tmp_path / "tiny.pt"
     torch.save({"model": tiny().state_dict()}, ckpt)
     out = tmp_path / "out" / "cos.png"
-    result = main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "imgs"), "--backbone", str(cfg),
-                   "--out", str(out), "--size", "32"])
+    result = main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--images",
+            str(tmp_path / "imgs"),
+            "--backbone",
+            str(cfg),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+        ]
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["images"] == 3 and saved["layers"] == pytest.approx(result)

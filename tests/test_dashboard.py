@@ -1,4 +1,5 @@
 """Dashboard pieces: kNN accuracy against a loop reference, FLOP counting behaviour, grad norm, wandb defaults."""
+
 from __future__ import annotations
 
 import csv
@@ -50,10 +51,20 @@ def test_knn_accuracy_matches_the_weighted_vote_reference():
 @pytest.fixture(scope="module")
 def tiny_mae():
     def build(ratio):
-        cfg = compose_config(["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "model.backbone.embed_dim=32",
-                              "model.backbone.depth=1", "model.backbone.num_heads=2", "model.decoder.embed_dim=32",
-                              "model.decoder.num_heads=2", f"masking.ratio={ratio}"])
+        cfg = compose_config(
+            [
+                "experiment=mae_vit_tiny_synthetic",
+                "data.img_size=32",
+                "model.backbone.embed_dim=32",
+                "model.backbone.depth=1",
+                "model.backbone.num_heads=2",
+                "model.decoder.embed_dim=32",
+                "model.decoder.num_heads=2",
+                f"masking.ratio={ratio}",
+            ]
+        )
         return instantiate(cfg.task)
+
     return build
 
 
@@ -97,13 +108,30 @@ class _GradNormSpy(L.Callback):
 def test_dashboard_logs_on_lightnings_logging_steps_with_fresh_values(accumulate, tmp_path, synthetic_root):
     """A real fit: ``train/grad_norm`` in metrics.csv is the norm of the step it is logged at (Lightning writes the
     ``self.log`` values of every ``log_every_n_steps``-th step), ``perf/mfu`` comes once per logging step."""
-    cfg = compose_config(["experiment=mae_vit_tiny_synthetic", f"data.root={synthetic_root}", "data.img_size=32",
-                          "data.batch_size=4", "hardware.num_workers=0", "logger=csv", "~callbacks.progress",
-                          "~callbacks.reconstruction", "~callbacks.knn", "model.backbone.depth=1",
-                          "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.decoder.embed_dim=32",
-                          "model.decoder.num_heads=2", "trainer.max_steps=7", "trainer.log_every_n_steps=2",
-                          f"trainer.accumulate_grad_batches={accumulate}", "trainer.limit_val_batches=0",
-                          "callbacks.dashboard.peak_tflops=1"], tmp_path)
+    cfg = compose_config(
+        [
+            "experiment=mae_vit_tiny_synthetic",
+            f"data.root={synthetic_root}",
+            "data.img_size=32",
+            "data.batch_size=4",
+            "hardware.num_workers=0",
+            "logger=csv",
+            "~callbacks.progress",
+            "~callbacks.reconstruction",
+            "~callbacks.knn",
+            "model.backbone.depth=1",
+            "model.backbone.embed_dim=32",
+            "model.backbone.num_heads=2",
+            "model.decoder.embed_dim=32",
+            "model.decoder.num_heads=2",
+            "trainer.max_steps=7",
+            "trainer.log_every_n_steps=2",
+            f"trainer.accumulate_grad_batches={accumulate}",
+            "trainer.limit_val_batches=0",
+            "callbacks.dashboard.peak_tflops=1",
+        ],
+        tmp_path,
+    )
     datamodule, module, trainer = build(cfg)
     spy = _GradNormSpy()
     trainer.callbacks.append(spy)
@@ -120,8 +148,17 @@ def test_dashboard_logs_on_lightnings_logging_steps_with_fresh_values(accumulate
 def test_wandb_logger_outside_a_sweep_and_override_tags(tmp_path):
     logger = wandb_logger(project="t", save_dir=str(tmp_path), mode="offline")
     assert logger._wandb_init.get("group") is None and logger._wandb_init.get("tags") is None
-    tags = override_tags(["masking.ratio=0.6", "paths.output_dir=/x", "hydra.run.dir=/y", "data.root=/d",
-                          "~callbacks.progress", "+sweep=s", "model.decoder.depth=" + "8" * 80])
+    tags = override_tags(
+        [
+            "masking.ratio=0.6",
+            "paths.output_dir=/x",
+            "hydra.run.dir=/y",
+            "data.root=/d",
+            "~callbacks.progress",
+            "+sweep=s",
+            "model.decoder.depth=" + "8" * 80,
+        ]
+    )
     assert tags[:3] == ["masking.ratio=0.6", "~callbacks.progress", "sweep=s"] and len(tags[3]) == 64
 
 
@@ -150,10 +187,14 @@ def test_teacher_panel_writes_diversity_csv_and_png_for_teachers_only(tmp_path):
             return self.conv(images)  # (N, 8, 4, 4) tokens
 
     dataset = [(torch.randn(3, 32, 32), 0) for _ in range(8)]
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_set=dataset), default_root_dir=str(tmp_path),
-                              global_step=0, loggers=[])
-    module = SimpleNamespace(target=Teacher(), device=torch.device("cpu"),
-                             make_mask=lambda images, generator: torch.ones(images.shape[0], 16))
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(val_set=dataset), default_root_dir=str(tmp_path), global_step=0, loggers=[]
+    )
+    module = SimpleNamespace(
+        target=Teacher(),
+        device=torch.device("cpu"),
+        make_mask=lambda images, generator: torch.ones(images.shape[0], 16),
+    )
     path = TeacherTargetPanel(num_images=2).render(trainer, module)
     assert path is not None and path.stat().st_size > 500
     rows = (tmp_path / "target_maps" / "token_diversity.csv").read_text().splitlines()

@@ -1,4 +1,5 @@
 """ImageNet-layout DataModule on the synthetic set, on real ImageNet samples, and its errors on bad input."""
+
 import shutil
 from pathlib import Path
 
@@ -121,8 +122,10 @@ def test_check_reports_every_unreadable_file_at_once(tmp_path, synthetic_root):
     bad = [sorted((root / "train" / c).glob("*.JPEG"))[0] for c in ("00_circle", "03_ring")]
     for path in bad:
         path.write_bytes(b"not a jpeg")
-    cfg = compose_config(["experiment=mae_vit_tiny_synthetic", f"data.root={root}", "data.img_size=32",
-                          "model.backbone.depth=1"], tmp_path / "run")
+    cfg = compose_config(
+        ["experiment=mae_vit_tiny_synthetic", f"data.root={root}", "data.img_size=32", "model.backbone.depth=1"],
+        tmp_path / "run",
+    )
     out = StringIO()
     assert check(cfg, Console(file=out, width=200)) is False
     text = out.getvalue()

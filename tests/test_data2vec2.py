@@ -1,6 +1,7 @@
 """data2vec 2.0: each part against an independent re-derivation of the official fairseq math
 (``examples/data2vec/models/data2vec2.py``, ``modalities/{base,images,modules}.py``, ``data/data_utils.py``
 ``compute_block_mask_2d``, the ``model`` criterion), multi-mask semantics, parameter counts of the ViT-B recipe."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,15 @@ D, HEADS, DEPTH, TOP_K = 32, 2, 3, 2
 
 def tiny_vit(seed: int) -> MaskedViT:
     torch.manual_seed(seed)
-    vit = MaskedViT(img_size=32, patch_size=8, embed_dim=D, depth=DEPTH, num_heads=HEADS, post_norm=True,
-                    weight_init=trunc_normal_init)
+    vit = MaskedViT(
+        img_size=32,
+        patch_size=8,
+        embed_dim=D,
+        depth=DEPTH,
+        num_heads=HEADS,
+        post_norm=True,
+        weight_init=trunc_normal_init,
+    )
     with torch.no_grad():  # non-trivial LayerNorm affines, so a missing or misplaced norm cannot go unnoticed
         for name, p in vit.named_parameters():
             if "norm" in name:
@@ -36,8 +44,9 @@ def tiny_vit(seed: int) -> MaskedViT:
 
 
 # ----------------------------------------------------------------------------------- references (official math)
-def reference_inverse_block_mask(rows: int, side: int, mask_prob: float, length: int, adjust: float,
-                                 g: torch.Generator) -> torch.Tensor:
+def reference_inverse_block_mask(
+    rows: int, side: int, mask_prob: float, length: int, adjust: float, g: torch.Generator
+) -> torch.Tensor:
     """compute_block_mask_2d(inverse_mask=True, require_same_masks=True), written out with loops."""
     keep_prob = 1 - mask_prob
     units = side * side
@@ -68,7 +77,9 @@ def reference_attention(attn, x):
 
 
 def layer_norm(x, norm=None, eps=1e-5):
-    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + (norm.eps if norm else eps))
+    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+        x.var(-1, unbiased=False, keepdim=True) + (norm.eps if norm else eps)
+    )
     return y * norm.weight + norm.bias if norm is not None else y
 
 
@@ -173,7 +184,9 @@ def test_multi_mask_with_one_generator_per_image_is_independent_of_the_batch():
 
 def test_clones_encode_each_image_once_per_mask_row():
     vit, images = tiny_vit(0).eval(), torch.randn(2, 3, 32, 32)
-    masks = MultiMask(InverseBlockMasking(ratio=0.5, unit_size=8), clones=3)(2, (4, 4), torch.Generator().manual_seed(0))
+    masks = MultiMask(InverseBlockMasking(ratio=0.5, unit_size=8), clones=3)(
+        2, (4, 4), torch.Generator().manual_seed(0)
+    )
     cloned = vit(images, masks)
     separate = vit(images.repeat_interleave(3, 0), masks.mask)
     torch.testing.assert_close(cloned.tokens, separate.tokens, rtol=0, atol=1e-6)
@@ -234,8 +247,9 @@ def test_composed_step_equals_official_forward_end_to_end():
     torch.manual_seed(5)
     decoder = Data2VecDecoder(D, decoder_dim=32, depth=2, kernel_size=3, groups=4)
     masking = MultiMask(InverseBlockMasking(ratio=0.75, unit_size=8), clones=3)
-    module = MaskedPretraining(student, decoder, Data2VecTarget(teacher, top_k=TOP_K), Data2VecLoss(0.01), masking,
-                               optim=None)
+    module = MaskedPretraining(
+        student, decoder, Data2VecTarget(teacher, top_k=TOP_K), Data2VecLoss(0.01), masking, optim=None
+    )
     images = torch.randn(2, 3, 32, 32)
     masks = module.make_mask(images, torch.Generator().manual_seed(8))
     torch.manual_seed(9)
@@ -290,9 +304,19 @@ def test_vit_b_recipe_parameter_counts(tmp_path):
 
 @pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_batch(tmp_path):
-    cfg = compose_config(["experiment=data2vec2_vit_tiny_synthetic", "data.img_size=32", "masking.clones=2",
-                          "model.backbone.embed_dim=64", "model.backbone.num_heads=2", "model.backbone.depth=2",
-                          "model.decoder.decoder_dim=64", "target.top_k=2"], tmp_path)
+    cfg = compose_config(
+        [
+            "experiment=data2vec2_vit_tiny_synthetic",
+            "data.img_size=32",
+            "masking.clones=2",
+            "model.backbone.embed_dim=64",
+            "model.backbone.num_heads=2",
+            "model.backbone.depth=2",
+            "model.decoder.decoder_dim=64",
+            "target.top_k=2",
+        ],
+        tmp_path,
+    )
     torch.manual_seed(0)
     module = instantiate(cfg.task)
     module.target.sync_(module.backbone)
@@ -329,7 +353,11 @@ def test_teacher_panel_draws_the_ema_targets_once_per_image(tmp_path):
     module = instantiate(cfg.task)
     seen = []
     module.target.register_forward_hook(lambda _m, _inp, out: seen.append(tuple(out.shape[:2])))
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_set=[(torch.randn(3, 32, 32), 0) for _ in range(4)]),
-                              default_root_dir=str(tmp_path), global_step=0, loggers=[])
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(val_set=[(torch.randn(3, 32, 32), 0) for _ in range(4)]),
+        default_root_dir=str(tmp_path),
+        global_step=0,
+        loggers=[],
+    )
     path = TeacherTargetPanel(num_images=2).render(trainer, module)
     assert path is not None and seen == [(2, 16)]  # the recipe masks 4 clones; the panel asks for one row per image

@@ -1,5 +1,6 @@
 """The DataModule base in-process: rank sharding, exact resume of every DataModule with and without worker processes,
 and the checks a resume makes against the checkpoint's data fingerprint and batch geometry."""
+
 from __future__ import annotations
 
 import hashlib
@@ -58,6 +59,7 @@ def digest(batch) -> str:
                 add(item)
         else:
             h.update(repr(x).encode())
+
     add(batch)
     return h.hexdigest()
 
@@ -78,8 +80,8 @@ def test_ranks_split_an_epoch_disjointly_and_a_step_reads_what_one_process_with_
     assert sorted(sum(orders, [])) == sorted(ResumableSampler(50, seed=1).epoch_order()[:48])
     single = ResumableSampler(50, seed=1).epoch_order()
     for step in range(16 // batch):
-        together = {i for o in orders for i in o[step * batch:(step + 1) * batch]}
-        assert together == set(single[step * world * batch:(step + 1) * world * batch])
+        together = {i for o in orders for i in o[step * batch : (step + 1) * batch]}
+        assert together == set(single[step * world * batch : (step + 1) * world * batch])
     seeds = {r: dict(s) for r, s in enumerate(ranks)}  # a sample's augmentation seed does not depend on its rank
     assert all(seed == dict(ResumableSampler(50, seed=1))[i] for d in seeds.values() for i, seed in d.items())
 
@@ -97,8 +99,11 @@ def test_resume_mid_epoch_and_at_the_epoch_boundary_reads_the_uninterrupted_batc
     reference = make(kind, roots, num_workers=0)
     epoch1, epoch2 = epoch_batches(reference, 1), epoch_batches(reference, 2)
     assert epoch1 != epoch2 and len(set(epoch1)) == len(epoch1)
-    state = {**dict(epoch=1, batch_size=4, world_size=1, seed=7), "fingerprint": reference.fingerprint(),
-             "epoch_batches": len(epoch1)}
+    state = {
+        **dict(epoch=1, batch_size=4, world_size=1, seed=7),
+        "fingerprint": reference.fingerprint(),
+        "epoch_batches": len(epoch1),
+    }
     for done, epoch, expected in ((3, 1, epoch1[3:]), (len(epoch1), 2, epoch2)):
         resumed = make(kind, roots, num_workers=workers, persistent_workers=True)
         resumed.setup()
@@ -109,8 +114,15 @@ def test_resume_mid_epoch_and_at_the_epoch_boundary_reads_the_uninterrupted_batc
 def test_resume_on_other_data_names_both_and_the_way_out(roots, tmp_path, caplog):
     dm = make("imagenet", roots)
     dm.setup()
-    state = {"epoch": 0, "batches_done": 0, "epoch_batches": 15, "batch_size": 4, "world_size": 1, "seed": 7,
-             "fingerprint": dm.fingerprint()}
+    state = {
+        "epoch": 0,
+        "batches_done": 0,
+        "epoch_batches": 15,
+        "batch_size": 4,
+        "world_size": 1,
+        "seed": 7,
+        "fingerprint": dm.fingerprint(),
+    }
     copy = tmp_path / "copy"
     shutil.copytree(roots["imagenet"], copy)
     moved = ImageNetDataModule(str(copy), img_size=32, batch_size=4, seed=7)
@@ -125,18 +137,31 @@ def test_resume_on_other_data_names_both_and_the_way_out(roots, tmp_path, caplog
     sorted((copy / "train" / "00_circle").iterdir())[0].unlink()  # now other data
     changed = ImageNetDataModule(str(copy), img_size=32, batch_size=4, seed=7)
     changed.setup()
-    with pytest.raises(DataResumeError, match=r"(?s)data: 60 train \+ 20 val images in .*59 train \+ 20 val images in "
-                                              r".*data\.allow_data_change=true"):
+    with pytest.raises(
+        DataResumeError,
+        match=r"(?s)data: 60 train \+ 20 val images in .*59 train \+ 20 val images in "
+        r".*data\.allow_data_change=true",
+    ):
         changed.load_state_dict(state)
 
 
 def test_mid_epoch_resume_with_another_batch_geometry_is_refused_unless_allowed(roots, caplog):
     dm = make("imagenet", roots, batch_size=2)
     dm.setup()
-    state = {"epoch": 1, "batches_done": 5, "epoch_batches": 15, "batch_size": 4, "world_size": 2, "seed": 7,
-             "fingerprint": dm.fingerprint()}
-    with pytest.raises(DataResumeError, match=r"(?s)data\.batch_size 4 -> 2 in the middle of epoch 1 \(5 of 15.*"
-                                              r"processes \(devices x nodes\) 2 -> 1"):
+    state = {
+        "epoch": 1,
+        "batches_done": 5,
+        "epoch_batches": 15,
+        "batch_size": 4,
+        "world_size": 2,
+        "seed": 7,
+        "fingerprint": dm.fingerprint(),
+    }
+    with pytest.raises(
+        DataResumeError,
+        match=r"(?s)data\.batch_size 4 -> 2 in the middle of epoch 1 \(5 of 15.*"
+        r"processes \(devices x nodes\) 2 -> 1",
+    ):
         dm.load_state_dict(state)
     dm.load_state_dict({**state, "batches_done": 15})  # at the epoch boundary the geometry may change
     allowed = make("imagenet", roots, batch_size=2, allow_data_change=True)
@@ -156,7 +181,9 @@ def test_validation_classes_are_matched_to_training_classes_by_name(roots, tmp_p
     dm.setup()
     train_idx = dm.train_set.class_to_idx
     assert dm.val_set.class_to_idx == train_idx
-    assert {label for _, label in dm.val_set.samples} == {train_idx[c] for c in train_idx if c not in ("00_circle", "01_square")}
+    assert {label for _, label in dm.val_set.samples} == {
+        train_idx[c] for c in train_idx if c not in ("00_circle", "01_square")
+    }
 
 
 @pytest.mark.parametrize("workers", [0, 2])

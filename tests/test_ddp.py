@@ -10,6 +10,7 @@ mIoU) equal exactly those of a 1-process validation of the checkpoint it wrote.
 MAE also checks that only rank 0 writes checkpoints and logs; FCMAE (with gradient accumulation) that the lr is
 scaled by per-device batch x devices x accumulation and that DDP's static graph is dropped under accumulation.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,40 +30,109 @@ from mimlab.data.synthetic_dense import write_ade20k, write_coco
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 BATCH, BLR, SEED = 4, 1e-3, 0
-DDP = ["hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
-       "hardware.compile=false", "hardware.fused_optimizer=false", "hardware.matmul_precision=highest",
-       "hardware.num_workers=0", "hardware.pin_memory=false", "+hardware.strategy.process_group_backend=gloo"]
-COMMON = [f"seed={SEED}", "logger=csv", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "+trainer.num_sanity_val_steps=0",
-          "~callbacks.progress", f"data.batch_size={BATCH}"]
+DDP = [
+    "hardware=ddp",
+    "hardware.accelerator=cpu",
+    "hardware.devices=2",
+    "hardware.precision=32-true",
+    "hardware.compile=false",
+    "hardware.fused_optimizer=false",
+    "hardware.matmul_precision=highest",
+    "hardware.num_workers=0",
+    "hardware.pin_memory=false",
+    "+hardware.strategy.process_group_backend=gloo",
+]
+COMMON = [
+    f"seed={SEED}",
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "+trainer.num_sanity_val_steps=0",
+    "~callbacks.progress",
+    f"data.batch_size={BATCH}",
+]
 TINY_VIT = ["model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2"]
-PRETRAIN = ["data.img_size=32", f"optim.blr={BLR}", "optim.warmup_epochs=0", "~callbacks.reconstruction",
-            "~callbacks.throughput"]
+PRETRAIN = [
+    "data.img_size=32",
+    f"optim.blr={BLR}",
+    "optim.warmup_epochs=0",
+    "~callbacks.reconstruction",
+    "~callbacks.throughput",
+]
 DENSE = [*TINY_VIT, "model.neck.out_channels=16", "data.generate_if_missing=false", "optim.schedule.warmup_steps=2"]
 TASKS = {
-    "mae": ["experiment=mae_vit_tiny_synthetic", *PRETRAIN, *TINY_VIT, "model.decoder.embed_dim=32",
-            "model.decoder.num_heads=2", "model.backbone.drop_path_rate=0", "callbacks=pretrain_with_probes",
-            "callbacks.knn.batch_size=16"],
-    "fcmae": ["experiment=fcmae_convnextv2_atto_synthetic", *PRETRAIN, "data.img_size=64", "model.decoder.embed_dim=32",
-              "trainer.accumulate_grad_batches=2", "~callbacks.knn"],
+    "mae": [
+        "experiment=mae_vit_tiny_synthetic",
+        *PRETRAIN,
+        *TINY_VIT,
+        "model.decoder.embed_dim=32",
+        "model.decoder.num_heads=2",
+        "model.backbone.drop_path_rate=0",
+        "callbacks=pretrain_with_probes",
+        "callbacks.knn.batch_size=16",
+    ],
+    "fcmae": [
+        "experiment=fcmae_convnextv2_atto_synthetic",
+        *PRETRAIN,
+        "data.img_size=64",
+        "model.decoder.embed_dim=32",
+        "trainer.accumulate_grad_batches=2",
+        "~callbacks.knn",
+    ],
     "itpn": ["experiment=itpn_hivit_tiny_synthetic", *PRETRAIN, "model.decoder.embed_dim=32", "~callbacks.knn"],
-    "img2vec": ["experiment=img2vec_vit_tiny_synthetic", *PRETRAIN, "data.img_size=64", *TINY_VIT,
-                "model.decoder.decoder_dim=32", "model.decoder.proj_hidden_dim=32", "~callbacks.knn"],
-    "finetune": ["experiment=finetune_vit_tiny_synthetic", "data.img_size=32", *TINY_VIT, "optim.warmup_epochs=0",
-                 "~callbacks.throughput"],
-    "linprobe": ["experiment=linprobe_vit_tiny_synthetic", "data.img_size=32", *TINY_VIT, "optim.warmup_epochs=0",
-                 "~callbacks.throughput"],
-    "detect": ["experiment=detect_mae_vit_tiny_synthetic", *DENSE, "task.head_channels=16",
-               "task.representation_size=32", "task.box_batch_size_per_image=32", "task.rpn_pre_nms_top_n=200",
-               "task.rpn_post_nms_top_n=100", "trainer.check_val_every_n_epoch=1"],  # enough proposals for mAP > 0
-    "segment": ["experiment=segment_mae_vit_tiny_synthetic", *DENSE, "task.decode_head.channels=16",
-                "task.aux_head.channels=8", "trainer.check_val_every_n_epoch=1"],
+    "img2vec": [
+        "experiment=img2vec_vit_tiny_synthetic",
+        *PRETRAIN,
+        "data.img_size=64",
+        *TINY_VIT,
+        "model.decoder.decoder_dim=32",
+        "model.decoder.proj_hidden_dim=32",
+        "~callbacks.knn",
+    ],
+    "finetune": [
+        "experiment=finetune_vit_tiny_synthetic",
+        "data.img_size=32",
+        *TINY_VIT,
+        "optim.warmup_epochs=0",
+        "~callbacks.throughput",
+    ],
+    "linprobe": [
+        "experiment=linprobe_vit_tiny_synthetic",
+        "data.img_size=32",
+        *TINY_VIT,
+        "optim.warmup_epochs=0",
+        "~callbacks.throughput",
+    ],
+    "detect": [
+        "experiment=detect_mae_vit_tiny_synthetic",
+        *DENSE,
+        "task.head_channels=16",
+        "task.representation_size=32",
+        "task.box_batch_size_per_image=32",
+        "task.rpn_pre_nms_top_n=200",
+        "task.rpn_post_nms_top_n=100",
+        "trainer.check_val_every_n_epoch=1",
+    ],  # enough proposals for mAP > 0
+    "segment": [
+        "experiment=segment_mae_vit_tiny_synthetic",
+        *DENSE,
+        "task.decode_head.channels=16",
+        "task.aux_head.channels=8",
+        "trainer.check_val_every_n_epoch=1",
+    ],
 }
 EXACT = {  # metrics a 2-process evaluation must reproduce exactly
     "mae": ["knn/acc1", "probe/val_acc1"],
     "finetune": ["val/acc1", "val/acc5"],
     "linprobe": ["val/acc1", "val/acc5"],
-    "detect": ["val/bbox_mAP", "val/bbox_mAP_50", "val/segm_mAP", "val/segm_mAP_50", "val/bbox_mAR_100",
-               "val/segm_mAR_100"],
+    "detect": [
+        "val/bbox_mAP",
+        "val/bbox_mAP_50",
+        "val/segm_mAP",
+        "val/segm_mAP_50",
+        "val/bbox_mAR_100",
+        "val/segm_mAR_100",
+    ],
     "segment": ["val/mIoU", "val/aAcc"],
 }
 WALL: dict[str, float] = {}
@@ -78,8 +148,13 @@ def roots(synthetic_root, tmp_path_factory):
 
 def run(args: list[str], log_dir: Path, label: str) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repository, keep its stderr in ``log_dir`` and print its wall time."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled", "MASTER_PORT": str(29500 + (os.getpid() + len(WALL)) % 1000)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "MASTER_PORT": str(29500 + (os.getpid() + len(WALL)) % 1000),
+    }
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     WALL[label] = time.perf_counter() - start
@@ -100,12 +175,23 @@ def fits(roots, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"ddp_{task}")
             root = roots.get(task, roots["image"])
             overrides = [*TASKS[task], *COMMON, f"data.root={root}"]
-            run(["-m", "mimlab.train", *overrides, *DDP, "+callbacks.probe._target_=tests.ddp_probe.DDPProbe",
-                 f"+callbacks.probe.out_dir={out / 'probe'}", f"hydra.run.dir={out / 'run'}"], out / "run",
-                f"2-process fit {task}")
+            run(
+                [
+                    "-m",
+                    "mimlab.train",
+                    *overrides,
+                    *DDP,
+                    "+callbacks.probe._target_=tests.ddp_probe.DDPProbe",
+                    f"+callbacks.probe.out_dir={out / 'probe'}",
+                    f"hydra.run.dir={out / 'run'}",
+                ],
+                out / "run",
+                f"2-process fit {task}",
+            )
             ranks = [torch.load(out / "probe" / f"rank{r}.pt", weights_only=False) for r in range(2)]
             made[task] = (out / "run", ranks, overrides)
         return made[task]
+
     return get
 
 
@@ -128,7 +214,7 @@ def test_ranks_read_disjoint_halves_of_the_epoch_and_end_with_identical_weights(
     assert rank0["train_batches"] == rank1["train_batches"] == steps
     assert len(a) == len(b) == steps * BATCH and not set(a) & set(b)
     epoch = ResumableSampler(epoch_size, seed=SEED).epoch_order()  # the epoch's permutation (seed 0, epoch 0)
-    assert sorted(a + b) == sorted(epoch[:steps * 2 * BATCH])
+    assert sorted(a + b) == sorted(epoch[: steps * 2 * BATCH])
     assert rank0["steps"] >= 3
     before, final0, final1 = rank0["before"], rank0["final"], rank1["final"]
     for name in before:
@@ -144,8 +230,18 @@ def test_two_process_evaluation_equals_one_process_evaluation(task, fits, tmp_pa
     run_dir, _, overrides = fits(task)
     two = last_logged(run_dir, EXACT[task])
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    proc = run([str(REPO / "tests" / "validate_ckpt.py"), str(ckpt), *overrides, f"paths.output_dir={tmp_path / 'v'}",
-                "hardware.num_workers=0", "logger=csv"], tmp_path / "validate", f"1-process validation {task}")
+    proc = run(
+        [
+            str(REPO / "tests" / "validate_ckpt.py"),
+            str(ckpt),
+            *overrides,
+            f"paths.output_dir={tmp_path / 'v'}",
+            "hardware.num_workers=0",
+            "logger=csv",
+        ],
+        tmp_path / "validate",
+        f"1-process validation {task}",
+    )
     one = json.loads(proc.stdout.split("METRICS ", 1)[1].splitlines()[0])
     print(f"{task}: 2 processes {two} | 1 process { {k: one[k] for k in EXACT[task]} }")
     assert set(two) == set(EXACT[task])
@@ -156,17 +252,30 @@ def test_two_process_evaluation_equals_one_process_evaluation(task, fits, tmp_pa
 def test_mae_two_processes_of_batch_b_equal_one_process_of_batch_2b(fits, synthetic_root, tmp_path):
     _, (rank0, rank1), overrides = fits("mae")
     single = tmp_path / "single"
-    run(["-m", "mimlab.train", *overrides, f"data.batch_size={2 * BATCH}", "hardware.num_workers=0",
-         "+callbacks.probe._target_=tests.ddp_probe.DDPProbe", f"+callbacks.probe.out_dir={single / 'probe'}",
-         f"hydra.run.dir={single / 'run'}"], single / "run", f"1-process fit mae batch {2 * BATCH}")
+    run(
+        [
+            "-m",
+            "mimlab.train",
+            *overrides,
+            f"data.batch_size={2 * BATCH}",
+            "hardware.num_workers=0",
+            "+callbacks.probe._target_=tests.ddp_probe.DDPProbe",
+            f"+callbacks.probe.out_dir={single / 'probe'}",
+            f"hydra.run.dir={single / 'run'}",
+        ],
+        single / "run",
+        f"1-process fit mae batch {2 * BATCH}",
+    )
     one = torch.load(single / "probe" / "rank0.pt", weights_only=False)
     assert sorted(one["indices"]) == sorted(rank0["indices"] + rank1["indices"])  # the same samples
     assert one["steps"] == rank0["steps"] == 60 // (2 * BATCH)
     assert one["base_lr"] == pytest.approx(rank0["base_lr"])  # same effective batch, same lr
     worst = max((one["final"][n] - rank0["final"][n]).abs().max().item() for n in one["final"])
     moved = min((one["final"][n] - one["before"][n]).abs().max().item() for n in one["final"])
-    print(f"MAE 2 x batch {BATCH} vs 1 x batch {2 * BATCH}: max |weight difference| {worst:.2e} after "
-          f"{one['steps']} steps (smallest per-tensor max change from init {moved:.2e})")
+    print(
+        f"MAE 2 x batch {BATCH} vs 1 x batch {2 * BATCH}: max |weight difference| {worst:.2e} after "
+        f"{one['steps']} steps (smallest per-tensor max change from init {moved:.2e})"
+    )
     for name in one["final"]:
         torch.testing.assert_close(rank0["final"][name], one["final"][name], rtol=1e-4, atol=1e-6, msg=name)
 

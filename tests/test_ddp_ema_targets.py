@@ -5,6 +5,7 @@ The ranks see different images and draw different masks, so their gradients diff
 student and the EMA teacher must still be identical on both ranks (gradients all-reduced, the teacher updated from the
 same student), and the teacher must have moved with the student.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 TINY = {
-    "data2vec2_vit_tiny_synthetic": ["data.img_size=32", "model.decoder.decoder_dim=32", "model.decoder.depth=1",
-                                     "target.top_k=1", "masking.clones=2"],
+    "data2vec2_vit_tiny_synthetic": [
+        "data.img_size=32",
+        "model.decoder.decoder_dim=32",
+        "model.decoder.depth=1",
+        "target.top_k=1",
+        "masking.clones=2",
+    ],
     "ijepa_vit_tiny_synthetic": ["data.img_size=64", "model.decoder.predictor_dim=16", "model.decoder.depth=1"],
 }
 
@@ -28,20 +34,52 @@ TINY = {
 def test_two_ranks_keep_student_and_teacher_identical(experiment, synthetic_root, tmp_path):
     probe_dir = tmp_path / "probe"
     overrides = [
-        f"experiment={experiment}", "hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2",
-        "hardware.precision=32-true", "hardware.compile=false", "hardware.fused_optimizer=false",
-        "hardware.matmul_precision=highest", "hardware.num_workers=0", "hardware.pin_memory=false",
-        "+hardware.strategy.process_group_backend=gloo", "logger=csv", f"data.root={synthetic_root}",
-        "data.batch_size=4", "model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2",
-        "optim.warmup_epochs=0", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "~callbacks.progress", "~callbacks.reconstruction", "~callbacks.throughput", "~callbacks.knn",
-        "~callbacks.target_maps", "+callbacks.probe._target_=tests.ddp_probe.DDPProbe",
-        f"+callbacks.probe.out_dir={probe_dir}", f"hydra.run.dir={tmp_path / 'out'}", *TINY[experiment],
+        f"experiment={experiment}",
+        "hardware=ddp",
+        "hardware.accelerator=cpu",
+        "hardware.devices=2",
+        "hardware.precision=32-true",
+        "hardware.compile=false",
+        "hardware.fused_optimizer=false",
+        "hardware.matmul_precision=highest",
+        "hardware.num_workers=0",
+        "hardware.pin_memory=false",
+        "+hardware.strategy.process_group_backend=gloo",
+        "logger=csv",
+        f"data.root={synthetic_root}",
+        "data.batch_size=4",
+        "model.backbone.depth=1",
+        "model.backbone.embed_dim=32",
+        "model.backbone.num_heads=2",
+        "optim.warmup_epochs=0",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "~callbacks.progress",
+        "~callbacks.reconstruction",
+        "~callbacks.throughput",
+        "~callbacks.knn",
+        "~callbacks.target_maps",
+        "+callbacks.probe._target_=tests.ddp_probe.DDPProbe",
+        f"+callbacks.probe.out_dir={probe_dir}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        *TINY[experiment],
     ]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "MASTER_PORT": str(29600 + os.getpid() % 1000)}
-    proc = subprocess.run([sys.executable, "-m", "mimlab.train", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "MASTER_PORT": str(29600 + os.getpid() % 1000),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "mimlab.train", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     rank0, rank1 = (torch.load(probe_dir / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert [rank0["world_size"], rank1["world_size"]] == [2, 2]

@@ -31,8 +31,10 @@ def _pretrain_checkpoint(path: Path, backbone: torch.nn.Module) -> Path:
     """A mimlab pre-training checkpoint: ``backbone.*`` weights and the backbone class in the stored config."""
     cls = type(backbone)
     config = {"model": {"backbone": {"_target_": f"{cls.__module__}.{cls.__qualname__}"}}}
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-                "mimlab": {"config": config}}, path)
+    torch.save(
+        {"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}, "mimlab": {"config": config}},
+        path,
+    )
     return path
 
 
@@ -43,15 +45,29 @@ def coco_root(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("patch, pretrain_size, size", [(4, 32, 64), (16, 64, 128)])
-def test_vit_checkpoint_goes_into_detection_at_another_size_with_one_knob(patch, pretrain_size, size, coco_root,
-                                                                         tmp_path, caplog):
+def test_vit_checkpoint_goes_into_detection_at_another_size_with_one_knob(
+    patch, pretrain_size, size, coco_root, tmp_path, caplog
+):
     vit = MaskedViT(img_size=pretrain_size, patch_size=patch, embed_dim=64, depth=2, num_heads=2)
     ckpt = _pretrain_checkpoint(tmp_path / "mae.ckpt", vit)
-    cfg = compose_config([
-        "experiment=detect_mae_vit_tiny_synthetic", f"model.backbone.patch_size={patch}", "model.backbone.embed_dim=64",
-        "model.backbone.depth=2", "model.backbone.num_heads=2", f"task.pretrained={ckpt}", f"data.root={coco_root}",
-        f"data.img_size={size}", "data.batch_size=2", "hardware.num_workers=0", "logger=csv",
-        "trainer.fast_dev_run=1", "~callbacks.progress"], tmp_path)
+    cfg = compose_config(
+        [
+            "experiment=detect_mae_vit_tiny_synthetic",
+            f"model.backbone.patch_size={patch}",
+            "model.backbone.embed_dim=64",
+            "model.backbone.depth=2",
+            "model.backbone.num_heads=2",
+            f"task.pretrained={ckpt}",
+            f"data.root={coco_root}",
+            f"data.img_size={size}",
+            "data.batch_size=2",
+            "hardware.num_workers=0",
+            "logger=csv",
+            "trainer.fast_dev_run=1",
+            "~callbacks.progress",
+        ],
+        tmp_path,
+    )
     with caplog.at_level("INFO"):
         datamodule, module, trainer = build(cfg)
     g0, g1 = pretrain_size // patch, size // patch
@@ -67,11 +83,13 @@ def test_vit_checkpoint_goes_into_detection_at_another_size_with_one_knob(patch,
 @pytest.mark.parametrize("patch, size", [(4, 64), (8, 64), (14, 448), (16, 128)])
 def test_simple_fpn_gives_strides_4_to_32_for_any_patch(patch, size):
     vit = MaskedViT(img_size=size, patch_size=patch, embed_dim=32, depth=1, num_heads=2)
-    adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64),
-                                  pool_name="pool")
+    adapter = DenseFeatureAdapter(
+        vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
+    )
     out = adapter(torch.randn(1, 3, size, size))
     assert [tuple(y.shape[-2:]) for y in out.values()] == [(size // s, size // s) for s in (4, 8, 16, 32)] + [
-        (max(1, size // 64),) * 2]
+        (max(1, size // 64),) * 2
+    ]
 
 
 def test_hivit_absolute_pos_embed_resampled_on_load(tmp_path, caplog):
@@ -87,9 +105,12 @@ def test_hivit_absolute_pos_embed_resampled_on_load(tmp_path, caplog):
 
 def test_input_size_not_a_multiple_of_the_largest_stride():
     vit = MaskedViT(img_size=96, patch_size=16, embed_dim=32, depth=1, num_heads=2)
-    adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64),
-                                  pool_name="pool")
-    with pytest.raises(ValueError, match=r"input size 100 \(data\.img_size.*largest stride 16.*data\.img_size=96 or 112"):
+    adapter = DenseFeatureAdapter(
+        vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
+    )
+    with pytest.raises(
+        ValueError, match=r"input size 100 \(data\.img_size.*largest stride 16.*data\.img_size=96 or 112"
+    ):
         MaskRCNNDetection(adapter, optim=None, num_classes=3, min_size=100, max_size=100)
 
 
@@ -98,8 +119,11 @@ def test_checkpoint_of_another_backbone_family(tmp_path):
     vit = MaskedViT(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2)
     adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=8))
     ours = _pretrain_checkpoint(tmp_path / "fcmae.ckpt", convnext)
-    with pytest.raises(CheckpointMismatchError, match=rf"{ours}.*pre-trained with a MaskedConvNeXtV2 backbone.*"
-                                                      r"builds MaskedViT"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=rf"{ours}.*pre-trained with a MaskedConvNeXtV2 backbone.*"
+        r"builds MaskedViT",
+    ):
         adapter.load_pretrained(ours)
     torch.save({"model": convnext.state_dict()}, tmp_path / "official.pth")  # no stored config: judged by key names
     with pytest.raises(CheckpointMismatchError, match=r"official\.pth has no parameter of MaskedViT.*another backbone"):
@@ -121,7 +145,9 @@ def test_coco_json_naming_absent_files_fails_at_setup(coco_root, tmp_path):
     names = [im["file_name"] for im in json.loads(ann.read_text())["images"]][:2]
     for name in names:
         (root / "train2017" / name).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"2 image\(s\) listed in {ann} are absent from .*train2017.*{names[0]}"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"2 image\(s\) listed in {ann} are absent from .*train2017.*{names[0]}"
+    ):
         COCODataModule(str(root), img_size=64).setup()
 
 

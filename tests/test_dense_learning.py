@@ -20,16 +20,29 @@ def _run(experiment: str, data: str, overrides: list[str], tmp_path) -> dict:
     if SHARED is None or not (SHARED / data).is_dir():
         pytest.skip(f"shared/data/{data} is not staged beside the checkout")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cfg = compose_config([f"experiment={experiment}", f"data.root={SHARED / data}", "logger=csv",
-                          "~callbacks.progress", "hardware.num_workers=1", *overrides], tmp_path)
+    cfg = compose_config(
+        [
+            f"experiment={experiment}",
+            f"data.root={SHARED / data}",
+            "logger=csv",
+            "~callbacks.progress",
+            "hardware.num_workers=1",
+            *overrides,
+        ],
+        tmp_path,
+    )
     return run(cfg)["metrics"]
 
 
 @pytest.mark.slow
 def test_upernet_learns_real_ade20k_labels(tmp_path):
     # measured from random init (300 epochs of 1 step): mIoU 0.12 / 0.22 / 0.25 / 0.15 at epochs 25 / 50 / 75 / 100
-    metrics = _run("segment_mae_vit_tiny_ade_sample", "ade20k_sample",
-                   ["trainer.max_epochs=100", "trainer.check_val_every_n_epoch=50"], tmp_path)
+    metrics = _run(
+        "segment_mae_vit_tiny_ade_sample",
+        "ade20k_sample",
+        ["trainer.max_epochs=100", "trainer.check_val_every_n_epoch=50"],
+        tmp_path,
+    )
     assert metrics["val/mIoU"] > 0.08 and metrics["val/aAcc"] > 0.5
 
 
@@ -52,8 +65,9 @@ def test_coco_evaluation_of_the_real_annotations_is_perfect_for_the_ground_truth
 
     ds = COCOInstances(SHARED / "coco_tiny", "train", lsj_transforms(128, train=False), keep_crowd=True)
     vit = MaskedViT(img_size=128, patch_size=16, embed_dim=32, depth=1, num_heads=2)
-    adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64),
-                                  pool_name="pool")
+    adapter = DenseFeatureAdapter(
+        vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
+    )
     task = MaskRCNNDetection(adapter, optim=None, num_classes=ds.num_classes, min_size=128, max_size=128)
     targets = [ds[i][1] for i in range(12)]
     scores = {}
@@ -61,9 +75,14 @@ def test_coco_evaluation_of_the_real_annotations_is_perfect_for_the_ground_truth
         preds = []
         for t in targets:
             keep = t["iscrowd"] == 0
-            preds.append({"boxes": t["boxes"][keep], "scores": torch.ones(int(keep.sum())),
-                          "labels": (t["labels"][keep] - 1 + shift) % ds.num_classes + 1,
-                          "masks": t["masks"][keep][:, None].float()})
+            preds.append(
+                {
+                    "boxes": t["boxes"][keep],
+                    "scores": torch.ones(int(keep.sum())),
+                    "labels": (t["labels"][keep] - 1 + shift) % ds.num_classes + 1,
+                    "masks": t["masks"][keep][:, None].float(),
+                }
+            )
         task.val_map.reset()
         task.val_map.update(*task.to_metric_inputs(preds, targets))
         result = task.val_map.compute()
@@ -95,13 +114,30 @@ def test_mask_rcnn_memorises_two_real_coco_images():
     train = COCOInstances(root, "train", lsj_transforms(128, (1.0, 1.0)))
     val = COCOInstances(root, "train", lsj_transforms(128, train=False), keep_crowd=True)
     vit = MaskedViT(img_size=128, patch_size=8, embed_dim=192, depth=4, num_heads=3, learnable_pos_embed=True)
-    adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=64), out_strides=(4, 8, 16, 32, 64),
-                                  pool_name="pool")
-    optim = OptimizerFactory(partial(torch.optim.AdamW), lr=3e-4, weight_decay=0.05, warmup_epochs=0,
-                             param_groups=ParamGroups(layer_decay=0.75), schedule=WarmupMultiStep)  # constant lr
-    task = MaskRCNNDetection(adapter, optim, num_classes=train.num_classes, min_size=128, max_size=128,
-                             head_channels=64, representation_size=256, box_batch_size_per_image=64,
-                             rpn_pre_nms_top_n=500, rpn_post_nms_top_n=200, box_score_thresh=0.01)
+    adapter = DenseFeatureAdapter(
+        vit, partial(SimpleFeaturePyramid, out_channels=64), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
+    )
+    optim = OptimizerFactory(
+        partial(torch.optim.AdamW),
+        lr=3e-4,
+        weight_decay=0.05,
+        warmup_epochs=0,
+        param_groups=ParamGroups(layer_decay=0.75),
+        schedule=WarmupMultiStep,
+    )  # constant lr
+    task = MaskRCNNDetection(
+        adapter,
+        optim,
+        num_classes=train.num_classes,
+        min_size=128,
+        max_size=128,
+        head_channels=64,
+        representation_size=256,
+        box_batch_size_per_image=64,
+        rpn_pre_nms_top_n=500,
+        rpn_post_nms_top_n=200,
+        box_score_thresh=0.01,
+    )
     trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=50, max_epochs=1)
     opt = task.optim(task, trainer, batch_size=2)["optimizer"]
     task.train()

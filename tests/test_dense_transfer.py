@@ -29,8 +29,16 @@ from mimlab.tasks.detection import MaskRCNNDetection
 from mimlab.tasks.segmentation import UperNetSegmentation, slide_inference
 
 DET_STRIDES = (4, 8, 16, 32, 64)
-SMALL_DET = dict(min_size=64, max_size=64, anchor_sizes=(8, 16, 32, 64, 128), head_channels=16, representation_size=32,
-                 box_batch_size_per_image=32, rpn_pre_nms_top_n=100, rpn_post_nms_top_n=50)
+SMALL_DET = dict(
+    min_size=64,
+    max_size=64,
+    anchor_sizes=(8, 16, 32, 64, 128),
+    head_channels=16,
+    representation_size=32,
+    box_batch_size_per_image=32,
+    rpn_pre_nms_top_n=100,
+    rpn_post_nms_top_n=50,
+)
 
 
 def tiny_vit(dim=32):
@@ -60,13 +68,21 @@ def itpn_adapter(**kw):
 
 def adamw(lr=1e-4, layer_decay=0.75):
     """The optim group's detection factory (AdamW, absolute lr, layer decay over the backbone's ids), constant lr."""
-    return OptimizerFactory(partial(torch.optim.AdamW, betas=(0.9, 0.999)), lr=lr, weight_decay=0.05, warmup_epochs=0,
-                            param_groups=ParamGroups(layer_decay=layer_decay), schedule=WarmupMultiStep)
+    return OptimizerFactory(
+        partial(torch.optim.AdamW, betas=(0.9, 0.999)),
+        lr=lr,
+        weight_decay=0.05,
+        warmup_epochs=0,
+        param_groups=ParamGroups(layer_decay=layer_decay),
+        schedule=WarmupMultiStep,
+    )
 
 
 def optimizer_of(task, total_steps=8):
     """``task.configure_optimizers()`` as Lightning calls it, with a stand-in for the Trainer's figures."""
-    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=total_steps, max_epochs=1)
+    trainer = SimpleNamespace(
+        world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=total_steps, max_epochs=1
+    )
     return task.optim(task, trainer, batch_size=2)["optimizer"]
 
 
@@ -135,8 +151,14 @@ def _fake_pretrain_ckpt(path, adapter):
 
 def test_detection_loads_backbone_and_itpn_pyramid_from_checkpoint(tmp_path):
     state = _fake_pretrain_ckpt(tmp_path / "pt.ckpt", itpn_adapter())
-    task = MaskRCNNDetection(itpn_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3,
-                             pretrained=str(tmp_path / "pt.ckpt"), load_neck=True, **SMALL_DET)
+    task = MaskRCNNDetection(
+        itpn_adapter(out_strides=DET_STRIDES, pool_name="pool"),
+        adamw(),
+        num_classes=3,
+        pretrained=str(tmp_path / "pt.ckpt"),
+        load_neck=True,
+        **SMALL_DET,
+    )
     for k, v in task.adapter.backbone.state_dict().items():
         torch.testing.assert_close(v, state[f"backbone.{k}"])
     for k, v in task.adapter.neck.state_dict().items():
@@ -147,8 +169,9 @@ def test_segmentation_loads_vit_backbone_only(tmp_path):
     state = _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(tiny_vit(), out_strides=(16,)))
     fresh = vit_adapter()
     neck_before = {k: v.clone() for k, v in fresh.neck.state_dict().items()}
-    task = UperNetSegmentation(fresh, partial(UperNetHead, channels=16), adamw(), num_classes=5,
-                               pretrained=str(tmp_path / "pt.ckpt"))
+    task = UperNetSegmentation(
+        fresh, partial(UperNetHead, channels=16), adamw(), num_classes=5, pretrained=str(tmp_path / "pt.ckpt")
+    )
     for k, v in task.adapter.backbone.state_dict().items():
         torch.testing.assert_close(v, state[f"backbone.{k}"])
     for k, v in task.adapter.neck.state_dict().items():  # the simple FPN is new: untouched
@@ -159,15 +182,22 @@ def test_detection_starts_from_an_official_mae_file(tmp_path):
     src = tiny_vit()
     official = {**src.state_dict(), "mask_token": torch.zeros(1, 1, 16), "decoder_pred.weight": torch.zeros(3, 3)}
     torch.save({"model": official, "epoch": 1599}, tmp_path / "mae_pretrain_vit_tiny.pth")
-    task = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3,
-                             pretrained=str(tmp_path / "mae_pretrain_vit_tiny.pth"), **SMALL_DET)
+    task = MaskRCNNDetection(
+        vit_adapter(out_strides=DET_STRIDES, pool_name="pool"),
+        adamw(),
+        num_classes=3,
+        pretrained=str(tmp_path / "mae_pretrain_vit_tiny.pth"),
+        **SMALL_DET,
+    )
     for k, v in src.state_dict().items():
         torch.testing.assert_close(task.backbone.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
 def test_checkpoint_shape_mismatch_names_the_key(tmp_path):
     _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(tiny_vit(dim=64), out_strides=(16,)))
-    with pytest.raises(CheckpointMismatchError, match=r"blocks\.0\.attn\.proj\.bias: checkpoint \(64,\) vs model \(32,\)"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"blocks\.0\.attn\.proj\.bias: checkpoint \(64,\) vs model \(32,\)"
+    ):
         vit_adapter().load_pretrained(tmp_path / "pt.ckpt")
     with pytest.raises(FileNotFoundError, match="make pretrain"):
         vit_adapter().load_pretrained(tmp_path / "absent.ckpt")
@@ -175,7 +205,9 @@ def test_checkpoint_shape_mismatch_names_the_key(tmp_path):
 
 def test_coco_evaluator_perfect_and_shuffled(coco_root):
     ds = COCOInstances(coco_root, "val", lsj_transforms(64, train=False), keep_crowd=True)
-    task = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3, **SMALL_DET)
+    task = MaskRCNNDetection(
+        vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3, **SMALL_DET
+    )
     targets = [ds[i][1] for i in range(len(ds))]
 
     def score(shuffle: bool) -> dict:
@@ -185,8 +217,14 @@ def test_coco_evaluator_perfect_and_shuffled(coco_root):
             labels = t["labels"][keep]
             if shuffle:
                 labels = labels % 3 + 1  # every object gets a wrong class
-            preds.append({"boxes": t["boxes"][keep], "scores": torch.ones(int(keep.sum())), "labels": labels,
-                          "masks": t["masks"][keep][:, None].float()})
+            preds.append(
+                {
+                    "boxes": t["boxes"][keep],
+                    "scores": torch.ones(int(keep.sum())),
+                    "labels": labels,
+                    "masks": t["masks"][keep][:, None].float(),
+                }
+            )
         p, g = task.to_metric_inputs(preds, targets)
         task.val_map.reset()
         task.val_map.update(p, g)
@@ -234,8 +272,9 @@ def test_tiny_detection_run_loss_decreases(coco_root):
     torch.manual_seed(0)
     dm = COCODataModule(str(coco_root), batch_size=4, train_transforms=lsj_transforms(64, (0.9, 1.1)))
     dm.setup()
-    task = MaskRCNNDetection(convnext_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(lr=1e-3), num_classes=3,
-                             **SMALL_DET)
+    task = MaskRCNNDetection(
+        convnext_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(lr=1e-3), num_classes=3, **SMALL_DET
+    )
     losses = _losses_on_one_batch(task, next(iter(dm.train_dataloader())), 8)
     assert all(math.isfinite(v) for v in losses) and min(losses[-3:]) < 0.8 * losses[0]
 
@@ -246,8 +285,13 @@ def test_tiny_segmentation_run_loss_decreases(ade_root):
     torch.manual_seed(0)
     dm = ADE20KDataModule(str(ade_root), img_size=32, batch_size=2, photometric=False)
     dm.setup()
-    task = UperNetSegmentation(itpn_adapter(out_strides=(4, 8, 16, 32)), partial(UperNetHead, channels=16),
-                               adamw(lr=1e-2), partial(FCNHead, channels=8), num_classes=150)
+    task = UperNetSegmentation(
+        itpn_adapter(out_strides=(4, 8, 16, 32)),
+        partial(UperNetHead, channels=16),
+        adamw(lr=1e-2),
+        partial(FCNHead, channels=8),
+        num_classes=150,
+    )
     losses = _losses_on_one_batch(task, next(iter(dm.train_dataloader())), 12)
     assert all(math.isfinite(v) for v in losses) and min(losses[-3:]) < 0.8 * losses[0]
 
@@ -255,14 +299,24 @@ def test_tiny_segmentation_run_loss_decreases(ade_root):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_trainer_fit_logs_map_and_miou(coco_root, ade_root, tmp_path):
-    kw = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    kw = dict(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
     det = MaskRCNNDetection(vit_adapter(out_strides=DET_STRIDES, pool_name="pool"), adamw(), num_classes=3, **SMALL_DET)
     trainer = L.Trainer(**kw)
     trainer.fit(det, COCODataModule(str(coco_root), batch_size=2, train_transforms=lsj_transforms(64, (0.9, 1.1))))
     assert {"val/bbox_mAP", "val/segm_mAP"} <= set(trainer.callback_metrics)
-    seg = UperNetSegmentation(vit_adapter(), partial(UperNetHead, channels=16), adamw(), num_classes=150, crop_size=32,
-                              stride=21)
+    seg = UperNetSegmentation(
+        vit_adapter(), partial(UperNetHead, channels=16), adamw(), num_classes=150, crop_size=32, stride=21
+    )
     trainer = L.Trainer(**kw)
     trainer.fit(seg, ADE20KDataModule(str(ade_root), img_size=32, batch_size=2))
     assert 0.0 <= float(trainer.callback_metrics["val/mIoU"]) <= 1.0
@@ -275,8 +329,9 @@ def test_masked_vit_from_pretraining_checkpoint_through_simple_fpn(tmp_path):
         return MaskedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
     state = _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(vit(), out_strides=(8,)))
-    adapter = DenseFeatureAdapter(vit(), partial(SimpleFeaturePyramid, out_channels=16), out_strides=DET_STRIDES,
-                                  pool_name="pool")
+    adapter = DenseFeatureAdapter(
+        vit(), partial(SimpleFeaturePyramid, out_channels=16), out_strides=DET_STRIDES, pool_name="pool"
+    )
     adapter.load_pretrained(tmp_path / "pt.ckpt")
     for k, v in adapter.backbone.state_dict().items():
         torch.testing.assert_close(v, state[f"backbone.{k}"])

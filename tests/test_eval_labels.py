@@ -1,4 +1,5 @@
 """Labels in evaluation: validation classes are matched to training classes by name, one-class data is not scored."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,8 +15,9 @@ from mimlab.data.imagenet import ImageNetDataModule
 
 def knn_trainer(root):
     dm = ImageNetDataModule(str(root), img_size=32, batch_size=4)
-    return SimpleNamespace(sanity_checking=False, max_epochs=1, current_epoch=0, datamodule=dm, world_size=1,
-                           global_rank=0)
+    return SimpleNamespace(
+        sanity_checking=False, max_epochs=1, current_epoch=0, datamodule=dm, world_size=1, global_rank=0
+    )
 
 
 def test_knn_labels_a_val_subset_by_training_class_names(synthetic_root, tmp_path):
@@ -38,7 +40,15 @@ def test_knn_turns_itself_off_on_one_class_instead_of_reporting_100(synthetic_ro
 
 
 def test_classification_refuses_one_class(tmp_path):
-    cfg = compose_config(["experiment=finetune_vit_tiny_synthetic", "task.num_classes=1", "model.backbone.depth=1",
-                          "model.backbone.embed_dim=32", "model.backbone.num_heads=2"], tmp_path)
+    cfg = compose_config(
+        [
+            "experiment=finetune_vit_tiny_synthetic",
+            "task.num_classes=1",
+            "model.backbone.depth=1",
+            "model.backbone.embed_dim=32",
+            "model.backbone.num_heads=2",
+        ],
+        tmp_path,
+    )
     with pytest.raises(Exception, match="needs at least 2 classes, got num_classes=1"):
         instantiate(cfg.task)

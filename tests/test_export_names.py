@@ -1,4 +1,5 @@
 """Export names the timm model timm itself registers for the architecture, so ``timm.create_model(name)`` loads it."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def test_convnextv2_atto_is_exported_as_timm_convnextv2_atto(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone_config, name", [("vit_base_p16", "vit_base_patch16_224"),
-                                                   ("convnextv2_base", "convnextv2_base")])
+@pytest.mark.parametrize(
+    "backbone_config, name", [("vit_base_p16", "vit_base_patch16_224"), ("convnextv2_base", "convnextv2_base")]
+)
 def test_paper_sized_backbones_get_timm_names_without_architecture_kwargs(tmp_path, backbone_config, name):
     ckpt = tmp_path / "pre.ckpt"
     pretraining_checkpoint(ckpt, backbone_config, tmp_path)

@@ -1,4 +1,5 @@
 """The fast data paths: WebDataset shards (mimlab.data.shards) and device-side JPEG decode (mimlab.data.gpu_decode)."""
+
 from __future__ import annotations
 
 import random
@@ -32,7 +33,9 @@ def test_shards_hold_every_image_once_with_imagefolder_labels(synthetic_root, sh
     module.setup()
     labels = sorted(module.val_set.read(i)[1] for i in range(len(module.val_set)))
     assert labels == sorted(label for _, label in ImageFolder(synthetic_root / "val").samples)
-    originals = {p.read_bytes(): label for p, label in ((Path(p), y) for p, y in ImageFolder(synthetic_root / "train").samples)}
+    originals = {
+        p.read_bytes(): label for p, label in ((Path(p), y) for p, y in ImageFolder(synthetic_root / "train").samples)
+    }
     read = [module.train_set.read(i) for i in range(len(module.train_set))]  # the tar index finds the exact JPEG bytes
     assert len({data for data, _ in read}) == 60 and all(originals[data] == label for data, label in read)
 
@@ -65,15 +68,28 @@ def test_device_eval_transform_matches_torchvision_on_tensors(synthetic_root):
     data = read_file(str(path))
     ours = DeviceTransform(32, train=False)([data], torch.device("cpu"))[0]
     image = decode_jpeg(data, mode=ImageReadMode.RGB)
-    reference = T.Compose([T.Resize(round(32 / (224 / 256)), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                           T.CenterCrop(32), T.ConvertImageDtype(torch.float32), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    reference = T.Compose(
+        [
+            T.Resize(round(32 / (224 / 256)), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(32),
+            T.ConvertImageDtype(torch.float32),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     torch.testing.assert_close(ours, reference(image), atol=0.03, rtol=0)  # uint8 rounding in torchvision
 
 
 def test_gpu_decode_datamodule_feeds_the_trainer_hook_path_from_worker_processes(synthetic_root):
     """Worker processes and an ImageNet-size batch: a list of per-file byte tensors ran out of file descriptors."""
-    cfg = compose_config(["data=imagenet_gpu_decode", f"data.root={synthetic_root}", "data.img_size=32",
-                          "data.batch_size=24", "hardware.num_workers=2"])
+    cfg = compose_config(
+        [
+            "data=imagenet_gpu_decode",
+            f"data.root={synthetic_root}",
+            "data.img_size=32",
+            "data.batch_size=24",
+            "hardware.num_workers=2",
+        ]
+    )
     from hydra.utils import instantiate
 
     module = instantiate(cfg.data)
@@ -99,12 +115,29 @@ def test_pretraining_fits_on_the_fast_data_options(data, synthetic_root, shards,
     from mimlab.train import build
 
     root = shards[0] if data == "imagenet_shards" else synthetic_root
-    cfg = compose_config(["experiment=mae_vit_tiny_synthetic", f"data={data}", f"data.root={root}", "logger=none",
-                          "data.img_size=32", "data.batch_size=4", "hardware.num_workers=0", "model.backbone.depth=1",
-                          "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.decoder.embed_dim=32",
-                          "model.decoder.num_heads=2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                          "trainer.limit_val_batches=1", "~callbacks.progress", "~callbacks.throughput",
-                          "~callbacks.lr_monitor"], output_dir=tmp_path)
+    cfg = compose_config(
+        [
+            "experiment=mae_vit_tiny_synthetic",
+            f"data={data}",
+            f"data.root={root}",
+            "logger=none",
+            "data.img_size=32",
+            "data.batch_size=4",
+            "hardware.num_workers=0",
+            "model.backbone.depth=1",
+            "model.backbone.embed_dim=32",
+            "model.backbone.num_heads=2",
+            "model.decoder.embed_dim=32",
+            "model.decoder.num_heads=2",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "~callbacks.progress",
+            "~callbacks.throughput",
+            "~callbacks.lr_monitor",
+        ],
+        output_dir=tmp_path,
+    )
     datamodule, module, trainer = build(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

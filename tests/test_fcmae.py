@@ -1,4 +1,5 @@
 """FCMAE composition (docs/methods.md §3.3, §7 rows 24–28): configs, mask counts, shapes, loss going down."""
+
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,16 @@ from mimlab.models.heads.fcmae_decoder import FCMAEDecoder
 from mimlab.targets.pixels import NormPixTarget
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-SIZES = {"atto": ([2, 2, 6, 2], [40, 80, 160, 320]), "femto": ([2, 2, 6, 2], [48, 96, 192, 384]),
-         "pico": ([2, 2, 6, 2], [64, 128, 256, 512]), "nano": ([2, 2, 8, 2], [80, 160, 320, 640]),
-         "tiny": ([3, 3, 9, 3], [96, 192, 384, 768]), "base": ([3, 3, 27, 3], [128, 256, 512, 1024]),
-         "large": ([3, 3, 27, 3], [192, 384, 768, 1536]), "huge": ([3, 3, 27, 3], [352, 704, 1408, 2816])}
+SIZES = {
+    "atto": ([2, 2, 6, 2], [40, 80, 160, 320]),
+    "femto": ([2, 2, 6, 2], [48, 96, 192, 384]),
+    "pico": ([2, 2, 6, 2], [64, 128, 256, 512]),
+    "nano": ([2, 2, 8, 2], [80, 160, 320, 640]),
+    "tiny": ([3, 3, 9, 3], [96, 192, 384, 768]),
+    "base": ([3, 3, 27, 3], [128, 256, 512, 1024]),
+    "large": ([3, 3, 27, 3], [192, 384, 768, 1536]),
+    "huge": ([3, 3, 27, 3], [352, 704, 1408, 2816]),
+}
 
 
 def composed(experiment):
@@ -37,15 +44,28 @@ def test_base_recipe_matches_row_28_and_model_rows_25_27():
     with torch.device("meta"):
         module = instantiate(cfg.task)
     assert round(count(module.backbone) / 1e6, 3) == 87.691 and round(count(module.decoder) / 1e6, 3) == 4.232
-    assert (len(module.decoder.decoder), module.decoder.proj.out_channels, module.decoder.pred.out_channels) == (1, 512, 3072)
+    assert (len(module.decoder.decoder), module.decoder.proj.out_channels, module.decoder.pred.out_channels) == (
+        1,
+        512,
+        3072,
+    )
 
 
 def test_every_size_has_an_experiment_with_the_same_recipe():
     for size, (depths, dims) in SIZES.items():  # docs/methods.md §3.1
         cfg = composed(f"fcmae_convnextv2_{size}")
         assert (list(cfg.model.backbone.depths), list(cfg.model.backbone.dims)) == (depths, dims), size
-        assert (cfg.masking.ratio, cfg.masking.unit_size, cfg.optim.blr, cfg.trainer.max_epochs) == (0.6, 32, 1.5e-4, 1600)
-        assert (cfg.model.decoder.in_channels, cfg.model.decoder.embed_dim, cfg.model.decoder.depth) == (dims[3], 512, 1)
+        assert (cfg.masking.ratio, cfg.masking.unit_size, cfg.optim.blr, cfg.trainer.max_epochs) == (
+            0.6,
+            32,
+            1.5e-4,
+            1600,
+        )
+        assert (cfg.model.decoder.in_channels, cfg.model.decoder.embed_dim, cfg.model.decoder.depth) == (
+            dims[3],
+            512,
+            1,
+        )
 
 
 def test_atto_at_224_masks_30_of_49_units_and_predicts_3072_values_each():

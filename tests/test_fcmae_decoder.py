@@ -1,4 +1,5 @@
 """FCMAE decoder (docs/methods.md §7 rows 24, 25, 27) and the torch.compile path of encoder + decoder."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """The GRN ablation backbone (experiments/fcmae_grn): same model minus GRN, equal to V2 at init."""
+
 import torch
 
 from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2

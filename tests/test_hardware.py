@@ -1,4 +1,5 @@
 """The hardware group: every option composes with the same keys, the fast-path switches act, SLURM wiring, lr scaling."""
+
 from __future__ import annotations
 
 import warnings
@@ -18,9 +19,24 @@ from mimlab.utils.ddp import MimDDPStrategy
 from mimlab.utils.fast_paths import apply_fast_paths, set_fused_attn
 from tests.conftest import compose_config
 
-KEYS = {"accelerator", "devices", "num_nodes", "strategy", "plugins", "precision", "compile", "compile_mode",
-        "fused_optimizer", "fused_attn", "channels_last", "matmul_precision", "num_workers", "pin_memory",
-        "persistent_workers", "prefetch_factor"}
+KEYS = {
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "plugins",
+    "precision",
+    "compile",
+    "compile_mode",
+    "fused_optimizer",
+    "fused_attn",
+    "channels_last",
+    "matmul_precision",
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "prefetch_factor",
+}
 
 
 @pytest.mark.parametrize("option", ["cpu", "gpu", "ddp"])
@@ -32,16 +48,30 @@ def test_every_option_has_the_same_keys(option):
 
 def test_gpu_defaults_are_the_fast_paths():
     hw = compose_config(["hardware=gpu"]).hardware
-    assert (hw.precision, hw.compile, hw.fused_optimizer, hw.fused_attn, hw.matmul_precision) == \
-        ("bf16-mixed", True, True, True, "high")
+    assert (hw.precision, hw.compile, hw.fused_optimizer, hw.fused_attn, hw.matmul_precision) == (
+        "bf16-mixed",
+        True,
+        True,
+        True,
+        "high",
+    )
     ddp = compose_config(["hardware=ddp"]).hardware.strategy
     assert ddp.static_graph and ddp.gradient_as_bucket_view and not ddp.find_unused_parameters
 
 
 def test_slurm_wires_submitit_requeue_and_resume():
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["paths.output_dir=/tmp/x", "experiment=mae_vit_b", "hardware=slurm",
-                                          "hardware.num_nodes=4", "hardware.devices=8"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[
+                "paths.output_dir=/tmp/x",
+                "experiment=mae_vit_b",
+                "hardware=slurm",
+                "hardware.num_nodes=4",
+                "hardware.devices=8",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (4, 8, 8)
@@ -79,8 +109,9 @@ def test_fast_path_switches_act_on_the_module():
 def test_lr_scaling_counts_devices_nodes_and_accumulation():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = L.Trainer(accelerator="cpu", devices=2, num_nodes=3, strategy="ddp", accumulate_grad_batches=4,
-                            logger=False)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2, num_nodes=3, strategy="ddp", accumulate_grad_batches=4, logger=False
+        )
     assert OptimizerFactory.effective_batch(trainer, 64) == 64 * 2 * 3 * 4
     factory = OptimizerFactory(torch.optim.AdamW, blr=1.5e-4)
     assert factory.absolute_lr(trainer, 64) == pytest.approx(1.5e-4 * 1536 / 256)
@@ -98,11 +129,26 @@ def test_ckpt_path_last_resumes_a_requeued_run(synthetic_root, tmp_path):
 
     assert resolve_ckpt_path("last", tmp_path) is None  # first launch: start fresh
 
-    overrides = ["experiment=mae_vit_tiny_synthetic", "logger=none", f"data.root={synthetic_root}", "data.img_size=32",
-                 "data.batch_size=4", "hardware.num_workers=0", "model.backbone.depth=1", "model.backbone.embed_dim=32",
-                 "model.backbone.num_heads=2", "model.decoder.embed_dim=32", "model.decoder.num_heads=2",
-                 "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "~callbacks.progress",
-                 "~callbacks.reconstruction", "~callbacks.throughput", "~callbacks.lr_monitor", "ckpt_path=last"]
+    overrides = [
+        "experiment=mae_vit_tiny_synthetic",
+        "logger=none",
+        f"data.root={synthetic_root}",
+        "data.img_size=32",
+        "data.batch_size=4",
+        "hardware.num_workers=0",
+        "model.backbone.depth=1",
+        "model.backbone.embed_dim=32",
+        "model.backbone.num_heads=2",
+        "model.decoder.embed_dim=32",
+        "model.decoder.num_heads=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "~callbacks.progress",
+        "~callbacks.reconstruction",
+        "~callbacks.throughput",
+        "~callbacks.lr_monitor",
+        "ckpt_path=last",
+    ]
     steps = []
     for epochs in (1, 2):
         cfg = compose_config([*overrides, f"trainer.max_epochs={epochs}"], output_dir=tmp_path)
@@ -118,11 +164,18 @@ def test_ckpt_path_last_resumes_a_requeued_run(synthetic_root, tmp_path):
     assert resolve_ckpt_path("/x/y.ckpt", tmp_path) == "/x/y.ckpt"
 
 
-@pytest.mark.parametrize("gpus, devices, message", [
-    (0, -1, "hardware.accelerator=gpu asks for GPUs, but this machine has no CUDA GPU"),
-    (1, 2, "hardware.devices=2 asks for 2 GPUs, but this machine has 1. Set hardware.devices=1 (or -1 for all of them)"),
-    (2, "[0,3]", "hardware.devices=[0, 3] asks for 4 GPUs, but this machine has 2."),
-])
+@pytest.mark.parametrize(
+    "gpus, devices, message",
+    [
+        (0, -1, "hardware.accelerator=gpu asks for GPUs, but this machine has no CUDA GPU"),
+        (
+            1,
+            2,
+            "hardware.devices=2 asks for 2 GPUs, but this machine has 1. Set hardware.devices=1 (or -1 for all of them)",
+        ),
+        (2, "[0,3]", "hardware.devices=[0, 3] asks for 4 GPUs, but this machine has 2."),
+    ],
+)
 def test_ddp_asking_for_more_gpus_than_there_are_is_named_before_the_trainer(monkeypatch, gpus, devices, message):
     from mimlab.train import build
 

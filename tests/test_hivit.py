@@ -1,4 +1,5 @@
 """HiViT backbone: parameter counts (docs/methods.md §7 rows 31, 34), mask-unit dropping, layouts, RPE."""
+
 from __future__ import annotations
 
 import pytest
@@ -126,8 +127,11 @@ def official_interpolate_pos_encoding(table: torch.Tensor, npatch: int, h: int, 
     if npatch == n and w == h:
         return table
     dim, side = table.shape[-1], int(math.sqrt(n))
-    out = torch.nn.functional.interpolate(table.reshape(1, side, side, dim).permute(0, 3, 1, 2),
-                                          scale_factor=((h + 0.1) / math.sqrt(n), (w + 0.1) / math.sqrt(n)), mode="bicubic")
+    out = torch.nn.functional.interpolate(
+        table.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+        scale_factor=((h + 0.1) / math.sqrt(n), (w + 0.1) / math.sqrt(n)),
+        mode="bicubic",
+    )
     assert int(h + 0.1) == out.shape[-2] and int(w + 0.1) == out.shape[-1]
     return out.permute(0, 2, 3, 1).reshape(1, -1, dim)
 

@@ -2,6 +2,7 @@
 ``src/masks/multiblock.py`` MaskCollator, ``src/models/vision_transformer.py`` VisionTransformer /
 VisionTransformerPredictor, ``src/masks/utils.py`` apply_masks, ``src/train.py`` forward_target / loss_fn),
 the context/target separation, the weight-decay schedule and the ViT-H/14 parameter counts."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,15 @@ D, HEADS = 32, 2
 
 def tiny_encoder(seed: int) -> MaskedViT:
     torch.manual_seed(seed)
-    vit = MaskedViT(img_size=64, patch_size=8, embed_dim=D, depth=2, num_heads=HEADS, class_token=False,
-                    weight_init=trunc_normal_init)
+    vit = MaskedViT(
+        img_size=64,
+        patch_size=8,
+        embed_dim=D,
+        depth=2,
+        num_heads=HEADS,
+        class_token=False,
+        weight_init=trunc_normal_init,
+    )
     with torch.no_grad():
         for name, p in vit.named_parameters():
             if "norm" in name:
@@ -48,6 +56,7 @@ def tiny_masking() -> MultiBlockMasking:
 # ----------------------------------------------------------------------------------- references (official math)
 def reference_mask_collator(batch, side, npred, pred_scale, aspect, enc_scale, min_keep, size_g, pos_g):
     """MaskCollator.__call__ with nenc=1, allow_overlap=False; sizes from ``size_g``, positions from ``pos_g``."""
+
     def block_size(scale, ar_scale):
         r = torch.rand(1, generator=size_g).item()
         max_keep = int(side * side * (scale[0] + r * (scale[1] - scale[0])))
@@ -65,7 +74,7 @@ def reference_mask_collator(batch, side, npred, pred_scale, aspect, enc_scale, m
             top = torch.randint(0, side - h, (1,), generator=pos_g)
             left = torch.randint(0, side - w, (1,), generator=pos_g)
             m = torch.zeros(side, side, dtype=torch.int32)
-            m[top:top + h, left:left + w] = 1
+            m[top : top + h, left : left + w] = 1
             for k in range(max(len(regions or []) - tries, 0)):
                 m *= regions[k]
             idx = torch.nonzero(m.flatten()).squeeze(1)
@@ -75,7 +84,7 @@ def reference_mask_collator(batch, side, npred, pred_scale, aspect, enc_scale, m
             if timeout == 0:
                 tries, timeout = tries + 1, 20
         comp = torch.ones(side, side, dtype=torch.int32)
-        comp[top:top + h, left:left + w] = 0
+        comp[top : top + h, left : left + w] = 0
         return idx, comp
 
     p_size, e_size = block_size(pred_scale, aspect), block_size(enc_scale, (1.0, 1.0))
@@ -93,7 +102,9 @@ def apply_masks(x, masks):
 
 
 def layer_norm(x, norm=None, eps=1e-5):
-    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + (norm.eps if norm else eps))
+    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+        x.var(-1, unbiased=False, keepdim=True) + (norm.eps if norm else eps)
+    )
     return y * norm.weight + norm.bias if norm is not None else y
 
 
@@ -101,8 +112,11 @@ def reference_block(blk, x):
     """I-JEPA Block: pre-norm attention + MLP with residuals."""
     b, n, c = x.shape
     h = layer_norm(x, blk.norm1)
-    q, k, v = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).reshape(b, n, 3, blk.attn.num_heads, -1).permute(
-        2, 0, 3, 1, 4)
+    q, k, v = (
+        F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias)
+        .reshape(b, n, 3, blk.attn.num_heads, -1)
+        .permute(2, 0, 3, 1, 4)
+    )
     a = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)
     x = x + F.linear((a @ v).transpose(1, 2).reshape(b, n, c), blk.attn.proj.weight, blk.attn.proj.bias)
     h = layer_norm(x, blk.norm2)
@@ -203,8 +217,9 @@ def test_context_encoder_equals_official_vit_on_context_patches():
 def test_composed_step_equals_official_train_step():
     encoder, target_encoder, predictor = tiny_encoder(1), tiny_encoder(2), tiny_predictor(3)
     masking = tiny_masking()
-    module = MaskedPretraining(encoder, predictor, IJEPATarget(target_encoder), MaskedSmoothL1(1.0, masked_only=False),
-                               masking, optim=None)
+    module = MaskedPretraining(
+        encoder, predictor, IJEPATarget(target_encoder), MaskedSmoothL1(1.0, masked_only=False), masking, optim=None
+    )
     images = torch.randn(4, 3, 64, 64)
     masks = module.make_mask(images, torch.Generator().manual_seed(4))
     pred, target = module(images, masks)
@@ -261,7 +276,9 @@ def test_cosine_weight_decay_schedule_and_resume():
         seen.append(opt.param_groups[0]["weight_decay"])
         assert opt.param_groups[1]["weight_decay"] == 0.0
     assert seen == pytest.approx([0.04, 0.22, 0.4])
-    resumed = torch.optim.AdamW([{"params": params[:1], "weight_decay": 0.04}, {"params": params[1:], "weight_decay": 0.0}])
+    resumed = torch.optim.AdamW(
+        [{"params": params[:1], "weight_decay": 0.04}, {"params": params[1:], "weight_decay": 0.0}]
+    )
     resumed.load_state_dict(opt.state_dict())  # mid-schedule weight decay + its start value come back
     trainer.optimizers, trainer.global_step = [resumed], 75
     callback.on_train_batch_start(trainer, None, None, 0)
@@ -269,10 +286,13 @@ def test_cosine_weight_decay_schedule_and_resume():
 
 
 # ----------------------------------------------------------------------------------- recipes
-@pytest.mark.parametrize("experiment,encoder,positions,predictor,predictor_positions", [
-    ("ijepa_vit_h14", 630_762_240, 256 * 1280, 22_377_728, 256 * 384),
-    ("ijepa_vit_b16", 85_797_120, 196 * 768, 21_960_960, 196 * 384),
-])
+@pytest.mark.parametrize(
+    "experiment,encoder,positions,predictor,predictor_positions",
+    [
+        ("ijepa_vit_h14", 630_762_240, 256 * 1280, 22_377_728, 256 * 384),
+        ("ijepa_vit_b16", 85_797_120, 196 * 768, 21_960_960, 196 * 384),
+    ],
+)
 def test_recipe_parameter_counts(experiment, encoder, positions, predictor, predictor_positions, tmp_path):
     """Analytic counts from the official modules: encoder = patch conv + fixed sin-cos table + 12D²+13D per block +
     final norm; predictor = embed + mask token + fixed table + 12d²+13d per block + norm + proj."""
@@ -282,18 +302,34 @@ def test_recipe_parameter_counts(experiment, encoder, positions, predictor, pred
     count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
     dim, depth, patch = cfg.model.backbone.embed_dim, cfg.model.backbone.depth, cfg.model.backbone.patch_size
     assert encoder == dim * 3 * patch * patch + dim + positions + depth * (12 * dim * dim + 13 * dim) + 2 * dim
-    assert predictor == (dim * 384 + 384) + 384 + predictor_positions + 12 * (12 * 384**2 + 13 * 384) + 768 + (384 * dim + dim)
+    assert predictor == (dim * 384 + 384) + 384 + predictor_positions + 12 * (12 * 384**2 + 13 * 384) + 768 + (
+        384 * dim + dim
+    )
     assert (count(module.backbone), count(module.backbone, trainable=True)) == (encoder, encoder - positions)
-    assert (count(module.decoder), count(module.decoder, trainable=True)) == (predictor, predictor - predictor_positions)
+    assert (count(module.decoder), count(module.decoder, trainable=True)) == (
+        predictor,
+        predictor - predictor_positions,
+    )
     assert count(module.target) == encoder and count(module.target, trainable=True) == 0
-    assert module.backbone.cls_token is None and module.decoder.predictor_blocks[0].attn.num_heads == cfg.model.backbone.num_heads
+    assert (
+        module.backbone.cls_token is None
+        and module.decoder.predictor_blocks[0].attn.num_heads == cfg.model.backbone.num_heads
+    )
 
 
 @pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_batch(tmp_path, synthetic_root):
-    cfg = compose_config(["experiment=ijepa_vit_tiny_synthetic", f"data.root={synthetic_root}",
-                          "model.backbone.embed_dim=64", "model.backbone.num_heads=2", "model.backbone.depth=2",
-                          "model.decoder.predictor_dim=32"], tmp_path)
+    cfg = compose_config(
+        [
+            "experiment=ijepa_vit_tiny_synthetic",
+            f"data.root={synthetic_root}",
+            "model.backbone.embed_dim=64",
+            "model.backbone.num_heads=2",
+            "model.backbone.depth=2",
+            "model.decoder.predictor_dim=32",
+        ],
+        tmp_path,
+    )
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     images = torch.stack([datamodule.val_set[i][0] for i in range(0, 20, 2)])  # one image of each class

@@ -21,8 +21,12 @@ def test_loss_matches_reference_formula_on_random_tensors():
     out = Img2VecLoss(beta=2.0, global_weight=0.5)(pred, target, mask)
 
     tokens = target.flatten(2).transpose(1, 2)
-    terms = [smooth_l1_reference(pred["tokens"][i, k], tokens[i, k], 2.0).mean()
-             for i in range(n) for k in range(h * w) if mask[i, k] == 1]
+    terms = [
+        smooth_l1_reference(pred["tokens"][i, k], tokens[i, k], 2.0).mean()
+        for i in range(n)
+        for k in range(h * w)
+        if mask[i, k] == 1
+    ]
     patch = sum(terms) / len(terms)
     glob = smooth_l1_reference(pred["global"], tokens.mean(1), 2.0).mean()
     assert out["loss_patch"].item() == pytest.approx(patch.item(), rel=1e-5)
@@ -63,6 +67,8 @@ def test_unit_mask_is_upsampled_onto_a_finer_teacher_grid():
 
 def test_shape_mismatch_and_bad_positions_are_clear_errors():
     with pytest.raises(ValueError, match="target.dim"):
-        Img2VecLoss()({"tokens": torch.zeros(1, 4, 3), "global": torch.zeros(1, 3)}, torch.zeros(1, 5, 2, 2), torch.ones(1, 4))
+        Img2VecLoss()(
+            {"tokens": torch.zeros(1, 4, 3), "global": torch.zeros(1, 3)}, torch.zeros(1, 5, 2, 2), torch.ones(1, 4)
+        )
     with pytest.raises(ValueError, match="loss.positions"):
         Img2VecLoss(positions="masked_only")

@@ -1,5 +1,6 @@
 """Img2Vec composition: parameter counts, teacher frozen through a real optimiser step, mask/teacher-grid
 alignment through the decoder, and a tiny pre-training run whose loss falls."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,18 @@ def decoder_params(enc_dim: int, depth: int, dim: int = 512, hidden: int = 2048,
     return depth * block + 2 * enc_dim + (enc_dim * dim + dim) + dim + 2 * dim + mlp(dim) + mlp(enc_dim)
 
 
-@pytest.mark.parametrize("experiment,enc_dim,depth,encoder", [
-    ("img2vec_vit_b", 768, 2, 111.908e6 - 26.109e6),   # docs/methods.md §7 rows 4 and 7: MAE ViT-B total minus its decoder
-    ("img2vec_vit_l", 1024, 4, 329.542e6 - 26.240e6),  # rows 5 and 7 (ViT-L)
-])
+@pytest.mark.parametrize(
+    "experiment,enc_dim,depth,encoder",
+    [
+        (
+            "img2vec_vit_b",
+            768,
+            2,
+            111.908e6 - 26.109e6,
+        ),  # docs/methods.md §7 rows 4 and 7: MAE ViT-B total minus its decoder
+        ("img2vec_vit_l", 1024, 4, 329.542e6 - 26.240e6),  # rows 5 and 7 (ViT-L)
+    ],
+)
 def test_paper_model_parameter_counts(experiment, enc_dim, depth, encoder, tmp_path):
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
@@ -47,8 +56,9 @@ def test_paper_model_parameter_counts(experiment, enc_dim, depth, encoder, tmp_p
 def tiny_parts(img: int = 64):
     torch.manual_seed(0)
     encoder = MaskedViT(img, 16, 3, 32, depth=2, num_heads=2, keep_hidden_states=True)
-    decoder = Img2VecDecoder(32, 512, img_size=img, patch_size=16, out_stride=32, decoder_dim=32, depth=1,
-                             num_heads=2, proj_hidden_dim=64)
+    decoder = Img2VecDecoder(
+        32, 512, img_size=img, patch_size=16, out_stride=32, decoder_dim=32, depth=1, num_heads=2, proj_hidden_dim=64
+    )
     teacher = FrozenTeacher("resnet18", stride=32, dim=512)
     return encoder, decoder, teacher
 
@@ -99,10 +109,21 @@ def test_decoder_errors_name_the_config_keys():
 
 
 TINY = [
-    "experiment=img2vec_vit_tiny_synthetic", "data.batch_size=8", "hardware.num_workers=0",
-    "model.backbone.embed_dim=64", "model.backbone.depth=2", "model.backbone.num_heads=2", "model.backbone.patch_size=16",
-    "model.decoder.decoder_dim=32", "model.decoder.num_heads=2", "model.decoder.proj_hidden_dim=64",
-    "optim.warmup_epochs=1", "optim.blr=5e-3", "logger=csv", "~callbacks.progress", "trainer.log_every_n_steps=2",
+    "experiment=img2vec_vit_tiny_synthetic",
+    "data.batch_size=8",
+    "hardware.num_workers=0",
+    "model.backbone.embed_dim=64",
+    "model.backbone.depth=2",
+    "model.backbone.num_heads=2",
+    "model.backbone.patch_size=16",
+    "model.decoder.decoder_dim=32",
+    "model.decoder.num_heads=2",
+    "model.decoder.proj_hidden_dim=64",
+    "optim.warmup_epochs=1",
+    "optim.blr=5e-3",
+    "logger=csv",
+    "~callbacks.progress",
+    "trainer.log_every_n_steps=2",
 ]
 
 

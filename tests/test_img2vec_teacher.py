@@ -70,7 +70,7 @@ def test_tokens_line_up_with_stride_sized_image_blocks():
     for unit in range(6):
         r, c = divmod(unit, 3)
         changed = images.clone()
-        changed[..., r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] += 1.0
+        changed[..., r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] += 1.0
         diff = (teacher(changed).flatten(2).transpose(1, 2) - base).abs().sum(-1)[0]
         assert (diff > 0).nonzero().flatten().tolist() == [unit]
 

@@ -1,4 +1,5 @@
 """iTPN pyramid + decoders: sizes (docs/methods.md §7 rows 34-35), pyramid strides/channels, tiny pre-training runs."""
+
 from __future__ import annotations
 
 import pytest
@@ -87,8 +88,13 @@ def run(parts: dict, masking, steps: int = 12, lr: float = 2e-3):
 
 
 def test_pixel_variant_loss_decreases():
-    parts = dict(backbone=tiny_backbone(), neck=ITPNPyramid([8, 16, 32], 16, 2),
-                 decoder=ITPNPixelDecoder(16, 32, 1, 2, img_size=64), target=NormPixTarget(16), loss=MaskedMSE())
+    parts = dict(
+        backbone=tiny_backbone(),
+        neck=ITPNPyramid([8, 16, 32], 16, 2),
+        decoder=ITPNPixelDecoder(16, 32, 1, 2, img_size=64),
+        target=NormPixTarget(16),
+        loss=MaskedMSE(),
+    )
     hist = run(parts, RandomMasking(0.75, 16))
     assert hist[-1]["loss"] < hist[0]["loss"]
 
@@ -98,10 +104,18 @@ def test_ema_variant_every_level_finite_and_total_decreases():
     student = tiny_backbone()
     target = EMATeacherTarget(tiny_backbone(), pixel_target=NormPixTarget(16), stages=(0, 1, 2))
     target.update(student, 0.0)  # hard sync before the first step
-    decoder = ITPNMFMDecoder(out_dims=[16 * 8, 4 * 16, 32], fpn_dim=16, embed_dim=32, depth=1, num_heads=2,
-                             img_size=64, pixel_decoder=ITPNPixelDecoder(16, 32, 1, 2, img_size=64))
-    loss = WeightedLossSum({"pixels": MaskedMSE(), "s4": MaskedSmoothL1(), "s8": MaskedSmoothL1(),
-                            "s16": MaskedSmoothL1()})
+    decoder = ITPNMFMDecoder(
+        out_dims=[16 * 8, 4 * 16, 32],
+        fpn_dim=16,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        img_size=64,
+        pixel_decoder=ITPNPixelDecoder(16, 32, 1, 2, img_size=64),
+    )
+    loss = WeightedLossSum(
+        {"pixels": MaskedMSE(), "s4": MaskedSmoothL1(), "s8": MaskedSmoothL1(), "s16": MaskedSmoothL1()}
+    )
     parts = dict(backbone=student, neck=ITPNPyramid([8, 16, 32], 16, 2), decoder=decoder, target=target, loss=loss)
     hist = run(parts, RandomMasking(0.75, 16))
     assert set(hist[0]) == {"loss", "pixels", "s4", "s8", "s16"}
@@ -112,8 +126,16 @@ def test_ema_variant_every_level_finite_and_total_decreases():
 def tiny_clip_teacher(out_dim: int = 24) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=out_dim,
-                             pre_norm=True, global_pool="token")
+    return VisionTransformer(
+        img_size=64,
+        patch_size=16,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        num_classes=out_dim,
+        pre_norm=True,
+        global_pool="token",
+    )
 
 
 def test_clip_variant_both_terms_finite_and_total_decreases():
@@ -121,8 +143,13 @@ def test_clip_variant_both_terms_finite_and_total_decreases():
     backbone = tiny_backbone(drop_masked=False, keep_hidden=(1,), rpe=True, init_values=0.1)
     head = ITPNClipHead(embed_dim=32, fpn_dim=16, teacher_dim=24, num_heads=2, aux_block=1, img_size=64)
     loss = WeightedLossSum({"pyramid": MaskedSmoothL1(masked_only=False), "aux": MaskedSmoothL1(masked_only=False)})
-    parts = dict(backbone=backbone, neck=ITPNPyramid([8, 16, 32], 16, 1), decoder=head,
-                 target=ClipTeacherTarget(tiny_clip_teacher()), loss=loss)
+    parts = dict(
+        backbone=backbone,
+        neck=ITPNPyramid([8, 16, 32], 16, 1),
+        decoder=head,
+        target=ClipTeacherTarget(tiny_clip_teacher()),
+        loss=loss,
+    )
     hist = run(parts, BlockMasking(unit_size=16, num_masked=6, min_num_patches=2))
     assert set(hist[0]) == {"loss", "pyramid", "aux"}
     assert hist[-1]["loss"] < hist[0]["loss"]

@@ -1,5 +1,6 @@
 """Import of the official iTPN checkpoint layout (docs/methods.md §4.7) through the one loader, on synthetic state dicts in
 that layout (backbone + pyramid; the pre-training decoder through the same fit check)."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,17 @@ def build(seed: int, **kw):
 
 def to_official(backbone, neck, decoder) -> dict:
     """Write the official key layout independently of the importer: one flat ``blocks`` list with PatchMerge inside."""
-    order = ([f"stage4.{i}" for i in range(M)] + ["merge4"] + [f"stage8.{i}" for i in range(M)] + ["merge8"]
-             + [f"main_blocks.{i}" for i in range(len(backbone.main_blocks))])
+    order = (
+        [f"stage4.{i}" for i in range(M)]
+        + ["merge4"]
+        + [f"stage8.{i}" for i in range(M)]
+        + ["merge8"]
+        + [f"main_blocks.{i}" for i in range(len(backbone.main_blocks))]
+    )
     sd = {}
     for k, v in backbone.state_dict().items():
         head = next((o for o in order if k.startswith(o + ".")), None)
-        sd[f"blocks.{order.index(head)}.{k[len(head) + 1:]}" if head else k] = v
+        sd[f"blocks.{order.index(head)}.{k[len(head) + 1 :]}" if head else k] = v
     sd["relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)  # official persistent buffer
     sd.update(neck.state_dict())
     for k, v in decoder.state_dict().items():
@@ -62,13 +68,18 @@ def test_pretrain_checkpoint_into_finetune_model_with_rpe_and_head(tmp_path):
     path = tmp_path / "itpn_pixel.pth"
     torch.save({**to_official(*src), "args": argparse.Namespace(model="itpn_base"), "epoch": 3}, path)  # MAE-style
     finetune = HiViT(embed_dim=32, mlp_depth=M, depth=2, num_heads=2, img_size=64, rpe=True, num_classes=10)
-    report = load_pretrained(path, finetune, ITPNPyramid([8, 16, 32], 16, 2),
-                             allow_missing=["*relative_position_bias_table", "fc_norm.*", "head.*"])
+    report = load_pretrained(
+        path,
+        finetune,
+        ITPNPyramid([8, 16, 32], 16, 2),
+        allow_missing=["*relative_position_bias_table", "fc_norm.*", "head.*"],
+    )
     torch.testing.assert_close(finetune.main_blocks[1].mlp.fc2.weight, src[0].main_blocks[1].mlp.fc2.weight)
     assert (finetune.main_blocks[0].attn.relative_position_bias_table == 0).all()
     assert sorted(report["backbone"]["missing"]) == sorted(
         ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
-        + [f"main_blocks.{i}.attn.relative_position_bias_table" for i in range(2)])
+        + [f"main_blocks.{i}.attn.relative_position_bias_table" for i in range(2)]
+    )
     assert "relative_position_index" in convert_official_itpn(torch.load(path, weights_only=False))["unused"]
 
 
@@ -106,11 +117,21 @@ def test_detection_starts_from_an_official_itpn_file_with_its_pyramid(tmp_path):
     src = build(0)
     torch.save({**to_official(*src), "args": argparse.Namespace(model="itpn_base")}, tmp_path / "itpn_pixel.pth")
     backbone, neck, _ = build(1)
-    adapter = DenseFeatureAdapter(backbone, neck, out_strides=(4, 8, 16, 32, 64), pool_name="pool",
-                                  extra_pool=torch.nn.AvgPool2d(2, 2))
-    task = MaskRCNNDetection(adapter, OptimizerFactory(partial(torch.optim.AdamW), lr=1e-4, param_groups=ParamGroups(0.9)),
-                             num_classes=3, pretrained=str(tmp_path / "itpn_pixel.pth"), load_neck=True, min_size=64,
-                             max_size=64, anchor_sizes=(8, 16, 32, 64, 128), head_channels=16, representation_size=32)
+    adapter = DenseFeatureAdapter(
+        backbone, neck, out_strides=(4, 8, 16, 32, 64), pool_name="pool", extra_pool=torch.nn.AvgPool2d(2, 2)
+    )
+    task = MaskRCNNDetection(
+        adapter,
+        OptimizerFactory(partial(torch.optim.AdamW), lr=1e-4, param_groups=ParamGroups(0.9)),
+        num_classes=3,
+        pretrained=str(tmp_path / "itpn_pixel.pth"),
+        load_neck=True,
+        min_size=64,
+        max_size=64,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        head_channels=16,
+        representation_size=32,
+    )
     for mine, official in ((task.backbone, src[0]), (task.adapter.neck, src[1])):
         for k, v in official.state_dict().items():
             torch.testing.assert_close(mine.state_dict()[k], v, rtol=0, atol=0, msg=k)

@@ -1,4 +1,5 @@
 """iTPN targets and losses: block masking, frozen CLIP teacher, EMA teacher math, two-term smooth-L1."""
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,16 @@ def tiny_teacher() -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    return VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=24,
-                             pre_norm=True, global_pool="token")
+    return VisionTransformer(
+        img_size=64,
+        patch_size=16,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        num_classes=24,
+        pre_norm=True,
+        global_pool="token",
+    )
 
 
 def test_clip_teacher_is_frozen_and_layer_normed():
@@ -81,8 +90,16 @@ def test_clip_teacher_loads_local_file_and_reports_missing_path(tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(1)  # different random weights: equal outputs below prove the file was loaded
-    fresh = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=24,
-                              pre_norm=True, global_pool="token")
+    fresh = VisionTransformer(
+        img_size=64,
+        patch_size=16,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        num_classes=24,
+        pre_norm=True,
+        global_pool="token",
+    )
     target = ClipTeacherTarget(fresh, checkpoint_path=str(path))
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(target(x), ClipTeacherTarget(source)(x))

@@ -7,6 +7,7 @@ MAE ``util/lr_decay.py`` (``param_groups_lrd``, ViT-B 0.65); ConvNeXt-V2 ``optim
 the official flat ``blocks`` list, PatchMerges skipped, decay renormalised by ``13 / num_layers``); SimMIM
 ``optimizer.py`` ``get_swin_layer`` (Swin, patch merging at the end of a stage there, at the start of the next in timm).
 """
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -75,7 +76,9 @@ def itpn_official(name: str, mlp_depth: int, depth: int, decay: float) -> tuple[
         layer_id = main_block.index(i) + 1
     else:
         layer_id = num_layers
-    return layer_decay ** (num_layers - layer_id), name.endswith(".relative_position_bias_table") or name == "absolute_pos_embed"
+    return layer_decay ** (num_layers - layer_id), name.endswith(
+        ".relative_position_bias_table"
+    ) or name == "absolute_pos_embed"
 
 
 def swin_official(name: str, depths: list[int], decay: float) -> tuple[float, bool]:
@@ -89,10 +92,12 @@ def swin_official(name: str, depths: list[int], decay: float) -> tuple[float, bo
         layer_id = 0
     elif parts[0] == "layers":
         stage, block_id = int(parts[1]), parts[3]
-        layer_id = sum(depths[: stage + 1]) if block_id in ("reduction", "norm") else sum(depths[:stage]) + int(block_id) + 1
+        layer_id = (
+            sum(depths[: stage + 1]) if block_id in ("reduction", "norm") else sum(depths[:stage]) + int(block_id) + 1
+        )
     else:
         layer_id = num_layers - 1
-    scales = [decay ** i for i in reversed(range(num_layers))]
+    scales = [decay**i for i in reversed(range(num_layers))]
     return scales[layer_id], name.endswith("relative_position_bias_table") or name == "mask_token"
 
 
@@ -116,8 +121,13 @@ def backbone_groups(backbone_cfg: str, task: str, tmp_path) -> tuple[torch.nn.Mo
     param groups its `optim` group builds."""
     neck, decay, _ = CASES[backbone_cfg]
     size = 192 if "swin" in backbone_cfg else 224  # SimMIM's Swin-B: window 6 at 192 px
-    overrides = [*TASKS[task], f"model/backbone={backbone_cfg}", f"model.backbone.img_size={size}", "logger=csv",
-                 f"optim.param_groups.layer_decay={decay}"]
+    overrides = [
+        *TASKS[task],
+        f"model/backbone={backbone_cfg}",
+        f"model.backbone.img_size={size}",
+        "logger=csv",
+        f"optim.param_groups.layer_decay={decay}",
+    ]
     if backbone_cfg.startswith("convnext"):
         overrides.remove(f"model.backbone.img_size={size}")
     if task != "finetune":
@@ -150,7 +160,7 @@ def test_convnext_single_rule_leaves_id_zero_empty_and_keeps_the_official_stem_s
         atto = MaskedConvNeXtV2((2, 2, 6, 2), (40, 80, 160, 320))
     groups = atto.layer_groups("single")
     assert 0 not in groups.ids.values() and groups.num_layers == 13 and groups.ids["downsample_layers.0.0.weight"] == 1
-    assert groups.scale(0.9, groups.ids["downsample_layers.0.0.weight"]) == 0.9 ** 12
+    assert groups.scale(0.9, groups.ids["downsample_layers.0.0.weight"]) == 0.9**12
     assert atto.layer_groups("group").num_layers == 13  # 'group' on Atto depths: ids 5..11 empty, scales unchanged
     with pytest.raises(ValueError, match=r"no layer-decay rule 'stage'.*\['single', 'group'\].*layer_decay_rule"):
         atto.layer_groups("stage")
@@ -161,7 +171,7 @@ def test_hivit_rules_itpn_renormalises_and_hivit_does_not():
         itpn_b = HiViT(embed_dim=512, mlp_depth=3, depth=24, num_heads=8, rpe=True)
     itpn, plain = itpn_b.layer_groups("itpn"), itpn_b.layer_groups("hivit")
     assert itpn.ids == plain.ids and itpn.num_layers == 31
-    assert itpn.scale(0.6, 0) == (0.6 ** (13 / 31)) ** 31 and plain.scale(0.6, 0) == 0.6 ** 31
+    assert itpn.scale(0.6, 0) == (0.6 ** (13 / 31)) ** 31 and plain.scale(0.6, 0) == 0.6**31
     assert itpn.ids["merge4.reduction.weight"] == itpn.ids["stage4.2.mlp.fc2.weight"] == 3
 
 
@@ -173,4 +183,5 @@ def test_non_backbone_parameters_get_scale_one_and_layer_decay_one_is_a_single_s
     assert all(g["lr_scale"] == 1.0 for g in groups if any(id(p) in head for p in g["params"]))
     flat = ParamGroups(layer_decay=1.0)(module, 0.1)
     assert [g["lr_scale"] for g in flat] == [1.0, 1.0] and sum(len(g["params"]) for g in flat) == sum(
-        len(g["params"]) for g in groups)
+        len(g["params"]) for g in groups
+    )

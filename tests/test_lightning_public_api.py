@@ -1,6 +1,7 @@
 """mimlab/ reaches Lightning only through its public API, so an upgrade cannot break it silently: no imports of
 ``_``-prefixed names from ``lightning``, no ``_``-prefixed attributes read off a Trainer, its strategy or its loops,
 and no inherited ``self._...`` attributes in subclasses of Lightning classes."""
+
 from __future__ import annotations
 
 import ast
@@ -27,8 +28,14 @@ def _lightning_names(tree: ast.Module) -> set[str]:
 
 def _inherited_private(cls: ast.ClassDef) -> list[ast.Attribute]:
     """``self._x`` in a class body where the class itself never assigns ``self._x``."""
-    uses = [n for n in ast.walk(cls) if isinstance(n, ast.Attribute) and _is_private(n.attr)
-            and isinstance(n.value, ast.Name) and n.value.id == "self"]
+    uses = [
+        n
+        for n in ast.walk(cls)
+        if isinstance(n, ast.Attribute)
+        and _is_private(n.attr)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "self"
+    ]
     own = {n.attr for n in uses if isinstance(n.ctx, ast.Store)}
     own |= {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     return [n for n in uses if n.attr not in own]
@@ -68,12 +75,18 @@ class Strategy(DDPStrategy):
         pass
 """
     assert private_lightning_uses(source) == [
-        "2: from lightning.fabric.utilities.seed import _collect_rng_states", "4: trainer._logger_connector",
-        "5: self.trainer.strategy._ddp_kwargs", "6: trainer.fit_loop.epoch_loop._batches_that_stepped",
-        "11: self._ddp_kwargs"]
+        "2: from lightning.fabric.utilities.seed import _collect_rng_states",
+        "4: trainer._logger_connector",
+        "5: self.trainer.strategy._ddp_kwargs",
+        "6: trainer.fit_loop.epoch_loop._batches_that_stepped",
+        "11: self._ddp_kwargs",
+    ]
 
 
 def test_mimlab_uses_no_private_lightning_api():
-    found = {str(p.relative_to(PACKAGE.parent)): uses for p in sorted(PACKAGE.rglob("*.py"))
-             if (uses := private_lightning_uses(p.read_text()))}
+    found = {
+        str(p.relative_to(PACKAGE.parent)): uses
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (uses := private_lightning_uses(p.read_text()))
+    }
     assert not found, f"private Lightning API (replace it with a public one): {found}"

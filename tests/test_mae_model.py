@@ -1,4 +1,5 @@
 """MAE composition: parameter counts (docs/methods.md §7 rows 1-7, 9, 10) and equivalence with the official forward order."""
+
 import pytest
 import torch
 from torch import nn
@@ -33,8 +34,9 @@ def test_classifier_params_rows_1_to_3(size, expected):
     assert round(count(encoder, head) / 1e6, 3) == pytest.approx(expected / 1e6, abs=5e-4)
 
 
-@pytest.mark.parametrize("size,total,decoder_only", [("B", 111.908e6, 26.109e6), ("L", 329.542e6, 26.240e6),
-                                                      ("H", 657.075e6, 26.310e6)])
+@pytest.mark.parametrize(
+    "size,total,decoder_only", [("B", 111.908e6, 26.109e6), ("L", 329.542e6, 26.240e6), ("H", 657.075e6, 26.310e6)]
+)
 def test_pretrain_and_decoder_params_rows_4_to_7(size, total, decoder_only):
     encoder, decoder = build(size)
     assert round(count(encoder, decoder) / 1e6, 3) == pytest.approx(total / 1e6, abs=5e-4)

@@ -1,6 +1,7 @@
 """Pre-training keeps masks on the host: backbones read the visible count there (no device sync, no graph break on a
 device tensor) and move the mask to the images' device themselves. Images on the meta device stand in for a GPU:
 any op that mixes the host mask with device tensors fails exactly as it would on CUDA."""
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -47,8 +48,16 @@ def test_pretraining_draws_masks_on_the_host(tmp_path):
     assert mask.device.type == "cpu" and mask.shape == (2, 16)
 
 
-SYNTHETIC = sorted(p.stem for p in __import__("pathlib").Path(__file__).resolve().parents[1].joinpath("conf", "experiment")
-                   .glob("*_synthetic.yaml") if not p.stem.startswith(("finetune", "linprobe", "detect", "segment")))
+SYNTHETIC = sorted(
+    p.stem
+    for p in __import__("pathlib")
+    .Path(__file__)
+    .resolve()
+    .parents[1]
+    .joinpath("conf", "experiment")
+    .glob("*_synthetic.yaml")
+    if not p.stem.startswith(("finetune", "linprobe", "detect", "segment"))
+)
 
 
 @pytest.mark.parametrize("experiment", SYNTHETIC)

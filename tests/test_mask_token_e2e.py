@@ -1,6 +1,7 @@
 """SimMIM and MaskFeat through the real composition: every parameter gets a gradient (DDP runs with a static graph and
 ``find_unused_parameters=False``), the mask-token encoders train on the synthetic images (val loss falls) and the
 checkpoint holds the encoder with its mask token under ``backbone.``."""
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -8,8 +9,14 @@ from hydra.utils import instantiate
 from conftest import compose_config
 from mimlab.train import build, run
 
-TINY_SWIN = ["data.img_size=64", "model.backbone.embed_dim=16", "model.backbone.depths=[1,1,1,1]",
-             "model.backbone.num_heads=[1,2,2,4]", "model.backbone.window_size=2", "model.decoder.in_channels=128"]
+TINY_SWIN = [
+    "data.img_size=64",
+    "model.backbone.embed_dim=16",
+    "model.backbone.depths=[1,1,1,1]",
+    "model.backbone.num_heads=[1,2,2,4]",
+    "model.backbone.window_size=2",
+    "model.decoder.in_channels=128",
+]
 
 
 COMPOSITIONS = [("simmim_vit_tiny_synthetic", []), ("maskfeat_vit_tiny_synthetic", []), ("simmim_swin_b", TINY_SWIN)]
@@ -37,16 +44,31 @@ def test_a_step_runs_under_bf16_autocast(experiment, extra, tmp_path):
         _, loss = _step_loss(experiment, extra, tmp_path)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
-SMALL = ["data.img_size=32", "data.batch_size=8", "hardware.num_workers=0", "model.backbone.embed_dim=64",
-         "model.backbone.depth=2", "model.backbone.num_heads=2", "optim.warmup_epochs=1", "optim.blr=5e-3",
-         "logger=csv", "~callbacks.progress", "~callbacks.knn", "trainer.max_epochs=8"]
+
+SMALL = [
+    "data.img_size=32",
+    "data.batch_size=8",
+    "hardware.num_workers=0",
+    "model.backbone.embed_dim=64",
+    "model.backbone.depth=2",
+    "model.backbone.num_heads=2",
+    "optim.warmup_epochs=1",
+    "optim.blr=5e-3",
+    "logger=csv",
+    "~callbacks.progress",
+    "~callbacks.knn",
+    "trainer.max_epochs=8",
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment,extra", [
-    ("simmim_vit_tiny_synthetic", []),                                       # 2x2 units of 16 px, 3 masked
-    ("maskfeat_vit_tiny_synthetic", ["masking.min_num_patches=1"]),          # 4x4 patches, 6 masked
-])
+@pytest.mark.parametrize(
+    "experiment,extra",
+    [
+        ("simmim_vit_tiny_synthetic", []),  # 2x2 units of 16 px, 3 masked
+        ("maskfeat_vit_tiny_synthetic", ["masking.min_num_patches=1"]),  # 4x4 patches, 6 masked
+    ],
+)
 def test_tiny_mask_token_pretraining_lowers_the_loss(experiment, extra, tmp_path, synthetic_root):
     overrides = [f"experiment={experiment}", *SMALL, *extra, f"data.root={synthetic_root}"]
     cfg = compose_config(overrides, tmp_path)

@@ -2,6 +2,7 @@
 prediction equivalent to the official math (slowfast/models/operators.py HOGLayerC, masked.py _get_hog_label_2d and
 _maskfeat_forward, attention.py MultiScaleBlock without pooling, written out below), MSE as MultipleMSELoss, and the
 block-wise masking counts."""
+
 import math
 
 import pytest
@@ -90,7 +91,9 @@ def official_maskfeat_prediction(m: MaskTokenViT, head: LinearTokenHead, x, mask
 
 def test_prediction_and_loss_match_the_official_math():
     torch.manual_seed(0)
-    model = MaskTokenViT(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, learnable_pos_embed=True).eval()
+    model = MaskTokenViT(
+        img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, learnable_pos_embed=True
+    ).eval()
     head = LinearTokenHead(32, 108)
     with torch.no_grad():
         for p in [*model.parameters(), *head.parameters()]:

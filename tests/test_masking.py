@@ -6,9 +6,11 @@ from mimlab.masking import RandomMasking, keep_indices, mask_to_token_grid, upsa
 
 @pytest.mark.parametrize(
     "grid,ratio,keep,masked",
-    [((14, 14), 0.75, 49, 147),  # MAE ViT-B/L @224 (docs/methods.md §7 row 9)
-     ((16, 16), 0.75, 64, 192),  # MAE ViT-H/14 @224
-     ((7, 7), 0.6, 19, 30)],     # FCMAE 32-px units @224 (row 26)
+    [
+        ((14, 14), 0.75, 49, 147),  # MAE ViT-B/L @224 (docs/methods.md §7 row 9)
+        ((16, 16), 0.75, 64, 192),  # MAE ViT-H/14 @224
+        ((7, 7), 0.6, 19, 30),
+    ],  # FCMAE 32-px units @224 (row 26)
 )
 def test_counts_match_methods_table(grid, ratio, keep, masked):
     mask = RandomMasking(ratio, unit_size=16)(8, grid, torch.Generator().manual_seed(0))

@@ -1,5 +1,6 @@
 """nan_guard: a non-finite loss or gradient never reaches the weights; a run that keeps producing them stops with a
 message naming the step, the batch and the loss terms."""
+
 from __future__ import annotations
 
 import math
@@ -12,11 +13,25 @@ from conftest import compose_config
 from mimlab.callbacks.nan_guard import NonFiniteLossError
 from mimlab.train import build
 
-TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
-        "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
-        "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "~callbacks.progress", "~callbacks.reconstruction",
-        "~callbacks.knn", "~callbacks.dashboard", "~callbacks.throughput", "data.batch_size=8",
-        "trainer.limit_val_batches=0", "callbacks.checkpoint.monitor=null"]
+TINY = [
+    "experiment=mae_vit_tiny_synthetic",
+    "data.img_size=32",
+    "hardware.num_workers=0",
+    "logger=csv",
+    "model.backbone.embed_dim=32",
+    "model.backbone.depth=1",
+    "model.backbone.num_heads=2",
+    "model.decoder.embed_dim=16",
+    "model.decoder.num_heads=2",
+    "~callbacks.progress",
+    "~callbacks.reconstruction",
+    "~callbacks.knn",
+    "~callbacks.dashboard",
+    "~callbacks.throughput",
+    "data.batch_size=8",
+    "trainer.limit_val_batches=0",
+    "callbacks.checkpoint.monitor=null",
+]
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -67,16 +82,20 @@ def fit(tmp_path, root, bad: set[int], *overrides: str, loss=LossWithBadGradient
 
 def test_stop_names_step_batch_and_the_non_finite_terms(tmp_path, synthetic_root):
     module, trainer, run = fit(tmp_path, synthetic_root, {1}, "trainer.max_steps=5", loss=LossWithBadTermsAt)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 1, batch 1: term\(s\) loss, aux = "
-                                                 r"nan, inf.*nan_guard=skip"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss at global step 1, batch 1: term\(s\) loss, aux = "
+        r"nan, inf.*nan_guard=skip",
+    ):
         run()
     assert trainer.global_step == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_skip_of_a_non_finite_loss_leaves_the_weights_untouched(tmp_path, synthetic_root):
-    module, trainer, run = fit(tmp_path, synthetic_root, {0, 1}, "nan_guard=skip", "trainer.max_steps=2",
-                               loss=LossWithBadTermsAt)
+    module, trainer, run = fit(
+        tmp_path, synthetic_root, {0, 1}, "nan_guard=skip", "trainer.max_steps=2", loss=LossWithBadTermsAt
+    )
     before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.warns(UserWarning, match=r"non-finite loss at global step 0, batch 0: term\(s\) loss, aux.*skipping"):
         run()
@@ -86,7 +105,9 @@ def test_skip_of_a_non_finite_loss_leaves_the_weights_untouched(tmp_path, synthe
 
 def test_skip_drops_non_finite_gradients_before_the_weights_move(tmp_path, synthetic_root):
     module, trainer, run = fit(tmp_path, synthetic_root, {2}, "nan_guard=skip", "trainer.max_steps=5")
-    with pytest.warns(UserWarning, match=r"non-finite gradients at global step 2 \(the loss was finite\); skipping this update"):
+    with pytest.warns(
+        UserWarning, match=r"non-finite gradients at global step 2 \(the loss was finite\); skipping this update"
+    ):
         run()
     assert trainer.global_step == 5
     assert all(torch.isfinite(p).all() for p in module.parameters())
@@ -95,8 +116,9 @@ def test_skip_drops_non_finite_gradients_before_the_weights_move(tmp_path, synth
 
 
 def test_skip_stops_a_run_that_keeps_skipping(tmp_path, synthetic_root):
-    module, _, run = fit(tmp_path, synthetic_root, set(range(2, 100)), "nan_guard=skip", "nan_guard_max_skips=3",
-                         "trainer.max_steps=20")
+    module, _, run = fit(
+        tmp_path, synthetic_root, set(range(2, 100)), "nan_guard=skip", "nan_guard_max_skips=3", "trainer.max_steps=20"
+    )
     with pytest.raises(NonFiniteLossError, match=r"skipped 3 updates in a row \(global steps 2-4\).*diverging"):
         run()
     assert all(torch.isfinite(p).all() for p in module.parameters())

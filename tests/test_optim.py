@@ -51,8 +51,15 @@ def test_frozen_parameters_are_left_out():
 @pytest.mark.parametrize("step", [0, 1, 100, 249, 250, 799, 800, 1099, 1100, 1199])
 def test_multistep_matches_mmcv_linear_warmup_and_steps(step):
     """mmcv ``StepLrUpdater`` + linear warm-up, written out: regular lr * (1 - (1 - step/warmup) * (1 - ratio))."""
-    sched = WarmupMultiStep(steps_per_epoch=100, epochs=12, warmup_epochs=0, milestones=(8, 11), gamma=0.1,
-                            warmup_steps=250, warmup_ratio=0.001)
+    sched = WarmupMultiStep(
+        steps_per_epoch=100,
+        epochs=12,
+        warmup_epochs=0,
+        milestones=(8, 11),
+        gamma=0.1,
+        warmup_steps=250,
+        warmup_ratio=0.001,
+    )
     regular = 0.1 ** ((step >= 800) + (step >= 1100))
     expected = regular * (1 - (1 - step / 250) * (1 - 0.001)) if step < 250 else regular
     assert sched(step) == pytest.approx(expected, rel=1e-12)
@@ -61,7 +68,9 @@ def test_multistep_matches_mmcv_linear_warmup_and_steps(step):
 @pytest.mark.parametrize("step", [0, 1, 1499, 1500, 80000, 159999, 160000])
 def test_poly_matches_mmcv_poly_with_linear_warmup(step):
     """mmcv ``PolyLrUpdater(power=1, min_lr=0)`` + linear warm-up from 1e-6 over 1500 iterations (mmseg UperNet)."""
-    sched = WarmupPoly(steps_per_epoch=160000, epochs=1, warmup_epochs=0, warmup_steps=1500, power=1.0, warmup_ratio=1e-6)
+    sched = WarmupPoly(
+        steps_per_epoch=160000, epochs=1, warmup_epochs=0, warmup_steps=1500, power=1.0, warmup_ratio=1e-6
+    )
     regular = (1 - step / 160000) ** 1.0
     expected = regular * (1 - (1 - step / 1500) * (1 - 1e-6)) if step < 1500 else regular
     assert sched(step) == pytest.approx(expected, rel=1e-12, abs=1e-15)

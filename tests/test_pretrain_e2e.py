@@ -1,4 +1,5 @@
 """A real (tiny) pre-training run through the CLI composition: the loss falls and every artefact is written."""
+
 import csv
 import subprocess
 import sys
@@ -10,10 +11,21 @@ from conftest import compose_config
 from mimlab.train import build, run
 
 TINY = [
-    "experiment=mae_vit_tiny_synthetic", "data.img_size=32", "data.batch_size=8", "hardware.num_workers=0",
-    "model.backbone.embed_dim=64", "model.backbone.depth=2", "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=32", "model.decoder.num_heads=2", "optim.warmup_epochs=1", "optim.blr=5e-3",
-    "logger=csv", "~callbacks.progress", "callbacks.reconstruction.every_n_steps=10", "trainer.log_every_n_steps=2",
+    "experiment=mae_vit_tiny_synthetic",
+    "data.img_size=32",
+    "data.batch_size=8",
+    "hardware.num_workers=0",
+    "model.backbone.embed_dim=64",
+    "model.backbone.depth=2",
+    "model.backbone.num_heads=2",
+    "model.decoder.embed_dim=32",
+    "model.decoder.num_heads=2",
+    "optim.warmup_epochs=1",
+    "optim.blr=5e-3",
+    "logger=csv",
+    "~callbacks.progress",
+    "callbacks.reconstruction.every_n_steps=10",
+    "trainer.log_every_n_steps=2",
 ]
 
 
@@ -55,15 +67,23 @@ def test_resume_continues_from_last_checkpoint(tmp_path, synthetic_root):
 
 
 def test_cli_rejects_a_misspelled_key_before_touching_data(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mimlab.train", "masking.ratoi=0.5", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mimlab.train", "masking.ratoi=0.5", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "masking.ratoi" in proc.stderr and "masking.ratio" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_cli_suggests_the_closest_key():
-    proc = subprocess.run([sys.executable, "-m", "mimlab.train", "experiment=mae_vit_tiny_synthetic", "model.decoder.dept=2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mimlab.train", "experiment=mae_vit_tiny_synthetic", "model.decoder.dept=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "unknown config key 'model.decoder.dept'. Did you mean 'model.decoder.depth'" in proc.stderr

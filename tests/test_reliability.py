@@ -1,4 +1,5 @@
 """Bad input and numerical trouble give clear errors and lose nothing."""
+
 import errno
 import random
 
@@ -13,8 +14,15 @@ from mimlab.checkpoints.atomic import AtomicCheckpointIO, CheckpointWriteError
 from mimlab.tasks.pretrain import CompositionError
 from mimlab.train import build, preflight, run
 
-TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
-        "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2"]
+TINY = [
+    "experiment=mae_vit_tiny_synthetic",
+    "data.img_size=32",
+    "hardware.num_workers=0",
+    "logger=csv",
+    "model.backbone.embed_dim=32",
+    "model.backbone.depth=1",
+    "model.backbone.num_heads=2",
+]
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -50,8 +58,12 @@ def test_parts_that_do_not_fit_fail_before_data_is_read(tmp_path):
 
 def test_rng_states_survive_a_checkpoint_round_trip(tmp_path):
     def draws():
-        return (torch.rand(4).tolist(), nn.functional.dropout(torch.ones(16), 0.5).tolist(), np.random.rand(3).tolist(),
-                [random.random() for _ in range(3)])
+        return (
+            torch.rand(4).tolist(),
+            nn.functional.dropout(torch.ones(16), 0.5).tolist(),
+            np.random.rand(3).tolist(),
+            [random.random() for _ in range(3)],
+        )
 
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     torch.save({"rng_states": collect_rng_states()}, tmp_path / "rng.ckpt")

@@ -1,4 +1,5 @@
 """mimlab.report on hand-made run folders: varying keys, last/max values, plot, and errors that say what to do."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,11 +21,21 @@ def _run(folder, overrides, rows):
 @pytest.fixture
 def sweep(tmp_path):
     for num, (ratio, depth, acc) in enumerate([(0.5, 1, 0.4), (0.75, 1, 0.6), (0.5, 8, 0.5), (0.75, 8, 0.7)]):
-        _run(tmp_path / f"{num}_r={ratio}", [f"masking.ratio={ratio}", f"model.decoder.depth={depth}",
-                                             "experiment=mae_vit_tiny_synthetic", "+sweep=s", f"data.root=/d{num}"],
-             [{"step": 0, "knn/acc1": acc + 0.1, "val/loss": 2.0},
-              {"step": 9, "train/loss_epoch": 1.5},
-              {"step": 9, "knn/acc1": acc, "val/loss": 1.0 + ratio}])
+        _run(
+            tmp_path / f"{num}_r={ratio}",
+            [
+                f"masking.ratio={ratio}",
+                f"model.decoder.depth={depth}",
+                "experiment=mae_vit_tiny_synthetic",
+                "+sweep=s",
+                f"data.root=/d{num}",
+            ],
+            [
+                {"step": 0, "knn/acc1": acc + 0.1, "val/loss": 2.0},
+                {"step": 9, "train/loss_epoch": 1.5},
+                {"step": 9, "knn/acc1": acc, "val/loss": 1.0 + ratio},
+            ],
+        )
     return tmp_path
 
 

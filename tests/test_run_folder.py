@@ -1,4 +1,5 @@
 """A run folder belongs to one run: never shared by two runs at once, never reused by a new run, resumed only on purpose."""
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,32 @@ from conftest import compose_config
 from mimlab.run_folder import STATE, RunFolder, RunFolderError
 from mimlab.train import run
 
-TINY = ["experiment=mae_vit_tiny_synthetic", "data.img_size=32", "hardware.num_workers=0", "logger=csv",
-        "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
-        "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "~callbacks.progress", "~callbacks.reconstruction",
-        "~callbacks.knn", "~callbacks.dashboard", "~callbacks.throughput", "data.batch_size=8"]
+TINY = [
+    "experiment=mae_vit_tiny_synthetic",
+    "data.img_size=32",
+    "hardware.num_workers=0",
+    "logger=csv",
+    "model.backbone.embed_dim=32",
+    "model.backbone.depth=1",
+    "model.backbone.num_heads=2",
+    "model.decoder.embed_dim=16",
+    "model.decoder.num_heads=2",
+    "~callbacks.progress",
+    "~callbacks.reconstruction",
+    "~callbacks.knn",
+    "~callbacks.dashboard",
+    "~callbacks.throughput",
+    "data.batch_size=8",
+]
 
 
 def finished_run(folder: Path) -> Path:
     """A folder as a finished run leaves it: config, metrics, checkpoints and its state record."""
-    for name, text in ((".hydra/config.yaml", "name: old\n"), ("csv/metrics.csv", "step,train/loss\n0,1.0\n"),
-                       ("checkpoints/last.ckpt", "weights")):
+    for name, text in (
+        (".hydra/config.yaml", "name: old\n"),
+        ("csv/metrics.csv", "step,train/loss\n0,1.0\n"),
+        ("checkpoints/last.ckpt", "weights"),
+    ):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
     (folder / STATE).write_text(json.dumps({"status": "finished", "step": 70, "started": "2026-01-01T10:00:00"}))
@@ -34,8 +51,11 @@ def finished_run(folder: Path) -> Path:
 
 def test_a_new_run_is_refused_in_a_folder_that_holds_a_run(tmp_path):
     folder = finished_run(tmp_path / "old")
-    with pytest.raises(RunFolderError, match=r"(?s)old already holds a run \(finished, at step 70, started 2026-01-01"
-                                             r"T10:00:00\).*never reuses.*ckpt_path=.*old/checkpoints/last\.ckpt"):
+    with pytest.raises(
+        RunFolderError,
+        match=r"(?s)old already holds a run \(finished, at step 70, started 2026-01-01"
+        r"T10:00:00\).*never reuses.*ckpt_path=.*old/checkpoints/last\.ckpt",
+    ):
         RunFolder.claim(folder)
     with pytest.raises(RunFolderError, match="already holds a run"):  # 'last' does not restart a finished run
         RunFolder.claim(folder, "last")
@@ -58,14 +78,26 @@ def test_a_folder_without_outputs_may_be_used(tmp_path):
 
 def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, synthetic_root):
     folder = tmp_path / "shared"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from mimlab.run_folder import RunFolder; RunFolder.claim(sys.argv[1]); "
-        "print('claimed', flush=True); time.sleep(60)"), str(folder)], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from mimlab.run_folder import RunFolder; RunFolder.claim(sys.argv[1]); "
+                "print('claimed', flush=True); time.sleep(60)"
+            ),
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     try:
         assert holder.stdout.readline().strip() == "claimed"
         cfg = compose_config([*TINY, f"data.root={synthetic_root}", "trainer.max_steps=2"], folder)
-        with pytest.raises(RunFolderError, match=rf"run folder {folder} is in use by another run \(pid {holder.pid} on"):
+        with pytest.raises(
+            RunFolderError, match=rf"run folder {folder} is in use by another run \(pid {holder.pid} on"
+        ):
             run(cfg)
         assert not (folder / "checkpoints").exists() and not (folder / "csv").exists()
     finally:
@@ -75,8 +107,9 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, synt
 
 def train_cli(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "mimlab.train", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mimlab.train", *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """SimMIM (microsoft/SimMIM): parameter counts of the official models, equivalence of encoder, head and loss with the
 official math (models/vision_transformer.py, models/simmim.py, data/data_simmim.py written out below), and the mask
 token's behaviour (masked pixels never reach the encoder) for the ViT and Swin encoders."""
+
 import math
 from functools import partial
 
@@ -26,14 +27,17 @@ def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("experiment,total,encoder,decoder", [
-    # counted from the official build_simmim(config) models of microsoft/SimMIM with the pre-training configs:
-    # ViT-B: patch embed 590,592 + cls 768 + shared rel-pos table (27*27+3)*12 = 8,784 + 12 blocks x 7,088,640
-    # (q/v biases, gamma_1/gamma_2) + norm 1,536 + mask token 768; head Conv2d(768, 16*16*3, 1) = 590,592.
-    ("simmim_vit_b", 86_256_720, 85_666_128, 590_592),
-    # Swin-B @192, window 6: encoder 86,725,176 + mask token 128; head Conv2d(1024, 32*32*3, 1) = 3,148,800.
-    ("simmim_swin_b", 89_874_104, 86_725_304, 3_148_800),
-])
+@pytest.mark.parametrize(
+    "experiment,total,encoder,decoder",
+    [
+        # counted from the official build_simmim(config) models of microsoft/SimMIM with the pre-training configs:
+        # ViT-B: patch embed 590,592 + cls 768 + shared rel-pos table (27*27+3)*12 = 8,784 + 12 blocks x 7,088,640
+        # (q/v biases, gamma_1/gamma_2) + norm 1,536 + mask token 768; head Conv2d(768, 16*16*3, 1) = 590,592.
+        ("simmim_vit_b", 86_256_720, 85_666_128, 590_592),
+        # Swin-B @192, window 6: encoder 86,725,176 + mask token 128; head Conv2d(1024, 32*32*3, 1) = 3,148,800.
+        ("simmim_swin_b", 89_874_104, 86_725_304, 3_148_800),
+    ],
+)
 def test_parameter_counts_match_the_official_models(experiment, total, encoder, decoder, tmp_path):
     cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
     with torch.device("meta"):
@@ -67,7 +71,9 @@ def official_simmim_vit(m: MaskTokenViT, x: torch.Tensor, patch_mask: torch.Tens
         a = blk.attn
         heads = bias.shape[0]
         qkv_bias = torch.cat([a.q_bias, torch.zeros_like(a.v_bias), a.v_bias])
-        q, k, v = F.linear(blk.norm1(t), a.qkv.weight, qkv_bias).reshape(n, t.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(blk.norm1(t), a.qkv.weight, qkv_bias).reshape(n, t.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        )
         attn = (q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1) + bias).softmax(-1)
         t = t + blk.gamma_1 * a.proj((attn @ v).transpose(1, 2).reshape(n, t.shape[1], -1))
         t = t + blk.gamma_2 * blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(t))))
@@ -84,8 +90,17 @@ def official_simmim_loss(x, z, conv, stride, patch_mask, patch_size):
 
 def tiny_beit(**kw) -> MaskTokenViT:
     torch.manual_seed(0)
-    model = MaskTokenViT(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, abs_pos_embed=False,
-                         rel_pos_bias=True, block=BEIT_BLOCK, **kw).eval()
+    model = MaskTokenViT(
+        img_size=64,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        abs_pos_embed=False,
+        rel_pos_bias=True,
+        block=BEIT_BLOCK,
+        **kw,
+    ).eval()
     with torch.no_grad():  # every parameter random, so the bias table, layer scales and q/v biases all matter
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -118,15 +133,20 @@ def test_mask_count_is_the_official_ceil_of_ratio_times_units(img, units):
 def _perturb_unit(x: torch.Tensor, unit: int, index: int, grid_w: int) -> torch.Tensor:
     y = x.clone()
     r, c = divmod(index, grid_w)
-    y[:, :, r * unit:(r + 1) * unit, c * unit:(c + 1) * unit] += torch.randn_like(y[:, :, :unit, :unit])
+    y[:, :, r * unit : (r + 1) * unit, c * unit : (c + 1) * unit] += torch.randn_like(y[:, :, :unit, :unit])
     return y
 
 
 @pytest.mark.parametrize("encoder", ["beit_vit", "swin"])
 def test_masked_pixels_never_reach_the_encoder(encoder):
     torch.manual_seed(0)
-    model = tiny_beit() if encoder == "beit_vit" else MaskTokenSwin(
-        img_size=64, patch_size=4, window_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)).eval()
+    model = (
+        tiny_beit()
+        if encoder == "beit_vit"
+        else MaskTokenSwin(
+            img_size=64, patch_size=4, window_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)
+        ).eval()
+    )
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0] * 4])  # 4x4 units of 16 px
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -138,8 +158,16 @@ def test_masked_pixels_never_reach_the_encoder(encoder):
 
 def test_dropped_tokens_get_the_relative_bias_of_their_own_positions():
     """MAE-style dropping with a shared relative bias: the bias of the kept tokens is the full bias at their indices."""
-    model = MaskedViT(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, abs_pos_embed=False,
-                      rel_pos_bias=True, block=BEIT_BLOCK)
+    model = MaskedViT(
+        img_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        abs_pos_embed=False,
+        rel_pos_bias=True,
+        block=BEIT_BLOCK,
+    )
     with torch.no_grad():
         model.rel_pos_bias.relative_position_bias_table.normal_()
     keep = torch.tensor([[0, 5, 6, 15], [1, 2, 9, 12]])
@@ -151,16 +179,31 @@ def test_dropped_tokens_get_the_relative_bias_of_their_own_positions():
 
 
 def test_relative_bias_refuses_another_image_size():
-    model = MaskTokenViT(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, abs_pos_embed=False,
-                         rel_pos_bias=True, block=BEIT_BLOCK)
+    model = MaskTokenViT(
+        img_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        abs_pos_embed=False,
+        rel_pos_bias=True,
+        block=BEIT_BLOCK,
+    )
     with pytest.raises(ValueError, match="model.backbone.img_size"):
         model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 16))
 
 
-@pytest.mark.parametrize("experiment,skip,keywords", [
-    ("simmim_vit_b", {"cls_token", "pos_embed"}, set()),  # VisionTransformer.no_weight_decay(); the mask token decays
-    ("simmim_swin_b", {"absolute_pos_embed", "mask_token"}, {"relative_position_bias_table"}),
-])
+@pytest.mark.parametrize(
+    "experiment,skip,keywords",
+    [
+        (
+            "simmim_vit_b",
+            {"cls_token", "pos_embed"},
+            set(),
+        ),  # VisionTransformer.no_weight_decay(); the mask token decays
+        ("simmim_swin_b", {"absolute_pos_embed", "mask_token"}, {"relative_position_bias_table"}),
+    ],
+)
 def test_weight_decay_groups_follow_the_official_pretrain_optimizer(experiment, skip, keywords, tmp_path):
     """SimMIM optimizer.get_pretrain_param_groups: no decay for 1-D params, biases, the encoder's no_weight_decay()
     names and its no_weight_decay_keywords()."""
@@ -170,8 +213,11 @@ def test_weight_decay_groups_follow_the_official_pretrain_optimizer(experiment, 
     factory = instantiate(cfg.optim)
     ids = {id(p): n for n, p in module.named_parameters()}
     no_decay = {ids[id(p)] for g in factory.param_groups(module, 0.05) if g["weight_decay"] == 0.0 for p in g["params"]}
-    official = {n for n, p in module.named_parameters()
-                if p.ndim == 1 or n.endswith(".bias") or n.removeprefix("backbone.") in skip or any(k in n for k in keywords)}
+    official = {
+        n
+        for n, p in module.named_parameters()
+        if p.ndim == 1 or n.endswith(".bias") or n.removeprefix("backbone.") in skip or any(k in n for k in keywords)
+    }
     assert no_decay == official
     assert ("backbone.mask_token" in no_decay) == (experiment == "simmim_swin_b")
 
@@ -189,8 +235,17 @@ def test_beit_init_truncates_at_one_std_and_rescales_by_depth():
     from mimlab.models.backbones.vit import beit_init
 
     torch.manual_seed(0)
-    model = MaskTokenViT(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, abs_pos_embed=False,
-                         rel_pos_bias=True, block=BEIT_BLOCK, weight_init=beit_init)
+    model = MaskTokenViT(
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=3,
+        num_heads=2,
+        abs_pos_embed=False,
+        rel_pos_bias=True,
+        block=BEIT_BLOCK,
+        weight_init=beit_init,
+    )
     assert model.patch_embed.proj.weight.abs().max() <= 0.02 and model.cls_token.abs().max() <= 0.02
     for i, blk in enumerate(model.blocks):
         bound = 0.02 / math.sqrt(2 * (i + 1))

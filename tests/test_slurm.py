@@ -9,6 +9,7 @@ Three jobs are submitted at once through Hydra's submitit launcher, exactly as a
   two_tasks  2 tasks on the one node (gloo): Lightning's SLURMEnvironment maps ranks from the SLURM variables.
 Without a cluster the tests are skipped, unless MIMLAB_REQUIRE_SLURM=1 (set by .ci/run) makes that a failure.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,16 +27,39 @@ from mimlab.train import CONFIG_DIR
 from mimlab.utils.slurm import SlurmPreflight
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH, EPOCHS, HOLD_STEP = 6, 2, 8  # HOLD_STEP: mid-epoch 1 (batch 2 of the second epoch), worker processes on
+STEPS_PER_EPOCH, EPOCHS, HOLD_STEP = (
+    6,
+    2,
+    8,
+)  # HOLD_STEP: mid-epoch 1 (batch 2 of the second epoch), worker processes on
 TINY = [
-    "experiment=mae_vit_tiny_synthetic", "hardware=slurm", "hardware.accelerator=cpu", "hardware.precision=32-true",
-    "hardware.compile=false", "hardware.fused_optimizer=false", "hardware.matmul_precision=highest",
-    "hardware.pin_memory=false", "hardware.num_workers=1", "hardware.checkpoint_every_n_steps=2",
-    "hydra.launcher.gpus_per_node=null", "hydra.launcher.timeout_min=10", "logger=csv", "data.batch_size=4",
-    "data.img_size=32", "model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=32", "model.decoder.num_heads=2", f"trainer.max_epochs={EPOCHS}",
-    f"trainer.limit_train_batches={STEPS_PER_EPOCH}", "trainer.limit_val_batches=1", "~callbacks.progress",
-    "~callbacks.reconstruction", "~callbacks.throughput", "+callbacks.probe._target_=tests.slurm_probe.SlurmProbe",
+    "experiment=mae_vit_tiny_synthetic",
+    "hardware=slurm",
+    "hardware.accelerator=cpu",
+    "hardware.precision=32-true",
+    "hardware.compile=false",
+    "hardware.fused_optimizer=false",
+    "hardware.matmul_precision=highest",
+    "hardware.pin_memory=false",
+    "hardware.num_workers=1",
+    "hardware.checkpoint_every_n_steps=2",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.timeout_min=10",
+    "logger=csv",
+    "data.batch_size=4",
+    "data.img_size=32",
+    "model.backbone.depth=1",
+    "model.backbone.embed_dim=32",
+    "model.backbone.num_heads=2",
+    "model.decoder.embed_dim=32",
+    "model.decoder.num_heads=2",
+    f"trainer.max_epochs={EPOCHS}",
+    f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+    "trainer.limit_val_batches=1",
+    "~callbacks.progress",
+    "~callbacks.reconstruction",
+    "~callbacks.throughput",
+    "+callbacks.probe._target_=tests.slurm_probe.SlurmProbe",
 ]
 JOBS = {
     "reference": ["hardware.devices=1"],
@@ -61,16 +85,27 @@ def cluster():
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+    }
 
 
 def submit(name: str, overrides: list[str], root: Path) -> subprocess.Popen:
     """``python -m mimlab.train -m ...`` into ``root/<name>``; blocks (in the background) until the job is done."""
     out = root / name
     out.mkdir(parents=True)
-    args = [sys.executable, "-m", "mimlab.train", "-m", *overrides, f"hydra.sweep.dir={out}",
-            f"+callbacks.probe.out_dir={out / 'probe'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "mimlab.train",
+        "-m",
+        *overrides,
+        f"hydra.sweep.dir={out}",
+        f"+callbacks.probe.out_dir={out / 'probe'}",
+    ]
     (out / "command.txt").write_text(" ".join(args[1:]))
     log = open(out / "submit.log", "w")  # closed with the process
     return subprocess.Popen(args, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
@@ -165,8 +200,11 @@ def test_two_tasks_take_their_ranks_from_slurm(slurm_runs):
     for rank, record in enumerate(ranks):
         env = record["env"]
         assert record["cluster_environment"] == "SLURMEnvironment"
-        assert (record["global_rank"], record["local_rank"], record["world_size"]) == \
-            (int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])) == (rank, rank, 2)
+        assert (
+            (record["global_rank"], record["local_rank"], record["world_size"])
+            == (int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"]))
+            == (rank, rank, 2)
+        )
     assert ranks[0]["env"]["SLURM_JOB_ID"] == ranks[1]["env"]["SLURM_JOB_ID"]
     assert ranks[0]["end_step"] == ranks[1]["end_step"] == STEPS_PER_EPOCH * EPOCHS
     start, end0, end1 = ranks[0]["start_params"], ranks[0]["params"], ranks[1]["params"]
@@ -176,15 +214,23 @@ def test_two_tasks_take_their_ranks_from_slurm(slurm_runs):
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("override, message", [
-    ("hydra.launcher.partition=no_such_partition",
-     "hydra.launcher.partition=no_such_partition: no such partition on this cluster (sinfo lists: "),
-    ("hardware.devices=2", "hydra.launcher.gpus_per_node=2, but partition "),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "hydra.launcher.partition=no_such_partition",
+            "hydra.launcher.partition=no_such_partition: no such partition on this cluster (sinfo lists: ",
+        ),
+        ("hardware.devices=2", "hydra.launcher.gpus_per_node=2, but partition "),
+    ],
+)
 def test_bad_slurm_settings_are_named_before_submitting(cluster, override, message):
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=mae_vit_tiny_synthetic", "hardware=slurm", override],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["experiment=mae_vit_tiny_synthetic", "hardware=slurm", override],
+            return_hydra_config=True,
+        )
     with pytest.raises(SystemExit) as exit_:
         SlurmPreflight().on_multirun_start(cfg)
     assert message in str(exit_.value.code)
@@ -193,9 +239,22 @@ def test_bad_slurm_settings_are_named_before_submitting(cluster, override, messa
 @pytest.mark.slow
 def test_slurm_without_sbatch_on_path_says_what_to_do(tmp_path):
     """Through the CLI: Hydra turns exceptions raised in its callbacks into warnings, so this checks the run stops."""
-    proc = subprocess.run([sys.executable, "-m", "mimlab.train", "-m", "experiment=mae_vit_tiny_synthetic",
-                           "hardware=slurm", f"hydra.sweep.dir={tmp_path}"],
-                          cwd=REPO, env={**env(), "PATH": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mimlab.train",
+            "-m",
+            "experiment=mae_vit_tiny_synthetic",
+            "hardware=slurm",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env={**env(), "PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "hardware=slurm submits SLURM jobs, but sbatch, srun, sinfo are not on PATH" in proc.stderr
     assert "scripts/slurm_local.sh start" in proc.stderr and not (tmp_path / ".submitit").exists()

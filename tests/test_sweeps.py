@@ -1,6 +1,7 @@
 """Hydra multirun end to end on CPU: two jobs -> two run folders with distinct configs, one offline wandb run each
 (grouped by sweep, tagged with the overrides, with the dashboard keys), and the report tool's table built from them.
 Plus: every conf/sweep/*.yaml composes and names only keys that exist."""
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,22 @@ from mimlab.utils.wandb_offline import summarise_run
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (Path(CONFIG_DIR) / "sweep").glob("*.yaml"))
 TINY = [
-    "experiment=mae_vit_tiny_synthetic", "data.img_size=32", "data.batch_size=8", "hardware.num_workers=0",
-    "model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=32", "model.decoder.num_heads=2", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.knn.max_train=20",
-    "~callbacks.progress", "~callbacks.reconstruction",
+    "experiment=mae_vit_tiny_synthetic",
+    "data.img_size=32",
+    "data.batch_size=8",
+    "hardware.num_workers=0",
+    "model.backbone.embed_dim=32",
+    "model.backbone.depth=1",
+    "model.backbone.num_heads=2",
+    "model.decoder.embed_dim=32",
+    "model.decoder.num_heads=2",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "callbacks.knn.max_train=20",
+    "~callbacks.progress",
+    "~callbacks.reconstruction",
 ]
 
 
@@ -33,8 +45,16 @@ TINY = [
 def test_two_job_multirun_gives_two_runs_one_wandb_group_and_a_report(tmp_path, synthetic_root):
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    cmd = [sys.executable, "-m", "mimlab.train", "-m", *TINY, "masking.ratio=0.5,0.75",
-           f"data.root={synthetic_root}", f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mimlab.train",
+        "-m",
+        *TINY,
+        "masking.ratio=0.5,0.75",
+        f"data.root={synthetic_root}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -50,8 +70,14 @@ def test_two_job_multirun_gives_two_runs_one_wandb_group_and_a_report(tmp_path, 
         assert f"masking.ratio={ratio}" in summary["tags"] and summary["job_type"] == "sweep"
         assert summary["config"]["masking"]["ratio"] == ratio
         assert f"masking.ratio={ratio}" in summary["config"]["hydra"]["overrides"]
-        assert {"train/loss_step", "val/loss", "lr/pg1", "train/grad_norm", "knn/acc1",
-                "perf/train_gflops_per_img"} <= summary["history_keys"]
+        assert {
+            "train/loss_step",
+            "val/loss",
+            "lr/pg1",
+            "train/grad_norm",
+            "knn/acc1",
+            "perf/train_gflops_per_img",
+        } <= summary["history_keys"]
 
     result = report([sweep_dir], out=tmp_path / "report", x="masking.ratio", y=["val/loss", "knn/acc1"])
     assert result["keys"] == ["masking.ratio"]
@@ -77,7 +103,8 @@ def test_sweep_file_composes_and_names_real_keys(sweep, tmp_path):
             if key.lstrip("+~") in groups:
                 continue
             assert OmegaConf.select(job, key.lstrip("+~"), default="__missing__") != "__missing__", (
-                f"conf/sweep/{sweep}.yaml sweeps '{key}', which experiment={experiment} does not have")
+                f"conf/sweep/{sweep}.yaml sweeps '{key}', which experiment={experiment} does not have"
+            )
     assert f"/{sweep}/" in cfg.hydra.sweep.dir
 
 
@@ -89,15 +116,26 @@ def test_job_folder_names_stay_short_unique_and_flat():
 
 
 def test_job_folder_shows_only_the_swept_keys(tmp_path):
-    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
-        "overrides": {"task": ["masking.ratio=0.4,0.6", "trainer.max_epochs=4", "+sweep=s"]},
-        "sweeper": {"params": {"model.decoder.depth": "range(1,9,7)", "data.img_size": 32}}}}))
+    (tmp_path / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "hydra": {
+                    "overrides": {"task": ["masking.ratio=0.4,0.6", "trainer.max_epochs=4", "+sweep=s"]},
+                    "sweeper": {"params": {"model.decoder.depth": "range(1,9,7)", "data.img_size": 32}},
+                }
+            }
+        )
+    )
     name = job_dirname(tmp_path, "data.img_size=32,masking.ratio=0.6,model.decoder.depth=8,trainer.max_epochs=4")
     assert name == "masking.ratio=0.6,model.decoder.depth=8"
     assert job_dirname(tmp_path / "elsewhere", "a=1,b=2") == "a=1,b=2"  # no multirun.yaml: every override
 
 
 def test_makefile_sweep_target_runs_the_named_sweep():
-    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "sweep", "SWEEP=conf/sweep/mae_mask_ratio.yaml"],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "sweep", "SWEEP=conf/sweep/mae_mask_ratio.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert "-m mimlab.train -m +sweep=mae_mask_ratio" in out.stdout, out.stdout + out.stderr

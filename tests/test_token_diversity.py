@@ -37,7 +37,9 @@ def test_matches_double_loop_reference_and_accepts_feature_maps():
         k = tokens.shape[1]
         ref = sum(
             torch.cosine_similarity(tokens[n, i], tokens[n, j], dim=0).item()
-            for i in range(k) for j in range(k) if i != j
+            for i in range(k)
+            for j in range(k)
+            if i != j
         ) / (k * (k - 1))
         assert td.token_similarity(fmap)[n].item() == pytest.approx(ref, abs=1e-6)
     assert torch.allclose(td.token_similarity(fmap), td.token_similarity(tokens))

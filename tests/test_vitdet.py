@@ -28,8 +28,15 @@ def _mae_checkpoint(path, vit: MaskedViT):
 
 def test_vitb_layout_global_blocks_and_rel_pos_tables():
     with torch.device("meta"):
-        vit = ViTDetBackbone(img_size=1024, patch_size=16, embed_dim=768, depth=12, num_heads=12, window_size=14,
-                             global_blocks=(2, 5, 8, 11))
+        vit = ViTDetBackbone(
+            img_size=1024,
+            patch_size=16,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            window_size=14,
+            global_blocks=(2, 5, 8, 11),
+        )
     assert [b.window_size for b in vit.blocks] == [14, 14, 0] * 4
     assert vit.blocks[0].attn.rel_pos_h.shape == (2 * 14 - 1, 64)  # window tables: (2·14-1, head_dim)
     assert vit.blocks[2].attn.rel_pos_w.shape == (2 * 64 - 1, 64)  # global tables span the 64x64 grid of 1024 px
@@ -44,7 +51,9 @@ def test_loads_plain_mae_checkpoint_with_resampled_pos_embed(tmp_path, caplog):
     with caplog.at_level("INFO"):
         report = adapter.load_pretrained(tmp_path / "mae.ckpt")
     assert "pos_embed: resampled from the checkpoint's 8x8 grid to the model's 16x16 grid" in caplog.text
-    assert sorted(report["backbone"]["missing"]) == sorted(f"blocks.{i}.attn.rel_pos_{a}" for i in range(4) for a in "hw")
+    assert sorted(report["backbone"]["missing"]) == sorted(
+        f"blocks.{i}.attn.rel_pos_{a}" for i in range(4) for a in "hw"
+    )
     own = vit.state_dict()
     for key in [k for k in own if k.startswith(("blocks.", "patch_embed."))]:
         if "rel_pos" in key:
@@ -68,10 +77,10 @@ def test_windowed_block_equals_attention_inside_each_window():
     padded = torch.nn.functional.pad(x, (0, 0, 0, 2, 0, 1))
     for r in range(0, 9, 3):
         for c in range(0, 9, 3):
-            window = padded[:, r:r + 3, c:c + 3]
+            window = padded[:, r : r + 3, c : c + 3]
             # attention sees the zero padding, the MLP and residual are per token: compare the real tokens
             expect = whole(window)[:, : max(0, min(3, 8 - r)), : max(0, min(3, 7 - c))]
-            torch.testing.assert_close(y[:, r:r + 3, c:c + 3], expect)
+            torch.testing.assert_close(y[:, r : r + 3, c : c + 3], expect)
 
 
 def test_global_block_sees_the_whole_grid_and_windowed_does_not():

@@ -1,5 +1,6 @@
 """One-process validation of a checkpoint under a composed config (used by tests/test_ddp.py to compare a 2-process
 evaluation with a 1-process one). ``python tests/validate_ckpt.py <ckpt> <overrides...>`` prints ``METRICS <json>``."""
+
 from __future__ import annotations
 
 import json

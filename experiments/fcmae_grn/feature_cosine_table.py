@@ -8,6 +8,7 @@ channel cosine distance of each block's MLP hidden activation (GRN output, or GE
 validation images at the run's ``data.img_size``. Writes ``feature_cosine.md`` (one row per block, one column per
 run), ``feature_cosine.json`` and ``feature_cosine.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def measure(run: Path, images_dir: Path | None, max_images: int) -> list[float]:
     backbone_cfg = OmegaConf.to_container(cfg.model.backbone, resolve=False)
     model = instantiate(backbone_cfg)
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    model.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
     images = load_images(images_dir or Path(cfg.data.root) / "val", size=size, max_images=max_images)
     return list(feature_cosine_distance(model, images).values())
 
@@ -48,8 +49,10 @@ def main() -> None:
     parser.add_argument("--images", default=None, help="image folder (default: <data.root>/val of each run)")
     parser.add_argument("--max-images", type=int, default=200)
     args = parser.parse_args()
-    curves = {run_label(run): measure(run, args.images and Path(args.images), args.max_images)
-              for run in find_runs([args.sweep])}
+    curves = {
+        run_label(run): measure(run, args.images and Path(args.images), args.max_images)
+        for run in find_runs([args.sweep])
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "feature_cosine.json").write_text(json.dumps(curves, indent=1))
@@ -57,7 +60,9 @@ def main() -> None:
     depth = max(len(v) for v in curves.values())
     lines = ["| block | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for i in range(depth):
-        lines.append(f"| {i} | " + " | ".join(f"{curves[k][i]:.3f}" if i < len(curves[k]) else "–" for k in labels) + " |")
+        lines.append(
+            f"| {i} | " + " | ".join(f"{curves[k][i]:.3f}" if i < len(curves[k]) else "–" for k in labels) + " |"
+        )
     lines.append("| mean | " + " | ".join(f"{sum(v) / len(v):.3f}" for v in curves.values()) + " |")
     (out / "feature_cosine.md").write_text("\n".join(lines) + "\n")
     plot_feature_cosine(curves, out / "feature_cosine.png", title="FCMAE ConvNeXt V2-Atto: GRN vs no GRN")

@@ -17,6 +17,7 @@ excluded, through ``torch.autograd.graph.saved_tensors_hooks``) and the peak ten
 with no gradients held (CUDA: ``max_memory_allocated``; CPU: the running sum of the profiler's memory events).
 Writes ``results_<device>_<size>.{md,json}`` to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,19 +46,28 @@ def global_block_indices(depth: int) -> list[int]:
 
 
 def build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
-    vit = dict(img_size=args.size, patch_size=args.patch, embed_dim=args.width, depth=args.depth, num_heads=args.heads,
-               learnable_pos_embed=True)
+    vit = dict(
+        img_size=args.size,
+        patch_size=args.patch,
+        embed_dim=args.width,
+        depth=args.depth,
+        num_heads=args.heads,
+        learnable_pos_embed=True,
+    )
     if variant == "global":
         return MaskedViT(**vit)
-    return ViTDetBackbone(window_size=args.window, global_blocks=global_block_indices(args.depth),
-                          rel_pos=variant == "vitdet", **vit)
+    return ViTDetBackbone(
+        window_size=args.window, global_blocks=global_block_indices(args.depth), rel_pos=variant == "vitdet", **vit
+    )
 
 
 def _peak_cpu_tensor_mib(step) -> float:
     """Peak of the tensor memory allocated (and not yet freed) during ``step()``, from the profiler's memory events."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for event in events:
         live += event.nbytes()
@@ -108,8 +118,13 @@ def measure_one(variant: str, args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(clock() - t0)
-    return {"variant": variant, "ms_per_step": 1000 * statistics.median(times), "saved_activations_mib": saved_mib,
-            "peak_step_memory_mib": peak, "tokens": (args.size // args.patch) ** 2}
+    return {
+        "variant": variant,
+        "ms_per_step": 1000 * statistics.median(times),
+        "saved_activations_mib": saved_mib,
+        "peak_step_memory_mib": peak,
+        "tokens": (args.size // args.patch) ** 2,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,16 +152,23 @@ def main(argv: list[str] | None = None) -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    setting = (f"ViT width {args.width}, {args.depth} blocks, {args.heads} heads, patch {args.patch}, {args.size} px "
-               f"({rows[0]['tokens']} tokens), batch {args.batch}, {args.device}"
-               f"{f' ({args.threads} threads)' if args.threads else ''}, fp32, forward_features + backward")
-    lines = [f"# ViTDet attention vs global attention\n\n{setting}; window {args.window}, global blocks "
-             f"{global_block_indices(args.depth)}.\n",
-             f"| variant | {'CPU ' if args.device == 'cpu' else ''}ms / step | activations saved for backward (MiB) "
-             "| peak step memory (MiB) |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['ms_per_step']:.0f} | {r['saved_activations_mib']:.0f} | "
-              f"{r['peak_step_memory_mib']:.0f} |" for r in rows]
+    setting = (
+        f"ViT width {args.width}, {args.depth} blocks, {args.heads} heads, patch {args.patch}, {args.size} px "
+        f"({rows[0]['tokens']} tokens), batch {args.batch}, {args.device}"
+        f"{f' ({args.threads} threads)' if args.threads else ''}, fp32, forward_features + backward"
+    )
+    lines = [
+        f"# ViTDet attention vs global attention\n\n{setting}; window {args.window}, global blocks "
+        f"{global_block_indices(args.depth)}.\n",
+        f"| variant | {'CPU ' if args.device == 'cpu' else ''}ms / step | activations saved for backward (MiB) "
+        "| peak step memory (MiB) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['variant']} | {r['ms_per_step']:.0f} | {r['saved_activations_mib']:.0f} | "
+        f"{r['peak_step_memory_mib']:.0f} |"
+        for r in rows
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"results_{args.device}_{args.size}"
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -12,6 +12,7 @@ GELU when the model has no GRN (V1-style). CLI::
     python -m mimlab.analysis.feature_cosine --checkpoint ckpt.pt --images DIR \
         --backbone conf/model/backbone/convnextv2_base.yaml --out cosine.png [--label V2] [--max-images 1000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,9 +67,14 @@ def feature_cosine_distance(
     if unknown:
         raise KeyError(f"feature_cosine_distance: model has no modules named {unknown}")
     sums = {n: 0.0 for n in layers}
-    hooks = [modules[n].register_forward_hook(
-        lambda _m, _i, out, n=n: sums.__setitem__(n, sums[n] + channel_cosine_distance(out, channel_dim).sum().item()))
-        for n in layers]
+    hooks = [
+        modules[n].register_forward_hook(
+            lambda _m, _i, out, n=n: sums.__setitem__(
+                n, sums[n] + channel_cosine_distance(out, channel_dim).sum().item()
+            )
+        )
+        for n in layers
+    ]
     was_training, count = model.training, 0
     model.eval()
     try:
@@ -115,8 +121,14 @@ def load_images(folder: str | Path, size: int = 224, max_images: int = 1000) -> 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:max_images]
     if not files:
         raise FileNotFoundError(f"feature_cosine: no images ({sorted(IMAGE_SUFFIXES)}) under {folder}")
-    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     return torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
 
 
@@ -129,8 +141,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m mimlab.analysis.feature_cosine", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="official ConvNeXt-V2 / timm / mimlab checkpoint (.pt/.ckpt)")
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--backbone", required=True, help="backbone config yaml, e.g. conf/model/backbone/convnextv2_base.yaml")
-    p.add_argument("--out", default="feature_cosine.png", help="PNG path; a .json with the numbers is written beside it")
+    p.add_argument(
+        "--backbone", required=True, help="backbone config yaml, e.g. conf/model/backbone/convnextv2_base.yaml"
+    )
+    p.add_argument(
+        "--out", default="feature_cosine.png", help="PNG path; a .json with the numbers is written beside it"
+    )
     p.add_argument("--label", default=None, help="legend label (default: checkpoint file name)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--max-images", type=int, default=1000)
@@ -146,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"{name:<{width}}  {value:.4f}")
     label = args.label or Path(args.checkpoint).stem
     out = plot_feature_cosine({label: list(result.values())}, args.out, title=f"{label} ({images.shape[0]} images)")
-    out.with_suffix(".json").write_text(json.dumps({"label": label, "images": images.shape[0], "layers": result}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps({"label": label, "images": images.shape[0], "layers": result}, indent=1)
+    )
     print(f"saved {out}")
     return result
 

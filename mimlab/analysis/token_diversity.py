@@ -72,9 +72,13 @@ class TokenDiversityConfig:
     """CLI options (``key=value``)."""
 
     teacher: str = "resnet50"  # any timm model name (CNN or ViT)
-    data: str = "data/synthetic/imagenet"  # image folder (the embedded data by default); <data>/<split>/ is used when it exists
+    data: str = (
+        "data/synthetic/imagenet"  # image folder (the embedded data by default); <data>/<split>/ is used when it exists
+    )
     checkpoint: str | None = None  # local teacher weights; None = random init
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model extras, e.g. model_kwargs.img_size=384
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # timm.create_model extras, e.g. model_kwargs.img_size=384
     split: str = "val"
     img_size: int = 224
     batch_size: int = 16
@@ -104,11 +108,15 @@ def load_images(files: list[Path], img_size: int) -> Tensor:
     from PIL import Image
     from torchvision.transforms import v2 as T
 
-    transform = T.Compose([
-        T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.CenterCrop(img_size), T.ToImage(), T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    ])
+    transform = T.Compose(
+        [
+            T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(img_size),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
     return torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
 
 
@@ -147,8 +155,9 @@ def run(cfg: TokenDiversityConfig) -> dict[str, float]:
     files = list_images(cfg.data, cfg.split)[: cfg.max_images]
     if not 0 <= cfg.plot_image < len(files):
         raise ValueError(f"plot_image={cfg.plot_image} but only {len(files)} images were found")
-    teacher = FrozenTeacher(cfg.teacher, checkpoint=cfg.checkpoint, model_kwargs=dict(cfg.model_kwargs),
-                            init_seed=cfg.seed).to(cfg.device)
+    teacher = FrozenTeacher(
+        cfg.teacher, checkpoint=cfg.checkpoint, model_kwargs=dict(cfg.model_kwargs), init_seed=cfg.seed
+    ).to(cfg.device)
     sims, plot_map, plot_image = [], None, None
     for start in range(0, len(files), cfg.batch_size):
         images = load_images(files[start : start + cfg.batch_size], cfg.img_size)
@@ -159,7 +168,9 @@ def run(cfg: TokenDiversityConfig) -> dict[str, float]:
     similarity = torch.cat(sims).mean().item()
     grid = tuple(plot_map.shape[-2:])  # type: ignore[union-attr]
     result = {"images": len(files), "tokens": grid[0] * grid[1], "similarity": similarity, "diversity": 1 - similarity}
-    print(f"teacher={cfg.teacher} checkpoint={cfg.checkpoint or 'random init'} images={len(files)} grid={grid[0]}x{grid[1]}")
+    print(
+        f"teacher={cfg.teacher} checkpoint={cfg.checkpoint or 'random init'} images={len(files)} grid={grid[0]}x{grid[1]}"
+    )
     print(f"token similarity = {similarity:.4f}")
     print(f"token diversity  = {1 - similarity:.4f}  (1 - similarity)")
     if cfg.plot:
@@ -181,8 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TokenDiversityConfig), OmegaConf.from_dotlist(args))
     except Exception as err:  # unknown key or bad type: name it and stop before touching data
-        raise SystemExit(f"token_diversity: bad argument ({err}). Options:\n"
-                         f"{OmegaConf.to_yaml(OmegaConf.structured(TokenDiversityConfig))}") from None
+        raise SystemExit(
+            f"token_diversity: bad argument ({err}). Options:\n"
+            f"{OmegaConf.to_yaml(OmegaConf.structured(TokenDiversityConfig))}"
+        ) from None
     try:
         return run(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except (FileNotFoundError, KeyError, ValueError) as err:  # bad data path / checkpoint / options: no traceback

@@ -11,6 +11,7 @@ Modules: :mod:`~mimlab.bench.workloads` (what is timed), :mod:`~mimlab.bench.tim
 :mod:`~mimlab.bench.datapath` (loader side by side), :mod:`~mimlab.bench.cli` (arguments, driver, table).
 Batches are ``(images (N, 3, S, S), labels (N,))``; pre-training modules draw their own masks (1 = masked).
 """
+
 from mimlab.bench.cli import load_config, main, run
 from mimlab.bench.workloads import ExperimentWorkload, quiet_step
 

@@ -4,6 +4,7 @@
 Without CUDA the models are shrunk (``tiny=auto``) and the CPU threads are pinned (``threads``), so the bench checks
 correctness on a CPU; medians and spreads over ``repeats`` windows make its ratios readable there too.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ BENCH_CONFIG = Path(CONFIG_DIR) / "bench.yaml"
 
 
 # --------------------------------------------------------------------------------------------------- driver
-def _prepare(module: L.LightningModule, device: torch.device, hardware: DictConfig, compiled: bool,
-             compile_mode: str | None) -> L.LightningModule:
+def _prepare(
+    module: L.LightningModule, device: torch.device, hardware: DictConfig, compiled: bool, compile_mode: str | None
+) -> L.LightningModule:
     set_fused_attn(module, hardware.get("fused_attn", True))
     module.to(device)
     if hardware.get("channels_last", False):
@@ -53,14 +55,24 @@ def bench_workload(name: str, workload: Any, cfg: DictConfig, device: torch.devi
     img = int(composed.data.img_size)
     classes = getattr(module, "num_classes", None) or 10
     gen = torch.Generator().manual_seed(0)
-    batch = (torch.randn(cfg.batch, 3, img, img, generator=gen).to(device),
-             torch.randint(0, classes, (cfg.batch,), generator=gen).to(device))
+    batch = (
+        torch.randn(cfg.batch, 3, img, img, generator=gen).to(device),
+        torch.randint(0, classes, (cfg.batch,), generator=gen).to(device),
+    )
     module.to(device)
     two = (batch[0][:2], batch[1][:2])
     flops = train_flops_per_image(module, lambda: quiet_step(module, two, 0), 2)
     params = sum(p.numel() for p in module.parameters())
-    result: dict[str, Any] = {"model": name, "batch": cfg.batch, "img_size": img, "tiny": tiny, "params": params,
-                              "train_gflop_per_img": flops / 1e9, "flops_method": flops_method(module), "runs": []}
+    result: dict[str, Any] = {
+        "model": name,
+        "batch": cfg.batch,
+        "img_size": img,
+        "tiny": tiny,
+        "params": params,
+        "train_gflop_per_img": flops / 1e9,
+        "flops_method": flops_method(module),
+        "runs": [],
+    }
     if cfg.explain:
         result["graph"] = explain_step(module, two)
 
@@ -73,14 +85,22 @@ def bench_workload(name: str, workload: Any, cfg: DictConfig, device: torch.devi
             module, _ = workload.build(cfg, hardware, tiny)
             module = _prepare(module, device, composed.hardware, bool(compiled), cfg.compile_mode)
             if loop == "plain":
-                figures = time_plain(module, cycle(lambda: [batch]), cfg.steps, cfg.warmup, cfg.repeats, device, bf16,
-                                     fused, cfg.batch)
+                figures = time_plain(
+                    module, cycle(lambda: [batch]), cfg.steps, cfg.warmup, cfg.repeats, device, bf16, fused, cfg.batch
+                )
             elif loop == "lightning":
                 figures = time_lightning(module, batch, cfg.steps, cfg.warmup, cfg.repeats, device, bf16)
             else:
                 raise ValueError(f"conf/bench.yaml: loops entries must be 'plain' or 'lightning', got {loop!r}")
-            result["runs"].append({"loop": loop, "compiled": bool(compiled), "data": "synthetic-on-device",
-                                   **figures, "mfu": mfu(figures["img_s"])})
+            result["runs"].append(
+                {
+                    "loop": loop,
+                    "compiled": bool(compiled),
+                    "data": "synthetic-on-device",
+                    **figures,
+                    "mfu": mfu(figures["img_s"]),
+                }
+            )
     by = {(r["loop"], r["compiled"]): r["img_s"] for r in result["runs"]}
     for compiled in cfg.compile:
         if ("plain", bool(compiled)) in by and ("lightning", bool(compiled)) in by:
@@ -101,12 +121,28 @@ def _bench_real_data(workload, cfg, composed, device, tiny, bf16, fused, mfu, re
     compiled = bool(cfg.compile[-1]) if len(cfg.compile) else False
     module, _ = workload.build(cfg, "gpu" if device.type == "cuda" else "cpu", tiny)
     module = _prepare(module, device, composed.hardware, compiled, cfg.compile_mode)
-    end_to_end = time_plain(module, cycle(datamodule.train_dataloader), cfg.steps, cfg.warmup, cfg.repeats, device,
-                            bf16, fused, cfg.batch, on_batch=mover(datamodule, device))
+    end_to_end = time_plain(
+        module,
+        cycle(datamodule.train_dataloader),
+        cfg.steps,
+        cfg.warmup,
+        cfg.repeats,
+        device,
+        bf16,
+        fused,
+        cfg.batch,
+        on_batch=mover(datamodule, device),
+    )
     best_synthetic = max((r["img_s"] for r in result["runs"]), default=float("nan"))
-    return {"real_data": {"workers": cfg.workers, "datamodule": type(datamodule).__name__,
-                          "loader_img_s": loader["img_s"], "loader_over_model": loader["img_s"] / best_synthetic,
-                          "end_to_end": {"loop": "plain", "compiled": compiled, **end_to_end, "mfu": mfu(end_to_end["img_s"])}}}
+    return {
+        "real_data": {
+            "workers": cfg.workers,
+            "datamodule": type(datamodule).__name__,
+            "loader_img_s": loader["img_s"],
+            "loader_over_model": loader["img_s"] / best_synthetic,
+            "end_to_end": {"loop": "plain", "compiled": compiled, **end_to_end, "mfu": mfu(end_to_end["img_s"])},
+        }
+    }
 
 
 def load_config(argv: list[str]) -> DictConfig:
@@ -124,25 +160,35 @@ def load_config(argv: list[str]) -> DictConfig:
 
 def run(argv: list[str]) -> dict[str, Any]:
     cfg = load_config(argv)
-    device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if (cfg.device == "auto" and torch.cuda.is_available())
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     tiny = (device.type == "cpu") if cfg.tiny == "auto" else bool(cfg.tiny)
     names = list(cfg.workloads) if cfg.model == "all" else [m.strip() for m in str(cfg.model).split(",")]
     unknown = [n for n in names if n not in cfg.workloads]
     if unknown:
-        raise SystemExit(f"mimlab.bench: unknown model {unknown}; choose from conf/bench.yaml workloads: {list(cfg.workloads)}")
+        raise SystemExit(
+            f"mimlab.bench: unknown model {unknown}; choose from conf/bench.yaml workloads: {list(cfg.workloads)}"
+        )
     torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")
     threads = int(cfg.threads or os.cpu_count() or 1)
     torch.set_num_threads(threads)  # fixed, so CPU figures of different runs compare
     results = [bench_workload(n, instantiate(cfg.workloads[n]), cfg, device, tiny) for n in names]
     datapath = _datapath(cfg) if cfg.datapath else None
     payload = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "lightning": L.__version__, "peak_tflops": cfg.peak_tflops,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "peak_tflops": cfg.peak_tflops,
         "threads": threads,
-        "settings": {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                     for k in ("batch", "steps", "warmup", "repeats", "compile", "compile_mode", "loops", "workers",
-                               "data_root")},
+        "settings": {
+            k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in ("batch", "steps", "warmup", "repeats", "compile", "compile_mode", "loops", "workers", "data_root")
+        },
         "datapath": datapath,
         "note": "CPU figures check correctness only; speed is judged on the GPU" if device.type == "cpu" else "",
         "results": results,
@@ -155,9 +201,17 @@ def run(argv: list[str]) -> dict[str, Any]:
 
 def _datapath(cfg: DictConfig) -> dict[str, Any]:
     """Our train loader vs the official MAE loader on ``data_root`` (or generated ImageNet-size JPEGs)."""
-    root = Path(cfg.data_root) if cfg.data_root else write_imagenet_like_jpegs(Path(tempfile.mkdtemp(prefix="mimlab-jpeg-")))
-    return {"generated": not cfg.data_root,
-            **compare_loaders(root, cfg.datapath_img_size, cfg.datapath_batch, cfg.workers, cfg.datapath_batches, cfg.datapath_rounds)}
+    root = (
+        Path(cfg.data_root)
+        if cfg.data_root
+        else write_imagenet_like_jpegs(Path(tempfile.mkdtemp(prefix="mimlab-jpeg-")))
+    )
+    return {
+        "generated": not cfg.data_root,
+        **compare_loaders(
+            root, cfg.datapath_img_size, cfg.datapath_batch, cfg.workers, cfg.datapath_batches, cfg.datapath_rounds
+        ),
+    }
 
 
 def _print_table(payload: dict[str, Any], out: str) -> None:
@@ -165,7 +219,18 @@ def _print_table(payload: dict[str, Any], out: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"mimlab bench on {payload['device']} (MFU vs {payload['peak_tflops']} TFLOP/s)")
-    for column in ("model", "GFLOP/img", "loop", "compiled", "data", "img/s (median)", "spread", "ms/step", "peak GiB", "MFU"):
+    for column in (
+        "model",
+        "GFLOP/img",
+        "loop",
+        "compiled",
+        "data",
+        "img/s (median)",
+        "spread",
+        "ms/step",
+        "peak GiB",
+        "MFU",
+    ):
         table.add_column(column)
     for res in payload["results"]:
         if "skipped" in res:
@@ -177,15 +242,26 @@ def _print_table(payload: dict[str, Any], out: str) -> None:
             rows.append({**real["end_to_end"], "data": f"real ({real['loader_img_s']:.0f} img/s loader)"})
         for r in rows:
             peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-            table.add_row(res["model"], f"{res['train_gflop_per_img']:.3g}", r["loop"], str(r["compiled"]),
-                          r.get("data", ""), f"{r['img_s']:.0f}", f"±{50 * r['spread']:.0f}%", f"{r['ms_step']:.1f}", peak,
-                          f"{100 * r['mfu']:.1f}%")
+            table.add_row(
+                res["model"],
+                f"{res['train_gflop_per_img']:.3g}",
+                r["loop"],
+                str(r["compiled"]),
+                r.get("data", ""),
+                f"{r['img_s']:.0f}",
+                f"±{50 * r['spread']:.0f}%",
+                f"{r['ms_step']:.1f}",
+                peak,
+                f"{100 * r['mfu']:.1f}%",
+            )
     console = Console(width=170)
     console.print(table)
     for res in payload["results"]:
         if "graph" in res:
             graph = res["graph"]
-            console.print(f"{res['model']}: training_step compiles to {graph['graphs']} graphs, {graph['graph_breaks']} graph breaks")
+            console.print(
+                f"{res['model']}: training_step compiles to {graph['graphs']} graphs, {graph['graph_breaks']} graph breaks"
+            )
             for reason in graph["break_reasons"]:
                 console.print(f"    break: {reason}", highlight=False)
         for key in ("lightning_overhead_eager", "lightning_overhead_compiled"):
@@ -195,24 +271,34 @@ def _print_table(payload: dict[str, Any], out: str) -> None:
     if data:
         rounds = ", ".join(f"{r:.2f}" for r in data["ratio_per_round"])
         workers = ", ".join(f"{r:.2f}" for r in data["ratio_workers_per_round"])
-        console.print(f"data path, {data['workers']} workers, batch {data['batch']} ({'generated' if data['generated'] else data['root']}): "
-                      f"mimlab / official MAE loader = {data['ratio_median']:.2f}x normalised on this CPU (rounds {rounds}), "
-                      f"{data['ratio_workers_median']:.2f}x workers alone, normalised on the GPU (rounds {workers}); goal >= 1.0")
+        console.print(
+            f"data path, {data['workers']} workers, batch {data['batch']} ({'generated' if data['generated'] else data['root']}): "
+            f"mimlab / official MAE loader = {data['ratio_median']:.2f}x normalised on this CPU (rounds {rounds}), "
+            f"{data['ratio_workers_median']:.2f}x workers alone, normalised on the GPU (rounds {workers}); goal >= 1.0"
+        )
     print(f"wrote {out}")
 
 
 def help_text() -> str:
     """Usage, then every top-level key of conf/bench.yaml with its default and its comment, then the workloads."""
-    keys = [m.groups() for line in BENCH_CONFIG.read_text().splitlines()
-            if (m := re.match(r"(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line)) and m[1] != "workloads"]
+    keys = [
+        m.groups()
+        for line in BENCH_CONFIG.read_text().splitlines()
+        if (m := re.match(r"(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line)) and m[1] != "workloads"
+    ]
     width = max(len(f"{key}={default}") for key, default, _ in keys)
-    return "\n".join([
-        "usage: mimlab-bench [key=value ...]   (or python -m mimlab.bench; make bench ARGS=\"key=value ...\")", "",
-        " ".join(__doc__.split("\n\n")[1].split()), "",
-        f"keys ({BENCH_CONFIG}):",
-        *(f"  {f'{key}={default}':<{width}}  {comment or ''}".rstrip() for key, default, comment in keys), "",
-        "workloads (model=...): " + ", ".join(OmegaConf.load(BENCH_CONFIG).workloads),
-    ])
+    return "\n".join(
+        [
+            "usage: mimlab-bench [key=value ...]   (or python -m mimlab.bench; make bench ARGS=\"key=value ...\")",
+            "",
+            " ".join(__doc__.split("\n\n")[1].split()),
+            "",
+            f"keys ({BENCH_CONFIG}):",
+            *(f"  {f'{key}={default}':<{width}}  {comment or ''}".rstrip() for key, default, comment in keys),
+            "",
+            "workloads (model=...): " + ", ".join(OmegaConf.load(BENCH_CONFIG).workloads),
+        ]
+    )
 
 
 def main() -> None:

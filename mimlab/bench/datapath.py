@@ -13,6 +13,7 @@ Where ours is faster (per core, same workers): each sample's augmentation seed g
 sample), and the workers hand over uint8 crops, leaving the float conversion and normalisation to the training
 device, where they cost nothing measurable.
 """
+
 from __future__ import annotations
 
 import random
@@ -32,20 +33,38 @@ IMAGENET_SIZES = ((500, 375), (500, 333), (375, 500), (500, 500), (400, 300), (3
 
 
 def official_mae_loader(root: Path, img_size: int, batch_size: int, workers: int) -> DataLoader:
-    transform = T.Compose([
-        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     dataset = datasets.ImageFolder(str(root / "train"), transform=transform)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=False,
-                      drop_last=True, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=False,
+        drop_last=True,
+        persistent_workers=False,
+    )
 
 
 def mimlab_loader(root: Path, img_size: int, batch_size: int, workers: int) -> Iterable:
     """Our train loader's batches as the model gets them (``on_after_batch_transfer`` included: it normalises)."""
     from mimlab.data.imagenet import ImageNetDataModule
 
-    datamodule = ImageNetDataModule(str(root), batch_size=batch_size, img_size=img_size, num_workers=workers,
-                                    pin_memory=False, persistent_workers=False)
+    datamodule = ImageNetDataModule(
+        str(root),
+        batch_size=batch_size,
+        img_size=img_size,
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=False,
+    )
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     return _Transferred(loader, datamodule)
@@ -63,6 +82,7 @@ class _Transferred:
 
 def _rate(loader: Iterable, batches: int) -> float:
     """img/s over ``batches`` batches after the first (worker start-up is not timed); the loader is cycled."""
+
     def forever():
         while True:
             yield from loader
@@ -75,8 +95,9 @@ def _rate(loader: Iterable, batches: int) -> float:
     return batches * len(first[0]) / (time.perf_counter() - start)
 
 
-def write_imagenet_like_jpegs(root: Path, per_class: int = 60, classes: int = 4, seed: int = 0,
-                              val_per_class: int = 2) -> Path:
+def write_imagenet_like_jpegs(
+    root: Path, per_class: int = 60, classes: int = 4, seed: int = 0, val_per_class: int = 2
+) -> Path:
     """``root/{train,val}/<class>/*.JPEG`` at ImageNet's common sizes (the synthetic shapes, quality 90); the small
     ``val/`` split is there because the ImageNet DataModule checks the whole layout before it reads ``train/``."""
     from mimlab.data.synthetic import render_image
@@ -92,8 +113,9 @@ def write_imagenet_like_jpegs(root: Path, per_class: int = 60, classes: int = 4,
     return root
 
 
-def compare_loaders(root: Path, img_size: int = 224, batch_size: int = 64, workers: int = 2, batches: int = 12,
-                    rounds: int = 3) -> dict[str, Any]:
+def compare_loaders(
+    root: Path, img_size: int = 224, batch_size: int = 64, workers: int = 2, batches: int = 12, rounds: int = 3
+) -> dict[str, Any]:
     """A/B/C rounds of img/s: the official MAE loader (float batches normalised in its workers), ours as the model gets
     it on this CPU (uint8 batches normalised by ``on_after_batch_transfer`` in the main process), and ours' workers
     alone (what a GPU host's CPUs pay: the normalisation then runs on the GPU). Ratios are ours / official per round."""
@@ -105,7 +127,17 @@ def compare_loaders(root: Path, img_size: int = 224, batch_size: int = 64, worke
         workers_only.append(_rate(loader.loader, batches))  # type: ignore[attr-defined]
     ratios = [a / b for a, b in zip(ours, official)]
     ratios_workers = [a / b for a, b in zip(workers_only, official)]
-    return {"root": str(root), "workers": workers, "batch": batch_size, "img_size": img_size, "batches": batches,
-            "official_img_s": official, "mimlab_img_s": ours, "mimlab_workers_img_s": workers_only,
-            "ratio_per_round": ratios, "ratio_median": statistics.median(ratios),
-            "ratio_workers_per_round": ratios_workers, "ratio_workers_median": statistics.median(ratios_workers)}
+    return {
+        "root": str(root),
+        "workers": workers,
+        "batch": batch_size,
+        "img_size": img_size,
+        "batches": batches,
+        "official_img_s": official,
+        "mimlab_img_s": ours,
+        "mimlab_workers_img_s": workers_only,
+        "ratio_per_round": ratios,
+        "ratio_median": statistics.median(ratios),
+        "ratio_workers_per_round": ratios_workers,
+        "ratio_workers_median": statistics.median(ratios_workers),
+    }

@@ -1,4 +1,5 @@
 """How ``torch.compile`` sees a training step: graphs and graph breaks (``torch._dynamo.explain``)."""
+
 from __future__ import annotations
 
 from typing import Any

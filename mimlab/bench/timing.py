@@ -4,6 +4,7 @@ Every loop runs ``warmup`` untimed steps (compilation happens there), then ``rep
 window bracketed by a device synchronisation. :func:`summarize` reports the median window (img/s, ms/step) and the
 spread of the windows, so a noisy machine shows up as a wide spread instead of a wrong figure.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -59,8 +60,15 @@ def summarize(batch_size: int, steps: int, seconds: list[float], device: torch.d
     """Median img/s and ms/step over the windows, their min/max and relative spread ((max - min) / median)."""
     rates = sorted(batch_size * steps / s for s in seconds)
     median = statistics.median(rates)
-    return {"img_s": median, "ms_step": 1000 * batch_size / median, "img_s_min": rates[0], "img_s_max": rates[-1],
-            "spread": (rates[-1] - rates[0]) / median, "windows": len(rates), "peak_mem_gib": _peak_gib(device)}
+    return {
+        "img_s": median,
+        "ms_step": 1000 * batch_size / median,
+        "img_s_min": rates[0],
+        "img_s_max": rates[-1],
+        "spread": (rates[-1] - rates[0]) / median,
+        "windows": len(rates),
+        "peak_mem_gib": _peak_gib(device),
+    }
 
 
 def is_boundary(step: int, warmup: int, steps: int, repeats: int) -> bool:
@@ -68,9 +76,18 @@ def is_boundary(step: int, warmup: int, steps: int, repeats: int) -> bool:
     return step >= warmup and (step - warmup) % steps == 0 and step < warmup + steps * repeats
 
 
-def time_plain(module: L.LightningModule, batches: Iterator, steps: int, warmup: int, repeats: int,
-               device: torch.device, bf16: bool, fused: bool, batch_size: int,
-               on_batch: Callable[[Any], Any] = lambda b: b) -> dict[str, Any]:
+def time_plain(
+    module: L.LightningModule,
+    batches: Iterator,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    bf16: bool,
+    fused: bool,
+    batch_size: int,
+    on_batch: Callable[[Any], Any] = lambda b: b,
+) -> dict[str, Any]:
     """A plain loop: ``training_step`` under autocast, backward, AdamW step, ``zero_grad(set_to_none=True)``."""
     module.train()
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4, fused=fused)
@@ -125,16 +142,32 @@ class _WindowTimer(L.Callback):
             self.clock.mark()
 
 
-def time_lightning(module: L.LightningModule, batch: tuple[Tensor, Tensor], steps: int, warmup: int, repeats: int,
-                   device: torch.device, bf16: bool) -> dict[str, Any]:
+def time_lightning(
+    module: L.LightningModule,
+    batch: tuple[Tensor, Tensor],
+    steps: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    bf16: bool,
+) -> dict[str, Any]:
     """``lightning.Trainer(precision=bf16-mixed)`` over on-device batches, ``self.log`` every step as in real runs."""
     timer = _WindowTimer(warmup, steps, repeats, device)
     total = warmup + steps * repeats
     loader = DataLoader(_Repeat(batch, total), batch_size=None, num_workers=0)
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="bf16-mixed" if bf16 else "32-true",
-        max_steps=total, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if bf16 else "32-true",
+        max_steps=total,
+        max_epochs=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -149,14 +182,16 @@ def cycle(make: Callable[[], Any]) -> Iterator:
 
 def mover(datamodule: L.LightningDataModule, device: torch.device) -> Callable[[Any], Any]:
     """What Lightning does between the loader and ``training_step``: transfer, then ``on_after_batch_transfer``."""
+
     def move(batch: Any) -> Any:
         return datamodule.on_after_batch_transfer(datamodule.transfer_batch_to_device(batch, device, 0), 0)
 
     return move
 
 
-def time_loader(datamodule: L.LightningDataModule, steps: int, warmup: int, repeats: int, device: torch.device,
-                batch_size: int) -> dict[str, Any]:
+def time_loader(
+    datamodule: L.LightningDataModule, steps: int, warmup: int, repeats: int, device: torch.device, batch_size: int
+) -> dict[str, Any]:
     """The real data path alone: decode + augment in the workers, host-to-device copy, ``on_after_batch_transfer``."""
     batches = cycle(datamodule.train_dataloader)
     move = mover(datamodule, device)

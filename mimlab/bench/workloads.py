@@ -1,4 +1,5 @@
 """What the bench times: a recipe composed like ``python -m mimlab.train`` would, its task module instantiated."""
+
 from __future__ import annotations
 
 import tempfile
@@ -34,7 +35,9 @@ class ExperimentWorkload:
     """Any recipe: compose ``conf/experiment/<experiment>.yaml`` (+ ``overrides``) and instantiate its task module, so
     the bench times the real pre-training or fine-tuning LightningModule. ``tiny_overrides`` shrink it for the CPU mode."""
 
-    def __init__(self, experiment: str, overrides: list[str] | None = None, tiny_overrides: list[str] | None = None) -> None:
+    def __init__(
+        self, experiment: str, overrides: list[str] | None = None, tiny_overrides: list[str] | None = None
+    ) -> None:
         self.experiment = experiment
         self.overrides = list(overrides or [])
         self.tiny_overrides = list(tiny_overrides) if tiny_overrides is not None else None
@@ -47,8 +50,15 @@ class ExperimentWorkload:
         return None
 
     def build(self, cfg: DictConfig, hardware: str, tiny: bool) -> tuple[L.LightningModule, DictConfig]:
-        overrides = [f"experiment={self.experiment}", f"hardware={hardware}", "logger=none", *self.overrides,  # type: ignore[misc]
-                     *(self.tiny_overrides if tiny else []), *data_overrides(cfg), *cfg.overrides]
+        overrides = [
+            f"experiment={self.experiment}",
+            f"hardware={hardware}",
+            "logger=none",
+            *self.overrides,  # type: ignore[misc]
+            *(self.tiny_overrides if tiny else []),
+            *data_overrides(cfg),
+            *cfg.overrides,
+        ]
         composed = compose_train(overrides)
         return instantiate(composed.task), composed
 

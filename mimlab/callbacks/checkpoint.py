@@ -1,4 +1,5 @@
 """The run's checkpoint callback: the best checkpoint per validation, ``last.ckpt`` every N steps and at the end."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,7 +24,9 @@ class RunCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, every_n_train_steps: int | None = None, **kwargs: Any) -> None:
         if every_n_train_steps is not None and every_n_train_steps < 0:
-            raise ValueError(f"callbacks.checkpoint.every_n_train_steps must be >= 0 or null, got {every_n_train_steps}")
+            raise ValueError(
+                f"callbacks.checkpoint.every_n_train_steps must be >= 0 or null, got {every_n_train_steps}"
+            )
         super().__init__(*args, **kwargs)
         self.last_every_n_train_steps = every_n_train_steps or 0
         self._last_written_at: int | None = None
@@ -43,8 +46,9 @@ class RunCheckpoint(ModelCheckpoint):
         # a refreshed last.ckpt is not this step's best-checkpoint decision: validation at this step still judges it
         self._last_global_step_saved = judged_at
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         n = self.last_every_n_train_steps
         if n and trainer.global_step % n == 0:

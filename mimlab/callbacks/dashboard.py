@@ -7,6 +7,7 @@ Keys (logged every ``trainer.log_every_n_steps`` optimiser steps, so they land i
 Lightning's ``ThroughputMonitor`` also reads ``flops_per_batch`` and logs ``train/device/mfu`` against its own table
 of spec peaks where it knows the device.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,11 @@ def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> f
     pl_module.train()
     generator = torch.Generator().manual_seed(0)
     try:
-        per_image = train_flops_per_image(pl_module, lambda: pl_module.compute_losses(images, generator)["loss"],  # type: ignore[operator]
-                                          images.shape[0])
+        per_image = train_flops_per_image(
+            pl_module,
+            lambda: pl_module.compute_losses(images, generator)["loss"],  # type: ignore[operator]
+            images.shape[0],
+        )
     finally:
         pl_module.train(was_training)
     return per_image * images.shape[0]

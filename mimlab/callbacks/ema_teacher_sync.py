@@ -4,6 +4,7 @@
 first batch would be scored against an unsynced teacher. On resume the target's ``synced`` buffer comes back from the
 checkpoint and nothing is copied, so resumed runs stay exact.
 """
+
 from __future__ import annotations
 
 import lightning as L

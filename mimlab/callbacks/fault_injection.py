@@ -1,4 +1,5 @@
 """Fault injection for testing resume and preemption (e.g. on a new cluster): kill the run at a given step."""
+
 from __future__ import annotations
 
 import os

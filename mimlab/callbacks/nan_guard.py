@@ -4,6 +4,7 @@ The whole check lives in this callback, outside the training step, so a compiled
 break for it: the loss is kept (detached) in ``on_before_backward`` and checked together with the gradients in
 ``on_before_optimizer_step``, in one device sync per step. ``nan_guard=off`` removes that sync too.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ class NonFiniteGuard(L.Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         self.loss = loss.detach()
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if self.mode == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -67,11 +69,16 @@ class NonFiniteGuard(L.Callback):
             self.skipped_in_a_row = []
             return
         step = trainer.global_step
-        what = (f"non-finite loss at global step {step}, batch {self.batch_idx}: {self._terms(trainer)}"
-                if not loss_finite else f"non-finite gradients at global step {step} (the loss was finite)")
+        what = (
+            f"non-finite loss at global step {step}, batch {self.batch_idx}: {self._terms(trainer)}"
+            if not loss_finite
+            else f"non-finite gradients at global step {step} (the loss was finite)"
+        )
         if self.mode == "stop":
-            raise NonFiniteLossError(f"{what}. Lower the lr, check the data, clip gradients "
-                                     "(trainer.gradient_clip_val), or set nan_guard=skip to skip such steps.")
+            raise NonFiniteLossError(
+                f"{what}. Lower the lr, check the data, clip gradients "
+                "(trainer.gradient_clip_val), or set nan_guard=skip to skip such steps."
+            )
         for p in params:
             p.grad = None
         self.skipped_total += 1
@@ -82,7 +89,8 @@ class NonFiniteGuard(L.Callback):
             raise NonFiniteLossError(
                 f"nan_guard=skip skipped {len(self.skipped_in_a_row)} updates in a row (global steps {first}-{step}): "
                 "the run is diverging, not hitting a rare bad batch. Resume from a checkpoint saved before step "
-                f"{first} with a lower lr or gradient clipping (nan_guard_max_skips sets this limit).")
+                f"{first} with a lower lr or gradient clipping (nan_guard_max_skips sets this limit)."
+            )
         if params:
             rank_zero_warn(f"{what}; skipping this update (nan_guard=skip)")
 
@@ -95,7 +103,7 @@ class NonFiniteGuard(L.Callback):
             if key.startswith("train/") and key.endswith("_step"):
                 number = float(value)
                 if not math.isfinite(number):
-                    bad[key[len("train/"):-len("_step")]] = number
+                    bad[key[len("train/") : -len("_step")]] = number
         if not bad:
             return "term(s) loss"
         return f"term(s) {', '.join(bad)} = {', '.join(f'{v:.4g}' for v in bad.values())}"

@@ -10,6 +10,7 @@ the task's ``backbone`` on the labelled ImageNet-layout data, without gradients 
   with its own AdamW on detached features of every training batch (labels come with the batch; under DDP its gradients
   are averaged over the ranks, so every rank keeps the same head) and evaluated on the validation batches.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,14 +30,20 @@ from mimlab.models.heads.classifier import GlobalAvgPool, LinearProbeHead
 from mimlab.utils.distributed import gather_rows
 
 
-def knn_predict(train_features: Tensor, train_labels: Tensor, query: Tensor, num_classes: int, k: int = 20,
-                temperature: float = 0.07) -> Tensor:
+def knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    query: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> Tensor:
     """Weighted kNN class scores (Q, num_classes): cosine similarity of L2-normalised features, weights exp(sim / T)."""
     train = nn.functional.normalize(train_features, dim=1)
     query = nn.functional.normalize(query, dim=1)
-    sim = query @ train.T                                     # (Q, M)
+    sim = query @ train.T  # (Q, M)
     k = min(k, train.shape[0])
-    top_sim, top_idx = sim.topk(k, dim=1)                     # (Q, k)
+    top_sim, top_idx = sim.topk(k, dim=1)  # (Q, k)
     weights = (top_sim / temperature).exp()
     votes = nn.functional.one_hot(train_labels[top_idx], num_classes).to(weights.dtype)  # (Q, k, C)
     return (votes * weights.unsqueeze(-1)).sum(1)
@@ -71,10 +78,24 @@ class KNNMonitor(L.Callback):
         batch_size, num_workers: of the embedding loaders. max_train: cap on train images (an evenly strided subset, so every class stays represented).
     """
 
-    def __init__(self, root: str | None = None, img_size: int | None = None, k: int = 20, temperature: float = 0.07,
-                 every_n_epochs: int = 1, batch_size: int = 128, num_workers: int = 0, max_train: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | None = None,
+        img_size: int | None = None,
+        k: int = 20,
+        temperature: float = 0.07,
+        every_n_epochs: int = 1,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        max_train: int | None = None,
+    ) -> None:
         self.root, self.img_size, self.k, self.temperature = root, img_size, k, temperature
-        self.every_n_epochs, self.batch_size, self.num_workers, self.max_train = every_n_epochs, batch_size, num_workers, max_train
+        self.every_n_epochs, self.batch_size, self.num_workers, self.max_train = (
+            every_n_epochs,
+            batch_size,
+            num_workers,
+            max_train,
+        )
         self.last_acc: float | None = None
         self.disabled = False
 
@@ -86,7 +107,9 @@ class KNNMonitor(L.Callback):
         train = CheckedImageFolder(root / "train", transform, on_corrupt, hint)
         val = CheckedImageFolder(root / "val", transform, on_corrupt, hint, class_to_idx=train.class_to_idx)
         if len(train.classes) < 2:
-            raise DataLayoutError(f"{root}/train has {len(train.classes)} class folder; kNN accuracy needs at least two")
+            raise DataLayoutError(
+                f"{root}/train has {len(train.classes)} class folder; kNN accuracy needs at least two"
+            )
         bank: Dataset = train
         if self.max_train is not None and len(train) > self.max_train:
             stride = len(train) // self.max_train
@@ -95,8 +118,13 @@ class KNNMonitor(L.Callback):
 
     def _loader(self, trainer: L.Trainer, dataset: Dataset) -> DataLoader:
         sampler = EvalSampler(len(dataset), trainer.world_size, trainer.global_rank)  # type: ignore[arg-type]
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          worker_init_fn=init_worker)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            worker_init_fn=init_worker,
+        )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -110,14 +138,18 @@ class KNNMonitor(L.Callback):
             bank, val = self._datasets(trainer)
         except (DataLayoutError, AttributeError) as err:  # sharded / unlabelled data: no class folders to vote with
             self.disabled = True
-            rank_zero_warn(f"kNN monitor turned off for this run: {err} (point callbacks.knn.root at a labelled "
-                           "ImageNet-layout folder, or drop it with ~callbacks.knn)")
+            rank_zero_warn(
+                f"kNN monitor turned off for this run: {err} (point callbacks.knn.root at a labelled "
+                "ImageNet-layout folder, or drop it with ~callbacks.knn)"
+            )
             return
         backbone, device = pl_module.backbone, pl_module.device
         train_f, train_y = (gather_rows(t.to(device)) for t in embed(backbone, self._loader(trainer, bank), device))  # type: ignore[arg-type]
         val_f, val_y = embed(backbone, self._loader(trainer, val), device)  # type: ignore[arg-type]
         scores = knn_predict(train_f, train_y, val_f.to(device), len(val.classes), self.k, self.temperature)
-        counts = torch.tensor([(scores.argmax(1).cpu() == val_y).sum(), val_y.numel()], dtype=torch.float64, device=device)
+        counts = torch.tensor(
+            [(scores.argmax(1).cpu() == val_y).sum(), val_y.numel()], dtype=torch.float64, device=device
+        )
         correct, total = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         self.last_acc = 100.0 * correct / total
         pl_module.log("knn/acc1", self.last_acc, on_epoch=True, sync_dist=True)
@@ -149,7 +181,9 @@ class OnlineLinearProbe(L.Callback):
         with torch.no_grad():
             return self.features(pl_module.backbone, images).float().detach()  # type: ignore[arg-type]
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         images, labels = batch[0], batch[1]
         self.head.train()  # type: ignore[union-attr]
         with torch.enable_grad():
@@ -165,8 +199,15 @@ class OnlineLinearProbe(L.Callback):
                 buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
         self._count("train", logits, labels)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.head.eval()  # type: ignore[union-attr]
         with torch.no_grad():
             logits = self.head(self._features(pl_module, batch[0]))  # type: ignore[misc]
@@ -195,7 +236,9 @@ class OnlineLinearProbe(L.Callback):
         self._log(pl_module, "val")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()} if self.head is not None else {}  # type: ignore[union-attr]
+        return (
+            {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()} if self.head is not None else {}  # type: ignore[union-attr]
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict and self.head is not None:

@@ -3,6 +3,7 @@
 Saved as PNG under ``<run>/reconstructions/step_XXXXXXX.png`` and logged to wandb when a WandbLogger is attached.
 Works for any pre-training composition whose target maps predictions to pixels (``target.to_image``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,8 +76,12 @@ class ReconstructionPanel(L.Callback):
         self.last_path = path
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("reconstructions", [grid], step=trainer.global_step,
-                                 caption=["original | masked | reconstruction | reconstruction + visible"])
+                logger.log_image(
+                    "reconstructions",
+                    [grid],
+                    step=trainer.global_step,
+                    caption=["original | masked | reconstruction | reconstruction + visible"],
+                )
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

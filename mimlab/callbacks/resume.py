@@ -1,4 +1,5 @@
 """Callbacks that make a run resumable exactly and survive preemption."""
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 def collect_rng_states() -> dict[str, Any]:
     """The global torch, CUDA (one state per device, ``[]`` without CUDA), numpy and Python RNG states, under the keys
     Lightning's ``seed`` utilities use (``torch``, ``torch.cuda``, ``numpy``, ``python``), so older checkpoints load."""
-    return {"torch": torch.get_rng_state(),
-            "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
@@ -92,8 +95,9 @@ class PreemptionCheckpoint(L.Callback):
             return
         signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C aborts without saving
         self.signal = signal.SIGINT
-        rank_zero_info("Ctrl-C: stopping after the current batch to save a checkpoint "
-                       "(press Ctrl-C again to abort without saving)")
+        rank_zero_info(
+            "Ctrl-C: stopping after the current batch to save a checkpoint (press Ctrl-C again to abort without saving)"
+        )
         os.kill(os.getpid(), signal.SIGTERM)  # Lightning's graceful stop (all DDP ranks follow rank 0)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -101,5 +105,6 @@ class PreemptionCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path)
             exception.code = 128 + self.signal
             name = "Ctrl-C" if self.signal == signal.SIGINT else "SIGTERM"
-            rank_zero_info(f"{name} received: saved {self.path} at step {trainer.global_step}; "
-                           f"resume with ckpt_path={self.path}")
+            rank_zero_info(
+                f"{name} received: saved {self.path} at step {trainer.global_step}; resume with ckpt_path={self.path}"
+            )

@@ -1,5 +1,6 @@
 """Stores the resolved config, code version and environment inside every checkpoint (``checkpoint["mimlab"]``)
 and hands the resolved config to every logger as its hyper-parameters (wandb run config, ``csv/hparams.yaml``)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,9 +15,12 @@ def code_version() -> str:
     """The git commit of the mimlab checkout (with ``-dirty`` if it has local changes), or 'unknown'."""
     repo = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -10,6 +10,7 @@ Runs at the start of fitting (the frozen teacher's diversity) and every ``every_
 Only targets with weights (teachers) are drawn; pixel targets are left to the reconstruction panel. Target outputs
 may be (N, K, C) tokens, (N, C, h, w) maps, or a dict of those (one entry per name).
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,7 +37,7 @@ def similarity_maps(tokens: Tensor, query: int | None = None) -> Tensor:
         raise ValueError(f"{k} tokens do not form a square grid")
     query = (g // 2) * g + g // 2 if query is None else query
     x = F.normalize(tokens.float(), dim=-1)
-    return (x @ x[:, query:query + 1].transpose(1, 2)).reshape(n, 1, g, g)
+    return (x @ x[:, query : query + 1].transpose(1, 2)).reshape(n, 1, g, g)
 
 
 class TeacherTargetPanel(L.Callback):
@@ -62,7 +63,7 @@ class TeacherTargetPanel(L.Callback):
             return None  # pixel targets: nothing to map
         images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images).to(pl_module.device)  # type: ignore[attr-defined]
         masks = as_mask_set(pl_module.make_mask(images, torch.Generator().manual_seed(0)))  # type: ignore[operator]
-        mask = torch.zeros_like(masks.mask[::masks.clones])  # nothing masked, one row per image
+        mask = torch.zeros_like(masks.mask[:: masks.clones])  # nothing masked, one row per image
         features = self._named_features(target(images, mask))  # type: ignore[operator]
         if not features:
             return None
@@ -89,8 +90,12 @@ class TeacherTargetPanel(L.Callback):
         self.last_path = path
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("target_maps", [grid], step=trainer.global_step,
-                                 caption=["image | centre-token cosine similarity per target (white = 1, black = -1)"])
+                logger.log_image(
+                    "target_maps",
+                    [grid],
+                    step=trainer.global_step,
+                    caption=["image | centre-token cosine similarity per target (white = 1, black = -1)"],
+                )
         return path
 
     @staticmethod

@@ -5,6 +5,7 @@ Before every training batch, each optimiser param group whose configured weight 
 (I-JEPA: 0.04 → 0.4). Groups without decay (biases, 1-D parameters) keep 0. ``wd0`` is stored in the param group
 (``initial_weight_decay``), so it travels with the optimiser state and resumed runs continue the same schedule.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Checkpoint import (one loader for every task and backbone family) and export."""
+
 from mimlab.checkpoints.load import CheckpointMismatchError, load_pretrained, pretrained_parts, read_state_dict
 
 __all__ = ["CheckpointMismatchError", "load_pretrained", "pretrained_parts", "read_state_dict"]

@@ -1,5 +1,6 @@
 """Atomic checkpoint writes: a checkpoint is written to a temporary file in the same folder and renamed into place,
 so a crash or a full disk never leaves a partial ``last.ckpt`` (the previous one stays intact)."""
+
 from __future__ import annotations
 
 import errno
@@ -26,7 +27,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     resolved config; only resume from checkpoints you trust.
     """
 
-    def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
         if "://" in str(path):  # remote (fsspec) paths: Lightning's reader
             return super().load_checkpoint(path, map_location=map_location, weights_only=bool(weights_only))
         return load_file(path, map_location=map_location, weights_only=bool(weights_only))
@@ -37,8 +40,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         except OSError as err:
-            raise CheckpointWriteError(err.errno, f"cannot write checkpoints to {path.parent}: {err.strerror}. "
-                                       "Make the folder writable or choose another run folder (hydra.run.dir=...).") from err
+            raise CheckpointWriteError(
+                err.errno,
+                f"cannot write checkpoints to {path.parent}: {err.strerror}. "
+                "Make the folder writable or choose another run folder (hydra.run.dir=...).",
+            ) from err
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -53,9 +59,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             reason = err.strerror if isinstance(err, OSError) else "a short write: the disk or a quota is full"
             free = shutil.disk_usage(path.parent).free / 2**20
             hint = "Free disk space" if code == errno.ENOSPC else "Check the folder"
-            raise CheckpointWriteError(code, f"writing checkpoint {path} failed ({reason}; {free:.0f} MiB free there); "
-                                       f"the previous checkpoint at that path, if any, is intact. {hint} and resume "
-                                       "from it.") from err
+            raise CheckpointWriteError(
+                code,
+                f"writing checkpoint {path} failed ({reason}; {free:.0f} MiB free there); "
+                f"the previous checkpoint at that path, if any, is intact. {hint} and resume "
+                "from it.",
+            ) from err
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -5,6 +5,7 @@ Candidates (newest modification time wins): ``<output_dir>/checkpoints/last.ckpt
 preemption checkpoint), ``checkpoints/periodic/last.ckpt`` (every ``hardware.checkpoint_every_n_steps`` steps) and
 ``checkpoints/on_exception.ckpt`` (written as the job exits after submitit's requeue signal).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

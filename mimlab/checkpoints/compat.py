@@ -1,4 +1,5 @@
 """Refuse to resume a checkpoint under a different model definition (unless the user says so)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,15 +28,20 @@ def config_differences(saved: dict, current: dict, sections: tuple[str, ...] = M
     """Human-readable ``key: saved -> current`` lines for every differing leaf under ``sections``."""
     old = _flatten({k: saved.get(k) for k in sections})
     new = _flatten({k: current.get(k) for k in sections})
-    return [f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return [
+        f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def check_resume_config(ckpt_path: str | Path, current: dict, allow_change: bool = False) -> list[str]:
     """Compare the config stored in ``ckpt_path`` with ``current``; raise unless identical or ``allow_change``."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist; point it at a checkpoint (e.g. <run>/checkpoints/last.ckpt)")
+        raise FileNotFoundError(
+            f"ckpt_path={path} does not exist; point it at a checkpoint (e.g. <run>/checkpoints/last.ckpt)"
+        )
     ckpt = load_file(path, mmap=True)
     saved = (ckpt.get("mimlab") or {}).get("config")
     if saved is None:
@@ -43,7 +49,8 @@ def check_resume_config(ckpt_path: str | Path, current: dict, allow_change: bool
     diffs = config_differences(saved, current)
     if diffs and not allow_change:
         raise ConfigMismatchError(
-            f"{path} was trained with a different model config:\n  " + "\n  ".join(diffs)
+            f"{path} was trained with a different model config:\n  "
+            + "\n  ".join(diffs)
             + "\nResume with the original settings, or pass allow_config_change=true if the change is intended."
         )
     return diffs

@@ -16,6 +16,7 @@ Accepted layouts (docs/methods.md §3.6), detected per key:
 
 The input is a flat state dict (``mimlab.checkpoints.load.read_state_dict`` unwraps files).
 """
+
 from __future__ import annotations
 
 import math

@@ -16,6 +16,7 @@ pre-training / fine-tuning / linear-probe ``.ckpt`` files and official MAE / Con
   affine (weight 1, bias 0), as a freshly initialised timm model would have.
 A linear-probe head (BatchNorm + Linear) has no timm equivalent: only the backbone is exported.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,14 +41,16 @@ def _config(path: str | Path) -> dict:
 
 def _head(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Fine-tuning head tensors (``fc_norm.*``, ``fc.*``) of a mimlab checkpoint; {} if none / a linear-probe head."""
-    head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    head = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if any(k.startswith("bn.") for k in head):
         log.warning("linear-probe head (BatchNorm + Linear) has no timm equivalent: exporting the backbone only")
         return {}
     return head
 
 
-def vit_to_timm(backbone: dict[str, Tensor], head: dict[str, Tensor], num_heads: int | None, cfg: dict) -> tuple[dict, dict]:
+def vit_to_timm(
+    backbone: dict[str, Tensor], head: dict[str, Tensor], num_heads: int | None, cfg: dict
+) -> tuple[dict, dict]:
     """(timm state dict, create_model kwargs) for a ViT backbone (+ FT head)."""
     out = {k: v for k, v in backbone.items()}
     dim, _, patch, _ = out["patch_embed.proj.weight"].shape
@@ -56,8 +59,16 @@ def vit_to_timm(backbone: dict[str, Tensor], head: dict[str, Tensor], num_heads:
     bcfg = (cfg.get("model") or {}).get("backbone") or {}
     heads = num_heads or bcfg.get("num_heads") or (16 if dim == 1280 else max(dim // 64, 1))
     mlp = out["blocks.0.mlp.fc1.weight"].shape[0] / dim
-    kwargs: dict[str, Any] = dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=int(heads),
-                                  mlp_ratio=mlp, num_classes=0, global_pool="token")
+    kwargs: dict[str, Any] = dict(
+        img_size=grid * patch,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=int(heads),
+        mlp_ratio=mlp,
+        num_classes=0,
+        global_pool="token",
+    )
     if head:
         out.pop("norm.weight", None), out.pop("norm.bias", None)
         out["fc_norm.weight"], out["fc_norm.bias"] = head["fc_norm.weight"], head["fc_norm.bias"]
@@ -82,7 +93,7 @@ def convnext_to_timm(backbone: dict[str, Tensor], head: dict[str, Tensor], name:
     elif "norm.weight" not in official:
         official["norm.weight"], official["norm.bias"] = torch.ones(dims[-1]), torch.zeros(dims[-1])
     plain = dict(num_classes=int(head["fc.weight"].shape[0]) if head else 0)
-    for candidate in ([] if name else timm.list_models("convnextv2_*")):
+    for candidate in [] if name else timm.list_models("convnextv2_*"):
         model = _meta_model(candidate, **plain)
         try:
             state = checkpoint_filter_fn(official, model)
@@ -118,8 +129,13 @@ def registered_vit(state: dict[str, Tensor], kwargs: dict[str, Any]) -> str | No
     return None
 
 
-def export_timm(ckpt: str | Path, out: str | Path | None = None, ema: bool = False, name: str | None = None,
-                num_heads: int | None = None) -> tuple[Path, str, dict]:
+def export_timm(
+    ckpt: str | Path,
+    out: str | Path | None = None,
+    ema: bool = False,
+    name: str | None = None,
+    num_heads: int | None = None,
+) -> tuple[Path, str, dict]:
     """Write the timm state dict of ``ckpt``; return (path, timm model name, create_model kwargs).
 
     Without ``name`` the model is timm's own name for the architecture when timm registers one (then only
@@ -130,8 +146,11 @@ def export_timm(ckpt: str | Path, out: str | Path | None = None, ema: bool = Fal
     if ema and not any(k.startswith(prefix) for k in raw):
         raise CheckpointMismatchError(f"{ckpt} has no model-EMA weights ('ema.module.*'); drop ema=true")
     parts, layout = pretrained_parts(ckpt, prefix=prefix)
-    backbone = {k: v for k, v in parts["backbone"].items()  # official fine-tuned heads are not exported
-                if layout == "mimlab" or not k.startswith(("head.", "fc_norm."))}
+    backbone = {
+        k: v
+        for k, v in parts["backbone"].items()  # official fine-tuned heads are not exported
+        if layout == "mimlab" or not k.startswith(("head.", "fc_norm."))
+    }
     head = _head(raw, prefix + "head.") if layout == "mimlab" else {}
     cfg = _config(ckpt)
     if "cls_token" in backbone and "blocks.0.attn.qkv.weight" in backbone:
@@ -143,8 +162,10 @@ def export_timm(ckpt: str | Path, out: str | Path | None = None, ema: bool = Fal
     elif "downsample_layers.0.0.weight" in backbone:
         name, state, kwargs = convnext_to_timm(backbone, head, name)
     else:
-        raise CheckpointMismatchError(f"{ckpt}: export format=timm supports ViT (cls_token, blocks.*) and ConvNeXt V2 "
-                                      "(downsample_layers.*, stages.*) backbones; this one has neither (HiViT/iTPN have no timm model)")
+        raise CheckpointMismatchError(
+            f"{ckpt}: export format=timm supports ViT (cls_token, blocks.*) and ConvNeXt V2 "
+            "(downsample_layers.*, stages.*) backbones; this one has neither (HiViT/iTPN have no timm model)"
+        )
     out = Path(out) if out is not None else ckpt.with_suffix(".timm.pth")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in state.items()}, out)
@@ -177,11 +198,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: {USAGE}{named}; --help lists the options")
     if args.get("format", "timm") != "timm":
         raise SystemExit(f"format={args['format']} is not supported; use format=timm")
-    path, name, kwargs = export_timm(args["ckpt"], args.get("out"), args.get("ema", "false").lower() == "true",
-                                     args.get("name"), int(args["num_heads"]) if "num_heads" in args else None)
+    path, name, kwargs = export_timm(
+        args["ckpt"],
+        args.get("out"),
+        args.get("ema", "false").lower() == "true",
+        args.get("name"),
+        int(args["num_heads"]) if "num_heads" in args else None,
+    )
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {path}\nload with: m = timm.create_model({name!r}, pretrained=False, {call}); "
-          f"m.load_state_dict(torch.load({str(path)!r}), strict=True)")
+    print(
+        f"wrote {path}\nload with: m = timm.create_model({name!r}, pretrained=False, {call}); "
+        f"m.load_state_dict(torch.load({str(path)!r}), strict=True)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Reading checkpoint files: every ``torch.load`` of a user-given path goes through :func:`load_file`, so a truncated,
 corrupt or foreign file is reported by name instead of with torch's internal message
 ("mmap can only be used with files saved with ...", "PytorchStreamReader failed reading zip archive", ...)."""
+
 from __future__ import annotations
 
 import pickle
@@ -41,7 +42,8 @@ def load_file(path: str | Path, map_location: Any = "cpu", weights_only: bool = 
     if not is_zip and _head(path, 4) != _LEGACY_MAGIC:
         raise CheckpointReadError(
             f"{path} is not a PyTorch checkpoint ({_describe(path)}): it is truncated (an interrupted copy or "
-            "download), corrupt, or another kind of file. Use an intact checkpoint, e.g. <run>/checkpoints/last.ckpt.")
+            "download), corrupt, or another kind of file. Use an intact checkpoint, e.g. <run>/checkpoints/last.ckpt."
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
@@ -51,5 +53,7 @@ def load_file(path: str | Path, map_location: Any = "cpu", weights_only: bool = 
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         if "TorchScript" in str(err) or "jit" in str(err).lower():
             raise
-        raise CheckpointReadError(f"{path} cannot be read as a PyTorch checkpoint ({err}); it is truncated or "
-                                  "corrupt. Use an intact checkpoint, e.g. <run>/checkpoints/last.ckpt.") from err
+        raise CheckpointReadError(
+            f"{path} cannot be read as a PyTorch checkpoint ({err}); it is truncated or "
+            "corrupt. Use an intact checkpoint, e.g. <run>/checkpoints/last.ckpt."
+        ) from err

@@ -13,6 +13,7 @@ mimlab splits ``blocks`` into ``stage4 / merge4 / stage8 / merge8 / main_blocks`
 The PatchMerge positions are found from the keys (the only blocks with ``reduction.weight``), so ``mlp_depth`` need
 not be given; a checkpoint that does not fit that pattern raises naming the keys it found.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,8 +32,10 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 def _merge_indices(sd: dict[str, Tensor]) -> tuple[int, int]:
     merges = sorted({int(m.group(1)) for k in sd if (m := _BLOCK.match(k)) and m.group(2) == "reduction.weight"})
     if len(merges) != 2 or merges[1] != 2 * merges[0] + 1:
-        raise ValueError(f"official iTPN layout expects two PatchMerge entries in 'blocks' at indices m and 2m+1; "
-                         f"found 'blocks.<i>.reduction.weight' at {merges}. Is this an iTPN/HiViT checkpoint?")
+        raise ValueError(
+            f"official iTPN layout expects two PatchMerge entries in 'blocks' at indices m and 2m+1; "
+            f"found 'blocks.<i>.reduction.weight' at {merges}. Is this an iTPN/HiViT checkpoint?"
+        )
     return merges[0], merges[1]
 
 

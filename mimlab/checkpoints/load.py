@@ -16,6 +16,7 @@ and reported. Position embeddings are resampled to the backbone's grid (logged).
 Every mismatch is reported at once (missing, unexpected, shape-mismatched keys, with the file name), and a checkpoint of
 another backbone family is named as such.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def read_checkpoint(path: str | Path) -> dict:
     back to a full load; OpenAI CLIP ``.pt`` TorchScript archives are read with ``torch.jit.load``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (mimlab never downloads weights: "
-                                "official files must be saved locally first)")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; check the path (mimlab never downloads weights: "
+            "official files must be saved locally first)"
+        )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return load_file(path, weights_only=True)
@@ -77,8 +80,10 @@ def pretrained_parts(source: str | Path | Mapping, prefix: str = "") -> tuple[di
     mimlab checkpoint (``"ema.module."`` for the fine-tuning EMA weights)."""
     state = read_state_dict(source)
     if any(k.startswith(prefix + "backbone.") for k in state):
-        parts = {part: {k[len(prefix + part) + 1:]: v for k, v in state.items() if k.startswith(f"{prefix}{part}.")}
-                 for part in ("backbone", "neck")}
+        parts = {
+            part: {k[len(prefix + part) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}{part}.")}
+            for part in ("backbone", "neck")
+        }
         return parts, "mimlab"
     if any(re.match(r"(encoder\.)?blocks\.\d+\.reduction\.weight$", k) for k in state):
         from mimlab.checkpoints.itpn import convert_official_itpn
@@ -109,8 +114,14 @@ def _adapt(key: str, value: Tensor, target: Tensor) -> Tensor:
         side_old = int(round((value.shape[1] - prefix) ** 0.5))
         side_new = int(round((target.shape[1] - prefix) ** 0.5))
         if side_new * side_new + prefix == target.shape[1] and side_old * side_old + prefix == value.shape[1]:
-            log.info("%s: resampled from the checkpoint's %dx%d grid to the model's %dx%d grid (bicubic)",
-                     key, side_old, side_old, side_new, side_new)
+            log.info(
+                "%s: resampled from the checkpoint's %dx%d grid to the model's %dx%d grid (bicubic)",
+                key,
+                side_old,
+                side_old,
+                side_new,
+                side_new,
+            )
             return resample_abs_pos_embed(value, [side_new, side_new], [side_old, side_old], num_prefix_tokens=prefix)
     return value
 
@@ -127,18 +138,29 @@ def _family_mismatch(module: nn.Module, source: str, trained_target: str | None,
         except (ImportError, AttributeError, ValueError):
             cls = None
         if cls is not None and not isinstance(module, cls):
-            return (f"checkpoint {source} was pre-trained with a {cls_name} backbone (model.backbone._target_="
-                    f"{trained_target}) but this run builds {name}: pick the model/backbone config of the checkpoint's "
-                    f"family (the one it was pre-trained with), or pass a {name} checkpoint.")
+            return (
+                f"checkpoint {source} was pre-trained with a {cls_name} backbone (model.backbone._target_="
+                f"{trained_target}) but this run builds {name}: pick the model/backbone config of the checkpoint's "
+                f"family (the one it was pre-trained with), or pass a {name} checkpoint."
+            )
     if state and not set(state) & set(own):
-        return (f"checkpoint {source} has no parameter of {name} (checkpoint keys like {sorted(state)[:3]}, model keys "
-                f"like {sorted(own)[:3]}): it holds another backbone family; pick the model/backbone config it was "
-                "trained with.")
+        return (
+            f"checkpoint {source} has no parameter of {name} (checkpoint keys like {sorted(state)[:3]}, model keys "
+            f"like {sorted(own)[:3]}): it holds another backbone family; pick the model/backbone config it was "
+            "trained with."
+        )
     return None
 
 
-def fit_state(module: nn.Module, state: dict[str, Tensor], source: str, layout: str, allow_missing: Iterable[str] = (),
-              ignore_unexpected: Iterable[str] = (), trained_target: str | None = None) -> dict[str, list[str]]:
+def fit_state(
+    module: nn.Module,
+    state: dict[str, Tensor],
+    source: str,
+    layout: str,
+    allow_missing: Iterable[str] = (),
+    ignore_unexpected: Iterable[str] = (),
+    trained_target: str | None = None,
+) -> dict[str, list[str]]:
     """Load ``state`` into ``module`` or raise :class:`CheckpointMismatchError` listing every problem (nothing loaded).
 
     ``allow_missing``: fnmatch patterns of module keys the checkpoint may lack (they keep their initialisation);
@@ -148,36 +170,59 @@ def fit_state(module: nn.Module, state: dict[str, Tensor], source: str, layout: 
     own = module.state_dict()
     drop = list(ignore_unexpected) + (list(OFFICIAL_HEADS) if layout != "mimlab" else [])
     ignored = sorted(k for k in state if k not in own and _matches(k, drop))
-    state = {k: (_adapt(k, v, own[k]) if k in own and v.shape != own[k].shape else v)
-             for k, v in state.items() if k not in ignored}
+    state = {
+        k: (_adapt(k, v, own[k]) if k in own and v.shape != own[k].shape else v)
+        for k, v in state.items()
+        if k not in ignored
+    }
     missing = sorted(set(own) - set(state))
     bad_missing = [k for k in missing if not _matches(k, allow_missing)]
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(state) & set(own)) if state[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(state) & set(own))
+        if state[k].shape != own[k].shape
+    ]
     if bad_missing or unexpected or mismatched:
         family = _family_mismatch(module, source, trained_target, state, own)
         if family:
             raise CheckpointMismatchError(family)
         lines = [f"checkpoint {source} ({layout} layout) does not fit {type(module).__name__}:"]
-        for title, items in (("shape mismatches", mismatched), ("missing in checkpoint", bad_missing),
-                             ("unexpected in checkpoint", unexpected)):
+        for title, items in (
+            ("shape mismatches", mismatched),
+            ("missing in checkpoint", bad_missing),
+            ("unexpected in checkpoint", unexpected),
+        ):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        lines.append("  Check that model/backbone (and model/neck) match the checkpoint (size, patch, img_size), or list "
-                     "fine-tuning-only keys in task.allow_missing / checkpoint-only keys in task.ignore_unexpected.")
+                lines.append(
+                    f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+                )
+        lines.append(
+            "  Check that model/backbone (and model/neck) match the checkpoint (size, patch, img_size), or list "
+            "fine-tuning-only keys in task.allow_missing / checkpoint-only keys in task.ignore_unexpected."
+        )
         raise CheckpointMismatchError("\n".join(lines))
     module.load_state_dict(state, strict=False)
     if missing:
-        log.info("%s: %d %s keys kept their initialisation: %s", source, len(missing), type(module).__name__,
-                 ", ".join(missing[:10]))
+        log.info(
+            "%s: %d %s keys kept their initialisation: %s",
+            source,
+            len(missing),
+            type(module).__name__,
+            ", ".join(missing[:10]),
+        )
     if ignored:
         log.info("%s: %d checkpoint keys left out: %s", source, len(ignored), ", ".join(ignored[:10]))
     return {"missing": missing, "ignored": ignored}
 
 
-def load_pretrained(source: str | Path | Mapping, backbone: nn.Module, neck: nn.Module | None = None,
-                    allow_missing: Iterable[str] = (), ignore_unexpected: Iterable[str] = ()) -> dict[str, dict]:
+def load_pretrained(
+    source: str | Path | Mapping,
+    backbone: nn.Module,
+    neck: nn.Module | None = None,
+    allow_missing: Iterable[str] = (),
+    ignore_unexpected: Iterable[str] = (),
+) -> dict[str, dict]:
     """Fill ``backbone`` (and ``neck``, strictly) from a checkpoint of any supported layout; every task uses this.
 
     ``allow_missing`` / ``ignore_unexpected`` apply to the backbone (see :func:`fit_state`), together with the
@@ -188,17 +233,24 @@ def load_pretrained(source: str | Path | Mapping, backbone: nn.Module, neck: nn.
     checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     parts, layout = pretrained_parts(checkpoint)
     if not parts["backbone"]:
-        raise CheckpointMismatchError(f"no backbone weights in {name} (looked for mimlab 'backbone.*' keys and the "
-                                      "official MAE / ConvNeXt V2 / iTPN layouts); is this the right checkpoint?")
+        raise CheckpointMismatchError(
+            f"no backbone weights in {name} (looked for mimlab 'backbone.*' keys and the "
+            "official MAE / ConvNeXt V2 / iTPN layouts); is this the right checkpoint?"
+        )
     config = (checkpoint.get("mimlab") or {}).get("config") if isinstance(checkpoint, Mapping) else None
     trained_target = (((config or {}).get("model") or {}).get("backbone") or {}).get("_target_")
     allow_missing = (*allow_missing, *getattr(backbone, "checkpoint_optional_keys", ()))
     ignore_unexpected = (*ignore_unexpected, *getattr(backbone, "checkpoint_unused_keys", ()))
-    report = {"backbone": fit_state(backbone, parts["backbone"], name, layout, allow_missing, ignore_unexpected,
-                                    trained_target)}
+    report = {
+        "backbone": fit_state(
+            backbone, parts["backbone"], name, layout, allow_missing, ignore_unexpected, trained_target
+        )
+    }
     if neck is not None:
         if not parts["neck"]:
-            raise CheckpointMismatchError(f"{name} ({layout} layout) has no neck weights to load into "
-                                          f"{type(neck).__name__}; set task.load_neck=false")
+            raise CheckpointMismatchError(
+                f"{name} ({layout} layout) has no neck weights to load into "
+                f"{type(neck).__name__}; set task.load_neck=false"
+            )
         report["neck"] = fit_state(neck, parts["neck"], name, layout)
     return report

@@ -40,8 +40,10 @@ def reduce_zero_label(raw: np.ndarray, num_classes: int = 150, source: str = "la
     bad = (raw > num_classes) & (raw != IGNORE_INDEX)
     if bad.any():
         values = sorted(set(np.unique(raw[bad]).tolist()))
-        raise ValueError(f"{source}: label values {values[:10]} are outside 0..{num_classes} (or {IGNORE_INDEX} = ignore). "
-                         f"ADE20K label PNGs must be 8-bit class indices, not colour-coded images.")
+        raise ValueError(
+            f"{source}: label values {values[:10]} are outside 0..{num_classes} (or {IGNORE_INDEX} = ignore). "
+            f"ADE20K label PNGs must be 8-bit class indices, not colour-coded images."
+        )
     out = raw.astype(np.int64) - 1
     out[(raw == 0) | (raw == IGNORE_INDEX)] = IGNORE_INDEX
     return out
@@ -57,22 +59,32 @@ class ADE20KSegmentation(Dataset):
         transform_label: apply ``transforms`` to the label (train) or keep it at full size (val).
     """
 
-    def __init__(self, root: str | Path, split: str = "training", transforms: Callable | None = None,
-                 transform_label: bool = True, num_classes: int = 150):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "training",
+        transforms: Callable | None = None,
+        transform_label: bool = True,
+        num_classes: int = 150,
+    ):
         root = Path(root)
         base = root if root.name == "ADEChallengeData2016" else root / "ADEChallengeData2016"
         self.image_dir, self.label_dir = base / "images" / split, base / "annotations" / split
         for d in (self.image_dir, self.label_dir):
             if not d.is_dir():
-                raise FileNotFoundError(f"ADE20K folder not found: {d}. Expected <root>/ADEChallengeData2016/"
-                                        f"{{images,annotations}}/{{training,validation}}; set data.root accordingly.")
+                raise FileNotFoundError(
+                    f"ADE20K folder not found: {d}. Expected <root>/ADEChallengeData2016/"
+                    f"{{images,annotations}}/{{training,validation}}; set data.root accordingly."
+                )
         self.images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not self.images:
             raise FileNotFoundError(f"No images in {self.image_dir}.")
         missing = [p.name for p in self.images if not (self.label_dir / f"{p.stem}.png").is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) in {self.image_dir} have no label PNG in {self.label_dir}: "
-                                    f"{missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) in {self.image_dir} have no label PNG in {self.label_dir}: "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}."
+            )
         self._check_label_sizes()
         self.transforms, self.transform_label, self.num_classes = transforms, transform_label, num_classes
 
@@ -82,8 +94,10 @@ class ADE20KSegmentation(Dataset):
     def _check_sizes(self, index: int, image_hw: tuple[int, int], label_hw: tuple[int, int]) -> None:
         if tuple(image_hw) != tuple(label_hw):
             image, label = self._pair(index)
-            raise ValueError(f"label {label} is {label_hw[1]}x{label_hw[0]} but its image {image} is "
-                             f"{image_hw[1]}x{image_hw[0]}; an ADE20K label must have its image's size.")
+            raise ValueError(
+                f"label {label} is {label_hw[1]}x{label_hw[0]} but its image {image} is "
+                f"{image_hw[1]}x{image_hw[0]}; an ADE20K label must have its image's size."
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -95,12 +109,18 @@ class ADE20KSegmentation(Dataset):
             label_path = self.label_dir / f"{image_path.stem}.png"
             with Image.open(image_path) as image, Image.open(label_path) as label:
                 if image.size != label.size:
-                    bad.append(f"{label_path} is {label.size[0]}x{label.size[1]} but {image_path.name} is "
-                               f"{image.size[0]}x{image.size[1]}")
+                    bad.append(
+                        f"{label_path} is {label.size[0]}x{label.size[1]} but {image_path.name} is "
+                        f"{image.size[0]}x{image.size[1]}"
+                    )
         if bad:
-            raise ValueError(f"{len(bad)} ADE20K label PNG(s) differ in size from their image: " + "; ".join(bad[:5])
-                             + (" ..." if len(bad) > 5 else "") + ". A label must have its image's width and height "
-                             "(one class index per pixel); fix or remove these pairs.")
+            raise ValueError(
+                f"{len(bad)} ADE20K label PNG(s) differ in size from their image: "
+                + "; ".join(bad[:5])
+                + (" ..." if len(bad) > 5 else "")
+                + ". A label must have its image's width and height "
+                "(one class index per pixel); fix or remove these pairs."
+            )
 
     def load_label(self, index: int) -> torch.Tensor:
         path = self.label_dir / f"{self.images[index].stem}.png"
@@ -121,27 +141,41 @@ class ADE20KSegmentation(Dataset):
         return self.transforms(image), label
 
 
-def train_transforms(crop_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), photometric: bool = True) -> v2.Compose:
+def train_transforms(
+    crop_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), photometric: bool = True
+) -> v2.Compose:
     """mmseg ADE20K train pipeline: random rescale (shorter side crop·U(scale_range)), random crop (pad label with 255),
     horizontal flip, photometric distortion (SSD-style, each op with p=0.5), float + ImageNet normalisation."""
     lo, hi = int(crop_size * scale_range[0]), int(crop_size * scale_range[1])
     ops = [
-        v2.RandomShortestSize(min_size=list(range(lo, hi + 1, max(1, (hi - lo) // 16))), max_size=4 * hi, antialias=True),
+        v2.RandomShortestSize(
+            min_size=list(range(lo, hi + 1, max(1, (hi - lo) // 16))), max_size=4 * hi, antialias=True
+        ),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
         v2.RandomHorizontalFlip(),
     ]
     if photometric:
-        ops.append(v2.RandomPhotometricDistort(brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5),
-                                               hue=(-0.05, 0.05), p=0.5))
-    ops += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        ops.append(
+            v2.RandomPhotometricDistort(
+                brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5
+            )
+        )
+    ops += [
+        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
     return v2.Compose(ops)
 
 
 def val_transforms(crop_size: int = 512) -> v2.Compose:
     """Image-only eval pipeline: shorter side → ``crop_size`` (longer ≤ 4×), float + ImageNet normalisation."""
-    return v2.Compose([v2.Resize(crop_size, max_size=4 * crop_size, antialias=True),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose(
+        [
+            v2.Resize(crop_size, max_size=4 * crop_size, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def list_collate(batch):
@@ -162,9 +196,19 @@ class ADE20KDataModule(ResumableDataModule):
 
     val_collate = staticmethod(list_collate)
 
-    def __init__(self, root: str, img_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), batch_size: int = 2,
-                 val_batch_size: int = 1, num_classes: int = 150, photometric: bool = True,
-                 generate_if_missing: bool = False, synthetic_size: int = 64, **kwargs):
+    def __init__(
+        self,
+        root: str,
+        img_size: int = 512,
+        scale_range: Sequence[float] = (0.5, 2.0),
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_classes: int = 150,
+        photometric: bool = True,
+        generate_if_missing: bool = False,
+        synthetic_size: int = 64,
+        **kwargs,
+    ):
         super().__init__(root, batch_size=batch_size, val_batch_size=val_batch_size, **kwargs)
         self.img_size, self.scale_range = img_size, tuple(scale_range)
         self.num_classes, self.photometric = num_classes, photometric
@@ -181,8 +225,13 @@ class ADE20KDataModule(ResumableDataModule):
         super().setup(stage)
 
     def build_datasets(self) -> tuple[ADE20KSegmentation, ADE20KSegmentation]:
-        train = ADE20KSegmentation(self.root, "training", train_transforms(self.img_size, self.scale_range,
-                                                                          self.photometric), True, self.num_classes)
+        train = ADE20KSegmentation(
+            self.root,
+            "training",
+            train_transforms(self.img_size, self.scale_range, self.photometric),
+            True,
+            self.num_classes,
+        )
         val = ADE20KSegmentation(self.root, "validation", val_transforms(self.img_size), False, self.num_classes)
         return train, val
 
@@ -190,4 +239,5 @@ class ADE20KDataModule(ResumableDataModule):
         def lines():
             for dataset in (self.train_set, self.val_set):
                 yield from (f"{dataset.image_dir.name}/{p.name}" for p in dataset.images)
+
         return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()  # type: ignore[arg-type]

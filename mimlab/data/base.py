@@ -13,6 +13,7 @@ and, where its samples do not stack, sets ``train_collate`` / ``val_collate``. E
   batch size or process count, stops with :class:`DataResumeError` naming what differs (``allow_data_change=true``
   continues anyway, approximately).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,9 +52,19 @@ class ResumableDataModule(L.LightningDataModule):
     train_collate: Callable | None = None
     val_collate: Callable | None = None
 
-    def __init__(self, root: str, batch_size: int = 64, val_batch_size: int | None = None, num_workers: int = 0,
-                 pin_memory: bool = False, persistent_workers: bool = True, prefetch_factor: int | None = 2,
-                 seed: int = 0, drop_last: bool = True, allow_data_change: bool = False) -> None:
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = 2,
+        seed: int = 0,
+        drop_last: bool = True,
+        allow_data_change: bool = False,
+    ) -> None:
         super().__init__()
         for key, value in (("data.batch_size", batch_size), ("data.val_batch_size", val_batch_size)):
             if value is not None and value < 1:
@@ -91,23 +102,45 @@ class ResumableDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, dataset: Dataset, sampler, batch_size: int, drop_last: bool, collate: Callable | None,
-                loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        sampler,
+        batch_size: int,
+        drop_last: bool,
+        collate: Callable | None,
+        loader_class: type[DataLoader] = DataLoader,
+    ) -> DataLoader:
         """A loader over ``dataset`` with its own generator: creating its iterator draws the workers' base seed from
         that generator, not from torch's global RNG, so the worker count cannot change the model's random stream
         (drop path, proposal sampling, ...) and a resumed run continues it where the checkpoint left it."""
-        return loader_class(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                            collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
-                            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=init_worker)
+        return loader_class(
+            SeededDataset(dataset),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor,
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=init_worker,
+        )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         num_replicas, rank = self._replicas()
         dataset = self.train_set
         drop_last = self.drop_last and len(dataset) >= self.batch_size * num_replicas  # type: ignore[arg-type]
-        sampler = ResumableSampler(len(dataset), self.seed, shuffle=True, num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
-                                   drop_last=drop_last)
+        sampler = ResumableSampler(
+            len(dataset),  # type: ignore[arg-type]
+            self.seed,
+            shuffle=True,
+            num_replicas=num_replicas,
+            rank=rank,
+            drop_last=drop_last,
+        )
         if self._resume is not None:
             sampler.resume_at(*self._resume)
         return self._loader(dataset, sampler, self.batch_size, drop_last, self.train_collate, EpochAwareDataLoader)  # type: ignore[arg-type]
@@ -116,16 +149,23 @@ class ResumableDataModule(L.LightningDataModule):
         self.setup()
         num_replicas, rank = self._replicas()
         if len(self.val_set) < num_replicas:  # type: ignore[arg-type]
-            raise ValueError(f"the validation split of {self.root} has {len(self.val_set)} samples, fewer than the "  # type: ignore[arg-type]
-                             f"{num_replicas} processes; add validation samples or run on fewer devices")
+            raise ValueError(
+                f"the validation split of {self.root} has {len(self.val_set)} samples, fewer than the "  # type: ignore[arg-type]
+                f"{num_replicas} processes; add validation samples or run on fewer devices"
+            )
         sampler = EvalSampler(len(self.val_set), num_replicas, rank)  # type: ignore[arg-type]
         return self._loader(self.val_set, sampler, self.val_batch_size, False, self.val_collate)  # type: ignore[arg-type]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 image batches (N, C, H, W) — what the pre-training transforms hand over — are normalised here, on the
         training device (:func:`~mimlab.data.transforms.normalize_images`); every other batch passes unchanged."""
-        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) \
-                and batch[0].dtype == torch.uint8 and batch[0].ndim == 4:
+        if (
+            isinstance(batch, (list, tuple))
+            and batch
+            and isinstance(batch[0], torch.Tensor)
+            and batch[0].dtype == torch.uint8
+            and batch[0].ndim == 4
+        ):
             return type(batch)([normalize_images(batch[0]), *batch[1:]])
         return batch
 
@@ -171,9 +211,11 @@ class ResumableDataModule(L.LightningDataModule):
             where = getattr(self.trainer, "ckpt_path", None) or "the checkpoint"
             text = f"cannot resume {where} exactly:\n  " + "\n  ".join(problems)
             if not self.allow_data_change:
-                raise DataResumeError(text + "\nResume with the original data and batch settings, or set "
-                                             "data.allow_data_change=true to continue anyway (the rest of the epoch "
-                                             "is then not the one the checkpoint would have seen).")
+                raise DataResumeError(
+                    text + "\nResume with the original data and batch settings, or set "
+                    "data.allow_data_change=true to continue anyway (the rest of the epoch "
+                    "is then not the one the checkpoint would have seen)."
+                )
             log.warning("%s\ncontinuing because data.allow_data_change=true", text)
         consumed = done * old_size * old_world // world_size  # samples of this rank already trained on
         self._resume = (epoch, consumed)
@@ -182,17 +224,28 @@ class ResumableDataModule(L.LightningDataModule):
         problems = []
         saved, current = state.get("fingerprint"), self.fingerprint()
         if saved and saved["sha1"] != current["sha1"]:
-            problems.append(f"data: {saved['summary']} in {saved['root']} (sha1 {saved['sha1']}) -> "
-                            f"{current['summary']} in {current['root']} (sha1 {current['sha1']})")
+            problems.append(
+                f"data: {saved['summary']} in {saved['root']} (sha1 {saved['sha1']}) -> "
+                f"{current['summary']} in {current['root']} (sha1 {current['sha1']})"
+            )
         elif saved and saved["root"] != current["root"]:
-            log.warning("resuming on %s; the checkpoint read %s (same files, sha1 %s)", current["root"], saved["root"],
-                        current["sha1"])
+            log.warning(
+                "resuming on %s; the checkpoint read %s (same files, sha1 %s)",
+                current["root"],
+                saved["root"],
+                current["sha1"],
+            )
         if "seed" in state and state["seed"] != self.seed:
             problems.append(f"data seed (data order and augmentation): {state['seed']} -> {self.seed}")
         if mid_epoch:
-            geometry = [("data.batch_size", state.get("batch_size"), self.batch_size),
-                        ("processes (devices x nodes)", state.get("world_size"), world_size)]
-            problems += [f"{name} {old} -> {new} in the middle of epoch {state['epoch']} "
-                         f"({state['batches_done']} of {state['epoch_batches']} batches done)"
-                         for name, old, new in geometry if old is not None and old != new]
+            geometry = [
+                ("data.batch_size", state.get("batch_size"), self.batch_size),
+                ("processes (devices x nodes)", state.get("world_size"), world_size),
+            ]
+            problems += [
+                f"{name} {old} -> {new} in the middle of epoch {state['epoch']} "
+                f"({state['batches_done']} of {state['epoch_batches']} batches done)"
+                for name, old, new in geometry
+                if old is not None and old != new
+            ]
         return problems

@@ -5,6 +5,7 @@
 * ``linprobe_transform``: MAE linear probe: RandomResizedCrop(bicubic) + flip only.
 Evaluation uses :func:`mimlab.data.transforms.eval_transform` (Resize(img/0.875) + CenterCrop).
 """
+
 from __future__ import annotations
 
 from PIL import Image, ImageOps
@@ -15,13 +16,25 @@ from torchvision import transforms as T
 from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
-def finetune_transform(img_size: int = 224, auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
-                       color_jitter: float | None = None, interpolation: str = "bicubic") -> T.Compose:
+def finetune_transform(
+    img_size: int = 224,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    re_prob: float = 0.25,
+    color_jitter: float | None = None,
+    interpolation: str = "bicubic",
+) -> T.Compose:
     """timm training transform with the fine-tuning recipe's RandAugment and random erasing."""
     transform = create_transform(
-        input_size=img_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,  # type: ignore[arg-type]
-        interpolation=interpolation, re_prob=re_prob, re_mode="pixel", re_count=1,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        input_size=img_size,
+        is_training=True,
+        color_jitter=color_jitter,  # type: ignore[arg-type]
+        auto_augment=auto_augment,
+        interpolation=interpolation,
+        re_prob=re_prob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     )
     for t in transform.transforms:
         if isinstance(t, RandAugment):
@@ -45,9 +58,11 @@ def posterize_zero_bits_ok(img: Image.Image, bits_to_keep: int, **_) -> Image.Im
 
 def linprobe_transform(img_size: int = 224) -> T.Compose:
     """RandomResizedCrop(img_size, bicubic) + horizontal flip + normalise (MAE main_linprobe)."""
-    return T.Compose([
-        T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )

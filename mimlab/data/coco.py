@@ -49,7 +49,8 @@ def annotation_file(root: str | Path, split: str) -> Path:
         raise FileNotFoundError(
             f"COCO annotation file not found: {path}. Expected the standard layout "
             f"<root>/annotations/instances_{{train,val}}2017.json; set data.root to the COCO folder "
-            f"(or use data=coco_synthetic to write the embedded set).")
+            f"(or use data=coco_synthetic to write the embedded set)."
+        )
     return path
 
 
@@ -59,14 +60,17 @@ def _read_instances(ann_path: Path) -> dict:
         with open(ann_path) as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{ann_path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-                         "is the file complete?") from None
+        raise ValueError(
+            f"{ann_path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); is the file complete?"
+        ) from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or key not in data:
             raise KeyError(f"{ann_path} has no '{key}' list; it is not a COCO instances file.")
     if not data["annotations"]:
-        raise ValueError(f"{ann_path} has an empty 'annotations' list: nothing to train on or to score (box/mask mAP "
-                         "would be -1). Point data.root at the instances files of your data.")
+        raise ValueError(
+            f"{ann_path} has an empty 'annotations' list: nothing to train on or to score (box/mask mAP "
+            "would be -1). Point data.root at the instances files of your data."
+        )
     return data
 
 
@@ -82,11 +86,17 @@ def _check_segmentation(ann: dict, ann_path: Path) -> None:
     if not isinstance(segm, list) or not segm:
         raise ValueError(f"{where} has no segmentation: expected a list of polygons or an RLE dict.")
     for poly in segm:
-        if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
-                or not all(isinstance(v, (int, float)) for v in poly)):
+        if (
+            not isinstance(poly, list)
+            or len(poly) < 6
+            or len(poly) % 2
+            or not all(isinstance(v, (int, float)) for v in poly)
+        ):
             shown = poly[:8] if isinstance(poly, list) else poly
-            raise ValueError(f"{where} has an invalid polygon {shown}: a polygon is a flat list [x1, y1, x2, y2, ...] "
-                             "of at least 3 points. Fix or remove the annotation.")
+            raise ValueError(
+                f"{where} has an invalid polygon {shown}: a polygon is a flat list [x1, y1, x2, y2, ...] "
+                "of at least 3 points. Fix or remove the annotation."
+            )
 
 
 def _segmentation_to_mask(segm, height: int, width: int) -> np.ndarray:
@@ -112,7 +122,9 @@ class COCOInstances(Dataset):
         keep_crowd: keep ``iscrowd=1`` annotations (for evaluation) or drop them (for training).
     """
 
-    def __init__(self, root: str | Path, split: str = "train", transforms: Callable | None = None, keep_crowd: bool = False):
+    def __init__(
+        self, root: str | Path, split: str = "train", transforms: Callable | None = None, keep_crowd: bool = False
+    ):
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
@@ -127,7 +139,8 @@ class COCOInstances(Dataset):
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} image(s) listed in {ann_path} are absent from {self.image_dir}: "
-                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Restore them or remove their entries from the json.")
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Restore them or remove their entries from the json."
+            )
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_id_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         self.label_to_cat_id = {v: k for k, v in self.cat_id_to_label.items()}
@@ -157,7 +170,11 @@ class COCOInstances(Dataset):
         anns = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-        masks = np.stack([_segmentation_to_mask(a["segmentation"], h, w) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+        masks = (
+            np.stack([_segmentation_to_mask(a["segmentation"], h, w) for a in anns])
+            if anns
+            else np.zeros((0, h, w), np.uint8)
+        )
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
             "masks": tv_tensors.Mask(torch.from_numpy(masks)),
@@ -190,18 +207,21 @@ def lsj_transforms(size: int = 1024, scale_range: Sequence[float] = (0.1, 2.0), 
     """
     if not train:
         return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
-    return v2.Compose([
-        v2.ScaleJitter(target_size=(size, size), scale_range=tuple(scale_range), antialias=True),
-        v2.RandomCrop(size, pad_if_needed=True),
-        v2.RandomHorizontalFlip(),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(labels_getter=_labels_and_coco_fields),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
+    return v2.Compose(
+        [
+            v2.ScaleJitter(target_size=(size, size), scale_range=tuple(scale_range), antialias=True),
+            v2.RandomCrop(size, pad_if_needed=True),
+            v2.RandomHorizontalFlip(),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(labels_getter=_labels_and_coco_fields),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
-def multiscale_transforms(size: int = 800, max_size: int = 1333, min_scale: float = 0.6, num_scales: int = 11,
-                          train: bool = True) -> v2.Compose:
+def multiscale_transforms(
+    size: int = 800, max_size: int = 1333, min_scale: float = 0.6, num_scales: int = 11, train: bool = True
+) -> v2.Compose:
     """Multi-scale training + flip, as in the 1× recipes: the shorter side is drawn from ``num_scales`` evenly spaced
     sizes from ``min_scale·size`` to ``size`` (480, 512, ..., 800 at 800), the longer side is capped at ``max_size``.
 
@@ -209,13 +229,15 @@ def multiscale_transforms(size: int = 800, max_size: int = 1333, min_scale: floa
     if not train:
         return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
     min_sizes = [round(size * (min_scale + (1 - min_scale) * i / max(num_scales - 1, 1))) for i in range(num_scales)]
-    return v2.Compose([
-        v2.RandomShortestSize(min_size=min_sizes, max_size=max_size, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(labels_getter=_labels_and_coco_fields),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomShortestSize(min_size=min_sizes, max_size=max_size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(labels_getter=_labels_and_coco_fields),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
 def detection_collate(batch):
@@ -240,10 +262,20 @@ class COCODataModule(ResumableDataModule):
 
     train_collate = val_collate = staticmethod(detection_collate)
 
-    def __init__(self, root: str, img_size: int = 1024, max_size: int | None = None, batch_size: int = 2,
-                 train_transforms: Callable | None = None, val_transforms: Callable | None = None,
-                 generate_if_missing: bool = False, synthetic_size: int = 64, num_classes: int | None = None,
-                 val_split: str = "val", **kwargs):
+    def __init__(
+        self,
+        root: str,
+        img_size: int = 1024,
+        max_size: int | None = None,
+        batch_size: int = 2,
+        train_transforms: Callable | None = None,
+        val_transforms: Callable | None = None,
+        generate_if_missing: bool = False,
+        synthetic_size: int = 64,
+        num_classes: int | None = None,
+        val_split: str = "val",
+        **kwargs,
+    ):
         require("pycocotools.mask", _PYCOCOTOOLS_FEATURE)  # before any data is read
         super().__init__(root, batch_size=batch_size, **kwargs)
         self.expected_num_classes = num_classes
@@ -268,14 +300,18 @@ class COCODataModule(ResumableDataModule):
         val = COCOInstances(self.root, self.val_split, self.val_transforms, keep_crowd=True)
         n = train.num_classes
         if self.expected_num_classes is not None and n != self.expected_num_classes:
-            raise ValueError(f"data.num_classes={self.expected_num_classes} but {self.root} has {n} categories; "
-                             f"set data.num_classes={n} (the detector's class count follows it).")
+            raise ValueError(
+                f"data.num_classes={self.expected_num_classes} but {self.root} has {n} categories; "
+                f"set data.num_classes={n} (the detector's class count follows it)."
+            )
         if val.cat_id_to_label != train.cat_id_to_label:
             only_train = sorted(set(train.cat_id_to_label) - set(val.cat_id_to_label))
             only_val = sorted(set(val.cat_id_to_label) - set(train.cat_id_to_label))
-            raise ValueError(f"{annotation_file(self.root, 'val')} and {annotation_file(self.root, 'train')} list "
-                             f"different categories (only in train: {only_train}, only in val: {only_val}); labels "
-                             "follow the category ids, so both files need the same 'categories' list.")
+            raise ValueError(
+                f"{annotation_file(self.root, 'val')} and {annotation_file(self.root, 'train')} list "
+                f"different categories (only in train: {only_train}, only in val: {only_val}); labels "
+                "follow the category ids, so both files need the same 'categories' list."
+            )
         return train, val
 
     @property
@@ -287,5 +323,8 @@ class COCODataModule(ResumableDataModule):
         def lines():
             for dataset in (self.train_set, self.val_set):
                 yield from (f"{c['id']} {c['name']}" for c in dataset.categories)
-                yield from (f"{im['id']} {im['file_name']} {len(dataset.anns_by_image[im['id']])}" for im in dataset.images)
+                yield from (
+                    f"{im['id']} {im['file_name']} {len(dataset.anns_by_image[im['id']])}" for im in dataset.images
+                )
+
         return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()  # type: ignore[arg-type]

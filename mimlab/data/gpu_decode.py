@@ -9,6 +9,7 @@ delivers ~2.4k img/s, nvjpeg decode ~18.9k img/s on one H100, so this path remov
 Output batches are ``(images (N, 3, S, S) float, ImageNet-normalised, labels (N,))``, like ``data=imagenet``.
 JPEG files only (ImageNet is all JPEG); use ``data=imagenet`` for other formats.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,12 +41,15 @@ class EncodedImageFolder(Dataset):
         if class_to_idx is not None:  # label by the training split's names (see CheckedImageFolder)
             unknown = [c for c in self.classes if c not in class_to_idx]
             if unknown:
-                raise DataLayoutError(f"{root} has class folder(s) that the training split does not have: "
-                                      f"{', '.join(unknown[:10])}. Labels are matched by folder name: rename them to "
-                                      "training class names, or remove them.")
+                raise DataLayoutError(
+                    f"{root} has class folder(s) that the training split does not have: "
+                    f"{', '.join(unknown[:10])}. Labels are matched by folder name: rename them to "
+                    "training class names, or remove them."
+                )
             self.classes, self.class_to_idx = sorted(class_to_idx, key=class_to_idx.get), dict(class_to_idx)  # type: ignore[arg-type]
-        self.samples = make_dataset(str(root), self.class_to_idx, extensions=(".jpg", ".jpeg"),
-                                    allow_empty=class_to_idx is not None)
+        self.samples = make_dataset(
+            str(root), self.class_to_idx, extensions=(".jpg", ".jpeg"), allow_empty=class_to_idx is not None
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -62,8 +66,12 @@ def collate_encoded(batch: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tenso
     One storage per batch: a worker hands each storage to the main process through a file descriptor, and a list of
     N separate byte tensors per batch runs out of descriptors ("Bad file descriptor") at ImageNet batch sizes."""
     data = [d for d, _, _ in batch]
-    return (torch.cat(data), torch.tensor([d.numel() for d in data]), torch.tensor([b[1] for b in batch]),
-            torch.tensor([b[2] for b in batch]))
+    return (
+        torch.cat(data),
+        torch.tensor([d.numel() for d in data]),
+        torch.tensor([b[1] for b in batch]),
+        torch.tensor([b[2] for b in batch]),
+    )
 
 
 def split_encoded(flat: Tensor, sizes: Tensor) -> list[Tensor]:
@@ -71,8 +79,9 @@ def split_encoded(flat: Tensor, sizes: Tensor) -> list[Tensor]:
     return list(torch.split(flat, sizes.tolist()))
 
 
-def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                            rng: random.Random) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.get_params`` (10 tries, then the centre crop fallback): (top, left, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -99,9 +108,22 @@ class DeviceTransform:
     own ``random.Random(seed)``, so they depend only on (seed, epoch, index) and resume exactly; without, from ``seed``.
     """
 
-    def __init__(self, img_size: int, train: bool, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
-                 crop_pct: float = 224 / 256, seed: int = 0) -> None:
-        self.img_size, self.train, self.scale, self.hflip, self.crop_pct = img_size, train, tuple(scale), hflip, crop_pct
+    def __init__(
+        self,
+        img_size: int,
+        train: bool,
+        scale: tuple[float, float] = (0.2, 1.0),
+        hflip: float = 0.5,
+        crop_pct: float = 224 / 256,
+        seed: int = 0,
+    ) -> None:
+        self.img_size, self.train, self.scale, self.hflip, self.crop_pct = (
+            img_size,
+            train,
+            tuple(scale),
+            hflip,
+            crop_pct,
+        )
         self.rng = random.Random(seed)
 
     def _resize(self, img: Tensor, size: tuple[int, int]) -> Tensor:
@@ -112,13 +134,13 @@ class DeviceTransform:
         _, h, w = img.shape
         if self.train:
             top, left, ch, cw = random_resized_crop_box(h, w, self.scale, (3 / 4, 4 / 3), rng)  # type: ignore[arg-type]
-            out = self._resize(img[:, top:top + ch, left:left + cw], (self.img_size, self.img_size))
+            out = self._resize(img[:, top : top + ch, left : left + cw], (self.img_size, self.img_size))
             return out.flip(-1) if rng.random() < self.hflip else out
         short = int(round(self.img_size / self.crop_pct))  # torchvision Resize(int) / CenterCrop size arithmetic
         size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
         out = self._resize(img, size)
         top, left = int(round((size[0] - self.img_size) / 2.0)), int(round((size[1] - self.img_size) / 2.0))
-        return out[:, top:top + self.img_size, left:left + self.img_size]
+        return out[:, top : top + self.img_size, left : left + self.img_size]
 
     def __call__(self, encoded: list[Tensor], device: torch.device, seeds: list[int] | None = None) -> Tensor:
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)

@@ -1,4 +1,5 @@
 """ImageNet-layout folder dataset (``<split>/<class>/<image>``) with layout checks and a corrupt-file policy."""
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,9 @@ def check_image_folder(split_dir: Path, hint: str) -> None:
     classes = [p for p in entries if p.is_dir()]
     if not classes:
         raise DataLayoutError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>. {hint}")
-    empty = [p.name for p in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in p.rglob("*") if f.is_file())]
+    empty = [
+        p.name for p in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in p.rglob("*") if f.is_file())
+    ]
     if empty:
         raise DataLayoutError(
             f"class folder(s) without images under {split_dir}: {', '.join(empty[:10])}. "
@@ -54,7 +57,9 @@ def load_rgb(path: str | Path) -> Image.Image:
             img = Image.open(f)
             img.load()
     except Image.DecompressionBombError as err:
-        raise CorruptImageError(f"cannot decode image {path}: refused as a possible decompression bomb ({err})") from err
+        raise CorruptImageError(
+            f"cannot decode image {path}: refused as a possible decompression bomb ({err})"
+        ) from err
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -69,8 +74,14 @@ class CheckedImageFolder(ImageFolder):
     their sorted position here; a folder whose name the mapping lacks is a :class:`DataLayoutError`.
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, on_corrupt: str = "fail", hint: str = "",
-                 class_to_idx: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable | None = None,
+        on_corrupt: str = "fail",
+        hint: str = "",
+        class_to_idx: dict[str, int] | None = None,
+    ) -> None:
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
         check_image_folder(Path(root), hint)
@@ -86,7 +97,8 @@ class CheckedImageFolder(ImageFolder):
         if unknown:
             raise DataLayoutError(
                 f"{directory} has class folder(s) that the training split does not have: {', '.join(unknown[:10])}. "
-                "Labels are matched by folder name: rename them to training class names, or remove them.")
+                "Labels are matched by folder name: rename them to training class names, or remove them."
+            )
         return sorted(self.given_class_to_idx, key=self.given_class_to_idx.get), dict(self.given_class_to_idx)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int):

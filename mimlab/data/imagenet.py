@@ -1,4 +1,5 @@
 """ImageNet-style LightningDataModule: ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -23,9 +24,16 @@ class ImageNetDataModule(ResumableDataModule):
         Others: see :class:`~mimlab.data.base.ResumableDataModule`.
     """
 
-    def __init__(self, root: str, batch_size: int = 64, img_size: int = 224,
-                 on_corrupt: Literal["fail", "skip"] = "fail", train_transform: Callable | None = None,
-                 val_transform: Callable | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        img_size: int = 224,
+        on_corrupt: Literal["fail", "skip"] = "fail",
+        train_transform: Callable | None = None,
+        val_transform: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root, batch_size=batch_size, **kwargs)
         self.img_size = img_size
         self.on_corrupt = on_corrupt
@@ -38,8 +46,9 @@ class ImageNetDataModule(ResumableDataModule):
 
     def build_datasets(self) -> tuple[CheckedImageFolder, CheckedImageFolder]:
         train = CheckedImageFolder(self.root / "train", self.train_transform, self.on_corrupt, self.hint)
-        val = CheckedImageFolder(self.root / "val", self.val_transform, self.on_corrupt, self.hint,
-                                 class_to_idx=train.class_to_idx)
+        val = CheckedImageFolder(
+            self.root / "val", self.val_transform, self.on_corrupt, self.hint, class_to_idx=train.class_to_idx
+        )
         return train, val
 
     @property
@@ -52,4 +61,5 @@ class ImageNetDataModule(ResumableDataModule):
             for dataset in (self.train_set, self.val_set):
                 yield from dataset.classes
                 yield from (str(Path(p).relative_to(dataset.root)) for p, _ in dataset.samples)
+
         return f"{len(self.train_set)} train + {len(self.val_set)} val images", lines()  # type: ignore[arg-type]

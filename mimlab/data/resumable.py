@@ -10,6 +10,7 @@ is evaluated twice and gathering the ranks' results in rank order restores the d
 augmentation depends only on (seed, epoch, index), not on worker count, prefetching or process restarts.
 :class:`EpochAwareDataLoader` starts its workers at the first ``next()``, after Lightning has set the epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,15 @@ class ResumableSampler(Sampler):
     ``consumed`` samples of this rank (a mid-epoch resume) and has no effect on other epochs.
     """
 
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
-                 drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        length: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = True,
+    ) -> None:
         self.length = length
         self.seed = seed
         self.shuffle = shuffle
@@ -64,7 +72,7 @@ class ResumableSampler(Sampler):
             order = list(range(self.length))
         total = self.num_samples * self.num_replicas
         order = order[:total] if self.drop_last else (order * math.ceil(total / max(len(order), 1)))[:total]
-        return order[self.rank:total:self.num_replicas]
+        return order[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start = self.skip if self._skip_epoch == self.epoch else 0

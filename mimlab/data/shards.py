@@ -17,6 +17,7 @@ Why WebDataset's format rather than LitData: the shards are ordinary tar files (
 with the standard library ``tarfile``, copy them with anything), no index server or cloud SDK is needed, and the one
 dependency (``webdataset``, only to write them: the ``shards`` extra) is small and pure Python.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,12 +70,21 @@ def index_shard(path: Path) -> list[tuple[int, int, int]]:
                 cls[key] = int(tar.extractfile(member).read())  # type: ignore[union-attr]
     missing = sorted(set(jpg) ^ set(cls))
     if missing:
-        raise ValueError(f"{path}: sample(s) {missing[:5]} lack a .jpg or a .cls member; rewrite the shards with make shards")
+        raise ValueError(
+            f"{path}: sample(s) {missing[:5]} lack a .jpg or a .cls member; rewrite the shards with make shards"
+        )
     return [(*jpg[key], cls[key]) for key in jpg]
 
 
-def write_shards(src: str | Path, dst: str | Path, split: str = "train", shard_size: int = 1000, seed: int = 0,
-                 max_short_side: int | None = None, quality: int = 95) -> dict:
+def write_shards(
+    src: str | Path,
+    dst: str | Path,
+    split: str = "train",
+    shard_size: int = 1000,
+    seed: int = 0,
+    max_short_side: int | None = None,
+    quality: int = 95,
+) -> dict:
     """Write ``<src>/<split>/<class>/*`` as shuffled ``<dst>/<split>-NNNNNN.tar`` shards of ``shard_size`` samples.
 
     Class indices follow torchvision ``ImageFolder`` (sorted folder names), so labels match ``data=imagenet``.
@@ -95,8 +105,15 @@ def write_shards(src: str | Path, dst: str | Path, split: str = "train", shard_s
             sink.write({"__key__": f"{index:09d}", "jpg": _encoded(path, max_short_side, quality), "cls": str(label)})
     shards = sorted(p.name for p in dst.glob(f"{split}-*.tar"))
     index = [[i, *entry] for i, name in enumerate(shards) for entry in index_shard(dst / name)]  # type: ignore[assignment]
-    meta = {"split": split, "classes": classes, "count": len(samples), "shards": shards,
-            "max_short_side": max_short_side, "source": str(Path(src).resolve()), "samples": index}
+    meta = {
+        "split": split,
+        "classes": classes,
+        "count": len(samples),
+        "shards": shards,
+        "max_short_side": max_short_side,
+        "source": str(Path(src).resolve()),
+        "samples": index,
+    }
     (dst / f"{split}.json").write_text(json.dumps(meta))
     return meta
 
@@ -131,8 +148,10 @@ class TarShardDataset(Dataset):
                 rgb = img.convert("RGB")
         except (OSError, SyntaxError) as err:
             shard, offset = self.samples[index][:2]
-            raise CorruptImageError(f"cannot decode sample {index} of {self.shards[shard]} (byte {offset}): {err}. "
-                                    "Rewrite the shards with make shards.") from err
+            raise CorruptImageError(
+                f"cannot decode sample {index} of {self.shards[shard]} (byte {offset}): {err}. "
+                "Rewrite the shards with make shards."
+            ) from err
         return self.transform(rgb), label
 
 
@@ -140,8 +159,15 @@ class ShardedImageNetDataModule(ResumableDataModule):
     """Reads :func:`write_shards` output through the tar index (see module docstring); args as
     :class:`mimlab.data.imagenet.ImageNetDataModule`. Labels and classes are those of the source ImageNet folder."""
 
-    def __init__(self, root: str, batch_size: int = 64, img_size: int = 224, train_transform: Callable | None = None,
-                 val_transform: Callable | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        img_size: int = 224,
+        train_transform: Callable | None = None,
+        val_transform: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root, batch_size=batch_size, **kwargs)
         self.img_size = img_size
         self.train_transform = train_transform or pretrain_transform(img_size)
@@ -153,12 +179,16 @@ class ShardedImageNetDataModule(ResumableDataModule):
         if split not in self._meta:
             path = self.root / f"{split}.json"
             if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: data.root must be a folder written by `make shards` "
-                                        f"(python -m mimlab.data.shards --src <imagenet> --dst {self.root})")
+                raise FileNotFoundError(
+                    f"{path} not found: data.root must be a folder written by `make shards` "
+                    f"(python -m mimlab.data.shards --src <imagenet> --dst {self.root})"
+                )
             meta = json.loads(path.read_text())
             if "samples" not in meta:
                 log.info("%s has no tar index; indexing its %d shards", path, len(meta["shards"]))
-                meta["samples"] = [[i, *e] for i, name in enumerate(meta["shards"]) for e in index_shard(self.root / name)]
+                meta["samples"] = [
+                    [i, *e] for i, name in enumerate(meta["shards"]) for e in index_shard(self.root / name)
+                ]
             self._meta[split] = meta
         return self._meta[split]
 
@@ -169,10 +199,14 @@ class ShardedImageNetDataModule(ResumableDataModule):
     def build_datasets(self) -> tuple[TarShardDataset, TarShardDataset]:
         train, val = self.meta("train"), self.meta("val")
         if val["classes"] != train["classes"]:
-            raise DataLayoutError(f"{self.root}: val.json and train.json list different classes; write both splits "
-                                  "from one ImageNet folder with make shards")
-        return (TarShardDataset(self.root, train, self.train_transform),
-                TarShardDataset(self.root, val, self.val_transform))
+            raise DataLayoutError(
+                f"{self.root}: val.json and train.json list different classes; write both splits "
+                "from one ImageNet folder with make shards"
+            )
+        return (
+            TarShardDataset(self.root, train, self.train_transform),
+            TarShardDataset(self.root, val, self.val_transform),
+        )
 
     def data_identity(self) -> tuple[str, Iterable[str]]:
         def lines():
@@ -181,6 +215,7 @@ class ShardedImageNetDataModule(ResumableDataModule):
                 yield from meta["classes"]
                 counts = Counter(sample[0] for sample in meta["samples"])
                 yield from (f"{name} {counts[i]}" for i, name in enumerate(meta["shards"]))
+
         return f"{len(self.train_set)} train + {len(self.val_set)} val samples in shards", lines()  # type: ignore[arg-type]
 
 
@@ -198,7 +233,9 @@ def main() -> None:
             meta = write_shards(args.src, args.dst, split, args.shard_size, args.seed, args.max_short_side or None)
         except MissingExtraError as err:
             raise SystemExit(str(err)) from None
-        print(f"{split}: {meta['count']} samples, {len(meta['classes'])} classes, {len(meta['shards'])} shards in {args.dst}")
+        print(
+            f"{split}: {meta['count']} samples, {len(meta['classes'])} classes, {len(meta['shards'])} shards in {args.dst}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ that mimlab did not generate is never written into.
 
 CLI: ``python -m mimlab.data.synthetic --root data/synthetic/imagenet`` (``make data``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def _background(size: tuple[int, int], rng: random.Random, nprng: np.random.Gene
     return Image.fromarray(np.clip(np.broadcast_to(img, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
-def _polygon(cx: float, cy: float, r: float, n: int, angle: float, inner: float | None = None) -> list[tuple[float, float]]:
+def _polygon(
+    cx: float, cy: float, r: float, n: int, angle: float, inner: float | None = None
+) -> list[tuple[float, float]]:
     points = []
     steps = n * 2 if inner else n
     for k in range(steps):
@@ -59,7 +62,9 @@ def _polygon(cx: float, cy: float, r: float, n: int, angle: float, inner: float 
     return points
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, kind: str, box: tuple[float, float, float], colour, rng: random.Random) -> None:
+def _draw_object(
+    draw: ImageDraw.ImageDraw, kind: str, box: tuple[float, float, float], colour, rng: random.Random
+) -> None:
     cx, cy, r = box
     angle = rng.uniform(0, 2 * math.pi)
     if kind == "circle":
@@ -122,21 +127,30 @@ OWN_DATA_HINT = "To train on an ImageNet-layout folder of your own, use data=ima
 
 
 def write_synthetic_imagenet(
-    root: str | Path, train_per_class: int = 100, val_per_class: int = 20, seed: int = 0,
-    min_size: int = 80, max_size: int = 160,
+    root: str | Path,
+    train_per_class: int = 100,
+    val_per_class: int = 20,
+    seed: int = 0,
+    min_size: int = 80,
+    max_size: int = 160,
 ) -> Path:
     """Generate ``root/{train,val}/<class>/*.JPEG`` unless ``root`` already holds a generated set; returns ``root``.
 
     Deterministic for a given seed; written in one step with a manifest (:func:`mimlab.data.generated.write_generated`).
     Raises ``GeneratedDataError`` if ``root`` is a non-empty folder mimlab did not generate.
     """
-    settings = dict(train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, min_size=min_size,
-                    max_size=max_size)
+    settings = dict(
+        train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, min_size=min_size, max_size=max_size
+    )
 
     def render(folder: Path) -> dict[str, int]:
         rng = random.Random(seed)
-        jobs = [(split, c, i) for split, n in (("train", train_per_class), ("val", val_per_class))
-                for c in range(len(CLASSES)) for i in range(n)]
+        jobs = [
+            (split, c, i)
+            for split, n in (("train", train_per_class), ("val", val_per_class))
+            for c in range(len(CLASSES))
+            for i in range(n)
+        ]
         for split, c, i in track(jobs, description=f"writing synthetic images to {root}"):
             class_dir = folder / split / f"{c:02d}_{CLASSES[c][0]}"
             class_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +164,9 @@ class SyntheticImageNetDataModule(ImageNetDataModule):
     """:class:`ImageNetDataModule` over the embedded synthetic set, generated on first use (``prepare_data``, rank 0)
     into ``root``, which must be absent, empty or a set mimlab generated (checked here, before any data is read)."""
 
-    def __init__(self, root: str, train_per_class: int = 100, val_per_class: int = 20, data_seed: int = 0, **kwargs) -> None:
+    def __init__(
+        self, root: str, train_per_class: int = 100, val_per_class: int = 20, data_seed: int = 0, **kwargs
+    ) -> None:
         super().__init__(root, **kwargs)
         check_generated_root(self.root, "imagenet", OWN_DATA_HINT)
         self.train_per_class = train_per_class

@@ -54,7 +54,10 @@ def _shape_polygon(rng: np.random.Generator, cat_id: int, size: int) -> list[flo
     if cat_id == 1:  # square
         pts = [(cx - s / 2, cy - s / 2), (cx + s / 2, cy - s / 2), (cx + s / 2, cy + s / 2), (cx - s / 2, cy + s / 2)]
     elif cat_id == 3:  # disk as a 16-gon
-        pts = [(cx + s / 2 * math.cos(a), cy + s / 2 * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 16, endpoint=False)]
+        pts = [
+            (cx + s / 2 * math.cos(a), cy + s / 2 * math.sin(a))
+            for a in np.linspace(0, 2 * math.pi, 16, endpoint=False)
+        ]
     else:  # triangle
         pts = [(cx, cy - s / 2), (cx + s / 2, cy + s / 2), (cx - s / 2, cy + s / 2)]
     return [round(float(v), 2) for p in pts for v in p]
@@ -83,13 +86,24 @@ COCO_OWN_DATA_HINT = "To train on a COCO folder of your own, use data=coco data.
 ADE20K_OWN_DATA_HINT = "To train on an ADE20K folder of your own, use data=ade20k data.root=<folder>."
 
 
-def write_coco(root: str | Path, num_train: int = 32, num_val: int = 16, size: int = 64, seed: int = 0,
-               progress: Progress | None = None) -> Path:
+def write_coco(
+    root: str | Path,
+    num_train: int = 32,
+    num_val: int = 16,
+    size: int = 64,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
     """Generate a COCO-format set at ``root`` (``annotations/``, ``train2017/``, ``val2017/``) unless it already holds
     one; returns ``root``. Raises ``GeneratedDataError`` if ``root`` is a non-empty folder mimlab did not generate."""
     settings = dict(num_train=num_train, num_val=num_val, size=size, seed=seed)
-    return write_generated(root, "coco", settings, lambda folder: _render_coco(folder, num_train, num_val, size, seed,
-                                                                               progress), COCO_OWN_DATA_HINT)
+    return write_generated(
+        root,
+        "coco",
+        settings,
+        lambda folder: _render_coco(folder, num_train, num_val, size, seed, progress),
+        COCO_OWN_DATA_HINT,
+    )
 
 
 def _render_coco(root: Path, num_train: int, num_val: int, size: int, seed: int, progress: Progress | None) -> dict:
@@ -113,8 +127,17 @@ def _render_coco(root: Path, num_train: int, num_val: int, size: int, seed: int,
                 xs, ys = poly[0::2], poly[1::2]
                 x0, y0 = max(min(xs), 0.0), max(min(ys), 0.0)
                 box = [x0, y0, min(max(xs), size) - x0, min(max(ys), size) - y0]
-                annotations.append({"id": ann_id, "image_id": image_id, "category_id": cat, "segmentation": [poly],
-                                    "area": float(mask.sum()), "bbox": [round(v, 2) for v in box], "iscrowd": 0})
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "segmentation": [poly],
+                        "area": float(mask.sum()),
+                        "bbox": [round(v, 2) for v in box],
+                        "iscrowd": 0,
+                    }
+                )
                 ann_id += 1
             if k % 4 == 3:  # a crowd region of small disks, stored as uncompressed RLE
                 crowd = np.zeros((size, size), dtype=np.uint8)
@@ -122,36 +145,65 @@ def _render_coco(root: Path, num_train: int, num_val: int, size: int, seed: int,
                     crowd |= _polygon_mask(_shape_polygon(rng, 3, size // 3), size)
                 ys_, xs_ = np.nonzero(crowd)
                 img[crowd.astype(bool)] = _COCO_COLOURS[3]
-                annotations.append({"id": ann_id, "image_id": image_id, "category_id": 3,
-                                    "segmentation": _uncompressed_rle(crowd), "area": float(crowd.sum()),
-                                    "bbox": [float(xs_.min()), float(ys_.min()), float(xs_.max() - xs_.min() + 1),
-                                             float(ys_.max() - ys_.min() + 1)], "iscrowd": 1})
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": 3,
+                        "segmentation": _uncompressed_rle(crowd),
+                        "area": float(crowd.sum()),
+                        "bbox": [
+                            float(xs_.min()),
+                            float(ys_.min()),
+                            float(xs_.max() - xs_.min() + 1),
+                            float(ys_.max() - ys_.min() + 1),
+                        ],
+                        "iscrowd": 1,
+                    }
+                )
                 ann_id += 1
             name = f"{image_id:012d}.jpg"
             Image.fromarray(img).save(root / split / name, quality=95)
             images.append({"id": image_id, "file_name": name, "width": size, "height": size})
             if progress:
                 progress.advance(task)  # type: ignore[arg-type]
-        data = {"info": {"description": "mimlab synthetic COCO-format set"}, "images": images,
-                "annotations": list(annotations), "categories": COCO_CATEGORIES}
+        data = {
+            "info": {"description": "mimlab synthetic COCO-format set"},
+            "images": images,
+            "annotations": list(annotations),
+            "categories": COCO_CATEGORIES,
+        }
         with open(root / "annotations" / f"instances_{split[:-4]}2017.json", "w") as f:
             json.dump(data, f)
         annotations.clear()
     return {"train2017": num_train, "val2017": num_val}
 
 
-def write_ade20k(root: str | Path, num_train: int = 32, num_val: int = 8, size: int = 64, num_used_classes: int = 4,
-                 seed: int = 0, progress: Progress | None = None) -> Path:
+def write_ade20k(
+    root: str | Path,
+    num_train: int = 32,
+    num_val: int = 8,
+    size: int = 64,
+    num_used_classes: int = 4,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
     """Generate an ADEChallengeData2016-layout set under ``root`` unless it already holds one (labels use classes
     1..num_used_classes and 0 = other); returns ``root``. Raises ``GeneratedDataError`` for a folder mimlab did not
     generate."""
     settings = dict(num_train=num_train, num_val=num_val, size=size, num_used_classes=num_used_classes, seed=seed)
-    return write_generated(root, "ade20k", settings, lambda folder: _render_ade20k(
-        folder, num_train, num_val, size, num_used_classes, seed, progress), ADE20K_OWN_DATA_HINT)
+    return write_generated(
+        root,
+        "ade20k",
+        settings,
+        lambda folder: _render_ade20k(folder, num_train, num_val, size, num_used_classes, seed, progress),
+        ADE20K_OWN_DATA_HINT,
+    )
 
 
-def _render_ade20k(folder: Path, num_train: int, num_val: int, size: int, num_used_classes: int, seed: int,
-                   progress: Progress | None) -> dict:
+def _render_ade20k(
+    folder: Path, num_train: int, num_val: int, size: int, num_used_classes: int, seed: int, progress: Progress | None
+) -> dict:
     root = folder / "ADEChallengeData2016"
     rng = np.random.default_rng(seed + 1)
     colours = rng.integers(60, 255, size=(num_used_classes + 1, 3))
@@ -172,14 +224,18 @@ def _render_ade20k(folder: Path, num_train: int, num_val: int, size: int, num_us
             img = _background(rng, size).astype(np.int64)
             img = np.where(label[..., None] > 0, colours[label] + rng.integers(-20, 20, size=(size, size, 3)), img)
             name = f"ADE_{'train' if split == 'training' else 'val'}_{k + 1:08d}"
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / split / f"{name}.jpg", quality=95)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+                root / "images" / split / f"{name}.jpg", quality=95
+            )
             Image.fromarray(label, mode="L").save(root / "annotations" / split / f"{name}.png")
             if progress:
                 progress.advance(task)  # type: ignore[arg-type]
     return {"training": num_train, "validation": num_val}
 
 
-def write_dense_synthetic(root: str | Path = "data/synthetic", size: int = 64, seed: int = 0, show_progress: bool = True) -> Path:
+def write_dense_synthetic(
+    root: str | Path = "data/synthetic", size: int = 64, seed: int = 0, show_progress: bool = True
+) -> Path:
     """Write both sets (``<root>/coco`` and ``<root>/ade20k``); returns ``root``."""
     root = Path(root)
     with Progress(disable=not show_progress) as progress:

@@ -1,4 +1,5 @@
 """The ``worker_init_fn`` of every mimlab DataLoader: workers leave SIGTERM and Ctrl-C to the main process."""
+
 from __future__ import annotations
 
 import os

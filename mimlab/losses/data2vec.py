@@ -15,6 +15,7 @@ the mean over channels of the per-channel std over the masked tokens (fairseq lo
 
 Shapes: pred ``{"tokens": (R, L, D), "cls": (R, D)}``, target (R, L, D), mask (R, L) or ``MaskSet``, 1 = masked.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,22 +50,33 @@ class Data2VecLoss(nn.Module):
     def forward(self, pred: dict[str, Tensor], target: Tensor, mask: Tensor | MaskSet) -> dict[str, Tensor]:
         tokens, target = pred["tokens"].float(), target.float()
         if tokens.shape != target.shape:
-            raise ValueError(f"data2vec prediction {tuple(tokens.shape)} does not match the target {tuple(target.shape)}: "
-                             "check that the decoder predicts the encoder width for every patch of every mask row")
+            raise ValueError(
+                f"data2vec prediction {tuple(tokens.shape)} does not match the target {tuple(target.shape)}: "
+                "check that the decoder predicts the encoder width for every patch of every mask row"
+            )
         weights = as_mask_set(mask).mask.to(tokens.dtype)
         if weights.shape != tokens.shape[:2]:
-            raise ValueError(f"mask {tuple(weights.shape)} is not on the {tokens.shape[1]}-patch grid of the target: "
-                             "masking.unit_size must equal the backbone patch size")
+            raise ValueError(
+                f"mask {tuple(weights.shape)} is not on the {tokens.shape[1]}-patch grid of the target: "
+                "masking.unit_size must equal the backbone patch size"
+            )
         scale = self.scale if self.scale is not None else tokens.shape[-1] ** -0.5
         per_token = self._error(tokens, target).sum(-1)  # (R, L)
         regression = scale * (per_token * weights).sum() / weights.sum().clamp_min(1.0)
         cls = regression.new_zeros(())
         if self.cls_weight > 0:
             if "cls" not in pred:
-                raise ValueError("loss.cls_weight > 0 needs the encoder's cls token: set model.backbone.class_token=true "
-                                 "or loss.cls_weight=0")
+                raise ValueError(
+                    "loss.cls_weight > 0 needs the encoder's cls token: set model.backbone.class_token=true "
+                    "or loss.cls_weight=0"
+                )
             cls = self.cls_weight * scale * self._error(pred["cls"].float(), target.mean(1)).sum()
         with torch.no_grad():
             pred_std, target_std = masked_std(tokens, weights), masked_std(target, weights)
-        return {"loss": regression + cls, "loss_regression": regression.detach(), "loss_cls": cls.detach(),
-                "pred_std": pred_std, "target_std": target_std}
+        return {
+            "loss": regression + cls,
+            "loss_regression": regression.detach(),
+            "loss_cls": cls.detach(),
+            "pred_std": pred_std,
+            "target_std": target_std,
+        }

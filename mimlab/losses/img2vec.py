@@ -45,8 +45,13 @@ class Img2VecLoss(nn.Module):
               larger than the teacher stride (``mimlab.masking.mask_to_token_grid``).
     """
 
-    def __init__(self, beta: float = 2.0, global_weight: float = 0.5, global_beta: float | None = None,
-                 positions: Positions = "masked") -> None:
+    def __init__(
+        self,
+        beta: float = 2.0,
+        global_weight: float = 0.5,
+        global_beta: float | None = None,
+        positions: Positions = "masked",
+    ) -> None:
         super().__init__()
         position_weights(torch.zeros(1, 1), positions)  # validate early, before any data is touched
         self.beta, self.global_weight, self.positions = beta, global_weight, positions

@@ -1,4 +1,5 @@
 """L1 on masked units only (SimMIM, github.com/microsoft/SimMIM ``models/simmim.py``)."""
+
 from __future__ import annotations
 
 import torch

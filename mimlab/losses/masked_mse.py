@@ -1,4 +1,5 @@
 """MSE on masked units only (MAE / FCMAE / iTPN-pixel / MaskFeat)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

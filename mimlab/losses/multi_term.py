@@ -2,6 +2,7 @@
 
 Mask convention: (N, L), 1 = masked. Predictions / targets are per unit: (N, L, D).
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F

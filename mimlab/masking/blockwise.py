@@ -9,6 +9,7 @@ no block fits, leaving fewer masked units; **our choice**: the shortfall is topp
 every row masks exactly ``num_masked`` units (static shapes, the mimlab mask contract). Randomness comes from the
 given ``torch.Generator`` only, so masks are reproducible.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,13 +23,23 @@ class BlockMasking:
     None), ``unit_size`` in pixels, ``min_num_patches`` (16), ``max_num_patches`` (None = no limit beyond the
     remaining count), ``min_aspect`` (0.3; max is its inverse unless ``max_aspect`` is given)."""
 
-    def __init__(self, unit_size: int = 16, num_masked: int | None = 75, ratio: float | None = None,
-                 min_num_patches: int = 16, max_num_patches: int | None = None, min_aspect: float = 0.3,
-                 max_aspect: float | None = None, max_attempts: int = 10) -> None:
+    def __init__(
+        self,
+        unit_size: int = 16,
+        num_masked: int | None = 75,
+        ratio: float | None = None,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+        max_attempts: int = 10,
+    ) -> None:
         if num_masked is None and ratio is None:
             raise ValueError("masking: set num_masked (units per image) or ratio for BlockMasking")
         if ratio is not None and not 0.0 < ratio < 1.0:
-            raise ValueError(f"masking.ratio must be in (0, 1) (0 masks nothing: the masked-unit loss is 0), got {ratio}")
+            raise ValueError(
+                f"masking.ratio must be in (0, 1) (0 masks nothing: the masked-unit loss is 0), got {ratio}"
+            )
         self.unit_size = int(unit_size)
         self.num_masked, self.ratio = num_masked, ratio
         self.min_num_patches, self.max_num_patches = min_num_patches, max_num_patches
@@ -45,8 +56,10 @@ class BlockMasking:
     def count(self, num_units: int) -> int:
         n = self.num_masked if self.num_masked is not None else int(round(num_units * self.ratio))  # type: ignore[operator]
         if not 0 < n < num_units:
-            raise ValueError(f"masking masks {n} of {num_units} mask unit(s) of {self.unit_size} px; it must mask at "
-                             f"least one and keep one visible (masking.num_masked / masking.ratio, data.img_size)")
+            raise ValueError(
+                f"masking masks {n} of {num_units} mask unit(s) of {self.unit_size} px; it must mask at "
+                f"least one and keep one visible (masking.num_masked / masking.ratio, data.img_size)"
+            )
         return n
 
     def _uniform(self, lo: float, hi: float, g: torch.Generator | None) -> float:
@@ -63,9 +76,9 @@ class BlockMasking:
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if w < gw and h < gh:
                 top, left = self._randint(0, gh - h, g), self._randint(0, gw - w, g)
-                new = h * w - int(m[top:top + h, left:left + w].sum().item())
+                new = h * w - int(m[top : top + h, left : left + w].sum().item())
                 if 0 < new <= remaining:
-                    m[top:top + h, left:left + w] = 1
+                    m[top : top + h, left : left + w] = 1
                     return new
         return 0
 
@@ -87,8 +100,13 @@ class BlockMasking:
             m.view(-1)[pick] = 1
         return m
 
-    def __call__(self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> Tensor:
+    def __call__(
+        self,
+        batch_size: int,
+        grid: tuple[int, int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         """Return a float mask (N, gh*gw), 1 = masked, every row with exactly ``count(L)`` masked units."""
         num = self.count(grid[0] * grid[1])
         mask = torch.stack([self.sample_one(grid, num, generator).flatten() for _ in range(batch_size)])

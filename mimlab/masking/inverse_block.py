@@ -13,6 +13,7 @@ With ``keep = 1 − ratio`` (ratio 0.8 in the ViT-B recipe), per image:
 At 224 px / 16 (L = 196), ratio 0.8, block 3, adjust 0.07: 5 centres, 39 visible, 157 masked. The random draws come
 from the given ``torch.Generator`` in the official order (all centres of the batch, then per-row adjustment).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,9 @@ class InverseBlockMasking:
     """Args: ``ratio`` (fraction masked, 0.8), ``block_size`` (fairseq ``mask_length``, 3), ``ratio_adjust``
     (``mask_prob_adjust``, 0.07: extra centres to offset block overlap), ``unit_size`` (pixels per unit, = patch size)."""
 
-    def __init__(self, ratio: float = 0.8, block_size: int = 3, ratio_adjust: float = 0.07, unit_size: int = 16) -> None:
+    def __init__(
+        self, ratio: float = 0.8, block_size: int = 3, ratio_adjust: float = 0.07, unit_size: int = 16
+    ) -> None:
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"masking.ratio must be in (0, 1), got {ratio}")
         if block_size < 2:
@@ -66,5 +69,7 @@ class InverseBlockMasking:
         return 1.0 - keep
 
     def __repr__(self) -> str:
-        return (f"InverseBlockMasking(ratio={self.ratio}, block_size={self.block_size}, "
-                f"ratio_adjust={self.ratio_adjust}, unit_size={self.unit_size})")
+        return (
+            f"InverseBlockMasking(ratio={self.ratio}, block_size={self.block_size}, "
+            f"ratio_adjust={self.ratio_adjust}, unit_size={self.unit_size})"
+        )

@@ -12,6 +12,7 @@ Mask convention as everywhere: ``mask[r, l] = 1`` means unit ``l`` is removed fr
 every row keeps the same number of visible units. A plain tensor mask is a ``MaskSet`` with ``clones=1`` and no
 ``targets`` (:func:`as_mask_set`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ class MaskSet:
         if self.clones < 1 or self.mask.shape[0] % self.clones:
             raise ValueError(f"MaskSet: {self.mask.shape[0]} mask rows are not a multiple of clones={self.clones}")
         if self.targets is not None and (self.targets.ndim != 3 or self.targets.shape[0] != self.mask.shape[0]):
-            raise ValueError(f"MaskSet: targets must be (rows, T, K) with rows={self.mask.shape[0]}, "
-                             f"got {tuple(self.targets.shape)}")
+            raise ValueError(
+                f"MaskSet: targets must be (rows, T, K) with rows={self.mask.shape[0]}, got {tuple(self.targets.shape)}"
+            )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskSet:
         targets = None if self.targets is None else self.targets.to(device, non_blocking=non_blocking)

@@ -7,6 +7,7 @@ clones − 1`` belong to image ``n``. With one generator, ``base`` is called onc
 computes the masks of the cloned batch in one call; with one generator per image (training), image ``n``'s clones are
 drawn from ``generator[n]``, so an image gets the same masks whatever batch or process it lands in.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,9 @@ class MultiMask:
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         return self.base.grid(image_size)
 
-    def __call__(self, batch_size: int, grid: tuple[int, int],
-                 generator: torch.Generator | list[torch.Generator] | None = None) -> MaskSet:
+    def __call__(
+        self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> MaskSet:
         if isinstance(generator, list):
             mask = torch.cat([self.base(self.clones, grid, generator=g) for g in generator])
         else:

@@ -19,6 +19,7 @@ generator per image (training), the batch's block sizes come from the first imag
 placements from its own. The block sizes and the truncation are per (per-device) batch, as in the official collator,
 so unlike per-image maskers the masks of an image depend on the batch it is in.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,9 +37,17 @@ class MultiBlockMasking:
 
     takes_sample_generators = True  # block sizes and the context truncation are per batch (see module docstring)
 
-    def __init__(self, num_targets: int = 4, target_scale: tuple[float, float] = (0.15, 0.2),
-                 target_aspect: tuple[float, float] = (0.75, 1.5), context_scale: tuple[float, float] = (0.85, 1.0),
-                 min_keep: int = 10, allow_overlap: bool = False, unit_size: int = 16, max_tries: int = 20) -> None:
+    def __init__(
+        self,
+        num_targets: int = 4,
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        target_aspect: tuple[float, float] = (0.75, 1.5),
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        min_keep: int = 10,
+        allow_overlap: bool = False,
+        unit_size: int = 16,
+        max_tries: int = 20,
+    ) -> None:
         if num_targets < 1:
             raise ValueError(f"masking.num_targets must be >= 1, got {num_targets}")
         self.num_targets = int(num_targets)
@@ -53,8 +62,9 @@ class MultiBlockMasking:
             raise ValueError(f"image size {h}x{w} is not divisible by masking.unit_size={self.unit_size}")
         return h // self.unit_size, w // self.unit_size
 
-    def block_size(self, grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float],
-                   g: torch.Generator | None) -> tuple[int, int]:
+    def block_size(
+        self, grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float], g: torch.Generator | None
+    ) -> tuple[int, int]:
         """(h, w) of a block: one uniform draw sets both scale and aspect."""
         u = torch.rand(1, generator=g).item()
         area = int(grid[0] * grid[1] * (scale[0] + u * (scale[1] - scale[0])))
@@ -64,12 +74,19 @@ class MultiBlockMasking:
 
     def _check(self, size: tuple[int, int], key: str, grid: tuple[int, int]) -> None:
         if size[0] * size[1] <= self.min_keep:
-            raise ValueError(f"masking: a {key} block is {size[0]}x{size[1]} units on the {grid[0]}x{grid[1]} grid, "
-                             f"not more than masking.min_keep={self.min_keep}, so no placement is valid; lower "
-                             f"masking.min_keep or raise masking.{key}_scale / the image size")
+            raise ValueError(
+                f"masking: a {key} block is {size[0]}x{size[1]} units on the {grid[0]}x{grid[1]} grid, "
+                f"not more than masking.min_keep={self.min_keep}, so no placement is valid; lower "
+                f"masking.min_keep or raise masking.{key}_scale / the image size"
+            )
 
-    def place(self, grid: tuple[int, int], size: tuple[int, int], g: torch.Generator | None,
-              avoid: list[list[int]] | None = None) -> list[int]:
+    def place(
+        self,
+        grid: tuple[int, int],
+        size: tuple[int, int],
+        g: torch.Generator | None,
+        avoid: list[list[int]] | None = None,
+    ) -> list[int]:
         """Place one block; return its unit indices (ascending) outside the ``avoid`` blocks (lists of unit indices).
         Plain Python arithmetic: this runs for every image of every step."""
         (gh, gw), (h, w) = grid, size
@@ -79,15 +96,18 @@ class MultiBlockMasking:
             top = int(torch.randint(0, gh - h, (1,), generator=g))
             left = int(torch.randint(0, gw - w, (1,), generator=g))
             taken = set().union(*avoid[: max(len(avoid) - tries, 0)])
-            indices = [i for r in range(top, top + h) for i in range(r * gw + left, r * gw + left + w) if i not in taken]
+            indices = [
+                i for r in range(top, top + h) for i in range(r * gw + left, r * gw + left + w) if i not in taken
+            ]
             if len(indices) > self.min_keep:
                 return indices
             budget -= 1
             if budget == 0:
                 tries, budget = tries + 1, self.max_tries
 
-    def __call__(self, batch_size: int, grid: tuple[int, int],
-                 generator: torch.Generator | list[torch.Generator] | None = None) -> MaskSet:
+    def __call__(
+        self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> MaskSet:
         per_image = generator if isinstance(generator, list) else [generator] * batch_size
         target_size = self.block_size(grid, self.target_scale, self.target_aspect, per_image[0])  # type: ignore[arg-type]
         context_size = self.block_size(grid, self.context_scale, (1.0, 1.0), per_image[0])  # type: ignore[arg-type]
@@ -107,6 +127,8 @@ class MultiBlockMasking:
         return MaskSet(mask, clones=1, targets=target_index)
 
     def __repr__(self) -> str:
-        return (f"MultiBlockMasking(num_targets={self.num_targets}, target_scale={self.target_scale}, "
-                f"target_aspect={self.target_aspect}, context_scale={self.context_scale}, min_keep={self.min_keep}, "
-                f"allow_overlap={self.allow_overlap}, unit_size={self.unit_size})")
+        return (
+            f"MultiBlockMasking(num_targets={self.num_targets}, target_scale={self.target_scale}, "
+            f"target_aspect={self.target_aspect}, context_scale={self.context_scale}, min_keep={self.min_keep}, "
+            f"allow_overlap={self.allow_overlap}, unit_size={self.unit_size})"
+        )

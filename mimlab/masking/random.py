@@ -3,6 +3,7 @@
 Mask convention: ``mask[n, l] = 1`` means unit ``l`` is masked (removed), ``0`` means visible.
 Every sample keeps exactly ``num_keep(L) = int(L * (1 - ratio))`` units, so shapes are static.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,9 @@ class RandomMasking:
 
     def __init__(self, ratio: float, unit_size: int) -> None:
         if not 0.0 < ratio < 1.0:
-            raise ValueError(f"masking.ratio must be in (0, 1) (0 masks nothing: the masked-unit loss is 0), got {ratio}")
+            raise ValueError(
+                f"masking.ratio must be in (0, 1) (0 masks nothing: the masked-unit loss is 0), got {ratio}"
+            )
         if unit_size < 1:
             raise ValueError(f"masking.unit_size must be >= 1 pixel, got {unit_size}")
         self.ratio = float(ratio)
@@ -33,7 +36,8 @@ class RandomMasking:
                 f"masking.ratio={self.ratio} over {num_units} mask unit(s) of {self.unit_size} px keeps "
                 f"int({num_units} x {1 - self.ratio:.3g}) = {keep} visible: "
                 + ("every image would be fully masked" if keep == 0 else "nothing would be masked")
-                + ". Use larger images (data.img_size), a smaller masking.unit_size or another masking.ratio.")
+                + ". Use larger images (data.img_size), a smaller masking.unit_size or another masking.ratio."
+            )
         return keep
 
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:

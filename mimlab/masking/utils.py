@@ -1,4 +1,5 @@
 """Mask helpers shared by every mask-aware backbone. Convention: 1 = masked, 0 = visible."""
+
 from __future__ import annotations
 
 import torch

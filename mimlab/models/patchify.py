@@ -3,6 +3,7 @@
 A patch is flattened in (row-in-patch, col-in-patch, channel) order with the channel fastest,
 exactly as ``einsum('nchpwq->nhwpqc')`` in the official MAE / ConvNeXt-V2 / iTPN code.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ The first half of the channels encodes the **w** (column) coordinate and the sec
 coordinate; each half is ``[sin(pos * omega), cos(pos * omega)]`` with ``omega_k = 1 / 10000^(k / (D/4))``.
 Computed in float64 and returned as float32.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Optimiser + per-step schedule for every task: lr = blr * effective_batch / 256 (or an absolute lr), param groups."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -61,8 +62,12 @@ class OptimizerFactory:
         """The per-step factor for this run (a max-steps run without epochs counts as one epoch)."""
         total_steps = max(int(trainer.estimated_stepping_batches), 1)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        return self.schedule(steps_per_epoch=total_steps / epochs, epochs=epochs, warmup_epochs=self.warmup_epochs,
-                             min_lr_ratio=self.min_lr / lr if lr > 0 else 0.0)
+        return self.schedule(
+            steps_per_epoch=total_steps / epochs,
+            epochs=epochs,
+            warmup_epochs=self.warmup_epochs,
+            min_lr_ratio=self.min_lr / lr if lr > 0 else 0.0,
+        )
 
     def __call__(self, module: nn.Module, trainer: L.Trainer, batch_size: int) -> dict:
         lr = self.absolute_lr(trainer, batch_size)

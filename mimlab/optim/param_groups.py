@@ -3,6 +3,7 @@
 Used as ``OptimizerFactory(param_groups=ParamGroups(...))`` by pre-training, fine-tuning, linear probing, detection
 and segmentation; the options in ``conf/optim/`` only change its arguments.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -16,8 +17,10 @@ def backbone_prefix(module: nn.Module) -> str:
     """Parameter-name prefix of ``module.backbone`` inside ``module`` (e.g. ``"model.backbone.adapter.backbone."``)."""
     backbone = getattr(module, "backbone", None)
     if not isinstance(backbone, nn.Module):
-        raise TypeError(f"{type(module).__name__} has no `backbone` module; every task exposes its backbone as "
-                        "`self.backbone` (CONTRIBUTING.md, 'Adding a task')")
+        raise TypeError(
+            f"{type(module).__name__} has no `backbone` module; every task exposes its backbone as "
+            "`self.backbone` (CONTRIBUTING.md, 'Adding a task')"
+        )
     for name, sub in module.named_modules():
         if sub is backbone:
             return f"{name}." if name else ""
@@ -44,8 +47,13 @@ class ParamGroups:
     has no id 0; "group" on Atto-Tiny depths leaves several empty).
     """
 
-    def __init__(self, layer_decay: float = 1.0, backbone_no_weight_decay: bool = True,
-                 decay_options: Mapping | None = None, no_decay_options: Mapping | None = None) -> None:
+    def __init__(
+        self,
+        layer_decay: float = 1.0,
+        backbone_no_weight_decay: bool = True,
+        decay_options: Mapping | None = None,
+        no_decay_options: Mapping | None = None,
+    ) -> None:
         self.layer_decay = float(layer_decay)
         self.backbone_no_weight_decay = backbone_no_weight_decay
         self.decay_options = dict(decay_options or {})
@@ -55,8 +63,12 @@ class ParamGroups:
         """Layer id of every parameter of ``module`` (full names) and the backbone's :class:`LayerGroups`."""
         prefix = backbone_prefix(module)
         groups = module.backbone.layer_groups()  # type: ignore[operator, union-attr]
-        ids = {name: groups.ids.get(name[len(prefix):], groups.num_layers) if name.startswith(prefix)
-               else groups.num_layers for name, _ in module.named_parameters()}
+        ids = {
+            name: groups.ids.get(name[len(prefix) :], groups.num_layers)
+            if name.startswith(prefix)
+            else groups.num_layers
+            for name, _ in module.named_parameters()
+        }
         return ids, groups
 
     def __call__(self, module: nn.Module, weight_decay: float) -> list[dict]:
@@ -72,7 +84,12 @@ class ParamGroups:
             key = (layer_id, no_decay)
             if key not in groups:
                 options = self.no_decay_options if no_decay else self.decay_options
-                groups[key] = {"params": [], "lr_scale": layers.scale(self.layer_decay, layer_id),
-                               "weight_decay": 0.0 if no_decay else weight_decay, "layer_id": layer_id, **options}
+                groups[key] = {
+                    "params": [],
+                    "lr_scale": layers.scale(self.layer_decay, layer_id),
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "layer_id": layer_id,
+                    **options,
+                }
             groups[key]["params"].append(param)
         return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # per layer: no-decay first (timm)

@@ -10,6 +10,7 @@ own knobs from a Hydra partial:
   ``warmup_ratio``);
 * :class:`WarmupPoly` — mmcv ``PolyLrUpdater`` with linear warm-up in iterations (the mmseg UperNet 160k schedule).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,11 +43,14 @@ class _Warmup:
     """Linear warm-up factor over ``warmup_epochs`` (from 0) or, given ``warmup_steps``, over that many iterations
     from ``warmup_ratio`` (mmcv ``linear``: ``ratio + (1 - ratio) * step / warmup_steps``). Not both."""
 
-    def __init__(self, steps_per_epoch: float, epochs: float, warmup_epochs: float, warmup_steps: int | None,
-                 warmup_ratio: float) -> None:
+    def __init__(
+        self, steps_per_epoch: float, epochs: float, warmup_epochs: float, warmup_steps: int | None, warmup_ratio: float
+    ) -> None:
         if warmup_steps is not None and warmup_epochs:
-            raise ValueError(f"the schedule warms up over schedule.warmup_steps={warmup_steps} iterations; set "
-                             f"optim.warmup_epochs=0 (got {warmup_epochs}) or drop warmup_steps")
+            raise ValueError(
+                f"the schedule warms up over schedule.warmup_steps={warmup_steps} iterations; set "
+                f"optim.warmup_epochs=0 (got {warmup_epochs}) or drop warmup_steps"
+            )
         self.steps_per_epoch = max(steps_per_epoch, 1e-12)
         self.length = warmup_steps if warmup_steps is not None else min(warmup_epochs, epochs) * self.steps_per_epoch
         self.ratio = warmup_ratio if warmup_steps is not None else 0.0
@@ -62,9 +66,17 @@ class WarmupMultiStep:
     ``[8, 11]`` of 12 epochs, ``warmup_steps=250`` from ``warmup_ratio=0.001`` (then ``optim.warmup_epochs=0``).
     """
 
-    def __init__(self, steps_per_epoch: float, epochs: float, warmup_epochs: float, min_lr_ratio: float = 0.0,
-                 milestones: Sequence[float] = (), gamma: float = 0.1, warmup_steps: int | None = None,
-                 warmup_ratio: float = 0.0) -> None:
+    def __init__(
+        self,
+        steps_per_epoch: float,
+        epochs: float,
+        warmup_epochs: float,
+        min_lr_ratio: float = 0.0,
+        milestones: Sequence[float] = (),
+        gamma: float = 0.1,
+        warmup_steps: int | None = None,
+        warmup_ratio: float = 0.0,
+    ) -> None:
         self.warmup = _Warmup(steps_per_epoch, epochs, warmup_epochs, warmup_steps, warmup_ratio)
         self.steps_per_epoch = self.warmup.steps_per_epoch
         self.min_lr_ratio = min_lr_ratio
@@ -80,8 +92,16 @@ class WarmupPoly:
     """mmcv ``PolyLrUpdater``: ``(1 - m) * (1 - step / total) ** power + m`` with ``m = min_lr_ratio`` and
     ``total = steps_per_epoch * epochs``, times the linear warm-up (UperNet 160k: ``warmup_steps=1500`` from 1e-6)."""
 
-    def __init__(self, steps_per_epoch: float, epochs: float, warmup_epochs: float, min_lr_ratio: float = 0.0,
-                 power: float = 1.0, warmup_steps: int | None = None, warmup_ratio: float = 0.0) -> None:
+    def __init__(
+        self,
+        steps_per_epoch: float,
+        epochs: float,
+        warmup_epochs: float,
+        min_lr_ratio: float = 0.0,
+        power: float = 1.0,
+        warmup_steps: int | None = None,
+        warmup_ratio: float = 0.0,
+    ) -> None:
         self.warmup = _Warmup(steps_per_epoch, epochs, warmup_epochs, warmup_steps, warmup_ratio)
         self.total_steps = max(self.warmup.steps_per_epoch * epochs, 1.0)
         self.power, self.min_lr_ratio = power, min_lr_ratio

@@ -1,4 +1,5 @@
 """Base class for pre-training targets: ``forward(images, mask)`` returns what the decoder must predict."""
+
 from __future__ import annotations
 
 from torch import nn

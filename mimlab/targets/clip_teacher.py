@@ -11,6 +11,7 @@ Weights come from a **local** file (``checkpoint_path``): an OpenAI/open-clip ``
 dict (both go through timm's ``checkpoint_filter_fn``). No downloads; ``checkpoint_path=None`` keeps random weights
 (tests only).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -53,15 +54,25 @@ class ClipTeacherTarget(Target):
     checkpoint_path (local file or None), teacher_size (resize the teacher view; None = same as the student),
     input_mean/std (normalisation of the images the student sees), clip_mean/std."""
 
-    def __init__(self, teacher: nn.Module, checkpoint_path: str | None = None, teacher_size: int | None = None,
-                 input_mean: tuple[float, ...] = IMAGENET_MEAN, input_std: tuple[float, ...] = IMAGENET_STD,
-                 clip_mean: tuple[float, ...] = CLIP_MEAN, clip_std: tuple[float, ...] = CLIP_STD) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        checkpoint_path: str | None = None,
+        teacher_size: int | None = None,
+        input_mean: tuple[float, ...] = IMAGENET_MEAN,
+        input_std: tuple[float, ...] = IMAGENET_STD,
+        clip_mean: tuple[float, ...] = CLIP_MEAN,
+        clip_std: tuple[float, ...] = CLIP_STD,
+    ) -> None:
         super().__init__()
         if checkpoint_path:
             load_teacher_weights(teacher, checkpoint_path)
         else:
-            warnings.warn("target.checkpoint_path is not set: the CLIP teacher keeps RANDOM weights (fine for tests, "
-                          "meaningless for pre-training)", stacklevel=2)
+            warnings.warn(
+                "target.checkpoint_path is not set: the CLIP teacher keeps RANDOM weights (fine for tests, "
+                "meaningless for pre-training)",
+                stacklevel=2,
+            )
         self.teacher = teacher.requires_grad_(False).eval()
         self.teacher_size = teacher_size
         self.num_prefix = int(getattr(teacher, "num_prefix_tokens", 1))
@@ -81,9 +92,11 @@ class ClipTeacherTarget(Target):
         x = images * self.scale + self.shift  # type: ignore[operator]  # = (images * std_in + mean_in - mean_clip) / std_clip
         if self.teacher_size is not None and x.shape[-1] != self.teacher_size:
             x = F.interpolate(x, size=(self.teacher_size, self.teacher_size), mode="bicubic", align_corners=False)
-        tokens = self.teacher.forward_features(x)[:, self.num_prefix:]  # type: ignore[operator]
+        tokens = self.teacher.forward_features(x)[:, self.num_prefix :]  # type: ignore[operator]
         feats = self.teacher.head(tokens) if hasattr(self.teacher, "head") else tokens  # type: ignore[operator]
         if mask is not None and feats.shape[1] != mask.shape[1]:
-            raise ValueError(f"CLIP teacher gives {feats.shape[1]} tokens but the mask has {mask.shape[1]} units; "
-                             "set target.teacher_size so that the teacher's token grid equals the unit grid")
+            raise ValueError(
+                f"CLIP teacher gives {feats.shape[1]} tokens but the mask has {mask.shape[1]} units; "
+                "set target.teacher_size so that the teacher's token grid equals the unit grid"
+            )
         return F.layer_norm(feats.float(), feats.shape[-1:])

@@ -7,6 +7,7 @@ affine), averaged, and layer-normalised over channels (no affine). Prefix (cls) 
 The per-image target is then repeated for the mask's ``clones`` (multi-mask: one teacher pass serves all M masked
 versions). ``forward(images (N, C, H, W), mask) -> (N·M, L, D)``; mask convention 1 = masked (not used otherwise).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,14 @@ class Data2VecTarget(EMATeacher):
     the ViT-B recipe's linear 0.9998 → 0.99999 over 26.65 % of training), top_k (10 for ViT-B), instance_norm,
     layer_norm (both on in the image recipes)."""
 
-    def __init__(self, teacher: nn.Module, momentum: LinearMomentum | None = None, top_k: int = 10,
-                 instance_norm: bool = True, layer_norm: bool = True) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        momentum: LinearMomentum | None = None,
+        top_k: int = 10,
+        instance_norm: bool = True,
+        layer_norm: bool = True,
+    ) -> None:
         super().__init__(teacher, momentum or LinearMomentum(0.9998, 0.99999, 100_000 / 375_300))
         depth = len(teacher.blocks)  # type: ignore[arg-type]
         if not 1 <= top_k <= depth:
@@ -41,14 +48,16 @@ class Data2VecTarget(EMATeacher):
     def _ffn_outputs(self, images: Tensor) -> list[Tensor]:
         """Run the teacher on the full image; return the FFN outputs (N, L, D) of its top ``top_k`` blocks."""
         outputs: list[Tensor] = []
-        hooks = [block.mlp.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-                 for block in self.teacher.blocks[-self.top_k:]]  # type: ignore[index]
+        hooks = [
+            block.mlp.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+            for block in self.teacher.blocks[-self.top_k :]  # type: ignore[index]
+        ]
         try:
             self.teacher.forward_tokens(images)  # type: ignore[operator]
         finally:
             for hook in hooks:
                 hook.remove()
-        return [out[:, self.teacher.num_prefix_tokens:] for out in outputs]
+        return [out[:, self.teacher.num_prefix_tokens :] for out in outputs]
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Tensor | MaskSet | None = None) -> Tensor:

@@ -27,6 +27,7 @@ What is **our choice** (no public code exists; docs/methods.md §4.3 marks all o
 ``forward(images, mask) -> {"pixels": pixel_target(images, mask), "s4": (N, L, d4), "s8": (N, L, d8), "s16": (N, L, d16)}``
 with ``d = r²·C`` of the chosen teacher stage (r = 4, 2, 1 sub-tokens per unit side). Mask: (N, L), 1 = masked.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,8 +85,10 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
-        raise ValueError("EMA teacher and student have different parameter lists; build target.teacher from the "
-                         "same config as model.backbone")
+        raise ValueError(
+            "EMA teacher and student have different parameter lists; build target.teacher from the "
+            "same config as model.backbone"
+        )
     torch._foreach_lerp_(t_params, [s.to(t.dtype) for s, t in zip(s_params, t_params)], 1.0 - momentum)  # type: ignore[arg-type]
     for tb, sb in zip(teacher.buffers(), student.buffers()):
         tb.copy_(sb)
@@ -130,9 +133,15 @@ class EMATeacherTarget(EMATeacher):
     (e.g. ``NormPixTarget``; None = no pixel term), momentum/final_momentum (cosine schedule), stages (teacher stage
     per pyramid level s4/s8/s16), normalize (LayerNorm targets without affine)."""
 
-    def __init__(self, teacher: nn.Module, pixel_target: nn.Module | None = None, momentum: float = 0.996,
-                 final_momentum: float = 1.0, stages: tuple[int, int, int] | list[int] = (2, 2, 2),
-                 normalize: bool = True) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        pixel_target: nn.Module | None = None,
+        momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        stages: tuple[int, int, int] | list[int] = (2, 2, 2),
+        normalize: bool = True,
+    ) -> None:
         if len(stages) != 3 or any(s not in (0, 1, 2) for s in stages):
             raise ValueError(f"target.stages must be three indices into (f4, f8, x16), got {stages}")
         if not 0.0 <= momentum <= final_momentum <= 1.0:

@@ -48,7 +48,7 @@ def _unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
             stripped = False
             for prefix in _PREFIXES:
                 if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+                    key, stripped = key[len(prefix) :], True
         out[key] = value
     return out
 
@@ -138,8 +138,11 @@ class FrozenTeacher(Target):
         if checkpoint:
             load_teacher_checkpoint(teacher, checkpoint)
         else:
-            log.warning("target.checkpoint is null: the %s teacher has random weights (fine for tests and "
-                        "token-diversity baselines, not for reproducing Img2Vec)", type(teacher).__name__)
+            log.warning(
+                "target.checkpoint is null: the %s teacher has random weights (fine for tests and "
+                "token-diversity baselines, not for reproducing Img2Vec)",
+                type(teacher).__name__,
+            )
         self.teacher = teacher.requires_grad_(False).eval()
         self.stride, self.norm_tokens, self.keep_in_checkpoint = stride, norm_tokens, keep_in_checkpoint
         self.dim = dim if dim is not None else self._infer_dim()

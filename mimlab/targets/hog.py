@@ -7,6 +7,7 @@ mod nbins``), magnitudes summed per bin over ``cell_size × cell_size`` cells, e
 (per channel). A patch's target concatenates its ``(patch_size / cell_size)²`` cells for the three channels in the
 official order ``(channel, bin, cell_row, cell_col)``: 3 · 9 · 2 · 2 = 108 values for 16-px patches and 8-px cells.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,9 @@ class HOGTarget(Target):
         gx, gy = F.conv2d(x, self.sobel.float()).unbind(1)  # type: ignore[arg-type]
         magnitude = torch.sqrt(gx**2 + gy**2)
         bins = torch.floor(torch.atan2(gx, gy) / math.pi * self.nbins).long() % self.nbins
-        hist = torch.zeros(n * c, self.nbins, h, w, device=images.device).scatter_add_(1, bins[:, None], magnitude[:, None])
+        hist = torch.zeros(n * c, self.nbins, h, w, device=images.device).scatter_add_(
+            1, bins[:, None], magnitude[:, None]
+        )
         k = self.cell_size
         hist = hist.reshape(n, c, self.nbins, h // k, k, w // k, k).sum(dim=(4, 6))
         return F.normalize(hist, dim=2)

@@ -5,6 +5,7 @@ The EMA target encoder encodes the **full** image; its output (after the final n
 ``forward(images (N, C, H, W), mask) -> (N, T, K_t, D)`` for a :class:`~mimlab.masking.MaskSet` with ``targets``
 (N, T, K_t); without target blocks (a plain mask) every token is returned, (N·M, L, D). Mask convention: 1 = masked.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,7 @@ class IJEPATarget(EMATeacher):
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Tensor | MaskSet | None = None) -> Tensor:
-        h = self.teacher.forward_tokens(images)[:, self.teacher.num_prefix_tokens:]  # type: ignore[operator]
+        h = self.teacher.forward_tokens(images)[:, self.teacher.num_prefix_tokens :]  # type: ignore[operator]
         h = F.layer_norm(h.float(), h.shape[-1:])
         if mask is None:
             return h

@@ -1,4 +1,5 @@
 """Pixel targets for MAE / FCMAE / iTPN-pixel: patchified images, optionally normalised per patch (norm-pix)."""
+
 from __future__ import annotations
 
 import torch

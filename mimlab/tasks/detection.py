@@ -50,8 +50,10 @@ class _DetectorBackbone(nn.Module):
     def __init__(self, adapter: DenseFeatureAdapter):
         super().__init__()
         if len(set(adapter.out_channels)) != 1:
-            raise ValueError(f"Mask R-CNN needs one width on every level; the adapter gives {adapter.out_channels}. "
-                             f"Add a neck (SimpleFeaturePyramid / TorchvisionFPN) with out_channels=256.")
+            raise ValueError(
+                f"Mask R-CNN needs one width on every level; the adapter gives {adapter.out_channels}. "
+                f"Add a neck (SimpleFeaturePyramid / TorchvisionFPN) with out_channels=256."
+            )
         self.adapter = adapter
         self.out_channels = adapter.out_channels[0]
 
@@ -83,13 +85,27 @@ class MaskRCNNDetection(L.LightningModule):
             1000 as torchvision; CPU-fast configs shrink them).
     """
 
-    def __init__(self, adapter: DenseFeatureAdapter, optim: OptimizerFactory, num_classes: int,
-                 pretrained: str | None = None, load_neck: bool = False, min_size: int = 1024, max_size: int = 1024,
-                 anchor_sizes: Sequence[int] | None = None, conv_heads: bool = True,
-                 head_channels: int = 256, representation_size: int = 1024, box_batch_size_per_image: int = 512,
-                 rpn_pre_nms_top_n: int = 2000, rpn_post_nms_top_n: int = 1000,
-                 detections_per_img: int = 100, box_score_thresh: float = 0.05, mask_threshold: float = 0.5,
-                 monitor: str = "val/bbox_mAP"):
+    def __init__(
+        self,
+        adapter: DenseFeatureAdapter,
+        optim: OptimizerFactory,
+        num_classes: int,
+        pretrained: str | None = None,
+        load_neck: bool = False,
+        min_size: int = 1024,
+        max_size: int = 1024,
+        anchor_sizes: Sequence[int] | None = None,
+        conv_heads: bool = True,
+        head_channels: int = 256,
+        representation_size: int = 1024,
+        box_batch_size_per_image: int = 512,
+        rpn_pre_nms_top_n: int = 2000,
+        rpn_post_nms_top_n: int = 1000,
+        detections_per_img: int = 100,
+        box_score_thresh: float = 0.05,
+        mask_threshold: float = 0.5,
+        monitor: str = "val/bbox_mAP",
+    ):
         require("pycocotools", "task=detect (COCO box and mask mAP)")
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "optim"])
@@ -99,32 +115,48 @@ class MaskRCNNDetection(L.LightningModule):
         backbone = _DetectorBackbone(adapter)
         names = adapter.names()
         if anchor_sizes is None:
-            anchor_sizes = [max(1, round(min_size / 32)) * 2 ** i for i in range(len(names))]
+            anchor_sizes = [max(1, round(min_size / 32)) * 2**i for i in range(len(names))]
         if len(names) != len(anchor_sizes):
-            raise ValueError(f"anchor_sizes has {len(anchor_sizes)} entries but the adapter gives {len(names)} levels {names}.")
+            raise ValueError(
+                f"anchor_sizes has {len(anchor_sizes)} entries but the adapter gives {len(names)} levels {names}."
+            )
         c = backbone.out_channels
         kwargs = {}
         if conv_heads:
-            kwargs = dict(rpn_head=RPNHead(c, 3, conv_depth=2),
-                          box_head=FastRCNNConvFCHead((c, 7, 7), [head_channels] * 4, [representation_size],
-                                                      norm_layer=nn.BatchNorm2d),
-                          box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
-                          mask_head=MaskRCNNHeads(c, [head_channels] * 4, 1, norm_layer=nn.BatchNorm2d),
-                          mask_predictor=MaskRCNNPredictor(head_channels, head_channels, num_classes + 1))
+            kwargs = dict(
+                rpn_head=RPNHead(c, 3, conv_depth=2),
+                box_head=FastRCNNConvFCHead(
+                    (c, 7, 7), [head_channels] * 4, [representation_size], norm_layer=nn.BatchNorm2d
+                ),
+                box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
+                mask_head=MaskRCNNHeads(c, [head_channels] * 4, 1, norm_layer=nn.BatchNorm2d),
+                mask_predictor=MaskRCNNPredictor(head_channels, head_channels, num_classes + 1),
+            )
             num_classes_arg = None
         else:
             num_classes_arg = num_classes + 1
         self.model = MaskRCNN(
-            backbone, num_classes=num_classes_arg,
+            backbone,
+            num_classes=num_classes_arg,
             rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(names)),
-            box_roi_pool=MultiScaleRoIAlign(names[:-1], 7, 2), mask_roi_pool=MultiScaleRoIAlign(names[:-1], 14, 2),
-            box_detections_per_img=detections_per_img, box_batch_size_per_image=box_batch_size_per_image,
+            box_roi_pool=MultiScaleRoIAlign(names[:-1], 7, 2),
+            mask_roi_pool=MultiScaleRoIAlign(names[:-1], 14, 2),
+            box_detections_per_img=detections_per_img,
+            box_batch_size_per_image=box_batch_size_per_image,
             box_score_thresh=box_score_thresh,
-            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n, rpn_pre_nms_top_n_test=min(rpn_pre_nms_top_n, 1000),
-            rpn_post_nms_top_n_train=rpn_post_nms_top_n, rpn_post_nms_top_n_test=rpn_post_nms_top_n, **kwargs)
-        self.model.transform = _EvalResizeTransform(min_size, max_size, self.model.transform.image_mean,
-                                                    self.model.transform.image_std,
-                                                    size_divisible=adapter.size_divisible)
+            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n,
+            rpn_pre_nms_top_n_test=min(rpn_pre_nms_top_n, 1000),
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n,
+            rpn_post_nms_top_n_test=rpn_post_nms_top_n,
+            **kwargs,
+        )
+        self.model.transform = _EvalResizeTransform(
+            min_size,
+            max_size,
+            self.model.transform.image_mean,
+            self.model.transform.image_std,
+            size_divisible=adapter.size_divisible,
+        )
         self.optim = optim
         with torch.device("cpu"):  # the metric builds its COCO thresholds with .tolist(): not on the meta device
             self.val_map = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools", sync_on_compute=False)
@@ -156,11 +188,25 @@ class MaskRCNNDetection(L.LightningModule):
     def to_metric_inputs(self, preds: list[dict], targets: list[dict]) -> tuple[list[dict], list[dict]]:
         """Detections and targets in the ``MeanAveragePrecision`` format (bool (K, H, W) masks)."""
         thr = self.hparams.mask_threshold  # type: ignore[attr-defined]
-        p = [{"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"],
-              "masks": (d["masks"][:, 0] > thr) if d["masks"].ndim == 4 else d["masks"].bool()} for d in preds]
-        t = [{"boxes": g["boxes"].as_subclass(torch.Tensor), "labels": g["labels"], "masks": g["masks"].bool(),
-              **({"iscrowd": g["iscrowd"]} if "iscrowd" in g else {}), **({"area": g["area"]} if "area" in g else {})}
-             for g in targets]
+        p = [
+            {
+                "boxes": d["boxes"],
+                "scores": d["scores"],
+                "labels": d["labels"],
+                "masks": (d["masks"][:, 0] > thr) if d["masks"].ndim == 4 else d["masks"].bool(),
+            }
+            for d in preds
+        ]
+        t = [
+            {
+                "boxes": g["boxes"].as_subclass(torch.Tensor),
+                "labels": g["labels"],
+                "masks": g["masks"].bool(),
+                **({"iscrowd": g["iscrowd"]} if "iscrowd" in g else {}),
+                **({"area": g["area"]} if "area" in g else {}),
+            }
+            for g in targets
+        ]
         return p, t
 
     def validation_step(self, batch, batch_idx):

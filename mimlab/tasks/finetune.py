@@ -6,6 +6,7 @@ from ``pretrained`` (a mimlab ``.ckpt`` or an official file, :func:`mimlab.check
 lr decay (``optim.param_groups``), drop path (backbone config) and model EMA (timm ``ModelEmaV3``; validated instead of
 the raw weights when enabled) are configured in ``conf/task/finetune.yaml`` and the ``finetune_*`` experiments.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,25 +64,32 @@ class ImageClassification(L.LightningModule):
         self.head: nn.Module | None = None
         self.load_report: dict[str, list[str]] = {}
         if pretrained:
-            self.load_report = load_pretrained(pretrained, backbone, allow_missing=allow_missing,
-                                               ignore_unexpected=ignore_unexpected)["backbone"]
+            self.load_report = load_pretrained(
+                pretrained, backbone, allow_missing=allow_missing, ignore_unexpected=ignore_unexpected
+            )["backbone"]
         else:
-            log.warning("%s: no `pretrained` checkpoint given; the backbone starts from random init", type(self).__name__)
+            log.warning(
+                "%s: no `pretrained` checkpoint given; the backbone starts from random init", type(self).__name__
+            )
         if num_classes is not None:
             self._build_head(num_classes)
 
     # ------------------------------------------------------------------------------------------------ building
     def _build_head(self, num_classes: int) -> None:
         if int(num_classes) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 classes, got num_classes={num_classes} "
-                             "(one class folder gives 100% accuracy whatever the model); point data.root at labelled data")
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 classes, got num_classes={num_classes} "
+                "(one class folder gives 100% accuracy whatever the model); point data.root at labelled data"
+            )
         self.num_classes = int(num_classes)
         self.head = self.head_factory(self.features.dim(self.backbone), self.num_classes)  # type: ignore[attr-defined]
         top5 = min(5, self.num_classes)
-        self.metrics = nn.ModuleDict({
-            "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-            "acc5": MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"),
-        })
+        self.metrics = nn.ModuleDict(
+            {
+                "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+                "acc5": MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"),
+            }
+        )
         self.val_loss = MeanMetric()  # sample-weighted over every rank's validation block
         self.on_head_built()
 
@@ -92,7 +100,9 @@ class ImageClassification(L.LightningModule):
         if self.head is None:
             datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is None or not hasattr(datamodule, "num_classes"):
-                raise ValueError("task.num_classes is null and the datamodule does not report num_classes; set task.num_classes")
+                raise ValueError(
+                    "task.num_classes is null and the datamodule does not report num_classes; set task.num_classes"
+                )
             self._build_head(datamodule.num_classes)
 
     # ------------------------------------------------------------------------------------------------ forward

@@ -4,6 +4,7 @@
 -> BatchNorm1d(D, affine=False, eps=1e-6) -> Linear -> logits (N, K)``; plain cross-entropy. The backbone stays in
 eval mode (no drop path, frozen statistics) and its features are computed without autograd.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -5,6 +5,7 @@ A method (MAE, FCMAE, iTPN, Img2Vec, SimMIM, MaskFeat, data2vec 2.0, I-JEPA) is 
 in ``conf/experiment/*.yaml``. Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked; or a
 :class:`~mimlab.masking.MaskSet` (several masks per image, target sets), which this module passes on untouched.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -71,7 +72,9 @@ class MaskedPretraining(L.LightningModule):
             world = self.trainer.world_size
         except RuntimeError:  # not attached to a Trainer (a bare step, a FLOP count): one process
             world = 1
-        return [self._generator(0, self.global_step, batch_idx, j * world + self.global_rank) for j in range(batch_size)]
+        return [
+            self._generator(0, self.global_step, batch_idx, j * world + self.global_rank) for j in range(batch_size)
+        ]
 
     @torch.compiler.disable  # host-side draws from host generators
     def make_mask(self, images: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor | MaskSet:
@@ -111,8 +114,15 @@ class MaskedPretraining(L.LightningModule):
     def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
         on_step = stage == "train"
         for name, value in losses.items():
-            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=name == "loss",
-                     batch_size=batch_size, sync_dist=not on_step)
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_step=on_step,
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=batch_size,
+                sync_dist=not on_step,
+            )
 
     @torch.no_grad()
     def check_composition(self, image_size: tuple[int, int]) -> None:
@@ -129,7 +139,9 @@ class MaskedPretraining(L.LightningModule):
                 f"loss={type(self.loss).__name__}"
             ) from err
         if "loss" not in losses:
-            raise CompositionError(f"loss {type(self.loss).__name__} returned {sorted(losses)}; it must return a 'loss' entry")
+            raise CompositionError(
+                f"loss {type(self.loss).__name__} returned {sorted(losses)}; it must return a 'loss' entry"
+            )
 
     # ----------------------------------------------------------------------------------------------- visualisation
     @torch.no_grad()

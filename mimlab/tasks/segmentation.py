@@ -25,8 +25,9 @@ from mimlab.optim import OptimizerFactory
 
 
 @torch.no_grad()
-def slide_inference(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, num_classes: int,
-                    crop: int, stride: int) -> torch.Tensor:
+def slide_inference(
+    predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, num_classes: int, crop: int, stride: int
+) -> torch.Tensor:
     """Average ``predict`` logits over overlapping ``crop`` windows (mmseg ``slide_inference``).
 
     ``predict((N, 3, h, w)) -> (N, C, h, w)``; ``image`` (N, 3, H, W) → logits (N, C, H, W). Windows that would cross
@@ -63,10 +64,20 @@ class UperNetSegmentation(L.LightningModule):
         monitor: the metric the best checkpoint follows (read by ``callbacks/dense``).
     """
 
-    def __init__(self, adapter: DenseFeatureAdapter, decode_head: Callable[..., nn.Module], optim: OptimizerFactory,
-                 aux_head: Callable[..., nn.Module] | None = None, num_classes: int = 150, aux_weight: float = 0.4,
-                 pretrained: str | None = None, load_neck: bool = False, crop_size: int = 512, stride: int = 341,
-                 monitor: str = "val/mIoU"):
+    def __init__(
+        self,
+        adapter: DenseFeatureAdapter,
+        decode_head: Callable[..., nn.Module],
+        optim: OptimizerFactory,
+        aux_head: Callable[..., nn.Module] | None = None,
+        num_classes: int = 150,
+        aux_weight: float = 0.4,
+        pretrained: str | None = None,
+        load_neck: bool = False,
+        crop_size: int = 512,
+        stride: int = 341,
+        monitor: str = "val/mIoU",
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["adapter", "decode_head", "aux_head", "optim"])
         adapter.check_input_size(crop_size, "crop_size")
@@ -113,8 +124,13 @@ class UperNetSegmentation(L.LightningModule):
 
     def predict_full(self, image: torch.Tensor, out_size) -> torch.Tensor:
         """Sliding-window logits of one (3, H, W) image resized to ``out_size``: (num_classes, *out_size)."""
-        logits = slide_inference(self._logits, image[None], self.hparams.num_classes, self.hparams.crop_size,  # type: ignore[attr-defined]
-                                 self.hparams.stride)  # type: ignore[attr-defined]
+        logits = slide_inference(
+            self._logits,
+            image[None],
+            self.hparams.num_classes,  # type: ignore[attr-defined]
+            self.hparams.crop_size,  # type: ignore[attr-defined]
+            self.hparams.stride,  # type: ignore[attr-defined]
+        )
         return F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)[0]
 
     def validation_step(self, batch, batch_idx):

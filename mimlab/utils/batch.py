@@ -1,4 +1,5 @@
 """Small batch helpers used from configs."""
+
 from typing import Any
 
 

@@ -1,4 +1,5 @@
 """Name unknown config keys on the command line, and overrides of slots the chosen task does not have (before Hydra runs)."""
+
 from __future__ import annotations
 
 import difflib
@@ -58,15 +59,20 @@ def unknown_key_messages(config_dir: str, config_name: str, args: list[str]) -> 
     with initialize_config_dir(config_dir, version_base="1.3"):
         selections = [o for o in overrides if o.key_or_group in groups and not o.is_force_add()]
         try:
-            base = compose(config_name, overrides=[o.input_line for o in selections if o.key_or_group not in slots],  # type: ignore[misc]
-                           return_hydra_config=True)
+            base = compose(
+                config_name,
+                overrides=[o.input_line for o in selections if o.key_or_group not in slots],  # type: ignore[misc]
+                return_hydra_config=True,
+            )
         except Exception:  # a wrong group option: Hydra lists the choices itself
             return []
         task = base.hydra.runtime.choices.get("task")
         present = {g for g in slots if OmegaConf.select(base, g.replace("/", "."), default=None) is not None}
-        messages = [_unused_slot_message(o.input_line, slot, task, slots[slot])  # type: ignore[arg-type]
-                    for o in overrides if not o.is_add() and (slot := _slot_of(o.key_or_group, slots)) is not None
-                    and slot not in present]
+        messages = [
+            _unused_slot_message(o.input_line, slot, task, slots[slot])  # type: ignore[arg-type]
+            for o in overrides
+            if not o.is_add() and (slot := _slot_of(o.key_or_group, slots)) is not None and slot not in present
+        ]
         if messages:
             return messages
         try:
@@ -86,8 +92,10 @@ def unknown_key_messages(config_dir: str, config_name: str, args: list[str]) -> 
 
 
 def _unused_slot_message(override: str, slot: str, task: str, owners: list[str]) -> str:
-    return (f"'{override}': task={task} has no '{slot}' slot; only task={' | '.join(owners)} use it (their "
-            "conf/task/<task>.yaml defaults list adds it). Drop the override, or choose a task that uses the slot.")
+    return (
+        f"'{override}': task={task} has no '{slot}' slot; only task={' | '.join(owners)} use it (their "
+        "conf/task/<task>.yaml defaults list adds it). Drop the override, or choose a task that uses the slot."
+    )
 
 
 def _group_names(config_dir: str) -> list[str]:

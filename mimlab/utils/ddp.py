@@ -7,6 +7,7 @@ gloo fit of the tiny MAE with ``accumulate_grad_batches=2`` crashes with exactly
 keeps ``static_graph`` for the common case and drops it (with a warning) when told that the Trainer accumulates;
 ``conf/hardware/ddp.yaml`` passes ``accumulate_grad_batches: ${trainer.accumulate_grad_batches}``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,5 +46,6 @@ class MimDDPStrategy(DDPStrategy):
                 f"{self.accumulate_grad_batches} but the Trainer accumulates {trainer.accumulate_grad_batches} batches, "
                 "which DDP's static graph does not survive (pytorch/pytorch#143580). Pass the Trainer's value as "
                 "MimDDPStrategy(accumulate_grad_batches=...) (conf/hardware/ddp.yaml does: "
-                "${trainer.accumulate_grad_batches}) or static_graph=False.")
+                "${trainer.accumulate_grad_batches}) or static_graph=False."
+            )
         super().setup(trainer)

@@ -1,4 +1,5 @@
 """Fail before the Trainer is built when the hardware group asks for more GPUs than this machine has."""
+
 from __future__ import annotations
 
 import torch
@@ -27,10 +28,14 @@ def check_devices(hardware: DictConfig) -> None:
         return
     available = torch.cuda.device_count()
     if available == 0:
-        raise ValueError(f"hardware.accelerator={hardware.accelerator} asks for GPUs, but this machine has no CUDA GPU "
-                         "(torch.cuda.device_count() is 0). Use hardware=cpu, or add hardware.accelerator=cpu to run "
-                         "hardware=ddp as CPU processes (gloo).")
+        raise ValueError(
+            f"hardware.accelerator={hardware.accelerator} asks for GPUs, but this machine has no CUDA GPU "
+            "(torch.cuda.device_count() is 0). Use hardware=cpu, or add hardware.accelerator=cpu to run "
+            "hardware=ddp as CPU processes (gloo)."
+        )
     wanted = requested_gpus(hardware.devices, available)
     if wanted > available:
-        raise ValueError(f"hardware.devices={hardware.devices} asks for {wanted} GPUs, but this machine has "
-                         f"{available}. Set hardware.devices={available} (or -1 for all of them).")
+        raise ValueError(
+            f"hardware.devices={hardware.devices} asks for {wanted} GPUs, but this machine has "
+            f"{available}. Set hardware.devices={available} (or -1 for all of them)."
+        )

@@ -4,6 +4,7 @@ The DataModules give rank ``r`` the contiguous validation block ``[r·n/W, (r+1)
 concatenating the ranks' per-sample results in rank order restores the data set order of a 1-process run, and a
 metric computed on the concatenation equals the 1-process figure exactly.
 """
+
 from __future__ import annotations
 
 import torch

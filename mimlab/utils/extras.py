@@ -1,5 +1,6 @@
 """Optional dependencies (the package extras ``slurm``, ``shards``, ``coco``; ``all`` installs every one) imported when
 a feature needs them, with an error that names the extra to install."""
+
 from __future__ import annotations
 
 import importlib

@@ -6,6 +6,7 @@ Each switch is one key of ``conf/hardware/*.yaml`` (the GPU options turn the fas
 ``fused_optimizer`` is read by ``conf/optim/*.yaml`` and ``matmul_precision`` by :func:`mimlab.train.build`.
 Kept-token counts are static by construction (``RandomMasking.num_keep``), so compiled graphs are not re-traced per batch.
 """
+
 from __future__ import annotations
 
 from typing import Any

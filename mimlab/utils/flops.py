@@ -12,6 +12,7 @@ Two counters, chosen by what the model contains (``method="auto"``):
   MAC, backward = 2 × forward). Used for models with depthwise convolutions: FlopCounterMode over-counts the
   depthwise-conv backward about 3× (ConvNeXt-B: 273 vs 92 GFLOP per image).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,8 +35,20 @@ def flops_method(module: nn.Module) -> str:
     return "analytic" if has_depthwise_conv(module) else "counter"
 
 
-def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                       _output_padding, _groups, output_mask, **_kwargs) -> int:
+def conv_backward_flop(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    **_kwargs,
+) -> int:
     """FLOPs of ``aten.convolution_backward`` (shapes, as FlopCounterMode passes them): each requested gradient (input,
     weight) costs one forward convolution, ``2 · N · C_out · C_in/groups · k² · H_out · W_out`` (the weight shape
     already holds the per-group channels)."""
@@ -67,7 +80,9 @@ def conv_linear_macs(module: nn.Module, run: Callable[[], Any]) -> int:
     return total
 
 
-def train_flops_per_image(module: nn.Module, step: Callable[[], Tensor], batch_size: int, method: str = "auto") -> float:
+def train_flops_per_image(
+    module: nn.Module, step: Callable[[], Tensor], batch_size: int, method: str = "auto"
+) -> float:
     """FLOPs per image of one training step; ``step()`` runs the forward and returns the scalar loss.
 
     ``method``: ``auto`` (:func:`flops_method`), ``counter`` or ``analytic``. No ``.grad`` is written.
@@ -81,7 +96,9 @@ def train_flops_per_image(module: nn.Module, step: Callable[[], Tensor], batch_s
     fused = {m: m.fused_attn for m in module.modules() if isinstance(getattr(m, "fused_attn", None), bool)}
     set_fused_attn(module, False)
     try:
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}) as counter:
+        with FlopCounterMode(
+            display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}
+        ) as counter:
             # gradients returned, not accumulated: a .backward() here would fire DDP's gradient hooks outside a DDP
             # step, after which DDP with static_graph stops averaging some gradients (ranks drift apart)
             torch.autograd.grad(step(), [p for p in module.parameters() if p.requires_grad], allow_unused=True)

@@ -7,6 +7,7 @@
   the constructor, which checks ranges (``data.batch_size >= 1``, ``masking.ratio`` in (0, 1)) itself.
 * On the command line, ``key=`` with nothing after ``=`` (an unset shell variable, e.g. ``task.pretrained=$CKPT``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,7 +35,9 @@ def _arguments(target: str) -> tuple[dict[str, Any], bool]:
     """({argument: annotation or None}, takes ``**kwargs``) of the callable ``target``; for a class, an ``__init__``
     with ``**kwargs`` is assumed to pass them on to its base class's ``__init__``, whose arguments are added."""
     fn = get_object(target)
-    callables = [k.__dict__["__init__"] for k in fn.__mro__ if "__init__" in k.__dict__] if inspect.isclass(fn) else [fn]
+    callables = (
+        [k.__dict__["__init__"] for k in fn.__mro__ if "__init__" in k.__dict__] if inspect.isclass(fn) else [fn]
+    )
     arguments: dict[str, Any] = {}
     open_ended = False
     for call in callables:
@@ -147,5 +150,8 @@ def validate_options(cfg: DictConfig) -> None:
 
 def empty_override_messages(args: list[str]) -> list[str]:
     """A message for each command-line ``key=`` with nothing after ``=`` (``key=null`` unsets a key on purpose)."""
-    return [f"{arg} has no value (an unset shell variable?); give one, or write {arg}null to unset it"
-            for arg in args if not arg.startswith(("-", "~")) and arg.endswith("=") and arg.count("=") == 1]
+    return [
+        f"{arg} has no value (an unset shell variable?); give one, or write {arg}null to unset it"
+        for arg in args
+        if not arg.startswith(("-", "~")) and arg.endswith("=") and arg.count("=") == 1
+    ]

@@ -12,6 +12,7 @@ from ``<sweep dir>/multirun.yaml`` (which Hydra's sweeper writes before launchin
 ``${mimlab.scale:<size>,<factor>}``: ``round(size * factor)`` as an int, for sizes that follow a recipe's one size
 knob (``data.img_size``): e.g. the 1333 longer-side cap of an 800-px multi-scale recipe, or the 2/3 sliding stride.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,7 @@ def dirname(text: object) -> str:
     if len(text) <= MAX_DIRNAME:
         return text
     digest = hashlib.sha1(text.encode()).hexdigest()[:8]
-    return f"{text[:MAX_DIRNAME - 9]}-{digest}"
+    return f"{text[: MAX_DIRNAME - 9]}-{digest}"
 
 
 @lru_cache(maxsize=16)

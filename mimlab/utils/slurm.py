@@ -5,6 +5,7 @@ Without them a missing ``sbatch`` surfaces as submitit's "Could not detect srun"
 specification", and a run without ``-m`` starts training on the login node and fails inside Lightning.
 Hydra turns exceptions raised in callbacks into warnings, so a failed check exits with its message instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ def partitions() -> dict[str, dict[str, Any]]:
     """``{name: {"default": bool, "gres": [str, ...]}}`` for each partition the controller reports (``sinfo``)."""
     proc = subprocess.run(["sinfo", "--noheader", "--format=%P|%G"], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
-        fail(f"hardware=slurm: `sinfo` failed ({proc.stderr.strip() or proc.returncode}): the SLURM controller does "
-             f"not answer. Check the cluster (or start the local one: {LOCAL_CLUSTER}).")
+        fail(
+            f"hardware=slurm: `sinfo` failed ({proc.stderr.strip() or proc.returncode}): the SLURM controller does "
+            f"not answer. Check the cluster (or start the local one: {LOCAL_CLUSTER})."
+        )
     out: dict[str, dict[str, Any]] = {}
     for line in proc.stdout.split():
         name, gres = line.split("|", 1)
@@ -45,24 +48,32 @@ class SlurmPreflight(Callback):
         missing = [tool for tool in ("sbatch", "srun", "sinfo") if shutil.which(tool) is None]
         if missing:
             verb = "is" if len(missing) == 1 else "are"
-            fail(f"hardware=slurm submits SLURM jobs, but {', '.join(missing)} {verb} not on PATH. Run on a SLURM "
-                 f"login node (or start a local one-node cluster: {LOCAL_CLUSTER}); without SLURM use hardware=cpu, "
-                 "gpu or ddp.")
+            fail(
+                f"hardware=slurm submits SLURM jobs, but {', '.join(missing)} {verb} not on PATH. Run on a SLURM "
+                f"login node (or start a local one-node cluster: {LOCAL_CLUSTER}); without SLURM use hardware=cpu, "
+                "gpu or ddp."
+            )
         launcher = config.hydra.launcher
         known = partitions()
         name = launcher.get("partition")
         if name is None:
             name = next((n for n, p in known.items() if p["default"]), None)
         elif str(name) not in known:
-            fail(f"hydra.launcher.partition={name}: no such partition on this cluster (sinfo lists: "
-                 f"{', '.join(known) or 'none'}). Set it to one of them, or to null for the default partition.")
+            fail(
+                f"hydra.launcher.partition={name}: no such partition on this cluster (sinfo lists: "
+                f"{', '.join(known) or 'none'}). Set it to one of them, or to null for the default partition."
+            )
         gpus = launcher.get("gpus_per_node")
         if gpus and name is not None and not any("gpu" in gres for gres in known[str(name)]["gres"]):
-            fail(f"hydra.launcher.gpus_per_node={gpus}, but partition {name} has no GPUs (sinfo gres: "
-                 f"{', '.join(known[str(name)]['gres'])}). For CPU jobs set hardware.accelerator=cpu "
-                 "hydra.launcher.gpus_per_node=null; for GPU jobs pick a GPU partition (hydra.launcher.partition=...).")
+            fail(
+                f"hydra.launcher.gpus_per_node={gpus}, but partition {name} has no GPUs (sinfo gres: "
+                f"{', '.join(known[str(name)]['gres'])}). For CPU jobs set hardware.accelerator=cpu "
+                "hydra.launcher.gpus_per_node=null; for GPU jobs pick a GPU partition (hydra.launcher.partition=...)."
+            )
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "SLURM_JOB_ID" not in os.environ:
-            fail("hardware=slurm submits through Hydra's submitit launcher, which runs only in multirun mode: add -m "
-                 "(python -m mimlab.train -m experiment=... hardware=slurm ...).")
+            fail(
+                "hardware=slurm submits through Hydra's submitit launcher, which runs only in multirun mode: add -m "
+                "(python -m mimlab.train -m experiment=... hardware=slurm ...)."
+            )

@@ -5,6 +5,7 @@ The file is wandb's record log: a 7-byte header (``:W&B``, magic, version) then 
 a ``wandb_internal_pb2.Record`` protobuf. ``summarise_run`` gives what a test or a report needs: run group, tags,
 name, config keys and the history metric keys.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,8 @@ def read_records(path: str | Path) -> list[Any]:
         if left < _HEADER:  # block trailer padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
-        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
         pos += _HEADER + length
         if kind == _FULL:
             payloads = [chunk]

@@ -16,6 +16,7 @@ Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher
 :func:`check_backbone` verifies all of it; every task calls it when it is built (composition time, before any data
 is read), so a backbone that forgets part of the contract fails there, naming what is missing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,8 +25,14 @@ from dataclasses import dataclass
 from torch import nn
 
 CONTRACT_METHODS = ("forward_features", "forward_pooled", "no_weight_decay", "layer_groups")
-CONTRACT_ATTRIBUTES = ("out_channels", "out_strides", "num_features", "feature_pools", "layer_decay_rules",
-                       "layer_decay_rule")
+CONTRACT_ATTRIBUTES = (
+    "out_channels",
+    "out_strides",
+    "num_features",
+    "feature_pools",
+    "layer_decay_rules",
+    "layer_decay_rule",
+)
 
 
 class BackboneContractError(TypeError):
@@ -48,30 +55,41 @@ class LayerGroups:
     decay_exponent: float = 1.0
 
     @classmethod
-    def from_rule(cls, backbone: nn.Module, rule: str, layer_id: Callable[[str], int], num_layers: int,
-                  decay_exponent: float = 1.0) -> LayerGroups:
+    def from_rule(
+        cls,
+        backbone: nn.Module,
+        rule: str,
+        layer_id: Callable[[str], int],
+        num_layers: int,
+        decay_exponent: float = 1.0,
+    ) -> LayerGroups:
         """Apply ``layer_id(name)`` to every parameter name of ``backbone``."""
-        return cls(rule, {name: int(layer_id(name)) for name, _ in backbone.named_parameters()}, num_layers,
-                   decay_exponent)
+        return cls(
+            rule, {name: int(layer_id(name)) for name, _ in backbone.named_parameters()}, num_layers, decay_exponent
+        )
 
     def scale(self, layer_decay: float, layer_id: int) -> float:
-        return (layer_decay ** self.decay_exponent) ** (self.num_layers - layer_id)
+        return (layer_decay**self.decay_exponent) ** (self.num_layers - layer_id)
 
 
 def resolve_rule(backbone: nn.Module, rule: str | None) -> str:
     """``rule`` (or the backbone's default ``layer_decay_rule``), checked against ``layer_decay_rules``."""
     rule = backbone.layer_decay_rule if rule is None else rule  # type: ignore[assignment]
     if rule not in backbone.layer_decay_rules:  # type: ignore[operator]
-        raise ValueError(f"{type(backbone).__name__} has no layer-decay rule {rule!r}; its rules are "
-                         f"{list(backbone.layer_decay_rules)} (set model.backbone.layer_decay_rule)")  # type: ignore[arg-type]
+        raise ValueError(
+            f"{type(backbone).__name__} has no layer-decay rule {rule!r}; its rules are "
+            f"{list(backbone.layer_decay_rules)} (set model.backbone.layer_decay_rule)"  # type: ignore[arg-type]
+        )
     return rule  # type: ignore[return-value]
 
 
 def check_pool(backbone: nn.Module, pool: str) -> None:
     """Raise unless ``pool`` is one of the backbone's ``feature_pools``."""
     if pool not in backbone.feature_pools:  # type: ignore[operator]
-        raise ValueError(f"{type(backbone).__name__} has no {pool!r} feature; its pooled features are "
-                         f"{list(backbone.feature_pools)} (set task.features.pool)")  # type: ignore[arg-type]
+        raise ValueError(
+            f"{type(backbone).__name__} has no {pool!r} feature; its pooled features are "
+            f"{list(backbone.feature_pools)} (set task.features.pool)"  # type: ignore[arg-type]
+        )
 
 
 def check_backbone(backbone: nn.Module) -> None:
@@ -82,11 +100,14 @@ def check_backbone(backbone: nn.Module) -> None:
     if missing:
         raise BackboneContractError(
             f"{name} does not implement the backbone contract: missing {', '.join(missing)}. Every backbone family "
-            "declares them (CONTRIBUTING.md, 'Adding a backbone family'; mimlab.models.backbones.contract).")
+            "declares them (CONTRIBUTING.md, 'Adding a backbone family'; mimlab.models.backbones.contract)."
+        )
     problems = []
     if len(backbone.out_channels) != len(backbone.out_strides) or not backbone.out_strides:  # type: ignore[arg-type]
-        problems.append(f"out_channels {list(backbone.out_channels)} and out_strides {list(backbone.out_strides)} "  # type: ignore[arg-type]
-                        "must be non-empty lists of the same length")
+        problems.append(
+            f"out_channels {list(backbone.out_channels)} and out_strides {list(backbone.out_strides)} "  # type: ignore[arg-type]
+            "must be non-empty lists of the same length"
+        )
     unknown_pools = set(backbone.feature_pools) - {"avg", "cls"}  # type: ignore[arg-type]
     if unknown_pools or not backbone.feature_pools:
         problems.append(f"feature_pools {tuple(backbone.feature_pools)} must be a non-empty subset of ('avg', 'cls')")  # type: ignore[arg-type]
@@ -103,6 +124,8 @@ def check_backbone(backbone: nn.Module) -> None:
     if unknown_nwd:
         problems.append(f"no_weight_decay() names parameters it does not have: {unknown_nwd[:5]}")
     if backbone.layer_decay_rule not in backbone.layer_decay_rules:  # type: ignore[operator]
-        problems.append(f"layer_decay_rule {backbone.layer_decay_rule!r} is not one of {list(backbone.layer_decay_rules)}")  # type: ignore[arg-type]
+        problems.append(
+            f"layer_decay_rule {backbone.layer_decay_rule!r} is not one of {list(backbone.layer_decay_rules)}"  # type: ignore[arg-type]
+        )
     if problems:
         raise BackboneContractError(f"{name} breaks the backbone contract: " + "; ".join(problems))

@@ -15,6 +15,7 @@ pixels therefore cannot influence any visible output, which is what a submanifol
 Mask units must be a multiple of the total stride (32 px) so that each stage's map is an integer upsampling
 of the unit grid.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,7 +39,8 @@ def mask_to_map(mask: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
     if h % gh or w % gw:
         raise ValueError(
             f"MaskedConvNeXtV2: a feature map of {h}x{w} is not an integer upsampling of the {gh}x{gw} mask grid; "
-            "the mask unit (masking.unit_size) must be a multiple of 32 px and divide the image size")
+            "the mask unit (masking.unit_size) must be a multiple of 32 px and divide the image size"
+        )
     m = mask.reshape(mask.shape[0], 1, gh, gw)
     return m.repeat_interleave(h // gh, dim=2).repeat_interleave(w // gw, dim=3)
 
@@ -121,16 +123,19 @@ class MaskedConvNeXtV2(nn.Module):
         self.layer_decay_rule = layer_decay_rule
 
         self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))])
+            [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))]
+        )
         for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+            self.downsample_layers.append(
+                nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2))
+            )
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: works under meta
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])
-            self.stages.append(nn.ModuleList(ConvNeXtV2Block(dims[i], rates[start + j], grn_masked_pooling)
-                                             for j in range(depth)))
+            self.stages.append(
+                nn.ModuleList(ConvNeXtV2Block(dims[i], rates[start + j], grn_masked_pooling) for j in range(depth))
+            )
         if num_classes > 0:
             self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
             self.head = nn.Linear(dims[-1], num_classes)
@@ -188,7 +193,8 @@ class MaskedConvNeXtV2(nn.Module):
         if unit == 0 or h % unit or w % unit or (h // unit) * (w // unit) != n_units:
             raise ValueError(
                 f"MaskedConvNeXtV2: mask has L={n_units} units, which is not a grid of square units over a "
-                f"{h}x{w} image; pass the (N, gh*gw) unit mask from mimlab.masking")
+                f"{h}x{w} image; pass the (N, gh*gw) unit mask from mimlab.masking"
+            )
         return h // unit, w // unit
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:

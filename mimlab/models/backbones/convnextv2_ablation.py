@@ -5,6 +5,7 @@ every block by an identity, so the block is LN -> pwconv1 -> GELU -> pwconv2 (th
 else (masked-dense behaviour, contract, parameter names apart from ``grn.*``) is unchanged. GRN starts as the
 identity (gamma = beta = 0), so the two models are equal at initialisation and differ only by what training does.
 """
+
 from __future__ import annotations
 
 from typing import Any

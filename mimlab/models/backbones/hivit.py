@@ -19,6 +19,7 @@ for pre-training and on for fine-tuning (``rpe``).
 Module names follow the official code so that ``mimlab.checkpoints.itpn`` can map official keys one-to-one, except
 that the official flat ``blocks`` list (PatchMerge at list indices) is split into ``stage4/merge4/stage8/merge8/main_blocks``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,16 @@ class Attention(nn.Module):
     ``forward(x (N, K, D), rpe_index (N or 1, K, K) long | None) -> (N, K, D)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], rpe: bool, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid: tuple[int, int],
+        rpe: bool,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -78,8 +87,9 @@ class Attention(nn.Module):
         bias = None
         if self.relative_position_bias_table is not None and rpe_index is not None:
             bias = self.relative_position_bias_table[rpe_index].permute(0, 3, 1, 2).to(q.dtype)  # (N|1, H, K, K)
-        x = F.scaled_dot_product_attention(q, key, v, attn_mask=bias,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        x = F.scaled_dot_product_attention(
+            q, key, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
+        )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(n, k, d)))
 
 
@@ -89,9 +99,20 @@ class HiViTBlock(nn.Module):
     ``init_values`` enables layer scale (``gamma_1``/``gamma_2``, iTPN-CLIP uses 0.1).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, grid: tuple[int, int], rpe: bool = False,
-                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 init_values: float | None = None, eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        grid: tuple[int, int],
+        rpe: bool = False,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        eps: float = 1e-6,
+    ) -> None:
         super().__init__()
         with_attn = num_heads > 0
         self.norm1 = nn.LayerNorm(dim, eps=eps) if with_attn else None
@@ -206,17 +227,37 @@ class HiViT(nn.Module):
     feature_pools = ("avg",)
     layer_decay_rules = ("itpn", "hivit")
 
-    def __init__(self, embed_dim: int = 512, mlp_depth: int = 3, depth: int = 24, num_heads: int = 8,
-                 img_size: int = 224, unit_size: int = 16, in_chans: int = 3, stem_mlp_ratio: float = 3.0,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, ape: bool = True, rpe: bool = False, drop_masked: bool = True,
-                 init_values: float | None = None, keep_hidden: tuple[int, ...] = (), num_classes: int = 0,
-                 layer_decay_rule: str = "itpn", pos_embed_interpolation: str = "table") -> None:
+    def __init__(
+        self,
+        embed_dim: int = 512,
+        mlp_depth: int = 3,
+        depth: int = 24,
+        num_heads: int = 8,
+        img_size: int = 224,
+        unit_size: int = 16,
+        in_chans: int = 3,
+        stem_mlp_ratio: float = 3.0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        ape: bool = True,
+        rpe: bool = False,
+        drop_masked: bool = True,
+        init_values: float | None = None,
+        keep_hidden: tuple[int, ...] = (),
+        num_classes: int = 0,
+        layer_decay_rule: str = "itpn",
+        pos_embed_interpolation: str = "table",
+    ) -> None:
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"HiViT embed_dim must be divisible by 4, got {embed_dim}")
         if pos_embed_interpolation not in ("table", "itpn"):
-            raise ValueError(f"HiViT pos_embed_interpolation must be 'table' or 'itpn', got {pos_embed_interpolation!r}")
+            raise ValueError(
+                f"HiViT pos_embed_interpolation must be 'table' or 'itpn', got {pos_embed_interpolation!r}"
+            )
         self.layer_decay_rule, self.pos_embed_interpolation = layer_decay_rule, pos_embed_interpolation
         self.embed_dim, self.depth, self.mlp_depth = embed_dim, depth, mlp_depth
         self.unit_size, self.drop_masked = unit_size, drop_masked
@@ -230,8 +271,18 @@ class HiViT(nn.Module):
         dpr = iter([drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)])  # linspace(0, rate)
 
         def block(dim: int, heads: int, ratio: float) -> HiViTBlock:
-            return HiViTBlock(dim, heads, ratio, self.grid, rpe=rpe, qkv_bias=qkv_bias, drop=drop_rate,
-                              attn_drop=attn_drop_rate, drop_path=next(dpr), init_values=init_values)
+            return HiViTBlock(
+                dim,
+                heads,
+                ratio,
+                self.grid,
+                rpe=rpe,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=next(dpr),
+                init_values=init_values,
+            )
 
         self.patch_embed = UnitPatchEmbed(in_chans, d4, unit_size)
         self.stage4 = nn.ModuleList([block(d4, 0, stem_mlp_ratio) for _ in range(mlp_depth)])
@@ -294,8 +345,10 @@ class HiViT(nn.Module):
         x = self.patch_embed(x)  # (N, L, 4, 4, D/4)
         ids_keep = None
         if mask is not None and mask.shape[1] != grid[0] * grid[1]:
-            raise ValueError(f"mask has {mask.shape[1]} units but the {h}x{w} image has {grid[0] * grid[1]} "
-                             f"units of {self.unit_size} px; set masking.unit_size={self.unit_size}")
+            raise ValueError(
+                f"mask has {mask.shape[1]} units but the {h}x{w} image has {grid[0] * grid[1]} "
+                f"units of {self.unit_size} px; set masking.unit_size={self.unit_size}"
+            )
         if mask is not None:
             num_keep = num_visible(mask)  # counted before the move: a host-side mask costs no device sync
             mask = mask.to(x.device)
@@ -354,7 +407,9 @@ class HiViT(nn.Module):
         if not self.main_blocks or self.main_blocks[0].attn.relative_position_bias_table is None:  # type: ignore[union-attr]
             return None
         if tuple(grid) != self.grid:
-            raise ValueError(f"rpe=True fixes the unit grid to {self.grid}; got {grid}. Use img_size matching the data.")
+            raise ValueError(
+                f"rpe=True fixes the unit grid to {self.grid}; got {grid}. Use img_size matching the data."
+            )
         idx = self.relative_position_index
         if ids_keep is None:
             return idx[None]  # type: ignore[index]

@@ -9,6 +9,7 @@ position handling, blocks and final norm) with that one step swapped for MAE's d
 Mask convention: ``mask[n, l] = 1`` means unit ``l`` is masked; a coarser unit grid (SimMIM: 32-px units on 16-px
 patches) is upsampled to the patch grid.
 """
+
 from __future__ import annotations
 
 import torch

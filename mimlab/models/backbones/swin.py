@@ -5,6 +5,7 @@ NHWC token grid, so SimMIM's change is one step: the embeddings of masked patche
 after the patch embedding; the four stages and the final norm are timm's, unchanged.
 Mask convention: ``mask[n, l] = 1`` means unit ``l`` is masked; 32-px units are upsampled to the 4-px patch grid.
 """
+
 from __future__ import annotations
 
 import torch

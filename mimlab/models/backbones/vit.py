@@ -11,6 +11,7 @@ the embeddings, post-LN blocks, no final norm). The BEiT-style variant (SimMIM's
 (one relative position bias table shared by all blocks, timm's ``beit.RelativePositionBias``, added to the
 attention logits through the blocks' ``attn_mask``).
 """
+
 from __future__ import annotations
 
 import math
@@ -106,14 +107,26 @@ class MaskedViT(nn.Module):
         self.grid = self.patch_embed.grid_size
         num_patches = self.grid[0] * self.grid[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = (nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim),
-                                       requires_grad=learnable_pos_embed) if abs_pos_embed else None)
+        self.pos_embed = (
+            nn.Parameter(
+                torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim), requires_grad=learnable_pos_embed
+            )
+            if abs_pos_embed
+            else None
+        )
         self.rel_pos_bias = RelativePositionBias(tuple(self.grid), num_heads) if rel_pos_bias else None
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         block = block or (PostNormBlock if post_norm else partial(Block, qkv_bias=True))
         self.blocks = nn.ModuleList(
-            self._make_block(i, block, dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=dpr[i],
-                             norm_layer=_norm_layer)
+            self._make_block(
+                i,
+                block,
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                drop_path=dpr[i],
+                norm_layer=_norm_layer,
+            )
             for i in range(depth)
         )
         self.norm_pre = _norm_layer(embed_dim) if post_norm else nn.Identity()
@@ -133,7 +146,8 @@ class MaskedViT(nn.Module):
         position bias table starts at zero, layer scales at the block's ``init_values``)."""
         if self.pos_embed is not None:
             self.pos_embed.data.copy_(
-                sincos_2d_pos_embed(self.embed_dim, self.grid, cls_token=self.cls_token is not None).unsqueeze(0))
+                sincos_2d_pos_embed(self.embed_dim, self.grid, cls_token=self.cls_token is not None).unsqueeze(0)
+            )
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if self.cls_token is not None:
@@ -169,7 +183,7 @@ class MaskedViT(nn.Module):
         fine-tuning replaces by Identity), "cls" = the final-normed cls token (MAE linear probe)."""
         check_pool(self, pool)
         tokens = self.forward_tokens(x)
-        return tokens[:, 0] if pool == "cls" else tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        return tokens[:, 0] if pool == "cls" else tokens[:, self.num_prefix_tokens :].mean(dim=1)
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch-embed and add the patch pos-embed: (N, C, H, W) -> (N, L, D), grid."""
@@ -180,8 +194,10 @@ class MaskedViT(nn.Module):
         """(N, C, H, W) -> patch embeddings (N, L, D) without position, and the (gh, gw) grid."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         if self.rel_pos_bias is not None and grid != tuple(self.grid):
-            raise ValueError(f"image {tuple(x.shape[-2:])} gives a {grid} patch grid but the relative position bias "
-                             f"was built for {tuple(self.grid)}; set model.backbone.img_size to the image size")
+            raise ValueError(
+                f"image {tuple(x.shape[-2:])} gives a {grid} patch grid but the relative position bias "
+                f"was built for {tuple(self.grid)}; set model.backbone.img_size to the image size"
+            )
         return self.patch_embed(x), grid
 
     def _add_pos_embed(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -190,7 +206,7 @@ class MaskedViT(nn.Module):
         pos = self.pos_embed
         if grid != tuple(self.grid):
             pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=self.num_prefix_tokens)
-        return tokens + pos[:, self.num_prefix_tokens:]
+        return tokens + pos[:, self.num_prefix_tokens :]
 
     def _prepend_cls(self, tokens: Tensor) -> Tensor:
         if self.cls_token is None:
@@ -243,8 +259,14 @@ class MaskedViT(nn.Module):
         ids_keep = keep_indices(mask, num_keep)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
         out, hidden = self._run_blocks(self._prepend_cls(visible), self._attn_bias(visible, ids_keep))
-        return ViTEncoding(tokens=out, mask=mask, ids_restore=ids_restore, grid=grid, hidden_states=hidden,
-                           num_prefix_tokens=self.num_prefix_tokens)
+        return ViTEncoding(
+            tokens=out,
+            mask=mask,
+            ids_restore=ids_restore,
+            grid=grid,
+            hidden_states=hidden,
+            num_prefix_tokens=self.num_prefix_tokens,
+        )
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Unmasked encoding: (N, C, H, W) -> (N, P+L, D) final-normed tokens (cls first when there is one, P = 1)."""
@@ -255,13 +277,16 @@ class MaskedViT(nn.Module):
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """Backbone contract: one map (N, D, H/p, W/p) at stride ``patch_size`` (masked patches zeroed if a mask is given)."""
         if mask is None:
-            tokens = self.forward_tokens(x)[:, self.num_prefix_tokens:]
+            tokens = self.forward_tokens(x)[:, self.num_prefix_tokens :]
             grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         else:
             enc = self.forward(x, mask)
             grid = enc.grid
-            visible = enc.tokens[:, self.num_prefix_tokens:]
-            full = torch.cat([visible, visible.new_zeros(visible.shape[0], enc.mask.shape[1] - visible.shape[1], visible.shape[2])], 1)
+            visible = enc.tokens[:, self.num_prefix_tokens :]
+            full = torch.cat(
+                [visible, visible.new_zeros(visible.shape[0], enc.mask.shape[1] - visible.shape[1], visible.shape[2])],
+                1,
+            )
             tokens = torch.gather(full, 1, enc.ids_restore.unsqueeze(-1).expand(-1, -1, full.shape[2]))
         n, _, d = tokens.shape
         return [tokens.transpose(1, 2).reshape(n, d, grid[0], grid[1])]

@@ -12,6 +12,7 @@ The blocks are timm's ``vision_transformer_sam.Block`` (the ViTDet block SAM's e
 equal those of the plain ViT blocks, so a plain MAE checkpoint loads as is; its ``rel_pos_*`` tables are absent and keep
 their zero init, its ``norm.*`` is unused (``checkpoint_optional_keys`` / ``checkpoint_unused_keys``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -38,12 +39,15 @@ class ViTDetBackbone(MaskedViT):
     checkpoint_optional_keys = ("blocks.*.attn.rel_pos_h", "blocks.*.attn.rel_pos_w")
     checkpoint_unused_keys = ("norm.*",)
 
-    def __init__(self, window_size: int = 14, global_blocks: Sequence[int] = (2, 5, 8, 11), rel_pos: bool = True,
-                 **vit_kwargs) -> None:
+    def __init__(
+        self, window_size: int = 14, global_blocks: Sequence[int] = (2, 5, 8, 11), rel_pos: bool = True, **vit_kwargs
+    ) -> None:
         depth = vit_kwargs.get("depth", 12)
         bad = [i for i in global_blocks if not 0 <= int(i) < depth]
         if bad:
-            raise ValueError(f"global_blocks {list(global_blocks)}: {bad} are not block indices of a depth-{depth} ViT.")
+            raise ValueError(
+                f"global_blocks {list(global_blocks)}: {bad} are not block indices of a depth-{depth} ViT."
+            )
         if window_size < 1:
             raise ValueError(f"window_size must be >= 1 (got {window_size}).")
         self.window_size, self.global_blocks, self.rel_pos = int(window_size), {int(i) for i in global_blocks}, rel_pos
@@ -55,12 +59,15 @@ class ViTDetBackbone(MaskedViT):
         """Windowed (or, for ``global_blocks``, global) ViTDet block on (N, gh, gw, D) token grids; ``kwargs`` are the
         plain block's (dim, num_heads, mlp_ratio, drop_path, norm_layer), the ``block`` factory is not used."""
         window = 0 if index in self.global_blocks else self.window_size
-        return WindowedBlock(**kwargs, qkv_bias=True, use_rel_pos=self.rel_pos, window_size=window,
-                             input_size=tuple(self.grid))
+        return WindowedBlock(
+            **kwargs, qkv_bias=True, use_rel_pos=self.rel_pos, window_size=window, input_size=tuple(self.grid)
+        )
 
     def forward(self, x: Tensor, mask: Tensor | None = None):  # type: ignore[override]
-        raise NotImplementedError("ViTDetBackbone is for dense transfer (forward_features); pre-train with MaskedViT "
-                                  "(model/backbone=vit_*) and load its checkpoint here.")
+        raise NotImplementedError(
+            "ViTDetBackbone is for dense transfer (forward_features); pre-train with MaskedViT "
+            "(model/backbone=vit_*) and load its checkpoint here."
+        )
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """One map (N, D, H/p, W/p) at stride ``patch_size`` from the patch tokens (no cls token, no final norm)."""

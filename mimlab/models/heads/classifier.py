@@ -5,6 +5,7 @@ backbone contract's ``forward_pooled``: ``GlobalAvgPool`` ("avg": mean of the la
 ``ClsToken`` ("cls": the final-normed cls token; MAE linear probe). Heads take ``(N, D)`` features and return
 ``(N, num_classes)`` logits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,15 @@ class PooledClassifierHead(nn.Module):
     bias 0. ``dropout`` is applied before the Linear (0 in every recipe here).
     """
 
-    def __init__(self, in_dim: int, num_classes: int, init_std: float = 2e-5, init_scale: float = 1.0,
-                 dropout: float = 0.0, norm: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        init_std: float = 2e-5,
+        init_scale: float = 1.0,
+        dropout: float = 0.0,
+        norm: bool = True,
+    ) -> None:
         super().__init__()
         self.fc_norm = nn.LayerNorm(in_dim, eps=1e-6) if norm else nn.Identity()
         self.drop = nn.Dropout(dropout)

@@ -12,6 +12,7 @@ ViT-B recipe: 768-d, 6 layers, kernel 3, 16 groups (2.586 M parameters). PyTorch
 Output: ``{"tokens": (R, L, D) predictions for all L patches, "cls": (R, D) the encoder's cls output}`` (``"cls"`` only
 when the encoder has a cls token). The loss keeps the masked patches.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,23 +34,34 @@ class Data2VecDecoder(nn.Module):
     """Args: embed_dim (encoder width D), decoder_dim (768), depth (6), kernel_size (3), groups (16),
     mask_noise_std (0.01, fairseq ``mask_noise_std``)."""
 
-    def __init__(self, embed_dim: int, decoder_dim: int = 768, depth: int = 6, kernel_size: int = 3,
-                 groups: int = 16, mask_noise_std: float = 0.01) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        decoder_dim: int = 768,
+        depth: int = 6,
+        kernel_size: int = 3,
+        groups: int = 16,
+        mask_noise_std: float = 0.01,
+    ) -> None:
         super().__init__()
         if embed_dim % groups or decoder_dim % groups:
-            raise ValueError(f"model.decoder.groups={groups} must divide embed_dim={embed_dim} and "
-                             f"decoder_dim={decoder_dim}")
+            raise ValueError(
+                f"model.decoder.groups={groups} must divide embed_dim={embed_dim} and decoder_dim={decoder_dim}"
+            )
         self.mask_noise_std = mask_noise_std
         self.blocks = nn.ModuleList(
-            _conv_layer(embed_dim if i == 0 else decoder_dim, decoder_dim, kernel_size, groups) for i in range(depth))
+            _conv_layer(embed_dim if i == 0 else decoder_dim, decoder_dim, kernel_size, groups) for i in range(depth)
+        )
         self.proj = nn.Linear(decoder_dim, embed_dim)
 
     def fill(self, features: ViTEncoding) -> Tensor:
         """(R, P+K, D) encoding -> (R, D, gh, gw) map: visible tokens at their positions, noise elsewhere."""
-        visible = features.tokens[:, features.num_prefix_tokens:]
+        visible = features.tokens[:, features.num_prefix_tokens :]
         rows, length = features.ids_restore.shape
-        noise = torch.randn(rows, length - visible.shape[1], visible.shape[2], device=visible.device,
-                            dtype=visible.dtype) * self.mask_noise_std
+        noise = (
+            torch.randn(rows, length - visible.shape[1], visible.shape[2], device=visible.device, dtype=visible.dtype)
+            * self.mask_noise_std
+        )
         x = torch.cat([visible, noise], dim=1)
         x = torch.gather(x, 1, features.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         return x.transpose(1, 2).reshape(rows, -1, *features.grid)

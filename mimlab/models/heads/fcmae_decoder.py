@@ -3,6 +3,7 @@
 docs/methods.md §3.3: ``proj`` C_in -> 512, the learned mask token (1, 512, 1, 1) replaces masked positions,
 ``depth`` dense ConvNeXt V2 blocks at width 512 (k7, GRN), ``pred`` 512 -> patch_size² · 3 = 3072. No pos-embed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,7 +51,8 @@ class FCMAEDecoder(nn.Module):
         if mask.shape[1] != gh * gw:
             raise ValueError(
                 f"FCMAEDecoder: mask has {mask.shape[1]} units but the encoder map is {gh}x{gw}; "
-                "FCMAE needs one mask unit per stride-32 position (masking.unit_size=32)")
+                "FCMAE needs one mask unit per stride-32 position (masking.unit_size=32)"
+            )
         x = self.proj(x)
         m = mask_to_map(mask.to(x.dtype), (gh, gw), (gh, gw))
         x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m

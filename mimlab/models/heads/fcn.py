@@ -14,12 +14,21 @@ from torchvision.ops import Conv2dNormActivation
 
 
 class FCNHead(nn.Module):
-    def __init__(self, in_channels: Sequence[int], num_classes: int = 150, channels: int = 256, in_index: int = 2,
-                 num_convs: int = 1, dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int = 150,
+        channels: int = 256,
+        in_index: int = 2,
+        num_convs: int = 1,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.in_index = in_index
         c_in = list(in_channels)[in_index]
-        self.convs = nn.Sequential(*[Conv2dNormActivation(c_in if i == 0 else channels, channels, 3) for i in range(num_convs)])
+        self.convs = nn.Sequential(
+            *[Conv2dNormActivation(c_in if i == 0 else channels, channels, 3) for i in range(num_convs)]
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels if num_convs else c_in, num_classes, 1)
 

@@ -11,6 +11,7 @@ Input: the context encoding (:class:`~mimlab.models.backbones.vit.ViTEncoding`, 
 and the :class:`~mimlab.masking.MaskSet` with ``targets`` (R, T, K_t). Output: (R, T, K_t, D) predictions.
 ViT-H/14 recipe: predictor width 384, depth 12, 16 heads (22.378 M parameters with its fixed position table).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -28,17 +29,29 @@ class IJEPAPredictor(nn.Module):
     """Args: embed_dim (encoder width), img_size / patch_size (fix the position grid), predictor_dim (384), depth,
     num_heads (the encoder's head count, as the official ``init_model``), mlp_ratio, init_std (0.02)."""
 
-    def __init__(self, embed_dim: int, img_size: int = 224, patch_size: int = 16, predictor_dim: int = 384,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, init_std: float = 0.02) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        img_size: int = 224,
+        patch_size: int = 16,
+        predictor_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        init_std: float = 0.02,
+    ) -> None:
         super().__init__()
         self.grid = (img_size // patch_size, img_size // patch_size)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
-        self.predictor_pos_embed = nn.Parameter(sincos_2d_pos_embed(predictor_dim, self.grid).unsqueeze(0),
-                                                requires_grad=False)
+        self.predictor_pos_embed = nn.Parameter(
+            sincos_2d_pos_embed(predictor_dim, self.grid).unsqueeze(0), requires_grad=False
+        )
         self.predictor_blocks = nn.ModuleList(
-            Block(predictor_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))  # type: ignore[arg-type]
+            Block(predictor_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
+            for _ in range(depth)
+        )
         self.predictor_norm = norm_layer(predictor_dim)
         self.predictor_proj = nn.Linear(predictor_dim, embed_dim)
         nn.init.trunc_normal_(self.mask_token, std=init_std)
@@ -52,11 +65,13 @@ class IJEPAPredictor(nn.Module):
         if not isinstance(mask, MaskSet) or mask.targets is None:
             raise TypeError("IJEPAPredictor needs a MaskSet with target blocks: use masking=multiblock")
         if tuple(features.grid) != self.grid:
-            raise ValueError(f"IJEPAPredictor was built for a {self.grid} patch grid but got {tuple(features.grid)}: "
-                             "model.decoder.img_size must equal the training crop (data.img_size)")
+            raise ValueError(
+                f"IJEPAPredictor was built for a {self.grid} patch grid but got {tuple(features.grid)}: "
+                "model.decoder.img_size must equal the training crop (data.img_size)"
+            )
         if mask.mask.shape[1] != self.grid[0] * self.grid[1]:
             raise ValueError("I-JEPA target blocks are patch indices: masking.unit_size must equal the patch size")
-        context = features.tokens[:, features.num_prefix_tokens:]
+        context = features.tokens[:, features.num_prefix_tokens :]
         rows, num_context, _ = context.shape
         context_index = keep_indices(features.mask, num_context)  # ascending, as the encoder kept them
         x = self.predictor_embed(context) + self._positions(context_index)

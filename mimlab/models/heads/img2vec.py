@@ -40,9 +40,20 @@ class Img2VecDecoder(nn.Module):
         multi_block: average all encoder blocks (True, Img2Vec) or decode the encoder output alone (ablation).
     """
 
-    def __init__(self, embed_dim: int, out_dim: int, img_size: int = 224, patch_size: int = 16, out_stride: int = 32,
-                 decoder_dim: int = 512, depth: int = 2, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 proj_hidden_dim: int = 2048, multi_block: bool = True) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        out_dim: int,
+        img_size: int = 224,
+        patch_size: int = 16,
+        out_stride: int = 32,
+        decoder_dim: int = 512,
+        depth: int = 2,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        proj_hidden_dim: int = 2048,
+        multi_block: bool = True,
+    ) -> None:
         super().__init__()
         if out_stride % patch_size:
             raise ValueError(f"model.decoder.out_stride={out_stride} must be a multiple of patch_size={patch_size}")
@@ -52,8 +63,9 @@ class Img2VecDecoder(nn.Module):
             raise ValueError(f"img_size={img_size} is not a multiple of model.decoder.out_stride={out_stride}")
         self.multi_block = multi_block
         self.aggregate_norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.decoder = MAEDecoder(embed_dim, img_size, patch_size, decoder_dim, depth, num_heads, mlp_ratio,
-                                  with_prediction=False)
+        self.decoder = MAEDecoder(
+            embed_dim, img_size, patch_size, decoder_dim, depth, num_heads, mlp_ratio, with_prediction=False
+        )
         self.proj = Mlp(decoder_dim, proj_hidden_dim, out_dim, act_layer=nn.ReLU)
         self.global_proj = Mlp(embed_dim, proj_hidden_dim, out_dim, act_layer=nn.ReLU)
         for module in (self.aggregate_norm, self.proj, self.global_proj):
@@ -69,8 +81,10 @@ class Img2VecDecoder(nn.Module):
 
     def forward(self, features: ViTEncoding, mask: Tensor | None = None) -> dict[str, Tensor]:
         if tuple(features.grid) != self.grid:
-            raise ValueError(f"Img2VecDecoder was built for a {self.grid} patch grid but got {tuple(features.grid)}: "
-                             "model.decoder.img_size must equal the training crop (data.img_size)")
+            raise ValueError(
+                f"Img2VecDecoder was built for a {self.grid} patch grid but got {tuple(features.grid)}: "
+                "model.decoder.img_size must equal the training crop (data.img_size)"
+            )
         n = features.tokens.shape[0]
         x = self.decoder.decode(self.aggregate_norm(self.aggregate(features)), features.ids_restore)  # (N, L_p, dim)
         if self.pool > 1:
@@ -78,4 +92,3 @@ class Img2VecDecoder(nn.Module):
             x = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # (N, K_t, decoder_dim)
         visible_mean = features.tokens[:, 1:].mean(1)  # GAP over the visible student tokens
         return {"tokens": self.proj(x), "global": self.global_proj(visible_mean)}
-

@@ -10,6 +10,7 @@ ones inpainted) and ``keep_hidden=(aux_block,)``.
 
 Returns ``{"pyramid": (N, L, T), "aux": (N, L, T)}``; both are supervised on all units (official default).
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -22,17 +23,30 @@ class ITPNClipHead(nn.Module):
     """Args: embed_dim (backbone D), fpn_dim (F), teacher_dim (512 for CLIP ViT-B/16), num_heads, aux_block,
     aux_depth (2), img_size/unit_size (RPE grid), rpe (as the backbone), init_values (layer scale)."""
 
-    def __init__(self, embed_dim: int = 512, fpn_dim: int = 256, teacher_dim: int = 512, num_heads: int = 8,
-                 aux_block: int = 18, aux_depth: int = 2, mlp_ratio: float = 4.0, img_size: int = 224,
-                 unit_size: int = 16, rpe: bool = True, init_values: float | None = None,
-                 drop_path_rate: float = 0.0, num_levels: int = 3) -> None:
+    def __init__(
+        self,
+        embed_dim: int = 512,
+        fpn_dim: int = 256,
+        teacher_dim: int = 512,
+        num_heads: int = 8,
+        aux_block: int = 18,
+        aux_depth: int = 2,
+        mlp_ratio: float = 4.0,
+        img_size: int = 224,
+        unit_size: int = 16,
+        rpe: bool = True,
+        init_values: float | None = None,
+        drop_path_rate: float = 0.0,
+        num_levels: int = 3,
+    ) -> None:
         super().__init__()
         self.aux_block = aux_block
         grid = (img_size // unit_size, img_size // unit_size)
         self.embed = LevelFusion(fpn_dim, embed_dim, num_levels)
         self.cls_pt_layers = nn.ModuleList(
-            HiViTBlock(embed_dim, num_heads, mlp_ratio, grid, rpe=rpe, drop_path=drop_path_rate,
-                       init_values=init_values)
+            HiViTBlock(
+                embed_dim, num_heads, mlp_ratio, grid, rpe=rpe, drop_path=drop_path_rate, init_values=init_values
+            )
             for _ in range(aux_depth)
         )
         self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
@@ -46,7 +60,9 @@ class ITPNClipHead(nn.Module):
         if enc.ids_keep is not None:
             raise ValueError("ITPNClipHead needs every unit: build the backbone with drop_masked=false")
         if self.aux_block not in enc.hidden:
-            raise KeyError(f"ITPNClipHead reads main block {self.aux_block}; set model.backbone.keep_hidden=[{self.aux_block}]")
+            raise KeyError(
+                f"ITPNClipHead reads main block {self.aux_block}; set model.backbone.keep_hidden=[{self.aux_block}]"
+            )
         levels = self.embed(enc.features)
         x = levels[0]
         for lvl in levels[1:]:

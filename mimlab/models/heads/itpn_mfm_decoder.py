@@ -11,6 +11,7 @@ decoders are **our design** (see ``mimlab/targets/ema_teacher.py`` for what come
 
 Input: the pyramid's ``HiViTEncoding`` (``features = (P4, P8, P16)`` at K visible units). Output: dict of (N, L, ·).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -29,8 +30,17 @@ LEVELS = ("s4", "s8", "s16")
 class LevelFeatureDecoder(nn.Module):
     """One pyramid level (N, K, r, r, F) at visible units -> (N, L, out_dim) predictions for all units."""
 
-    def __init__(self, fpn_dim: int, sub: int, out_dim: int, embed_dim: int = 256, depth: int = 2,
-                 num_heads: int = 8, mlp_ratio: float = 4.0, grid: tuple[int, int] = (14, 14)) -> None:
+    def __init__(
+        self,
+        fpn_dim: int,
+        sub: int,
+        out_dim: int,
+        embed_dim: int = 256,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        grid: tuple[int, int] = (14, 14),
+    ) -> None:
         super().__init__()
         if embed_dim % (sub * sub):
             raise ValueError(f"decoder embed_dim {embed_dim} must be divisible by {sub * sub}")
@@ -58,10 +68,20 @@ class ITPNMFMDecoder(nn.Module):
     stage 0 gives 16·D/4 = 4D per unit, stage 1 gives 4·D/2 = 2D, stage 2 gives D), embed_dim/depth/num_heads of each
     level decoder, img_size/unit_size (grid)."""
 
-    def __init__(self, out_dims: list[int] | tuple[int, int, int] | None = None,
-                 pixel_decoder: nn.Module | None = None, fpn_dim: int = 256, embed_dim: int = 256, depth: int = 2,
-                 num_heads: int = 8, mlp_ratio: float = 4.0, img_size: int = 224, unit_size: int = 16,
-                 teacher_embed_dim: int | None = None, stages: list[int] | tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        out_dims: list[int] | tuple[int, int, int] | None = None,
+        pixel_decoder: nn.Module | None = None,
+        fpn_dim: int = 256,
+        embed_dim: int = 256,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        img_size: int = 224,
+        unit_size: int = 16,
+        teacher_embed_dim: int | None = None,
+        stages: list[int] | tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         if out_dims is None:
             if teacher_embed_dim is None or stages is None:
@@ -69,17 +89,18 @@ class ITPNMFMDecoder(nn.Module):
             out_dims = [teacher_embed_dim * (4, 2, 1)[s] for s in stages]
         grid = (img_size // unit_size, img_size // unit_size)
         self.pixel_decoder = pixel_decoder
-        self.level_decoders = nn.ModuleDict({
-            name: LevelFeatureDecoder(fpn_dim, sub, dim, embed_dim, depth, num_heads, mlp_ratio, grid)
-            for name, sub, dim in zip(LEVELS, (4, 2, 1), out_dims)
-        })
+        self.level_decoders = nn.ModuleDict(
+            {
+                name: LevelFeatureDecoder(fpn_dim, sub, dim, embed_dim, depth, num_heads, mlp_ratio, grid)
+                for name, sub, dim in zip(LEVELS, (4, 2, 1), out_dims)
+            }
+        )
         self.level_decoders.apply(init_weights)
         for dec in self.level_decoders.values():
             nn.init.normal_(dec.mask_token, std=0.02)  # type: ignore[arg-type]
 
     def forward(self, enc: HiViTEncoding, mask: Tensor | None = None) -> dict[str, Tensor]:
-        out = {name: dec(level, enc.ids_keep)
-               for (name, dec), level in zip(self.level_decoders.items(), enc.features)}
+        out = {name: dec(level, enc.ids_keep) for (name, dec), level in zip(self.level_decoders.items(), enc.features)}
         if self.pixel_decoder is not None:
             out["pixels"] = self.pixel_decoder(enc, mask)
         return out

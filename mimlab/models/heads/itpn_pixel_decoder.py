@@ -9,6 +9,7 @@ official code). Each level is scattered onto the full unit grid with the shared 
 
 Output: (N, L, p²·3) pixel predictions for every unit (the loss keeps the masked ones; 1 = masked).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -53,9 +54,19 @@ class ITPNPixelDecoder(nn.Module):
     """Args: fpn_dim (pyramid width F), embed_dim/depth/num_heads (512/8/16 official), img_size/patch_size (grid),
     num_levels (pyramid levels fused, 3), out_dim (default patch_size² · in_chans = 768)."""
 
-    def __init__(self, fpn_dim: int = 256, embed_dim: int = 512, depth: int = 8, num_heads: int = 16,
-                 mlp_ratio: float = 4.0, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 num_levels: int = 3, out_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        fpn_dim: int = 256,
+        embed_dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_levels: int = 3,
+        out_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.embed = LevelFusion(fpn_dim, embed_dim, num_levels)
@@ -76,8 +87,10 @@ class ITPNPixelDecoder(nn.Module):
         levels = [scatter_units(x, enc.ids_keep, num_units, self.mask_token) for x in self.embed(enc.features)]
         pos = self.decoder_pos_embed
         if pos.shape[1] != num_units:
-            raise ValueError(f"ITPNPixelDecoder was built for a {self.grid} grid but got {num_units} units; "
-                             "set model.decoder.img_size to the data resolution")
+            raise ValueError(
+                f"ITPNPixelDecoder was built for a {self.grid} grid but got {num_units} units; "
+                "set model.decoder.img_size to the data resolution"
+            )
         x = levels[0] + pos
         for lvl in levels[1:]:
             x = x + lvl

@@ -4,6 +4,7 @@ decoder blocks: LayerNorm + Linear; the LayerNorm is the encoder's final norm he
 Input: a dense encoder map (N, C, h, w). Output: (N, h·w, out_dim), row-major tokens, predicted for every token (the
 loss keeps the masked ones). The token grid must be the mask-unit grid (MaskFeat masks single 16-px patches).
 """
+
 from __future__ import annotations
 
 from timm.layers import trunc_normal_

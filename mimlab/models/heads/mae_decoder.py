@@ -4,6 +4,7 @@ Input: a :class:`~mimlab.models.backbones.vit.ViTEncoding` (cls + K visible toke
 predictions for **every** patch (the loss keeps the masked ones). The cls token passes through the decoder and is
 dropped at the end, as in the official code.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -43,10 +44,13 @@ class MAEDecoder(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)  # type: ignore[arg-type]
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
+            for _ in range(depth)
         )
         self.decoder_norm = norm_layer(embed_dim)
-        self.decoder_pred = nn.Linear(embed_dim, out_dim or patch_size**2 * in_chans) if with_prediction else nn.Identity()
+        self.decoder_pred = (
+            nn.Linear(embed_dim, out_dim or patch_size**2 * in_chans) if with_prediction else nn.Identity()
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

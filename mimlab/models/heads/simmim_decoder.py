@@ -5,6 +5,7 @@ Input: the dense encoder map (N, C, H/s, W/s) of a mask-token encoder (every pos
 image, patchified over the ``unit_size``-pixel mask units, (N, L_units, unit_size² · 3), in
 :mod:`mimlab.models.patchify` order, so it is compared with ``NormPixTarget(unit_size, norm_pix=False)`` on masked units.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn

@@ -27,12 +27,20 @@ def _up(x: torch.Tensor, size) -> torch.Tensor:
 class UperNetHead(nn.Module):
     """Args: in_channels per level, ``channels`` (512 in the paper configs; 768 for iTPN), ``num_classes`` (150)."""
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int = 150, channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int = 150,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
         super().__init__()
         in_channels = list(in_channels)
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), Conv2dNormActivation(in_channels[-1], channels, 1))
-                                 for s in pool_scales)
+        self.ppm = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), Conv2dNormActivation(in_channels[-1], channels, 1))
+            for s in pool_scales
+        )
         self.ppm_bottleneck = Conv2dNormActivation(in_channels[-1] + len(pool_scales) * channels, channels, 3)
         self.lateral = nn.ModuleList(Conv2dNormActivation(c, channels, 1) for c in in_channels[:-1])
         self.fpn = nn.ModuleList(Conv2dNormActivation(channels, channels, 3) for _ in in_channels[:-1])

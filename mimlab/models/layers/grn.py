@@ -3,6 +3,7 @@
 Reference: ConvNeXt-V2 ``models/utils.py`` (dense GRN) and the JAX masked-dense block in its
 TRAINING.md; docs/methods.md §3.2.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ Built from timm's ``Attention`` and ``Mlp``; parameter names match timm's pre-no
 attn.proj, norm2, mlp.fc1, mlp.fc2). The FFN output ``mlp(x)`` *before* the residual is what data2vec 2.0 averages
 into its targets; read it with a forward hook on ``block.mlp``. Shapes: (N, T, D) -> (N, T, D); ``attn_mask`` is an additive attention bias, as for timm's blocks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,8 +20,15 @@ from torch import Tensor, nn
 
 
 class PostNormBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+    ) -> None:
         super().__init__()
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.norm1 = norm_layer(dim)

@@ -47,10 +47,17 @@ class DenseFeatureAdapter(nn.Module):
         size_divisible: pad inputs to a multiple of this (defaults to the largest stride).
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module | Callable[..., nn.Module] | None = None,
-                 out_strides: Sequence[int] = (4, 8, 16, 32), extra_pool: nn.Module | None = None,
-                 concat_backbone: bool = False, pool_name: str | None = None,
-                 input_size: Sequence[int] | int | None = None, size_divisible: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module | Callable[..., nn.Module] | None = None,
+        out_strides: Sequence[int] = (4, 8, 16, 32),
+        extra_pool: nn.Module | None = None,
+        concat_backbone: bool = False,
+        pool_name: str | None = None,
+        input_size: Sequence[int] | int | None = None,
+        size_divisible: int | None = None,
+    ):
         super().__init__()
         check_backbone(backbone)
         self.backbone = backbone
@@ -66,7 +73,9 @@ class DenseFeatureAdapter(nn.Module):
             bb = dict(zip(backbone.out_strides, backbone.out_channels))  # type: ignore[arg-type]
             missing = [s for s in src_strides if s not in bb]
             if missing:
-                raise ValueError(f"concat_backbone: the backbone has no map at stride(s) {missing} (it has {list(bb)}).")
+                raise ValueError(
+                    f"concat_backbone: the backbone has no map at stride(s) {missing} (it has {list(bb)})."
+                )
             src_channels = [c + bb[s] for c, s in zip(src_channels, src_strides)]
         self.out_strides = [int(s) for s in out_strides]
         self.extra_pool = extra_pool if extra_pool is not None else nn.MaxPool2d(1, 2)
@@ -81,12 +90,18 @@ class DenseFeatureAdapter(nn.Module):
                 self._select.append(None)  # pooled from the previous output
                 self.out_channels.append(self.out_channels[-1] if self.out_channels else chans[max(src_strides)])
             else:
-                raise ValueError(f"Cannot produce stride {s} from {type(src).__name__} strides {src_strides}; "
-                                 f"a single-scale backbone (e.g. ViT) needs a neck such as SimpleFeaturePyramid.")
+                raise ValueError(
+                    f"Cannot produce stride {s} from {type(src).__name__} strides {src_strides}; "
+                    f"a single-scale backbone (e.g. ViT) needs a neck such as SimpleFeaturePyramid."
+                )
         if any(sel is None for sel in self._select[:1]):
-            raise ValueError(f"out_strides {self.out_strides} must start at a stride the neck provides ({src_strides}).")
+            raise ValueError(
+                f"out_strides {self.out_strides} must start at a stride the neck provides ({src_strides})."
+            )
         self.pool_name = pool_name
-        self.input_size = (input_size, input_size) if isinstance(input_size, int) else (tuple(input_size) if input_size else None)
+        self.input_size = (
+            (input_size, input_size) if isinstance(input_size, int) else (tuple(input_size) if input_size else None)
+        )
         self.size_divisible = size_divisible or max(self.out_strides)
 
     def check_input_size(self, size: int, key: str) -> None:
@@ -95,9 +110,11 @@ class DenseFeatureAdapter(nn.Module):
         stride = max(int(s) for s in self.backbone.out_strides)  # type: ignore[union-attr]
         if size % stride:
             lower, upper = size // stride * stride, (size // stride + 1) * stride
-            raise ValueError(f"input size {size} (data.img_size, given as task.{key}) is not a multiple of "
-                             f"{type(self.backbone).__name__}'s largest stride {stride} (out_strides "
-                             f"{list(self.backbone.out_strides)}); set data.img_size={lower or upper} or {upper}.")  # type: ignore[arg-type]
+            raise ValueError(
+                f"input size {size} (data.img_size, given as task.{key}) is not a multiple of "
+                f"{type(self.backbone).__name__}'s largest stride {stride} (out_strides "
+                f"{list(self.backbone.out_strides)}); set data.img_size={lower or upper} or {upper}."  # type: ignore[arg-type]
+            )
 
     def names(self) -> list[str]:
         names = [str(i) for i in range(len(self.out_strides))]
@@ -143,7 +160,9 @@ class DenseFeatureAdapter(nn.Module):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Pre-training checkpoint not found: {path} (set task.pretrained, or run `make pretrain`).")
+            raise FileNotFoundError(
+                f"Pre-training checkpoint not found: {path} (set task.pretrained, or run `make pretrain`)."
+            )
         if load_neck and self.neck is None:
             raise ValueError(f"load_neck=True but the adapter has no neck to load the neck weights of {path} into.")
         return load_pretrained(path, self.backbone, self.neck if load_neck else None)

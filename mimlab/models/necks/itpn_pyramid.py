@@ -11,6 +11,7 @@ Every operation is per token or inside one 2×2 neighbourhood, so the pyramid ru
 HiViT (only visible units exist) and on dense maps alike. Outputs are ordered by stride: ``[P4, P8, P16]``.
 Module names follow the official code (``mimlab.checkpoints.itpn`` loads them without renaming).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,14 @@ class ITPNPyramid(nn.Module):
     ``(N, C_i, H/s_i, W/s_i)`` (returns ``[(N, F, H/4, W/4), (N, F, H/8, W/8), (N, F, H/16, W/16)]``).
     """
 
-    def __init__(self, in_channels: list[int] | tuple[int, ...] | None = None, fpn_dim: int = 256,
-                 fpn_depth: int = 2, mlp_ratio: float = 4.0, embed_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: list[int] | tuple[int, ...] | None = None,
+        fpn_dim: int = 256,
+        fpn_depth: int = 2,
+        mlp_ratio: float = 4.0,
+        embed_dim: int | None = None,
+    ) -> None:
         super().__init__()
         if (in_channels is None) == (embed_dim is None):
             raise ValueError("ITPNPyramid: give exactly one of in_channels (3 values) or embed_dim (backbone D)")
@@ -84,9 +91,10 @@ class ITPNPyramid(nn.Module):
         if isinstance(features, HiViTEncoding):
             return dataclasses.replace(features, features=self.forward_units(*features.features))
         if len(features) != 3 or any(f.dim() != 4 for f in features):
-            raise ValueError("ITPNPyramid expects a HiViTEncoding or three dense maps (N, C, H/s, W/s) at strides 4/8/16")
+            raise ValueError(
+                "ITPNPyramid expects a HiViTEncoding or three dense maps (N, C, H/s, W/s) at strides 4/8/16"
+            )
         s4, s8, s16 = features
         grid = tuple(s16.shape[-2:])
         units = (map_to_units(s4, 4), map_to_units(s8, 2), map_to_units(s16, 1)[:, :, 0, 0, :])
         return [units_to_map(p, grid) for p in self.forward_units(*units)]  # type: ignore[arg-type]
-

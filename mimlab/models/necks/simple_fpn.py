@@ -29,8 +29,12 @@ from torch import nn
 def _scale_stage(dim: int, scale: float) -> tuple[nn.Module, int]:
     """The resampling path for ``scale`` = source stride / output stride, and its output width."""
     if scale == 4.0:
-        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
-                             nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
+        return nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 2, 2, 2),
+            LayerNorm2d(dim // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2),
+        ), dim // 4
     if scale == 2.0:
         return nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
     if scale == 1.0:
@@ -38,8 +42,10 @@ def _scale_stage(dim: int, scale: float) -> tuple[nn.Module, int]:
     k = round(1 / scale)
     if scale < 1 and k & (k - 1) == 0:
         return nn.MaxPool2d(k, k), dim
-    raise ValueError(f"SimpleFeaturePyramid: an output stride {1 / scale:g}x the source stride cannot be built; the "
-                     f"source (backbone) stride must lie between output stride / 4 and the coarsest output stride.")
+    raise ValueError(
+        f"SimpleFeaturePyramid: an output stride {1 / scale:g}x the source stride cannot be built; the "
+        f"source (backbone) stride must lie between output stride / 4 and the coarsest output stride."
+    )
 
 
 def power_of_two_stride(stride: int) -> int:
@@ -59,18 +65,28 @@ class SimpleFeaturePyramid(nn.Module):
     ``forward(features: list[(N, C_i, H/s_i, W/s_i)]) -> list[(N, out, H/s, W/s)]`` for ``s`` in ``out_strides``.
     """
 
-    def __init__(self, in_channels: Sequence[int], in_strides: Sequence[int], out_channels: int = 256,
-                 out_strides: Sequence[int] = (4, 8, 16, 32)):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        in_strides: Sequence[int],
+        out_channels: int = 256,
+        out_strides: Sequence[int] = (4, 8, 16, 32),
+    ):
         super().__init__()
         dim, self.in_stride = int(in_channels[-1]), int(in_strides[-1])
         self.source_stride = power_of_two_stride(self.in_stride)
         self.stages = nn.ModuleList()
         for out_stride in out_strides:
             up, width = _scale_stage(dim, self.source_stride / out_stride)
-            self.stages.append(nn.Sequential(
-                up,
-                nn.Conv2d(width, out_channels, 1, bias=False), LayerNorm2d(out_channels),
-                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)))
+            self.stages.append(
+                nn.Sequential(
+                    up,
+                    nn.Conv2d(width, out_channels, 1, bias=False),
+                    LayerNorm2d(out_channels),
+                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                    LayerNorm2d(out_channels),
+                )
+            )
         self.out_channels = [out_channels] * len(out_strides)
         self.out_strides = [int(s) for s in out_strides]
 
