@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -31,20 +32,27 @@ class RunCheckpoint(ModelCheckpoint):
         self.last_every_n_train_steps = every_n_train_steps or 0
         self._last_written_at: int | None = None
 
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        if self.save_last:
-            self._last_written_at = trainer.global_step
-
     def _refresh_last(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` now (public API only: ``format_checkpoint_name`` + ``trainer.save_checkpoint``, through
+        the run's atomic checkpoint IO); the best-checkpoint decision of this step is left to validation."""
         if not self.save_last or self._last_written_at == trainer.global_step:
             return
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":  # type: ignore[attr-defined]
             return
-        judged_at = self._last_global_step_saved
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        # a refreshed last.ckpt is not this step's best-checkpoint decision: validation at this step still judges it
-        self._last_global_step_saved = judged_at
+        metrics = {
+            **trainer.callback_metrics,
+            "epoch": torch.tensor(trainer.current_epoch),
+            "step": torch.tensor(trainer.global_step),
+        }
+        path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(path, self.save_weights_only)
+        self.last_model_path = path
+        self._last_written_at = trainer.global_step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # may write the best checkpoint and, with it, last.ckpt
+        if self.save_last and self.last_model_path:
+            self._last_written_at = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
