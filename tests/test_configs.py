@@ -59,16 +59,6 @@ def test_small_experiment_runs_a_step(experiment, tmp_path, synthetic_root, gene
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
-@pytest.mark.parametrize("hardware", ["cpu", "gpu", "ddp"])
-def test_hardware_groups_compose(hardware, tmp_path):
-    cfg = compose_config([f"hardware={hardware}"], tmp_path)
-    assert cfg.trainer.precision == cfg.hardware.precision
-    if hardware == "ddp":
-        strategy = instantiate(cfg.hardware.strategy)
-        assert strategy.static_graph and strategy.accumulate_grad_batches == cfg.trainer.accumulate_grad_batches
-        assert cfg.hardware.precision == "bf16-mixed" and cfg.hardware.compile
-
-
 def test_unknown_key_is_named(tmp_path):
     with pytest.raises(ConfigCompositionException, match="masking.ratoi"):
         compose_config(["masking.ratoi=0.5"], tmp_path)

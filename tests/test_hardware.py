@@ -43,20 +43,6 @@ KEYS = {
 def test_every_option_has_the_same_keys(option):
     cfg = compose_config([f"hardware={option}"])
     assert KEYS <= set(cfg.hardware)
-    assert cfg.data.prefetch_factor == cfg.hardware.prefetch_factor
-
-
-def test_gpu_defaults_are_the_fast_paths():
-    hw = compose_config(["hardware=gpu"]).hardware
-    assert (hw.precision, hw.compile, hw.fused_optimizer, hw.fused_attn, hw.matmul_precision) == (
-        "bf16-mixed",
-        True,
-        True,
-        True,
-        "high",
-    )
-    ddp = compose_config(["hardware=ddp"]).hardware.strategy
-    assert ddp.static_graph and ddp.gradient_as_bucket_view and not ddp.find_unused_parameters
 
 
 def test_slurm_wires_submitit_requeue_and_resume():
