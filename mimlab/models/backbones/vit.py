@@ -102,7 +102,8 @@ class MaskedViT(nn.Module):
         self.embed_dim = embed_dim
         self.keep_hidden_states = keep_hidden_states
         self.num_prefix_tokens = int(class_token)
-        self.feature_pools = ("avg", "cls") if class_token else ("avg",)
+        if not class_token:  # no cls token to pool
+            self.feature_pools = ("avg",)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size
         num_patches = self.grid[0] * self.grid[1]

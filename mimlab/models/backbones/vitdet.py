@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from timm.models.vision_transformer_sam import Block as WindowedBlock
 from torch import Tensor, nn
 
+from mimlab.models.backbones.contract import check_pool
 from mimlab.models.backbones.vit import MaskedViT
 
 
@@ -68,6 +69,13 @@ class ViTDetBackbone(MaskedViT):
             "ViTDetBackbone is for dense transfer (forward_features); pre-train with MaskedViT "
             "(model/backbone=vit_*) and load its checkpoint here."
         )
+
+    feature_pools: tuple[str, ...] = ("avg",)  # the cls token is not used by ViTDet attention
+
+    def forward_pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+        """(N, C, H, W) -> (N, embed_dim): the mean of the feature map of :meth:`forward_features`."""
+        check_pool(self, pool)
+        return self.forward_features(x)[-1].mean(dim=(2, 3))
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """One map (N, D, H/p, W/p) at stride ``patch_size`` from the patch tokens (no cls token, no final norm)."""
