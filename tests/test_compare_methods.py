@@ -1,0 +1,67 @@
+"""The method-comparison protocol (conf/sweep/compare_methods.yaml + experiments/compare_methods): every job of the
+sweep composes with the shared settings, and each method's encoder, rebuilt by the transfer step from the job's saved
+config, takes that job's pre-trained encoder weights through the loader the transfer runs use."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from mimlab.train import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare_methods" / "compare.py")
+compare = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+spec.loader.exec_module(compare)  # type: ignore[union-attr]
+
+
+def sweep_params() -> dict[str, str]:
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["+sweep=compare_methods"], return_hydra_config=True)
+    return {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+
+
+PARAMS = sweep_params()
+EXPERIMENTS = PARAMS.pop("experiment").split(",")
+
+
+def test_the_sweep_covers_the_eight_methods_and_each_has_transfer_recipes():
+    protocol = OmegaConf.load(ROOT / "experiments" / "compare_methods" / "transfer.yaml")
+    assert len(EXPERIMENTS) == 8 and set(EXPERIMENTS) == set(protocol.recipes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_job_composes_under_the_protocol_and_its_encoder_transfers(experiment, tmp_path):
+    job = tmp_path / f"0_experiment={experiment}"
+    overrides = [f"experiment={experiment}", *(f"{k}={v}" for k, v in PARAMS.items()), f"paths.output_dir='{job}'"]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    for key, value in PARAMS.items():  # the shared settings win over the recipe's own
+        assert str(OmegaConf.select(cfg, key)) == value, key
+    (job / ".hydra").mkdir(parents=True)  # the two files Hydra saves in a job folder
+    OmegaConf.save({"hydra": cfg.hydra}, job / ".hydra" / "hydra.yaml")
+    del cfg.hydra
+    OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+    trained = instantiate(cfg.model.backbone)
+    checkpoint = job / "last.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()}}, checkpoint)
+
+    protocol = OmegaConf.load(ROOT / "experiments" / "compare_methods" / "transfer.yaml")
+    recipes, shared_overrides = protocol.recipes[experiment], list(protocol.overrides)
+    for kind in compare.TRANSFERS:
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            transfer = compose(
+                "train", overrides=[f"experiment={recipes[kind]}", *compare.encoder_overrides(job), *shared_overrides]
+            )
+        module = instantiate(transfer.task, pretrained=str(checkpoint))  # raises on any key or shape mismatch
+        shared = [n for n in module.backbone.state_dict() if n in trained.state_dict()]
+        assert len(shared) >= len(trained.state_dict()) - 2, kind  # all but the final norm (dropped by fine-tuning)
+        for name in shared:
+            assert module.backbone.state_dict()[name].equal(trained.state_dict()[name]), (experiment, kind, name)
