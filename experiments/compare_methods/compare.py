@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     for job in pretrain_jobs(args.sweep):
         name = OmegaConf.load(job / ".hydra" / "config.yaml").name
         if name not in protocol.recipes:
-            raise KeyError(f"{args.protocol}: no transfer recipes for {name!r} (job {job.name}); add them under recipes")
+            raise KeyError(
+                f"{args.protocol}: no transfer recipes for {name!r} (job {job.name}); add them under recipes"
+            )
         runs = {
             kind: transfer(job, kind, protocol.recipes[name][kind], list(protocol.overrides), args.overrides)
             for kind in TRANSFERS
