@@ -62,19 +62,27 @@ class DDPProbe(L.Callback):
         """The trained parameters (frozen teachers and frozen backbones are left out)."""
         return {k: v.detach().clone() for k, v in pl_module.named_parameters() if v.requires_grad}
 
+    @staticmethod
+    def _teacher(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        """The (frozen, EMA-updated) teacher parameters of an EMA target, ``target.teacher.*``."""
+        return {k: v.detach().clone() for k, v in pl_module.named_parameters() if k.startswith("target.teacher.")}
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["before"] = self._params(pl_module)
+        self.record["teacher_before"] = self._teacher(pl_module)
         self.record["base_lr"] = trainer.optimizers[0].param_groups[0]["initial_lr"]
         self.record["world_size"] = trainer.world_size
         self.record["is_global_zero"] = trainer.is_global_zero
-        ddp = trainer.strategy.model  # the DistributedDataParallel wrapper
-        settings = ("static_graph", "gradient_as_bucket_view", "find_unused_parameters")
-        self.record["ddp"] = {name: getattr(ddp, name) for name in settings}
+        ddp = trainer.strategy.model  # the DistributedDataParallel wrapper (the module itself in one process)
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            settings = ("static_graph", "gradient_as_bucket_view", "find_unused_parameters")
+            self.record["ddp"] = {name: getattr(ddp, name) for name in settings}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.record["train_batches"] += 1
         if trainer.global_step == 1 and "after_step_1" not in self.record:
             self.record["after_step_1"] = self._params(pl_module)
+            self.record["teacher_after_step_1"] = self._teacher(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["final"] = self._params(pl_module)
