@@ -49,10 +49,11 @@ class RunCheckpoint(ModelCheckpoint):
         self.last_model_path = path
         self._last_written_at = trainer.global_step
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)  # may write the best checkpoint and, with it, last.ckpt
-        if self.save_last and self.last_model_path:
-            self._last_written_at = trainer.global_step
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # any save at this step (ModelCheckpoint's own saves always include last.ckpt) makes a refresh redundant; and
+        # a last.ckpt rewritten in on_train_end after the epoch-end one resumed as a finished run (test_pretrain_e2e)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        self._last_written_at = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
