@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="table folder (default: <sweep>/report)")
     parser.add_argument("--protocol", type=Path, default=HERE / "transfer.yaml", help="transfer recipes + overrides")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every transfer run (after --)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # "SWEEP --out DIR -- OVERRIDES": options between the positionals
     protocol = OmegaConf.load(args.protocol)
     rows = []
     for job in pretrain_jobs(args.sweep):
