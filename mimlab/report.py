@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def _number(text: str) -> float | str:
 
 
 def read_metrics(run: Path, agg: str = "last") -> dict[str, float]:
-    """Each column of ``csv/metrics.csv`` reduced to one number: its last logged value (or its max/min)."""
+    """Each column of ``csv/metrics.csv`` reduced to one number: its last logged value (or its max/min/median)."""
     path = run / "csv" / "metrics.csv"
     if not path.exists():
         return {}
@@ -61,7 +62,7 @@ def read_metrics(run: Path, agg: str = "last") -> dict[str, float]:
             for key, value in row.items():
                 if value not in ("", None):
                     columns.setdefault(key, []).append(float(value))
-    reduce = {"last": lambda v: v[-1], "max": max, "min": min}[agg]
+    reduce = {"last": lambda v: v[-1], "max": max, "min": min, "median": statistics.median}[agg]
     return {key: reduce(values) for key, values in columns.items()}  # type: ignore[operator]
 
 
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--y", help=f"comma-separated metrics (default: those of {', '.join(DEFAULT_METRICS)} present)")
     parser.add_argument("--hue", help="override key drawn as separate lines (default: the second varying key)")
     parser.add_argument(
-        "--agg", default="last", choices=["last", "max", "min"], help="how a metric column becomes one number"
+        "--agg", default="last", choices=["last", "max", "min", "median"], help="how a metric column becomes one number"
     )
     parser.add_argument("--out", help="folder for results.md / results.csv / the plot (default: the first path)")
     parser.add_argument("--title", help="plot title")

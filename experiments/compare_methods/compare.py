@@ -25,7 +25,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mimlab.report import markdown, plot, read_metrics
+from mimlab.report import markdown, read_metrics
 from mimlab.train import CONFIG_DIR
 
 HERE = Path(__file__).resolve().parent
@@ -99,7 +99,7 @@ def row(job: Path, runs: dict[str, Path]) -> dict[str, Any]:
         "params_M": encoder_params(job),
         "knn/acc1": pre.get("knn/acc1"),
         **{f"{kind}/acc1": read_metrics(run).get("val/acc1") for kind, run in runs.items()},
-        "img_per_s": pre.get("train/samples_per_sec"),
+        "img_per_s": read_metrics(job, "median").get("train/device/samples_per_sec"),  # ThroughputMonitor, median
         "gflops_per_img": gflops,
         "pflops": gflops * (steps + 1) * batch / 1e6 if gflops is not None and steps is not None else None,
     }
@@ -120,8 +120,32 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> str:
         csv.writer(f).writerows(lines)
     metrics = [m for m in ("knn/acc1", "linprobe/acc1", "finetune/acc1") if any(m in r["metrics"] for r in rows)]
     if metrics:
-        plot(rows, "method", metrics, out / "acc1_vs_method.png", title="MIM methods, one protocol")
+        bar_chart(rows, metrics, out / "acc1_vs_method.png")
     return text
+
+
+def bar_chart(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+    """Grouped horizontal bars: one group per method, one bar per top-1 metric (a missing value is left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["overrides"]["method"].removesuffix("_synthetic") for r in rows]
+    height = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(rows) + 1.2))
+    for i, metric in enumerate(metrics):
+        values = [r["metrics"].get(metric, float("nan")) for r in rows]
+        ax.barh([y + i * height for y in range(len(rows))], values, height, label=metric)
+    ax.set_yticks([y + height * (len(metrics) - 1) / 2 for y in range(len(rows))], names)
+    ax.invert_yaxis()
+    ax.set_xlabel("top-1 (%)")
+    ax.set_title("MIM methods, one protocol (embedded data, 64 px, 10 epochs)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
