@@ -100,7 +100,7 @@ class MaskedPretraining(L.LightningModule):
         pred, target = self(images, mask)
         return self.loss(pred, target, mask.to(images.device, non_blocking=True))
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images = batch[0]
         losses = self.compute_losses(images, self.sample_generators(images.shape[0], batch_idx))
         self._log_losses("train", losses, images.shape[0])
