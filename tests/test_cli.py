@@ -70,7 +70,7 @@ def helps(request) -> dict[str, dict]:
         ("train", ["== Configuration groups ==", "experiment: ", "hardware: cpu, ddp, gpu, slurm", "== Config =="]),
         ("check", ["== Configuration groups ==", "experiment: ", "data: "]),
         ("export", ["usage: mimlab-export ckpt=PATH", "ckpt ", "format ", "out ", "ema ", "name ", "num_heads "]),
-        ("report", ["--x X", "--y Y", "--hue HUE", "--agg {last,max,min}", "--out OUT"]),
+        ("report", ["--x X", "--y Y", "--hue HUE", "--agg {last,max,min,median}", "--out OUT"]),
         ("bench", ["usage: mimlab-bench [key=value ...]", "workloads (model=...): mae_vit_b"]),
         ("token-diversity", ["teacher:", "checkpoint:", "data:", "plot:"]),
         ("feature-cosine", ["--checkpoint CHECKPOINT", "--images IMAGES", "--backbone BACKBONE", "--max-images"]),
