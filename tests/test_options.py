@@ -83,6 +83,7 @@ def test_a_mask_that_hides_every_unit_fails_before_training(tmp_path):
         run(cfg)
 
 
+@pytest.mark.slow  # a new interpreter (~8 s); the fast tier keeps one CLI subprocess test
 def test_an_empty_command_line_value_is_refused(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(

@@ -78,6 +78,7 @@ def test_cli_rejects_a_misspelled_key_before_touching_data(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a new interpreter (~8 s); the fast tier keeps one CLI subprocess test
 def test_cli_suggests_the_closest_key():
     proc = subprocess.run(
         [sys.executable, "-m", "mimlab.train", "experiment=mae_vit_tiny_synthetic", "model.decoder.dept=2"],
