@@ -30,6 +30,29 @@ def shared_data(name: str) -> Path:
     return path
 
 
+# The tiny MAE most run-level tests train (a 32-d one-block ViT on 32-px crops, CSV logger, no worker processes), and
+# the same without the callbacks that draw, probe or time (a test adds back what it checks).
+TINY_MAE = [
+    "experiment=mae_vit_tiny_synthetic",
+    "data.img_size=32",
+    "hardware.num_workers=0",
+    "logger=csv",
+    "model.backbone.embed_dim=32",
+    "model.backbone.depth=1",
+    "model.backbone.num_heads=2",
+]
+TINY_MAE_QUIET = [
+    *TINY_MAE,
+    "model.decoder.embed_dim=16",
+    "model.decoder.num_heads=2",
+    "~callbacks.progress",
+    "~callbacks.reconstruction",
+    "~callbacks.knn",
+    "~callbacks.dashboard",
+    "~callbacks.throughput",
+]
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """10 classes x (6 train, 2 val) small JPEGs in the ImageNet layout."""

@@ -10,19 +10,13 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from conftest import compose_config
+from conftest import TINY_MAE, compose_config
 from mimlab.check import check
 from mimlab.data.image_folder import CheckedImageFolder, CorruptImageError
 from mimlab.train import build
 
 TINY = [
-    "experiment=mae_vit_tiny_synthetic",
-    "data.img_size=32",
-    "hardware.num_workers=0",
-    "logger=csv",
-    "model.backbone.embed_dim=32",
-    "model.backbone.depth=1",
-    "model.backbone.num_heads=2",
+    *TINY_MAE,
     "model.decoder.embed_dim=16",
     "model.decoder.num_heads=2",
     "~callbacks.progress",

@@ -11,26 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import TINY_MAE_QUIET, compose_config
 from mimlab.checkpoints.atomic import AtomicCheckpointIO, CheckpointWriteError
 from mimlab.train import build
 
-TINY = [
-    "experiment=mae_vit_tiny_synthetic",
-    "data.img_size=32",
-    "hardware.num_workers=0",
-    "logger=csv",
-    "model.backbone.embed_dim=32",
-    "model.backbone.depth=1",
-    "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=16",
-    "model.decoder.num_heads=2",
-    "~callbacks.progress",
-    "~callbacks.reconstruction",
-    "~callbacks.knn",
-    "~callbacks.dashboard",
-    "~callbacks.throughput",
-]
+TINY = TINY_MAE_QUIET
 
 
 def test_every_n_train_steps_writes_last_at_each_nth_step_and_at_the_end(tmp_path, synthetic_root, monkeypatch):

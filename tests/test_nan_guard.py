@@ -9,29 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose_config
+from conftest import TINY_MAE_QUIET, compose_config
 from mimlab.callbacks.nan_guard import NonFiniteLossError
 from mimlab.train import build
 
-TINY = [
-    "experiment=mae_vit_tiny_synthetic",
-    "data.img_size=32",
-    "hardware.num_workers=0",
-    "logger=csv",
-    "model.backbone.embed_dim=32",
-    "model.backbone.depth=1",
-    "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=16",
-    "model.decoder.num_heads=2",
-    "~callbacks.progress",
-    "~callbacks.reconstruction",
-    "~callbacks.knn",
-    "~callbacks.dashboard",
-    "~callbacks.throughput",
-    "data.batch_size=8",
-    "trainer.limit_val_batches=0",
-    "callbacks.checkpoint.monitor=null",
-]
+TINY = [*TINY_MAE_QUIET, "data.batch_size=8", "trainer.limit_val_batches=0", "callbacks.checkpoint.monitor=null"]
 
 
 class _NaNGradient(torch.autograd.Function):

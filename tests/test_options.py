@@ -9,22 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_config
+from conftest import TINY_MAE, compose_config
 from mimlab.tasks.pretrain import CompositionError
 from mimlab.train import CONFIG_DIR, run
 from mimlab.utils.options import OptionError, option_problems
 
 NO_DATA = "data.root=/nonexistent/never-read"  # every check below must fire before this folder is looked at
-TINY = [
-    "experiment=mae_vit_tiny_synthetic",
-    "data.img_size=32",
-    "hardware.num_workers=0",
-    "logger=csv",
-    "model.backbone.embed_dim=32",
-    "model.backbone.depth=1",
-    "model.backbone.num_heads=2",
-    NO_DATA,
-]
+TINY = [*TINY_MAE, NO_DATA]
 
 
 @pytest.mark.parametrize(

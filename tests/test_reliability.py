@@ -8,21 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose_config
+from conftest import TINY_MAE, compose_config
 from mimlab.callbacks.resume import collect_rng_states, restore_rng_states
 from mimlab.checkpoints.atomic import AtomicCheckpointIO, CheckpointWriteError
 from mimlab.tasks.pretrain import CompositionError
 from mimlab.train import build, preflight, run
 
-TINY = [
-    "experiment=mae_vit_tiny_synthetic",
-    "data.img_size=32",
-    "hardware.num_workers=0",
-    "logger=csv",
-    "model.backbone.embed_dim=32",
-    "model.backbone.depth=1",
-    "model.backbone.num_heads=2",
-]
+TINY = TINY_MAE
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -13,27 +13,11 @@ import pytest
 import torch
 from test_generated_data import snapshot
 
-from conftest import compose_config
+from conftest import TINY_MAE_QUIET, compose_config
 from mimlab.run_folder import STATE, RunFolder, RunFolderError
 from mimlab.train import run
 
-TINY = [
-    "experiment=mae_vit_tiny_synthetic",
-    "data.img_size=32",
-    "hardware.num_workers=0",
-    "logger=csv",
-    "model.backbone.embed_dim=32",
-    "model.backbone.depth=1",
-    "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=16",
-    "model.decoder.num_heads=2",
-    "~callbacks.progress",
-    "~callbacks.reconstruction",
-    "~callbacks.knn",
-    "~callbacks.dashboard",
-    "~callbacks.throughput",
-    "data.batch_size=8",
-]
+TINY = [*TINY_MAE_QUIET, "data.batch_size=8"]
 
 
 def finished_run(folder: Path) -> Path:
