@@ -30,6 +30,20 @@ def shared_data(name: str) -> Path:
     return path
 
 
+# Two DDP processes on the CPU (gloo, fp32, no compile or fused kernels), as the DDP tests launch them.
+DDP_CPU_TWO_PROCESSES = [
+    "hardware=ddp",
+    "hardware.accelerator=cpu",
+    "hardware.devices=2",
+    "hardware.precision=32-true",
+    "hardware.compile=false",
+    "hardware.fused_optimizer=false",
+    "hardware.matmul_precision=highest",
+    "hardware.num_workers=0",
+    "hardware.pin_memory=false",
+    "+hardware.strategy.process_group_backend=gloo",
+]
+
 # The tiny MAE most run-level tests train (a 32-d one-block ViT on 32-px crops, CSV logger, no worker processes), and
 # the same without the callbacks that draw, probe or time (a test adds back what it checks).
 TINY_MAE = [

@@ -24,24 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DDP_CPU_TWO_PROCESSES
 from mimlab.data.resumable import ResumableSampler
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 BATCH, BLR, SEED = 4, 1e-3, 0
-DDP = [
-    "hardware=ddp",
-    "hardware.accelerator=cpu",
-    "hardware.devices=2",
-    "hardware.precision=32-true",
-    "hardware.compile=false",
-    "hardware.fused_optimizer=false",
-    "hardware.matmul_precision=highest",
-    "hardware.num_workers=0",
-    "hardware.pin_memory=false",
-    "+hardware.strategy.process_group_backend=gloo",
-]
+DDP = DDP_CPU_TWO_PROCESSES
 COMMON = [
     f"seed={SEED}",
     "logger=csv",

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DDP_CPU_TWO_PROCESSES
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 TINY = {
@@ -35,16 +37,7 @@ def test_two_ranks_keep_student_and_teacher_identical(experiment, synthetic_root
     probe_dir = tmp_path / "probe"
     overrides = [
         f"experiment={experiment}",
-        "hardware=ddp",
-        "hardware.accelerator=cpu",
-        "hardware.devices=2",
-        "hardware.precision=32-true",
-        "hardware.compile=false",
-        "hardware.fused_optimizer=false",
-        "hardware.matmul_precision=highest",
-        "hardware.num_workers=0",
-        "hardware.pin_memory=false",
-        "+hardware.strategy.process_group_backend=gloo",
+        *DDP_CPU_TWO_PROCESSES,
         "logger=csv",
         f"data.root={synthetic_root}",
         "data.batch_size=4",
