@@ -14,6 +14,7 @@ from conftest import shared_data
 from mimlab.data.ade20k import ADE20KDataModule, ADE20KSegmentation, reduce_zero_label
 from mimlab.data.coco import COCODataModule, COCOInstances, lsj_transforms
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
+from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,25 @@ def test_coco_training_drops_crowd_and_lsj_gives_fixed_size(coco_root):
         assert "iscrowd" not in target and len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
         b = target["boxes"]
         assert (b[:, 2] > b[:, 0]).all() and (b[:, 0] >= 0).all() and (b[:, 2] <= 64).all()
+
+
+def test_lsj_canvas_puts_the_image_top_left_on_the_evaluation_padding(coco_root):
+    """A training canvas looks like an evaluation input: the rescaled image at the top-left, the rest the mean pixel,
+    which the detector's normalisation turns into the 0 its own evaluation padding has (a black pad at a random
+    offset taught the detector to fire on the edge between image and the grey evaluation padding)."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    ds = COCOInstances(coco_root, "train", lsj_transforms(64, scale_range=(0.5, 0.5)))  # 64-px images -> 32 px
+    normalise = GeneralizedRCNNTransform(64, 64, IMAGENET_MEAN, IMAGENET_STD).normalize
+    for i in range(4):
+        image, target = ds[i]
+        assert image.shape == (3, 64, 64)
+        pad = torch.ones(64, 64, dtype=torch.bool)
+        pad[:32, :32] = False
+        expected = torch.tensor(MEAN_PIXEL, dtype=torch.float32)[:, None] / 255
+        torch.testing.assert_close(image[:, pad], expected.expand(3, int(pad.sum())))
+        assert normalise(image)[:, pad].abs().max() < 0.01
+        assert not target["masks"][:, pad].any() and (target["boxes"][:, 2:] <= 32).all()
 
 
 def test_coco_missing_annotation_file(tmp_path):

@@ -80,6 +80,25 @@ def test_vit_checkpoint_goes_into_detection_at_another_size_with_one_knob(
     assert {"val/bbox_mAP", "val/segm_mAP"} <= set(trainer.callback_metrics)
 
 
+def test_detection_evaluates_on_the_square_canvas_it_trains_on(tmp_path):
+    """LSJ trains on img_size² canvases; at evaluation a landscape image, resized to img_size on its longer side, is
+    padded to the same square, so the ViT sees the pos-embed grid it was trained on (not a 4x8 grid resampled from
+    8x8). The multi-scale recipes keep non-square inputs."""
+    cfg = compose_config(["experiment=detect_mae_vit_tiny_synthetic", "logger=csv"], tmp_path)
+    assert cfg.task.adapter.input_size == cfg.data.img_size == 64
+    module = instantiate(cfg.task)
+    seen = []
+    backbone = module.adapter.backbone
+    forward_features = backbone.forward_features
+    backbone.forward_features = lambda x, *a: seen.append(tuple(x.shape[-2:])) or forward_features(x, *a)
+    module.eval()
+    with torch.no_grad():
+        out = module([torch.rand(3, 48, 96)])  # resized to 32x64 by the detector, then padded
+    assert seen == [(64, 64)] and len(out) == 1
+    for experiment in ("detect_convnextv2_b_coco", "detect_itpn_b_coco"):
+        assert compose_config([f"experiment={experiment}", "logger=csv"], tmp_path).task.adapter.input_size is None
+
+
 @pytest.mark.parametrize("patch, size", [(4, 64), (8, 64), (14, 448), (16, 128)])
 def test_simple_fpn_gives_strides_4_to_32_for_any_patch(patch, size):
     vit = MaskedViT(img_size=size, patch_size=patch, embed_dim=32, depth=1, num_heads=2)

@@ -29,10 +29,9 @@ from mimlab.data.base import ResumableDataModule
 from mimlab.data.coco import read_rgb
 from mimlab.data.generated import check_generated_root
 from mimlab.data.synthetic_dense import ADE20K_OWN_DATA_HINT, write_ade20k
+from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL
 
 IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def reduce_zero_label(raw: np.ndarray, num_classes: int = 150, source: str = "label") -> np.ndarray:
@@ -144,14 +143,17 @@ class ADE20KSegmentation(Dataset):
 def train_transforms(
     crop_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), photometric: bool = True
 ) -> v2.Compose:
-    """mmseg ADE20K train pipeline: random rescale (shorter side crop·U(scale_range)), random crop (pad label with 255),
+    """mmseg ADE20K train pipeline: random rescale (shorter side crop·U(scale_range)), random crop (pad the image with
+    the mean pixel, i.e. 0 after normalisation as mmseg's ``Pad`` after ``Normalize``, and the label with 255),
     horizontal flip, photometric distortion (SSD-style, each op with p=0.5), float + ImageNet normalisation."""
     lo, hi = int(crop_size * scale_range[0]), int(crop_size * scale_range[1])
     ops = [
         v2.RandomShortestSize(
             min_size=list(range(lo, hi + 1, max(1, (hi - lo) // 16))), max_size=4 * hi, antialias=True
         ),
-        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        v2.RandomCrop(
+            crop_size, pad_if_needed=True, fill={tv_tensors.Image: MEAN_PIXEL, tv_tensors.Mask: IGNORE_INDEX}
+        ),
         v2.RandomHorizontalFlip(),
     ]
     if photometric:

@@ -32,6 +32,7 @@ from mimlab.data.base import ResumableDataModule
 from mimlab.data.generated import check_generated_root
 from mimlab.data.image_folder import load_rgb
 from mimlab.data.synthetic_dense import COCO_OWN_DATA_HINT, write_coco
+from mimlab.data.transforms import MEAN_PIXEL
 from mimlab.utils.extras import require
 
 _PYCOCOTOOLS_FEATURE = "COCO data (data=coco..., polygon and RLE masks)"
@@ -200,18 +201,46 @@ def _labels_and_coco_fields(inputs):
     return tuple(target[k] for k in ("labels", "iscrowd", "area") if k in target)
 
 
-def lsj_transforms(size: int = 1024, scale_range: Sequence[float] = (0.1, 2.0), train: bool = True) -> v2.Compose:
-    """Large-scale jitter (ViTDet / Copy-Paste recipe): rescale by U(scale_range) of ``size``, crop/pad to size², flip.
+class FixedSizeCrop(v2.Transform):
+    """Detectron2's ``FixedSizeCrop``: a random crop of at most ``size``² (where the image is larger), then padding at
+    the bottom/right to ``size``² — image at the top-left, as the detector's evaluation padding places it. Images are
+    padded with ``fill`` (the mean pixel, which the detector's normalisation turns into the 0 its evaluation padding
+    has, as Detectron2 pads normalised images with 0), masks with 0; boxes keep their coordinates."""
 
-    Eval: only converts to float; the detector resizes the longer side to ``size``.
+    def __init__(self, size: int, fill: Sequence[int] = MEAN_PIXEL):
+        super().__init__()
+        self.size, self.fill = size, list(fill)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        image = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image))
+        h, w = v2.functional.get_size(image)
+        ch, cw = min(h, self.size), min(w, self.size)
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        return dict(top=top, left=left, height=ch, width=cw)
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes)):
+            return inpt
+        out = v2.functional.crop(inpt, params["top"], params["left"], params["height"], params["width"])
+        padding = [0, 0, self.size - params["width"], self.size - params["height"]]
+        return v2.functional.pad(out, padding, fill=self.fill if isinstance(inpt, tv_tensors.Image) else 0)
+
+
+def lsj_transforms(size: int = 1024, scale_range: Sequence[float] = (0.1, 2.0), train: bool = True) -> v2.Compose:
+    """Large-scale jitter as ViTDet's Detectron2 recipe: flip, rescale by U(scale_range) of ``size``
+    (``ResizeScale``), :class:`FixedSizeCrop` to size² (image top-left, mean-pixel padding).
+
+    Eval: only converts to float; the detector resizes the longer side to ``size`` and pads the batch to size²
+    (``task.adapter.input_size``) with the same mean-pixel value, so evaluation inputs look like training canvases.
     """
     if not train:
         return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
     return v2.Compose(
         [
-            v2.ScaleJitter(target_size=(size, size), scale_range=tuple(scale_range), antialias=True),
-            v2.RandomCrop(size, pad_if_needed=True),
             v2.RandomHorizontalFlip(),
+            v2.ScaleJitter(target_size=(size, size), scale_range=tuple(scale_range), antialias=True),
+            FixedSizeCrop(size),
             v2.ClampBoundingBoxes(),
             v2.SanitizeBoundingBoxes(labels_getter=_labels_and_coco_fields),
             v2.ToDtype(torch.float32, scale=True),

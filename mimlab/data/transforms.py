@@ -15,6 +15,9 @@ from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The mean as a uint8 pixel: padding with it before normalisation equals padding normalised images with 0 (Detectron2,
+# mmseg), so padded training canvases look like the evaluation padding.
+MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 
 def pretrain_transform(
