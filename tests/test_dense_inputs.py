@@ -82,10 +82,10 @@ def test_vit_checkpoint_goes_into_detection_at_another_size_with_one_knob(
 
 def test_detection_evaluates_on_the_square_canvas_it_trains_on(tmp_path):
     """LSJ trains on img_size² canvases; at evaluation a landscape image, resized to img_size on its longer side, is
-    padded to the same square, so the ViT sees the pos-embed grid it was trained on (not a 4x8 grid resampled from
-    8x8). The multi-scale recipes keep non-square inputs."""
-    cfg = compose_config(["experiment=detect_mae_vit_tiny_synthetic", "logger=csv"], tmp_path)
-    assert cfg.task.adapter.input_size == cfg.data.img_size == 64
+    padded to the same square, so the ViT sees the pos-embed grid it was trained on (padding to a multiple of the
+    coarsest stride, 64, gave an 8x16 grid resampled from 16x16). The multi-scale recipes keep non-square inputs."""
+    cfg = compose_config(["experiment=detect_mae_vit_tiny_synthetic", "data.img_size=128", "logger=csv"], tmp_path)
+    assert cfg.task.adapter.input_size == 128
     module = instantiate(cfg.task)
     seen = []
     backbone = module.adapter.backbone
@@ -93,8 +93,8 @@ def test_detection_evaluates_on_the_square_canvas_it_trains_on(tmp_path):
     backbone.forward_features = lambda x, *a: seen.append(tuple(x.shape[-2:])) or forward_features(x, *a)
     module.eval()
     with torch.no_grad():
-        out = module([torch.rand(3, 48, 96)])  # resized to 32x64 by the detector, then padded
-    assert seen == [(64, 64)] and len(out) == 1
+        out = module([torch.rand(3, 48, 96)])  # resized to 64x128 by the detector, then padded
+    assert seen == [(128, 128)] and len(out) == 1
     for experiment in ("detect_convnextv2_b_coco", "detect_itpn_b_coco"):
         assert compose_config([f"experiment={experiment}", "logger=csv"], tmp_path).task.adapter.input_size is None
 
