@@ -159,7 +159,7 @@ def test_a_corrupt_checkpoint_is_named_when_resuming(tmp_path, bad_checkpoints, 
 
 
 def test_a_corrupt_checkpoint_is_named_as_pretrained_weights_and_on_export(tmp_path, bad_checkpoints):
-    from mimlab.checkpoints.export import export_timm
+    from mimlab.checkpoints.export import export
     from mimlab.checkpoints.files import CheckpointReadError
 
     path = bad_checkpoints["random"]
@@ -175,4 +175,4 @@ def test_a_corrupt_checkpoint_is_named_as_pretrained_weights_and_on_export(tmp_p
     with pytest.raises(CheckpointReadError, match=rf"{path} is not a PyTorch checkpoint"):
         build(cfg)
     with pytest.raises(CheckpointReadError, match=rf"{path} is not a PyTorch checkpoint"):
-        export_timm(path, tmp_path / "out.pth")
+        export(path, tmp_path / "out.pth")

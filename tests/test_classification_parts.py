@@ -10,7 +10,7 @@ from torch import nn
 
 from mimlab.callbacks.online_eval import knn_predict
 from mimlab.checkpoints.convnextv2 import convert_convnextv2_state_dict
-from mimlab.checkpoints.export import export_timm, main as export_main
+from mimlab.checkpoints.export import export, main as export_main
 from mimlab.checkpoints.load import CheckpointMismatchError, load_pretrained
 from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2
 from mimlab.models.backbones.vit import MaskedViT
@@ -174,7 +174,8 @@ def test_export_vit_finetuned_with_ema_matches_task_logits(tmp_path):
     task.eval()
     ckpt = _save_mimlab(tmp_path / "ft.ckpt", task.state_dict(), {"model": {"backbone": {"num_heads": 2}}})
     for ema in (False, True):
-        path, name, kwargs = export_timm(ckpt, tmp_path / f"ft_{ema}.pth", ema=ema)
+        result = export(ckpt, tmp_path / f"ft_{ema}.pth", ema=ema)
+        path, name, kwargs = result.path, result.spec["model_name"], result.spec["kwargs"]
         assert kwargs["global_pool"] == "avg" and kwargs["num_classes"] == 7
         model = timm.create_model(name, pretrained=False, **kwargs).eval()
         model.load_state_dict(torch.load(path), strict=True)
@@ -188,7 +189,8 @@ def test_export_convnextv2_loads_in_timm_strict(tmp_path):
     task = FineTuning(src, head=PooledClassifierHead, optim=None, num_classes=5, mixup=None)
     task.eval()
     ckpt = _save_mimlab(tmp_path / "cnx.ckpt", task.state_dict())
-    path, name, kwargs = export_timm(ckpt, name="convnextv2_atto")
+    result = export(ckpt)
+    path, name, kwargs = result.path, result.spec["model_name"], result.spec["kwargs"]
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     model.load_state_dict(torch.load(path), strict=True)
     x = torch.randn(2, 3, 64, 64)
@@ -197,8 +199,8 @@ def test_export_convnextv2_loads_in_timm_strict(tmp_path):
 
 def test_export_rejects_unknown_backbone(tmp_path):
     ckpt = _save_mimlab(tmp_path / "x.ckpt", {"backbone.stage4.0.w": torch.zeros(2, 2)})
-    with pytest.raises(CheckpointMismatchError, match="ViT .* and ConvNeXt V2"):
-        export_timm(ckpt)
+    with pytest.raises(CheckpointMismatchError, match="neither a ViT .* nor a ConvNeXt V2"):
+        export(ckpt)
 
 
 def test_knn_predict_matches_brute_force():

@@ -1,7 +1,7 @@
 """Representation-quality monitors for pre-training runs: a kNN classifier and an online linear probe.
 
-Both read image-level features ``GlobalAvgPool`` (mean of the last ``backbone.forward_features`` map, unmasked) from
-the task's ``backbone`` on the labelled ImageNet-layout data, without gradients into the backbone, and log per epoch:
+Both read the image-level feature the backbone's pre-training trains (``PooledFeatures``: its ``global_pool``, the cls
+token of MAE's ViT, the mean of the last map elsewhere; unmasked) from the task's ``backbone`` on the labelled ImageNet-layout data, without gradients into the backbone, and log per epoch:
 
 * :class:`KNNMonitor` - ``knn/acc1``: every ``every_n_epochs`` it embeds the train and val folders with the eval transform,
   L2-normalises the features and votes with the ``k`` (20) most cosine-similar train features, each weighted by
@@ -26,7 +26,7 @@ from mimlab.data.image_folder import CheckedImageFolder, DataLayoutError
 from mimlab.data.resumable import EvalSampler
 from mimlab.data.transforms import eval_transform
 from mimlab.data.workers import init_worker
-from mimlab.models.heads.classifier import GlobalAvgPool, LinearProbeHead
+from mimlab.models.heads.classifier import LinearProbeHead, PooledFeatures
 from mimlab.utils.distributed import gather_rows
 
 
@@ -52,7 +52,7 @@ def knn_predict(
 @torch.no_grad()
 def embed(backbone: nn.Module, loader: DataLoader, device: torch.device, features=None) -> tuple[Tensor, Tensor]:
     """Features (N, D) and labels (N,) of every image of ``loader``, backbone in eval mode (mode restored after)."""
-    features = features or GlobalAvgPool()
+    features = features or PooledFeatures()
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
@@ -165,7 +165,7 @@ class OnlineLinearProbe(L.Callback):
         self.num_classes, self.lr, self.weight_decay = num_classes, lr, weight_decay
         self.head: LinearProbeHead | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.features = GlobalAvgPool()
+        self.features = PooledFeatures()
         self._counts = {"train": [0, 0], "val": [0, 0]}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -1,20 +1,25 @@
-"""Export a checkpoint's backbone (+ classifier head) as a timm state dict.
+"""Export a checkpoint's encoder (+ fine-tuning head) so it loads outside mimlab, checked to compute the same thing.
 
-``mimlab-export ckpt=PATH format=timm [out=PATH] [ema=true] [name=TIMM_NAME] [num_heads=H]``
-(or ``python -m mimlab.checkpoints.export``)
+``mimlab-export ckpt=PATH [out=PATH] [ema=true] [num_heads=H]`` (or ``python -m mimlab.checkpoints.export``)
 
-Writes ``out`` (default ``<ckpt stem>.timm.pth``: a bare state dict) and ``<out>.json`` with the ``timm.create_model``
-name and keyword arguments under which ``model.load_state_dict(torch.load(out), strict=True)`` holds. Inputs: mimlab
-pre-training / fine-tuning / linear-probe ``.ckpt`` files and official MAE / ConvNeXt V2 files.
+The encoder is rebuilt from the checkpoint (its ``model.backbone`` config; official MAE / ConvNeXt V2 files and
+mimlab files without a config from their tensor shapes) and asked for its timm equivalent (``to_timm``, backbone
+contract). Two formats, each a bare state dict ``out`` plus ``<out>.json`` saying how to build the model:
 
-* ViT (MaskedViT, MAE): keys are timm's already. A fine-tuning head ``head.fc_norm``/``head.fc`` becomes ``fc_norm``/``head``
-  (timm ``global_pool='avg'``, no final ``norm``); without a head the model is ``num_classes=0``, ``global_pool='token'``.
-* Model name: timm's own name for the architecture when it registers one (``vit_base_patch16_224``, ``convnextv2_atto``
-  ...), else a base model with every architecture argument (e.g. a 32-px ViT).
-* ConvNeXt V2 (official dense naming): timm's ``convnext.checkpoint_filter_fn`` maps the names; the head becomes
-  ``head.norm``/``head.fc``. An FCMAE (pre-training) encoder has no final norm: ``head.norm`` is written as the identity
-  affine (weight 1, bias 0), as a freshly initialised timm model would have.
-A linear-probe head (BatchNorm + Linear) has no timm equivalent: only the backbone is exported.
+* **timm** (ViT, the BEiT-style ViT of SimMIM, MaskFeat's and I-JEPA's ViTs, ConvNeXt V2, Swin):
+  ``{"model_name", "kwargs"}`` for ``timm.create_model(model_name, pretrained=False, **kwargs)``, which loads ``out``
+  with ``strict=True``. ``model_name`` is timm's own name for the architecture when timm registers one
+  (``vit_base_patch16_224``, ``convnextv2_atto`` ...; then ``kwargs`` holds only ``num_classes``/``global_pool``).
+  The readout is the one the method trains (``global_pool``: "token" for MAE's cls token, "avg" where the cls
+  token gets no loss). Default ``out``: ``<ckpt stem>.timm.pth``.
+* **mimlab** (HiViT / iTPN and the post-norm ViT of data2vec 2.0, which timm does not build):
+  ``{"mimlab_backbone": <the backbone's config node>, "readout": pool}``; :func:`load_exported` builds it. Default
+  ``out``: ``<ckpt stem>.mimlab.pth``.
+
+Before it reports success the export builds the written model from the written files and compares its pooled
+features (and logits, with a head) with the mimlab encoder's on a fixed random batch; a difference removes the
+files and raises :class:`ExportMismatchError`, so no file loads into a different network. A linear-probe head
+(BatchNorm + Linear) has no timm equivalent: only the encoder is exported. ``out`` may not be the input file.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,166 +35,162 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from mimlab.checkpoints.load import CheckpointMismatchError, pretrained_parts, read_checkpoint, read_state_dict
+from mimlab.checkpoints.encoder import build_backbone, checkpoint_encoder
+from mimlab.checkpoints.files import load_file
+from mimlab.models.backbones.contract import TimmEquivalent
 
 log = logging.getLogger(__name__)
 
-
-def _config(path: str | Path) -> dict:
-    ckpt = read_checkpoint(path)
-    return ((ckpt.get("mimlab") or {}).get("config") or {}) if isinstance(ckpt, dict) else {}
+TOLERANCE = 1e-4  # max |difference| / max(1, max |feature|) between the exported model and the mimlab encoder
 
 
-def _head(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """Fine-tuning head tensors (``fc_norm.*``, ``fc.*``) of a mimlab checkpoint; {} if none / a linear-probe head."""
-    head = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if any(k.startswith("bn.") for k in head):
-        log.warning("linear-probe head (BatchNorm + Linear) has no timm equivalent: exporting the backbone only")
-        return {}
-    return head
+class ExportMismatchError(RuntimeError):
+    """The exported model does not compute what the mimlab encoder computes; nothing was written."""
 
 
-def vit_to_timm(
-    backbone: dict[str, Tensor], head: dict[str, Tensor], num_heads: int | None, cfg: dict
-) -> tuple[dict, dict]:
-    """(timm state dict, create_model kwargs) for a ViT backbone (+ FT head)."""
-    out = {k: v for k, v in backbone.items()}
-    dim, _, patch, _ = out["patch_embed.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in out if k.startswith("blocks.")})
-    grid = int(round((out["pos_embed"].shape[1] - 1) ** 0.5))
-    bcfg = (cfg.get("model") or {}).get("backbone") or {}
-    heads = num_heads or bcfg.get("num_heads") or (16 if dim == 1280 else max(dim // 64, 1))
-    mlp = out["blocks.0.mlp.fc1.weight"].shape[0] / dim
-    kwargs: dict[str, Any] = dict(
-        img_size=grid * patch,
-        patch_size=patch,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=int(heads),
-        mlp_ratio=mlp,
-        num_classes=0,
-        global_pool="token",
-    )
-    if head:
-        out.pop("norm.weight", None), out.pop("norm.bias", None)
-        out["fc_norm.weight"], out["fc_norm.bias"] = head["fc_norm.weight"], head["fc_norm.bias"]
-        out["head.weight"], out["head.bias"] = head["fc.weight"], head["fc.bias"]
-        kwargs.update(num_classes=int(head["fc.weight"].shape[0]), global_pool="avg")
-    return out, kwargs
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export` wrote: ``path`` (state dict), ``spec`` (the ``<path>.json`` content), the load command."""
+
+    path: Path
+    spec: dict[str, Any]
+    load_command: str
+
+    @property
+    def format(self) -> str:
+        return "timm" if "model_name" in self.spec else "mimlab"
 
 
-def convnext_to_timm(backbone: dict[str, Tensor], head: dict[str, Tensor], name: str | None) -> tuple[str, dict, dict]:
-    """(timm model name, state dict, create_model kwargs) for a ConvNeXt V2 backbone in official dense naming (+ FT
-    head). Without ``name``: timm's own model of exactly this architecture (``convnextv2_atto`` ... ``_huge``, whose
-    small sizes use 1x1-conv MLPs), else ``convnextv2_base`` with ``depths``/``dims``."""
-    from timm.models.convnext import checkpoint_filter_fn
-
-    stages = sorted({int(k.split(".")[1]) for k in backbone if k.startswith("stages.")})
-    depths = [len({k.split(".")[2] for k in backbone if k.startswith(f"stages.{s}.")}) for s in stages]
-    dims = [int(backbone[f"stages.{s}.0.dwconv.weight"].shape[0]) for s in stages]
-    official = dict(backbone)
-    if head:
-        official["norm.weight"], official["norm.bias"] = head["fc_norm.weight"], head["fc_norm.bias"]
-        official["head.weight"], official["head.bias"] = head["fc.weight"], head["fc.bias"]
-    elif "norm.weight" not in official:
-        official["norm.weight"], official["norm.bias"] = torch.ones(dims[-1]), torch.zeros(dims[-1])
-    plain = dict(num_classes=int(head["fc.weight"].shape[0]) if head else 0)
-    for candidate in [] if name else timm.list_models("convnextv2_*"):
-        model = _meta_model(candidate, **plain)
-        try:
-            state = checkpoint_filter_fn(official, model)
-        except (KeyError, RuntimeError):  # another depth or width
-            continue
-        if _same_tensors(model, state):
-            return candidate, state, plain
-    name = name or "convnextv2_base"
-    kwargs = dict(depths=depths, dims=dims, **plain)
-    return name, checkpoint_filter_fn(official, _meta_model(name, **kwargs)), kwargs
+def _probe_images(backbone: nn.Module, node: dict[str, Any]) -> Tensor:
+    size = node.get("img_size") or 64
+    grid = getattr(backbone, "grid", None)
+    if grid is not None and hasattr(backbone, "patch_size"):
+        size = grid[0] * backbone.patch_size
+    return torch.randn(2, 3, int(size), int(size), generator=torch.Generator().manual_seed(0))
 
 
-def _meta_model(name: str, **kwargs: Any) -> nn.Module:
-    with torch.device("meta"):
-        return timm.create_model(name, pretrained=False, **kwargs)
-
-
-def _same_tensors(model: nn.Module, state: dict[str, Tensor]) -> bool:
-    own = model.state_dict()
-    return own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items())
-
-
-def registered_vit(state: dict[str, Tensor], kwargs: dict[str, Any]) -> str | None:
-    """timm's own name (``vit_{tiny,small,base,large,huge,giant}_patch<P>_<size>``) of a ViT with exactly these
-    tensors and heads, built with only ``num_classes`` and ``global_pool``; None if timm registers none."""
-    sizes = ("tiny", "small", "base", "large", "huge", "giant")
-    registered = set(timm.list_models("vit_*"))
-    for name in (f"vit_{s}_patch{kwargs['patch_size']}_{kwargs['img_size']}" for s in sizes):
-        if name in registered:
-            model = _meta_model(name, num_classes=kwargs["num_classes"], global_pool=kwargs["global_pool"])
-            if _same_tensors(model, state) and model.blocks[0].attn.num_heads == kwargs["num_heads"]:  # type: ignore[index, union-attr]
-                return name
-    return None
-
-
-def export_timm(
-    ckpt: str | Path,
-    out: str | Path | None = None,
-    ema: bool = False,
-    name: str | None = None,
-    num_heads: int | None = None,
-) -> tuple[Path, str, dict]:
-    """Write the timm state dict of ``ckpt``; return (path, timm model name, create_model kwargs).
-
-    Without ``name`` the model is timm's own name for the architecture when timm registers one (then only
-    ``num_classes`` / ``global_pool`` are needed), else a base model with every architecture argument."""
-    ckpt = Path(ckpt)
-    prefix = "ema.module." if ema else ""
-    raw = read_state_dict(ckpt)
-    if ema and not any(k.startswith(prefix) for k in raw):
-        raise CheckpointMismatchError(f"{ckpt} has no model-EMA weights ('ema.module.*'); drop ema=true")
-    parts, layout = pretrained_parts(ckpt, prefix=prefix)
-    backbone = {
-        k: v
-        for k, v in parts["backbone"].items()  # official fine-tuned heads are not exported
-        if layout == "mimlab" or not k.startswith(("head.", "fc_norm."))
-    }
-    head = _head(raw, prefix + "head.") if layout == "mimlab" else {}
-    cfg = _config(ckpt)
-    if "cls_token" in backbone and "blocks.0.attn.qkv.weight" in backbone:
-        state, kwargs = vit_to_timm(backbone, head, num_heads, cfg)
-        registered = None if name else registered_vit(state, kwargs)
-        if registered:
-            name, kwargs = registered, {k: kwargs[k] for k in ("num_classes", "global_pool")}
-        name = name or "vit_base_patch16_224"
-    elif "downsample_layers.0.0.weight" in backbone:
-        name, state, kwargs = convnext_to_timm(backbone, head, name)
-    else:
-        raise CheckpointMismatchError(
-            f"{ckpt}: export format=timm supports ViT (cls_token, blocks.*) and ConvNeXt V2 "
-            "(downsample_layers.*, stages.*) backbones; this one has neither (HiViT/iTPN have no timm model)"
+def _check(ours: Tensor, theirs: Tensor, what: str) -> None:
+    scale = max(1.0, float(ours.abs().max()))
+    diff = float((ours - theirs).abs().max()) / scale
+    if not diff <= TOLERANCE:
+        raise ExportMismatchError(
+            f"the exported model's {what} differ from the mimlab encoder's by {diff:.3g} (relative; tolerance "
+            f"{TOLERANCE}): the export does not build the same network, so nothing was written. Please report this "
+            "with the checkpoint's model.backbone config."
         )
-    out = Path(out) if out is not None else ckpt.with_suffix(".timm.pth")
+
+
+def _timm_model(name: str, kwargs: dict[str, Any], state: dict[str, Tensor] | None) -> nn.Module:
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_exported(path: str | Path, random_init: bool = False) -> nn.Module:
+    """The model an export wrote (``<path>.json`` beside it), in eval mode: a timm model, or the mimlab backbone of a
+    mimlab-format export; ``random_init`` builds the same architecture with its own initialisation instead."""
+    path = Path(path)
+    spec_path = path.with_suffix(path.suffix + ".json")
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{spec_path} not found: {path} is not a mimlab-export output (it writes both files)")
+    spec = json.loads(spec_path.read_text())
+    state = None if random_init else load_file(path, weights_only=True)
+    if "model_name" in spec:
+        return _timm_model(spec["model_name"], spec["kwargs"], state)
+    backbone = build_backbone(spec["mimlab_backbone"], spec.get("final_norm", True))
+    if state is not None:
+        backbone.load_state_dict(state, strict=True)
+    return backbone.eval()
+
+
+def exported_features(model: nn.Module, images: Tensor) -> Tensor:
+    """Pooled features (N, D) of a :func:`load_exported` model: timm's pre-logits, or the backbone's readout."""
+    if hasattr(model, "forward_pooled"):
+        return model.forward_pooled(images)  # type: ignore[operator]
+    return model.forward_head(model.forward_features(images), pre_logits=True)  # type: ignore[operator]
+
+
+def _default_out(ckpt: Path, fmt: str) -> Path:
+    return ckpt.with_suffix(f".{fmt}.pth")
+
+
+def _write(out: Path, ckpt: Path, state: dict[str, Tensor], spec: dict[str, Any]) -> None:
+    if out.resolve() == ckpt.resolve():
+        raise ValueError(f"out={out} is the checkpoint being exported; choose another path (it would be overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in state.items()}, out)
-    out.with_suffix(out.suffix + ".json").write_text(json.dumps({"model_name": name, "kwargs": kwargs}, indent=2))
-    return out, name, kwargs
+    out.with_suffix(out.suffix + ".json").write_text(json.dumps(spec, indent=2))
 
 
-USAGE = "mimlab-export ckpt=PATH [format=timm] [out=PATH] [ema=true] [name=TIMM_NAME] [num_heads=H]"
+def _remove(out: Path) -> None:
+    out.unlink(missing_ok=True)
+    out.with_suffix(out.suffix + ".json").unlink(missing_ok=True)
+
+
+def export(
+    ckpt: str | Path, out: str | Path | None = None, ema: bool = False, num_heads: int | None = None
+) -> Exported:
+    """Write the encoder of ``ckpt`` in the timm format where timm builds it, else the mimlab format (module
+    docstring); verified against the mimlab encoder before returning."""
+    ckpt = Path(ckpt)
+    encoder = checkpoint_encoder(ckpt, ema, num_heads)
+    backbone, node, head, final_norm = encoder.backbone, encoder.node, encoder.head, encoder.final_norm
+    to_timm = getattr(backbone, "to_timm", None)
+    equivalent: TimmEquivalent | None = to_timm(head or None) if to_timm is not None else None
+    images = _probe_images(backbone, node)
+    if equivalent is not None:
+        out = Path(out) if out is not None else _default_out(ckpt, "timm")
+        spec: dict[str, Any] = {"model_name": equivalent.name, "kwargs": equivalent.kwargs}
+        _write(out, ckpt, equivalent.state_dict, spec)
+        try:
+            with torch.no_grad():
+                model = load_exported(out)
+                pooled = equivalent.reference(images)
+                _check(pooled, exported_features(model, images), "pooled features")
+                if head:
+                    _check(nn.functional.linear(pooled, head["fc.weight"], head["fc.bias"]), model(images), "logits")
+        except Exception:
+            _remove(out)
+            raise
+        call = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
+        command = (
+            f"m = timm.create_model({equivalent.name!r}, pretrained=False, {call}); "
+            f"m.load_state_dict(torch.load({str(out)!r}), strict=True)"
+        )
+        return Exported(out, spec, command)
+    if head:
+        log.warning(
+            "%s has no timm equivalent: exporting the encoder without its fine-tuning head", type(backbone).__name__
+        )
+    out = Path(out) if out is not None else _default_out(ckpt, "mimlab")
+    spec = {"mimlab_backbone": node, "readout": backbone.global_pool, "final_norm": final_norm}
+    _write(out, ckpt, backbone.state_dict(), spec)
+    try:
+        with torch.no_grad():
+            _check(backbone.forward_pooled(images), load_exported(out).forward_pooled(images), "pooled features")  # type: ignore[operator]
+    except Exception:
+        _remove(out)
+        raise
+    command = f"from mimlab.checkpoints.export import load_exported; m = load_exported({str(out)!r})"
+    return Exported(out, spec, command)
+
+
+USAGE = "mimlab-export ckpt=PATH [out=PATH] [ema=true] [num_heads=H]"
 OPTIONS = {
     "ckpt": "mimlab .ckpt (pre-training, fine-tuning, linear probe) or official MAE / ConvNeXt V2 file (required)",
-    "format": "timm (the only format so far)",
-    "out": "state dict to write (default <ckpt stem>.timm.pth); <out>.json gets the timm.create_model call",
+    "format": "timm (default; where timm has no such model, the mimlab format is written, see --help)",
+    "out": "state dict to write (default <ckpt stem>.timm.pth or .mimlab.pth); <out>.json says how to build it",
     "ema": "true: export the model-EMA weights of a fine-tuning run with task.ema_decay (default false)",
-    "name": "timm model name (default vit_base_patch16_224 for ViT, convnextv2_base for ConvNeXt V2)",
-    "num_heads": "attention heads of a ViT (default: the checkpoint's config, else embed_dim / 64)",
+    "num_heads": "attention heads of a ViT file without a config (default embed_dim / 64)",
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = argv if argv is not None else sys.argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        width, summary = max(map(len, OPTIONS)), __doc__.split("\n\n", 1)[0]
-        print(f"usage: {USAGE}\n\n{summary}\n\noptions (key=value):")
+        width = max(map(len, OPTIONS))
+        print(f"usage: {USAGE}\n\n{__doc__}\noptions (key=value):")
         print("\n".join(f"  {key:<{width}}  {text}" for key, text in OPTIONS.items()))
         return
     args = dict(a.split("=", 1) for a in argv if "=" in a)
@@ -198,18 +200,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: {USAGE}{named}; --help lists the options")
     if args.get("format", "timm") != "timm":
         raise SystemExit(f"format={args['format']} is not supported; use format=timm")
-    path, name, kwargs = export_timm(
-        args["ckpt"],
-        args.get("out"),
-        args.get("ema", "false").lower() == "true",
-        args.get("name"),
-        int(args["num_heads"]) if "num_heads" in args else None,
-    )
-    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    print(
-        f"wrote {path}\nload with: m = timm.create_model({name!r}, pretrained=False, {call}); "
-        f"m.load_state_dict(torch.load({str(path)!r}), strict=True)"
-    )
+    try:
+        result = export(
+            args["ckpt"],
+            args.get("out"),
+            args.get("ema", "false").lower() == "true",
+            int(args["num_heads"]) if "num_heads" in args else None,
+        )
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    kind = "timm" if result.format == "timm" else "mimlab (timm has no such model)"
+    print(f"wrote {result.path} ({kind} format; checked against the mimlab encoder)\nload with: {result.load_command}")
 
 
 if __name__ == "__main__":

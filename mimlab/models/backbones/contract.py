@@ -6,8 +6,11 @@ Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher
 * ``out_channels: list[int]``, ``out_strides: list[int]`` — the maps of ``forward_features``, finest first;
 * ``forward_features(x (N, C, H, W), mask=None) -> list[(N, out_channels[i], H / out_strides[i], W / out_strides[i])]``
   (``mask`` (N, L) over mask units, 1 = masked; masked positions are zero in the maps);
-* ``num_features: int`` and ``feature_pools: tuple[str, ...]``; ``forward_pooled(x, pool) -> (N, num_features)`` for
-  each ``pool`` in ``feature_pools`` ("avg": mean of the last map; "cls": the class token after the final norm);
+* ``num_features: int`` and ``feature_pools: tuple[str, ...]``; ``forward_pooled(x, pool=None) -> (N, num_features)``
+  for each ``pool`` in ``feature_pools`` ("avg": mean of the last map; "cls": the class token after the final norm);
+  ``global_pool``, one of them, is the readout the backbone's pre-training trains and the one evaluations and
+  exports use unless told otherwise (``pool=None``): "avg" where the cls token gets no loss (SimMIM, MaskFeat,
+  data2vec 2.0, I-JEPA, every CNN), "cls" for MAE's ViT;
 * ``no_weight_decay() -> set[str]`` — backbone parameter names trained without weight decay (1-D parameters and
   biases never get weight decay anyway);
 * ``layer_decay_rules: tuple[str, ...]`` and ``layer_decay_rule: str`` (the default) — the official layer-wise lr
@@ -15,14 +18,19 @@ Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher
 
 :func:`check_backbone` verifies all of it; every task calls it when it is built (composition time, before any data
 is read), so a backbone that forgets part of the contract fails there, naming what is missing.
+
+Optional: ``to_timm(head=None) -> TimmEquivalent | None`` — the timm model that computes exactly what the backbone
+computes (with a fine-tuning head's ``fc_norm.*`` / ``fc.*`` tensors), used by ``mimlab-export``; a backbone without
+one (HiViT, the post-norm ViT of data2vec 2.0) is exported as its own state dict and config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 CONTRACT_METHODS = ("forward_features", "forward_pooled", "no_weight_decay", "layer_groups")
 CONTRACT_ATTRIBUTES = (
@@ -30,6 +38,7 @@ CONTRACT_ATTRIBUTES = (
     "out_strides",
     "num_features",
     "feature_pools",
+    "global_pool",
     "layer_decay_rules",
     "layer_decay_rule",
 )
@@ -72,6 +81,18 @@ class LayerGroups:
         return (layer_decay**self.decay_exponent) ** (self.num_layers - layer_id)
 
 
+@dataclass
+class TimmEquivalent:
+    """A timm model that computes what a backbone computes: ``timm.create_model(name, pretrained=False, **kwargs)``
+    loads ``state_dict`` with ``strict=True``; its pre-logits (``forward_head(forward_features(x), pre_logits=True)``)
+    equal ``reference(x)`` (N, D) of the mimlab module, and its logits the head's when ``kwargs["num_classes"] > 0``."""
+
+    name: str
+    kwargs: dict[str, Any]
+    state_dict: dict[str, Tensor]
+    reference: Callable[[Tensor], Tensor] = field(repr=False)
+
+
 def resolve_rule(backbone: nn.Module, rule: str | None) -> str:
     """``rule`` (or the backbone's default ``layer_decay_rule``), checked against ``layer_decay_rules``."""
     rule = backbone.layer_decay_rule if rule is None else rule  # type: ignore[assignment]
@@ -83,13 +104,15 @@ def resolve_rule(backbone: nn.Module, rule: str | None) -> str:
     return rule  # type: ignore[return-value]
 
 
-def check_pool(backbone: nn.Module, pool: str) -> None:
-    """Raise unless ``pool`` is one of the backbone's ``feature_pools``."""
+def check_pool(backbone: nn.Module, pool: str | None) -> str:
+    """``pool`` (None: the backbone's ``global_pool``), raising unless it is one of the backbone's ``feature_pools``."""
+    pool = backbone.global_pool if pool is None else pool  # type: ignore[assignment]
     if pool not in backbone.feature_pools:  # type: ignore[operator]
         raise ValueError(
             f"{type(backbone).__name__} has no {pool!r} feature; its pooled features are "
             f"{list(backbone.feature_pools)} (set task.features.pool)"  # type: ignore[arg-type]
         )
+    return pool  # type: ignore[return-value]
 
 
 def check_backbone(backbone: nn.Module) -> None:
@@ -111,6 +134,10 @@ def check_backbone(backbone: nn.Module) -> None:
     unknown_pools = set(backbone.feature_pools) - {"avg", "cls"}  # type: ignore[arg-type]
     if unknown_pools or not backbone.feature_pools:
         problems.append(f"feature_pools {tuple(backbone.feature_pools)} must be a non-empty subset of ('avg', 'cls')")  # type: ignore[arg-type]
+    if backbone.global_pool not in backbone.feature_pools:  # type: ignore[operator]
+        problems.append(
+            f"global_pool {backbone.global_pool!r} is not one of feature_pools {tuple(backbone.feature_pools)}"
+        )  # type: ignore[arg-type]
     params = {n for n, _ in backbone.named_parameters()}
     for rule in backbone.layer_decay_rules:  # type: ignore[union-attr]
         groups = backbone.layer_groups(rule)  # type: ignore[operator]

@@ -19,12 +19,14 @@ of the unit grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import timm
 import torch
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
-from torch import nn
+from torch import Tensor, nn
 
-from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
+from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
 from mimlab.models.layers.grn import GRN
 
 __all__ = ["ConvNeXtV2Block", "MaskedConvNeXtV2", "mask_to_map"]
@@ -99,6 +101,7 @@ class MaskedConvNeXtV2(nn.Module):
     """
 
     feature_pools = ("avg",)
+    global_pool = "avg"
     layer_decay_rules = ("single", "group")
 
     def __init__(
@@ -180,10 +183,47 @@ class MaskedConvNeXtV2(nn.Module):
 
         return LayerGroups.from_rule(self, rule, layer_id, top)
 
-    def forward_pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+    def forward_pooled(self, x: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """(N, C, H, W) -> (N, dims[-1]): global average of the last stage (the official head's input)."""
-        check_pool(self, pool)
+        pool = check_pool(self, pool)
         return self.forward_features(x)[-1].mean(dim=(-2, -1))
+
+    def to_timm(self, head: dict[str, Tensor] | None = None) -> TimmEquivalent:
+        """timm's ConvNeXt V2 with these weights (timm's ``convnext.checkpoint_filter_fn`` maps the official names):
+        its own name (``convnextv2_atto`` ... ``_huge``) when one registers exactly this architecture, else
+        ``convnextv2_base`` with ``depths``/``dims``. A fine-tuning head (``fc_norm.*``, ``fc.*``) becomes
+        ``head.norm``/``head.fc``. timm's head always normalises the pooled feature: an FCMAE encoder, which has no
+        final norm, gets ``head.norm`` as the identity affine (weight 1, bias 0, as timm initialises it), so timm's
+        pre-logits are ``LayerNorm(mean of the last stage)``, the parameter-free standardisation of this backbone's
+        "avg" feature."""
+        from timm.models.convnext import checkpoint_filter_fn
+
+        official = {k: v for k, v in self.state_dict().items() if not k.startswith(("norm.", "head."))}
+        width = self.dims[-1]
+        if head is None and self.num_classes > 0:
+            head = {"fc_norm.weight": self.norm.weight, "fc_norm.bias": self.norm.bias}
+            head |= {"fc.weight": self.head.weight, "fc.bias": self.head.bias}
+        norm = nn.LayerNorm(width, eps=1e-6)
+        if head:
+            norm.load_state_dict({"weight": head["fc_norm.weight"], "bias": head["fc_norm.bias"]})
+            official |= {"head.weight": head["fc.weight"], "head.bias": head["fc.bias"]}
+        official |= {"norm.weight": norm.weight.detach(), "norm.bias": norm.bias.detach()}
+        plain: dict[str, Any] = dict(num_classes=int(head["fc.weight"].shape[0]) if head else 0)
+        for name in timm.list_models("convnextv2_*"):
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **plain)
+            try:
+                state = checkpoint_filter_fn(official, model)
+            except (KeyError, RuntimeError):  # another depth or width
+                continue
+            own = model.state_dict()
+            if own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items()):
+                return TimmEquivalent(name, plain, state, lambda x: norm(self.forward_pooled(x)))
+        kwargs = dict(depths=self.depths, dims=self.dims, **plain)
+        with torch.device("meta"):
+            model = timm.create_model("convnextv2_base", pretrained=False, **kwargs)
+        state = checkpoint_filter_fn(official, model)
+        return TimmEquivalent("convnextv2_base", kwargs, state, lambda x: norm(self.forward_pooled(x)))
 
     def _mask_grid(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
         """The ``(gh, gw)`` grid of square mask units implied by the image and ``mask`` (N, L)."""

@@ -225,6 +225,7 @@ class HiViT(nn.Module):
     """
 
     feature_pools = ("avg",)
+    global_pool = "avg"
     layer_decay_rules = ("itpn", "hivit")
 
     def __init__(
@@ -333,9 +334,9 @@ class HiViT(nn.Module):
 
         return LayerGroups.from_rule(self, rule, layer_id, top, 13 / top if rule == "itpn" else 1.0)
 
-    def forward_pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+    def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor:
         """(N, 3, H, W) -> (N, D): mean of the main-stage tokens (iTPN fine-tuning's global pool, before fc_norm)."""
-        check_pool(self, pool)
+        pool = check_pool(self, pool)
         return self.forward_units(x).features[-1].mean(dim=1)
 
     def forward_units(self, x: Tensor, mask: Tensor | None = None) -> HiViTEncoding:

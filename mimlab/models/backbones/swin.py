@@ -8,13 +8,15 @@ Mask convention: ``mask[n, l] = 1`` means unit ``l`` is masked; 32-px units are 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from mimlab.masking import fill_masked, mask_to_token_grid
-from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
+from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
 
 
 class MaskTokenSwin(SwinTransformer):
@@ -28,6 +30,7 @@ class MaskTokenSwin(SwinTransformer):
     """
 
     feature_pools = ("avg",)
+    global_pool = "avg"
     layer_decay_rules = ("simmim",)
     layer_decay_rule = "simmim"
 
@@ -61,10 +64,33 @@ class MaskTokenSwin(SwinTransformer):
 
         return LayerGroups.from_rule(self, resolve_rule(self, rule), layer_id, top)
 
-    def forward_pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+    def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor:
         """(N, 3, H, W) -> (N, 8C0): global average of the final-normed last stage (timm's classifier input)."""
-        check_pool(self, pool)
+        pool = check_pool(self, pool)
         return self.forward_features(x)[-1].mean(dim=(-2, -1))
+
+    def to_timm(self, head: dict[str, Tensor] | None = None) -> TimmEquivalent:
+        """timm's ``SwinTransformer`` with these weights (``mask_token`` dropped; a fine-tuning head's ``fc.*`` as
+        ``head.fc.*``, its ``fc_norm`` applied to the pooled feature has no timm slot and is refused)."""
+        if head and "fc_norm.weight" in head:
+            raise ValueError(
+                "timm's Swin has no norm after pooling: a fine-tuning head with fc_norm cannot be exported"
+            )
+        state = {k: v for k, v in self.state_dict().items() if k != "mask_token"}
+        kwargs: dict[str, Any] = dict(
+            img_size=self.patch_embed.img_size,
+            patch_size=self.patch_embed.patch_size,
+            embed_dim=self.embed_dim,
+            depths=[len(stage.blocks) for stage in self.layers],  # type: ignore[arg-type]
+            num_heads=[stage.blocks[0].attn.num_heads for stage in self.layers],  # type: ignore[index, union-attr]
+            window_size=self.layers[0].blocks[0].window_size,  # type: ignore[index, union-attr]
+            mlp_ratio=self.layers[0].blocks[0].mlp.fc1.out_features / self.embed_dim,  # type: ignore[index, union-attr]
+            num_classes=0,
+        )
+        if head:
+            state |= {"head.fc.weight": head["fc.weight"], "head.fc.bias": head["fc.bias"]}
+            kwargs["num_classes"] = int(head["fc.weight"].shape[0])
+        return TimmEquivalent("swin_base_patch4_window7_224", kwargs, state, self.forward_pooled)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:  # type: ignore[override]
         tokens = self.patch_embed(x)  # (N, H/4, W/4, C0)

@@ -18,7 +18,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, Literal
 
+import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.beit import RelativePositionBias
@@ -26,7 +28,7 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, keep_indices, mask_to_token_grid, num_visible, repeat_clones
-from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
+from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
 from mimlab.models.layers.post_norm_block import PostNormBlock
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
@@ -74,6 +76,9 @@ class MaskedViT(nn.Module):
         class_token: prepend a cls token (False for I-JEPA; the pos-embed then has no cls row).
         post_norm: data2vec 2.0 layout: LayerNorm on the embeddings (``norm_pre``), post-LN blocks
             (:class:`~mimlab.models.layers.post_norm_block.PostNormBlock` unless ``block`` is given), no final norm.
+        global_pool: the readout its pre-training trains, "cls" or "avg" (backbone contract); default "cls" with a
+            cls token (MAE's linear probe), "avg" without. Methods whose loss never reaches the cls token (SimMIM,
+            MaskFeat, data2vec 2.0) set "avg".
     """
 
     def __init__(
@@ -94,16 +99,20 @@ class MaskedViT(nn.Module):
         weight_init: Callable[[nn.Module], None] | None = None,
         class_token: bool = True,
         post_norm: bool = False,
+        global_pool: Literal["cls", "avg"] | None = None,
     ) -> None:
         super().__init__()
         if rel_pos_bias and not class_token:
             raise ValueError("model.backbone.rel_pos_bias needs the cls token (class_token=true)")
+        if global_pool == "cls" and not class_token:
+            raise ValueError("model.backbone.global_pool=cls needs the cls token (class_token=true); use avg")
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.keep_hidden_states = keep_hidden_states
         self.num_prefix_tokens = int(class_token)
         if not class_token:  # no cls token to pool
             self.feature_pools = ("avg",)
+        self.global_pool = global_pool or ("cls" if "cls" in self.feature_pools else "avg")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size
         num_patches = self.grid[0] * self.grid[1]
@@ -179,12 +188,60 @@ class MaskedViT(nn.Module):
 
         return LayerGroups.from_rule(self, resolve_rule(self, rule), layer_id, top)
 
-    def forward_pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+    def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor:
         """(N, C, H, W) -> (N, embed_dim): "avg" = mean of the patch tokens (MAE global pool; after ``norm``, which
         fine-tuning replaces by Identity), "cls" = the final-normed cls token (MAE linear probe)."""
-        check_pool(self, pool)
+        pool = check_pool(self, pool)
         tokens = self.forward_tokens(x)
         return tokens[:, 0] if pool == "cls" else tokens[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def to_timm(self, head: dict[str, Tensor] | None = None) -> TimmEquivalent | None:
+        """timm's ``VisionTransformer`` (``Beit`` for the BEiT layout: shared relative position bias, layer scale)
+        with this encoder's weights and readout (``global_pool`` "token" or "avg" on the final-normed tokens), or
+        with a fine-tuning head (``fc_norm.*``, ``fc.*``: the encoder's final norm is then Identity, timm's
+        ``global_pool="avg"`` + ``fc_norm``). None for the post-norm layout (data2vec 2.0), which timm does not build."""
+        if isinstance(self.norm_pre, nn.LayerNorm) or type(self)._make_block is not MaskedViT._make_block:
+            return None
+        state = {k: v for k, v in self.state_dict().items() if k != "mask_token"}
+        dim, depth = self.embed_dim, len(self.blocks)
+        kwargs: dict[str, Any] = dict(
+            img_size=self.grid[0] * self.patch_size,
+            patch_size=self.patch_size,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=self.blocks[0].attn.num_heads,  # type: ignore[union-attr]
+            mlp_ratio=self.blocks[0].mlp.fc1.out_features / dim,  # type: ignore[union-attr]
+            num_classes=0,
+            global_pool="token" if self.global_pool == "cls" else "avg",
+        )
+        if self.rel_pos_bias is not None:
+            name = "beit_base_patch16_224"
+            gamma = getattr(self.blocks[0], "gamma_1", None)
+            kwargs.update(
+                use_abs_pos_emb=self.pos_embed is not None,
+                use_rel_pos_bias=False,
+                use_shared_rel_pos_bias=True,
+                init_values=None if gamma is None else 1.0,  # any value: the loaded gammas replace it
+                use_fc_norm=False,
+            )
+        else:
+            name = "vit_base_patch16_224"
+            kwargs.update(class_token=self.cls_token is not None)
+            if kwargs["global_pool"] == "avg":  # the mean of the final-normed tokens, not timm's default fc_norm
+                kwargs["fc_norm"] = False
+        reference = partial(self.forward_pooled, pool=self.global_pool)
+        if head:
+            if not isinstance(self.norm, nn.Identity):
+                raise ValueError("a fine-tuning head goes with the encoder whose final norm fine-tuning dropped")
+            state.pop("norm.weight", None), state.pop("norm.bias", None)
+            state.update({"fc_norm.weight": head["fc_norm.weight"], "fc_norm.bias": head["fc_norm.bias"]})
+            state.update({"head.weight": head["fc.weight"], "head.bias": head["fc.bias"]})
+            kwargs.update(num_classes=int(head["fc.weight"].shape[0]), global_pool="avg")
+            kwargs.pop("fc_norm", None), kwargs.pop("use_fc_norm", None)
+            norm = nn.LayerNorm(dim, eps=1e-6)
+            norm.load_state_dict({"weight": head["fc_norm.weight"], "bias": head["fc_norm.bias"]})
+            reference = _then(partial(self.forward_pooled, pool="avg"), norm)
+        return TimmEquivalent(_registered_name(name, kwargs, state), kwargs, state, reference)
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch-embed and add the patch pos-embed: (N, C, H, W) -> (N, L, D), grid."""
@@ -291,6 +348,34 @@ class MaskedViT(nn.Module):
             tokens = torch.gather(full, 1, enc.ids_restore.unsqueeze(-1).expand(-1, -1, full.shape[2]))
         n, _, d = tokens.shape
         return [tokens.transpose(1, 2).reshape(n, d, grid[0], grid[1])]
+
+
+def _then(first: Callable[[Tensor], Tensor], second: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda x: second(first(x))
+
+
+def _registered_name(base: str, kwargs: dict[str, Any], state: dict[str, Tensor]) -> str:
+    """timm's own name for this exact architecture (``vit_small_patch16_224``: then only ``num_classes`` and
+    ``global_pool`` stay in ``kwargs``, which is edited in place), else ``base`` with every architecture argument."""
+    if base.startswith("vit") and kwargs["class_token"] and "fc_norm" not in kwargs:
+        registered = set(timm.list_models("vit_*"))
+        for size in ("tiny", "small", "base", "large", "huge", "giant"):
+            name = f"vit_{size}_patch{kwargs['patch_size']}_{kwargs['img_size']}"
+            if name not in registered:
+                continue
+            short = {k: kwargs[k] for k in ("num_classes", "global_pool")}
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **short)
+            own = model.state_dict()
+            if (
+                own.keys() == state.keys()
+                and all(own[k].shape == v.shape for k, v in state.items())
+                and model.blocks[0].attn.num_heads == kwargs["num_heads"]  # type: ignore[index, union-attr]
+            ):
+                kwargs.clear()
+                kwargs.update(short)
+                return name
+    return base
 
 
 @torch.no_grad()

@@ -71,10 +71,11 @@ class ViTDetBackbone(MaskedViT):
         )
 
     feature_pools: tuple[str, ...] = ("avg",)  # the cls token is not used by ViTDet attention
+    global_pool = "avg"
 
-    def forward_pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+    def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor:
         """(N, C, H, W) -> (N, embed_dim): the mean of the feature map of :meth:`forward_features`."""
-        check_pool(self, pool)
+        pool = check_pool(self, pool)
         return self.forward_features(x)[-1].mean(dim=(2, 3))
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:

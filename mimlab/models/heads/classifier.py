@@ -1,8 +1,9 @@
 """Image-level features from any backbone and the classifier heads of fine-tuning and linear probing.
 
 Feature extractors take ``(backbone, images (N, C, H, W))`` and return ``(N, backbone.num_features)`` through the
-backbone contract's ``forward_pooled``: ``GlobalAvgPool`` ("avg": mean of the last map; MAE FT "global pool"),
-``ClsToken`` ("cls": the final-normed cls token; MAE linear probe). Heads take ``(N, D)`` features and return
+backbone contract's ``forward_pooled``: ``PooledFeatures`` (the backbone's own readout, ``global_pool``),
+``GlobalAvgPool`` ("avg": mean of the last map; MAE FT "global pool"), ``ClsToken`` ("cls": the final-normed cls
+token; MAE linear probe). Heads take ``(N, D)`` features and return
 ``(N, num_classes)`` logits.
 """
 
@@ -15,10 +16,13 @@ from torch import Tensor, nn
 from mimlab.models.backbones.contract import check_pool
 
 
-class GlobalAvgPool:
-    """``backbone.forward_pooled(images, "avg")``: the mean over the positions of the last map, (N, num_features)."""
+class PooledFeatures:
+    """``backbone.forward_pooled(images, pool)``, (N, num_features); ``pool`` None (default) is the backbone's
+    ``global_pool``, the readout its pre-training trains (the cls token for MAE's ViT, the mean of the patch tokens
+    where the cls token gets no loss and for every CNN)."""
 
-    pool = "avg"
+    def __init__(self, pool: str | None = None) -> None:
+        self.pool = pool
 
     def dim(self, backbone: nn.Module) -> int:
         """Feature width; raises if the backbone does not offer this pool."""
@@ -29,10 +33,18 @@ class GlobalAvgPool:
         return backbone.forward_pooled(images, self.pool)  # type: ignore[operator]
 
 
-class ClsToken(GlobalAvgPool):
-    """``backbone.forward_pooled(images, "cls")``: the cls token after the final norm (ViT), (N, num_features)."""
+class GlobalAvgPool(PooledFeatures):
+    """The mean over the positions of the last map ("avg"; MAE fine-tuning's global pool)."""
 
-    pool = "cls"
+    def __init__(self) -> None:
+        super().__init__("avg")
+
+
+class ClsToken(PooledFeatures):
+    """The cls token after the final norm ("cls"; MAE's linear probe)."""
+
+    def __init__(self) -> None:
+        super().__init__("cls")
 
 
 class PooledClassifierHead(nn.Module):

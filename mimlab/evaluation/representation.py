@@ -1,0 +1,108 @@
+"""Representation check of a frozen encoder: weighted kNN and a linear probe on its pooled features.
+
+``features (N, D)`` come once per image from the eval transform (resize + centre crop + normalise) with the encoder
+in eval mode; both classifiers work on these cached features, so a check of a small model on ten thousand images
+takes seconds after the embedding pass:
+
+* **kNN** (:func:`knn_accuracy`): cosine similarity of L2-normalised features, the ``k`` (20) nearest training
+  images vote with weights ``exp(sim / T)`` (T 0.07), as the InstDisc / DINO protocol and the online
+  :class:`~mimlab.callbacks.online_eval.KNNMonitor`.
+* **Linear probe** (:func:`linear_probe_accuracy`): features standardised with the training set's per-channel mean
+  and std (MAE's ``BatchNorm1d(affine=False)`` at its final statistics), then one Linear layer trained with AdamW
+  and a cosine schedule on the cached training features (no augmentation), seeded; top-1 on the validation images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from mimlab.callbacks.online_eval import knn_predict
+from mimlab.data.image_folder import CheckedImageFolder
+from mimlab.data.transforms import eval_transform
+
+
+@dataclass(frozen=True)
+class LabelledFeatures:
+    """Pooled features (N, D) float32 and integer labels (N,) of one split."""
+
+    features: Tensor
+    labels: Tensor
+
+
+def labelled_folders(
+    root: str | Path, img_size: int, crop_pct: float = 224 / 256
+) -> tuple[CheckedImageFolder, CheckedImageFolder]:
+    """(train, val) of an ImageNet-layout folder with the eval transform; val is labelled by the train class names."""
+    root = Path(root)
+    hint = f"the representation check needs {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    transform = eval_transform(img_size, crop_pct)
+    train = CheckedImageFolder(root / "train", transform, hint=hint)
+    val = CheckedImageFolder(root / "val", transform, hint=hint, class_to_idx=train.class_to_idx)
+    return train, val
+
+
+@torch.no_grad()
+def extract(
+    encode: nn.Module, dataset: CheckedImageFolder, batch_size: int = 256, num_workers: int = 0, label: str = ""
+) -> LabelledFeatures:
+    """``encode(images (N, C, H, W)) -> (N, D)`` over ``dataset`` in order, in eval mode, with a progress bar."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    was_training = encode.training
+    encode.eval()
+    feats, labels = [], []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"embedding {label or dataset.root}", total=len(loader))
+        for images, target in loader:
+            feats.append(encode(images).float())
+            labels.append(target)
+            progress.advance(task)
+    encode.train(was_training)
+    return LabelledFeatures(torch.cat(feats), torch.cat(labels))
+
+
+def knn_accuracy(train: LabelledFeatures, val: LabelledFeatures, k: int = 20, temperature: float = 0.07) -> float:
+    """Top-1 (%) of the weighted kNN vote of ``train`` for every ``val`` feature."""
+    num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    scores = knn_predict(train.features, train.labels, val.features, num_classes, k, temperature)
+    return 100.0 * (scores.argmax(1) == val.labels).float().mean().item()
+
+
+def linear_probe_accuracy(
+    train: LabelledFeatures,
+    val: LabelledFeatures,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> float:
+    """Top-1 (%) on ``val`` of a Linear layer trained on the standardised ``train`` features (module docstring)."""
+    mean, std = train.features.mean(0), train.features.std(0) + 1e-6
+    x_train, x_val = (train.features - mean) / std, (val.features - mean) / std
+    num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    generator = torch.Generator().manual_seed(seed)
+    head = nn.Linear(x_train.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=generator)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            loss = nn.functional.cross_entropy(head(x_train[idx]), train.labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        return 100.0 * (head(x_val).argmax(1) == val.labels).float().mean().item()
