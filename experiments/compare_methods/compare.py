@@ -1,9 +1,16 @@
-"""Linear probe + fine-tune every pre-training job of a ``compare_methods`` sweep, then one table and plot.
+"""Measure every pre-training job of a ``compare_methods`` sweep against random init, then one table and plot.
 
-    python -m mimlab.train -m +sweep=compare_methods
-    python experiments/compare_methods/compare.py outputs/sweeps/compare_methods/<time> [--out DIR] [-- OVERRIDES]
+    python -m mimlab.train -m +sweep=compare_methods data.root=/path/to/photos
+    python experiments/compare_methods/compare.py outputs/sweeps/compare_methods/<time> [--out DIR] [--transfer] [-- OVERRIDES]
 
-For each job ``<sweep>/<n>_experiment=<recipe>`` (its ``checkpoints/last.ckpt``), the transfer recipes of
+**Representation check** (always): each job's ``checkpoints/last.ckpt`` goes through ``mimlab-export`` (timm, or the
+mimlab format where timm has no such model) and the exported encoder is measured by ``mimlab-eval``'s check (kNN and
+a linear probe on frozen pooled features of the job's ``data.root``, :mod:`mimlab.evaluation.representation`) beside
+two random inits of the same architecture, seeded by the job's seed: the exported model's own (timm's init; the
+mimlab class's for a mimlab-format export) and the mimlab backbone's. Results are cached in
+``<job>/eval/representation.json``. Rows are grouped by method, mean ± std over the seeds of the sweep.
+
+**Transfer** (``--transfer``): for each job ``<sweep>/<n>_experiment=<recipe>`` (its ``checkpoints/last.ckpt``), the transfer recipes of
 ``transfer.yaml`` run with ``task.pretrained=`` that checkpoint, the job's encoder config group and every encoder key
 the pre-training recipe set (so a post-LN, cls-free or widened encoder is rebuilt as trained), the job's seed and
 image size, and ``transfer.yaml``'s shared overrides (plus OVERRIDES). Transfer runs land in
@@ -16,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +40,20 @@ from mimlab.train import CONFIG_DIR
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TRANSFERS = ("linprobe", "finetune")
-COLUMNS = ("params_M", "knn/acc1", "linprobe/acc1", "finetune/acc1", "img_per_s", "gflops_per_img", "pflops")
+COLUMNS = (
+    "params_M",
+    "knn",
+    "knn_mimlab",
+    "knn_timm",
+    "probe",
+    "probe_mimlab",
+    "probe_timm",
+    "linprobe/acc1",
+    "finetune/acc1",
+    "img_per_s",
+    "gflops_per_img",
+    "pflops",
+)
 
 
 def pretrain_jobs(sweep: Path) -> list[Path]:
@@ -89,60 +111,137 @@ def encoder_params(job: Path) -> float:
     return sum(p.numel() for p in backbone.parameters()) / 1e6
 
 
-def row(job: Path, runs: dict[str, Path]) -> dict[str, Any]:
-    """One table row: the job's method name and the COLUMNS figures."""
+def representation(job: Path, threads: int | None = None) -> dict[str, dict[str, float]]:
+    """kNN / linear-probe top-1 of the job's exported encoder and of two random inits (module docstring), cached."""
+    cache = job / "eval" / "representation.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["results"]
+    import torch
+
+    from mimlab.checkpoints.encoder import checkpoint_encoder
+    from mimlab.checkpoints.export import export, load_exported
+    from mimlab.eval import PooledEncoder
+    from mimlab.evaluation.representation import Protocol, evaluate_encoders
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+    checkpoint = job / "checkpoints" / "last.ckpt"
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint} is missing: the pre-training job {job.name} did not finish")
+    exported = export(checkpoint, job / "eval" / "encoder.pth")
+    torch.manual_seed(cfg.seed)
+    own_init = PooledEncoder(load_exported(exported.path, random_init=True))
+    init_name = "timm" if exported.format == "timm" else "mimlab"
+    encoders = {
+        "trained": PooledEncoder(load_exported(exported.path)),
+        f"random init ({init_name})": own_init,
+        "random init (mimlab)": PooledEncoder(checkpoint_encoder(checkpoint).fresh(cfg.seed)),
+    }
+    if init_name == "mimlab":
+        del encoders["random init (mimlab)"]  # the export is the mimlab class: the same init twice
+    protocol = Protocol(img_size=cfg.data.img_size, seed=cfg.seed)
+    results = evaluate_encoders(encoders, cfg.data.root, protocol)
+    record = {"checkpoint": str(checkpoint), "export": exported.spec, "protocol": protocol.__dict__, "results": results}
+    cache.write_text(json.dumps(record, indent=2))
+    return results
+
+
+def row(job: Path, runs: dict[str, Path], measured: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """One job's figures: its method name, seed and the COLUMNS values."""
     pre = read_metrics(job)
-    batch = OmegaConf.load(job / ".hydra" / "config.yaml").data.batch_size
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
     gflops = pre.get("perf/train_gflops_per_img")
     steps = pre.get("step")
+    random = [r for name, r in measured.items() if name.startswith("random init")]
     metrics = {
         "params_M": encoder_params(job),
-        "knn/acc1": pre.get("knn/acc1"),
+        "knn": measured["trained"]["knn_top1"],
+        "knn_random": max(r["knn_top1"] for r in random),
+        "probe": measured["trained"]["probe_top1"],
+        "probe_random": max(r["probe_top1"] for r in random),
         **{f"{kind}/acc1": read_metrics(run).get("val/acc1") for kind, run in runs.items()},
         "img_per_s": read_metrics(job, "median").get("train/device/samples_per_sec"),  # ThroughputMonitor, median
         "gflops_per_img": gflops,
-        "pflops": gflops * (steps + 1) * batch / 1e6 if gflops is not None and steps is not None else None,
+        "pflops": gflops * (steps + 1) * cfg.data.batch_size / 1e6
+        if gflops is not None and steps is not None
+        else None,
     }
-    name = OmegaConf.load(job / ".hydra" / "config.yaml").name
-    return {"run": job, "overrides": {"method": name}, "metrics": {k: v for k, v in metrics.items() if v is not None}}
+    for name, r in measured.items():
+        if name.startswith("random init"):
+            tag = name.removeprefix("random init (").removesuffix(")")
+            metrics[f"knn_{tag}"], metrics[f"probe_{tag}"] = r["knn_top1"], r["probe_top1"]
+    return {"method": cfg.name, "seed": cfg.seed, "metrics": {k: v for k, v in metrics.items() if v is not None}}
 
 
-def write_table(rows: list[dict[str, Any]], out: Path) -> str:
-    """``results.md``, ``results.csv`` and ``acc1_vs_method.png`` in ``out``; returns the markdown."""
-    lines = [["method", *COLUMNS]]
+def by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows grouped by method (first-seen order): ``{"method", "seeds", "mean": {...}, "std": {...}}``."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        values = [r["metrics"].get(c) for c in COLUMNS]
-        lines.append([r["overrides"]["method"], *("–" if v is None else f"{v:.4g}" for v in values)])
+        groups.setdefault(r["method"], []).append(r)
+    out = []
+    for method, members in groups.items():
+        keys = sorted({k for m in members for k in m["metrics"]})
+        values = {k: [m["metrics"][k] for m in members if k in m["metrics"]] for k in keys}
+        out.append(
+            {
+                "method": method,
+                "seeds": sorted(m["seed"] for m in members),
+                "mean": {k: statistics.fmean(v) for k, v in values.items()},
+                "std": {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()},
+            }
+        )
+    return out
+
+
+def _cell(group: dict[str, Any], key: str) -> str:
+    if key not in group["mean"]:
+        return "–"
+    mean, std = group["mean"][key], group["std"][key]
+    return f"{mean:.1f} ± {std:.1f}" if len(group["seeds"]) > 1 else f"{mean:.1f}"
+
+
+def write_table(groups: list[dict[str, Any]], out: Path) -> str:
+    """``results.md``, ``results.csv`` and ``acc1_vs_method.png`` in ``out``; returns the markdown."""
+    shown = [c for c in COLUMNS if any(c in g["mean"] for g in groups)]
+    lines = [["method", "seeds", *shown]]
+    for g in groups:
+        lines.append([g["method"], str(len(g["seeds"])), *(_cell(g, c) for c in shown)])
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(lines)
     (out / "results.md").write_text(text)
     with open(out / "results.csv", "w", newline="") as f:
-        csv.writer(f).writerows(lines)
-    metrics = [m for m in ("knn/acc1", "linprobe/acc1", "finetune/acc1") if any(m in r["metrics"] for r in rows)]
-    if metrics:
-        bar_chart(rows, metrics, out / "acc1_vs_method.png")
+        writer = csv.writer(f)
+        writer.writerow(["method", "seeds", *(f"{c}_{stat}" for c in shown for stat in ("mean", "std"))])
+        for g in groups:
+            writer.writerow(
+                [g["method"], len(g["seeds"]), *(g[stat].get(c, "") for c in shown for stat in ("mean", "std"))]
+            )
+    bar_chart(groups, out / "acc1_vs_method.png")
     return text
 
 
-def bar_chart(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
-    """Grouped horizontal bars: one group per method, one bar per top-1 metric (a missing value is left out)."""
+def bar_chart(groups: list[dict[str, Any]], path: Path) -> None:
+    """Two panels (kNN, linear probe): per method the trained encoder against the best random init, mean ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["overrides"]["method"].removesuffix("_synthetic") for r in rows]
-    height = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(rows) + 1.2))
-    for i, metric in enumerate(metrics):
-        values = [r["metrics"].get(metric, float("nan")) for r in rows]
-        ax.barh([y + i * height for y in range(len(rows))], values, height, label=metric)
-    ax.set_yticks([y + height * (len(metrics) - 1) / 2 for y in range(len(rows))], names)
-    ax.invert_yaxis()
-    ax.set_xlabel("top-1 (%)")
-    ax.set_title("MIM methods, one protocol (embedded data, 64 px, 10 epochs)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics))
-    ax.grid(axis="x", alpha=0.3)
+    names = [g["method"].removesuffix("_synthetic") for g in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(groups) + 1.6), sharey=True)
+    for ax, (metric, title) in zip(axes, (("knn", "kNN top-1 (%)"), ("probe", "linear probe top-1 (%)"))):
+        for i, (key, label) in enumerate(((metric, "pre-trained"), (f"{metric}_random", "best random init"))):
+            means = [g["mean"].get(key, float("nan")) for g in groups]
+            stds = [g["std"].get(key, 0.0) for g in groups]
+            ax.barh([y + i * 0.4 for y in range(len(groups))], means, 0.4, xerr=stds, capsize=3, label=label)
+        ax.set_yticks([y + 0.2 for y in range(len(groups))], names)
+        ax.set_xlabel(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="lower right")
+    seeds = max(len(g["seeds"]) for g in groups)
+    fig.suptitle(f"MIM methods under one protocol: pre-trained vs random init (mean ± std over {seeds} seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -152,23 +251,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path, help="the compare_methods sweep folder")
     parser.add_argument("--out", type=Path, default=None, help="table folder (default: <sweep>/report)")
+    parser.add_argument("--transfer", action="store_true", help="also run the linear-probe and fine-tune recipes")
     parser.add_argument("--protocol", type=Path, default=HERE / "transfer.yaml", help="transfer recipes + overrides")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the representation check")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every transfer run (after --)")
     args = parser.parse_intermixed_args(argv)  # "SWEEP --out DIR -- OVERRIDES": options between the positionals
     protocol = OmegaConf.load(args.protocol)
     rows = []
     for job in pretrain_jobs(args.sweep):
         name = OmegaConf.load(job / ".hydra" / "config.yaml").name
-        if name not in protocol.recipes:
-            raise KeyError(
-                f"{args.protocol}: no transfer recipes for {name!r} (job {job.name}); add them under recipes"
-            )
-        runs = {
-            kind: transfer(job, kind, protocol.recipes[name][kind], list(protocol.overrides), args.overrides)
-            for kind in TRANSFERS
-        }
-        rows.append(row(job, runs))
-    print(write_table(rows, args.out or args.sweep / "report"))
+        runs = {}
+        if args.transfer:
+            if name not in protocol.recipes:
+                raise KeyError(
+                    f"{args.protocol}: no transfer recipes for {name!r} (job {job.name}); add them under recipes"
+                )
+            runs = {
+                kind: transfer(job, kind, protocol.recipes[name][kind], list(protocol.overrides), args.overrides)
+                for kind in TRANSFERS
+            }
+        rows.append(row(job, runs, representation(job, args.threads)))
+    print(write_table(by_method(rows), args.out or args.sweep / "report"))
 
 
 if __name__ == "__main__":

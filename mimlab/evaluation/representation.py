@@ -106,3 +106,34 @@ def linear_probe_accuracy(
             schedule.step()
     with torch.no_grad():
         return 100.0 * (head(x_val).argmax(1) == val.labels).float().mean().item()
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The representation check's settings: eval transform (``img_size``, ``crop_pct``), kNN (``k``, ``temperature``),
+    probe (``probe_epochs``, ``seed``), embedding loader (``batch_size``, ``num_workers``)."""
+
+    img_size: int
+    crop_pct: float = 224 / 256
+    k: int = 20
+    temperature: float = 0.07
+    probe_epochs: int = 100
+    seed: int = 0
+    batch_size: int = 256
+    num_workers: int = 0
+
+
+def evaluate_encoders(encoders: dict[str, nn.Module], root: str | Path, protocol: Protocol) -> dict[str, dict]:
+    """``{name: {"knn_top1", "probe_top1"}}`` for each ``images -> (N, D)`` encoder on ``root``'s train/val splits."""
+    train_set, val_set = labelled_folders(root, protocol.img_size, protocol.crop_pct)
+    results = {}
+    for name, encode in encoders.items():
+        train = extract(encode, train_set, protocol.batch_size, protocol.num_workers, f"{name}: train")
+        val = extract(encode, val_set, protocol.batch_size, protocol.num_workers, f"{name}: val")
+        results[name] = {
+            "knn_top1": knn_accuracy(train, val, protocol.k, protocol.temperature),
+            "probe_top1": linear_probe_accuracy(train, val, epochs=protocol.probe_epochs, seed=protocol.seed),
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+        }
+    return results

@@ -21,10 +21,27 @@ from mimlab.targets.base import Target
 
 class HOGTarget(Target):
     """Target (N, L, ``dim``) over the ``patch_size``-pixel patch grid (the mask-unit grid); the mask is not needed
-    (the loss keeps masked patches). ``dim = in_chans · nbins · (patch_size / cell_size)²``."""
+    (the loss keeps masked patches). ``dim = in_chans · nbins · cells_per_side²`` (108 for MaskFeat's 2 x 2 cells).
 
-    def __init__(self, patch_size: int = 16, cell_size: int = 8, nbins: int = 9, in_chans: int = 3) -> None:
+    The cell follows the patch: ``cell_size = patch_size / cells_per_side`` (MaskFeat: 8-px cells on 16-px patches,
+    so 4-px cells on 8-px patches), unless ``cell_size`` is given in pixels."""
+
+    def __init__(
+        self,
+        patch_size: int = 16,
+        cells_per_side: int = 2,
+        nbins: int = 9,
+        in_chans: int = 3,
+        cell_size: int | None = None,
+    ) -> None:
         super().__init__()
+        if cell_size is None:
+            if patch_size % cells_per_side:
+                raise ValueError(
+                    f"target.patch_size={patch_size} px does not split into target.cells_per_side={cells_per_side} "
+                    "cells per side; use a patch size divisible by it"
+                )
+            cell_size = patch_size // cells_per_side
         if patch_size % cell_size:
             raise ValueError(f"target.patch_size={patch_size} must be a multiple of target.cell_size={cell_size}")
         self.patch_size, self.cell_size, self.nbins, self.in_chans = patch_size, cell_size, nbins, in_chans

@@ -1,0 +1,267 @@
+"""Evaluate a checkpoint: ``mimlab-eval ckpt=PATH [...]`` (or ``python -m mimlab.eval``).
+
+Two checks, both with a progress bar, a result table and a JSON file:
+
+* **As its task** (``mimlab-eval ckpt=<run>/checkpoints/last.ckpt [key=value ...] [hardware=ddp]``): rebuilds the run
+  from the config stored in the checkpoint and runs ``Trainer.validate`` on its validation data: ``val/loss`` (+ kNN)
+  of pre-training, top-1/top-5 of fine-tuning and linear probing, box/mask mAP of detection, mIoU of segmentation.
+  Under DDP every rank validates its own disjoint block and the metrics are reduced, so 1 and N processes agree
+  (as in training). ``key=value`` overrides the stored config (``data.root=/elsewhere``, ``data.batch_size=64``);
+  ``hardware=``/``trainer=`` pick those groups afresh. Writes ``<run>/eval/<checkpoint stem>/metrics.json`` (and
+  ``csv/``), or under ``out=``.
+* **Representation** (``mimlab-eval ckpt=PATH features=FOLDER [img_size=...] [...]``): weighted kNN and a linear probe
+  on the frozen pooled features of any mimlab checkpoint (pre-training, fine-tuning, probe; official MAE / ConvNeXt V2
+  files) or exported encoder (``mimlab-export`` output), on an ImageNet-layout folder, against the same
+  architecture with random init (:mod:`mimlab.evaluation.representation`). The readout is the one the method
+  trains (``global_pool``; ``pool=cls|avg`` to choose). Writes ``out=`` (default ``<ckpt>.features.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FEATURE_OPTIONS = {
+    "ckpt": "mimlab .ckpt, official MAE / ConvNeXt V2 file, or a mimlab-export output (required)",
+    "features": "ImageNet-layout folder (<root>/train/<class>/..., <root>/val/<class>/...): run the representation check",
+    "img_size": "input size (default: the checkpoint's data.img_size, else the encoder's)",
+    "crop_pct": "eval transform: resize to img_size / crop_pct, centre crop (default 0.875)",
+    "pool": "cls | avg (default: the encoder's global_pool, the readout its pre-training trains)",
+    "k": "kNN neighbours (default 20)",
+    "temperature": "kNN vote temperature (default 0.07)",
+    "probe_epochs": "linear-probe epochs on the cached features (default 100)",
+    "baseline": "true (default): also evaluate the same architecture with random init; false: skip it",
+    "seed": "seed of the random-init baseline and the probe (default 0)",
+    "batch_size": "embedding batch size (default 256)",
+    "num_workers": "embedding loader workers (default 0)",
+    "threads": "torch CPU threads (default: torch's)",
+    "out": "JSON result file (default <ckpt>.features.json)",
+}
+TASK_OPTIONS = {
+    "ckpt": "a mimlab .ckpt of any task (required)",
+    "out": "folder for metrics.json and the CSV log (default <run>/eval/<checkpoint stem>)",
+    "<group>=<option>": "hardware=ddp|gpu|cpu, trainer=default: pick these groups afresh",
+    "<key>=<value>": "override a key of the stored config (data.root=..., data.batch_size=...)",
+}
+USAGE = "mimlab-eval ckpt=PATH [key=value ...]   |   mimlab-eval ckpt=PATH features=FOLDER [options]"
+
+
+# ------------------------------------------------------------------------------------------------ representation
+class PooledEncoder(nn.Module):
+    """``images (N, C, H, W) -> (N, D)``: a mimlab backbone's readout (``pool``) or an exported model's pre-logits."""
+
+    def __init__(self, model: nn.Module, pool: str | None = None) -> None:
+        super().__init__()
+        self.model, self.pool = model, pool
+
+    def forward(self, images: Tensor) -> Tensor:
+        from mimlab.checkpoints.export import exported_features
+
+        if hasattr(self.model, "forward_pooled"):
+            return self.model.forward_pooled(images, self.pool)  # type: ignore[operator]
+        if self.pool is not None:
+            raise ValueError("pool= applies to mimlab encoders; an exported timm model uses its own global_pool")
+        return exported_features(self.model, images)
+
+
+def _encoders(ckpt: Path, pool: str | None, seed: int) -> tuple[PooledEncoder, Callable[[], PooledEncoder], dict]:
+    """(trained encoder, random-init builder, description) of a checkpoint or an exported file."""
+    from mimlab.checkpoints.export import load_exported
+
+    if ckpt.with_suffix(ckpt.suffix + ".json").is_file():
+        spec = json.loads(ckpt.with_suffix(ckpt.suffix + ".json").read_text())
+        model = load_exported(ckpt)
+        size = (spec.get("kwargs") or {}).get("img_size") or (spec.get("mimlab_backbone") or {}).get("img_size")
+
+        def fresh() -> PooledEncoder:
+            torch.manual_seed(seed)
+            return PooledEncoder(load_exported(ckpt, random_init=True), pool)
+
+        name = spec.get("model_name") or spec["mimlab_backbone"]["_target_"]
+        return PooledEncoder(model, pool), fresh, {"encoder": name, "format": "export", "img_size": size}
+    from mimlab.checkpoints.encoder import checkpoint_encoder
+
+    encoder = checkpoint_encoder(ckpt)
+    size = (encoder.config.get("data") or {}).get("img_size") or encoder.node.get("img_size")
+    info = {"encoder": encoder.node["_target_"], "format": "mimlab", "img_size": size}
+    return PooledEncoder(encoder.backbone, pool), lambda: PooledEncoder(encoder.fresh(seed), pool), info
+
+
+def representation_check(options: dict[str, str]) -> dict[str, Any]:
+    """Run the kNN + linear-probe check (``features=``); returns (and writes) the result record."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mimlab.evaluation.representation import Protocol, evaluate_encoders
+
+    ckpt, seed = Path(options["ckpt"]), int(options.get("seed", 0))
+    if "threads" in options:
+        torch.set_num_threads(int(options["threads"]))
+    pool = options.get("pool")
+    trained, fresh, info = _encoders(ckpt, pool, seed)
+    protocol = Protocol(
+        img_size=int(options.get("img_size") or info["img_size"] or 224),
+        crop_pct=float(options.get("crop_pct", 224 / 256)),
+        k=int(options.get("k", 20)),
+        temperature=float(options.get("temperature", 0.07)),
+        probe_epochs=int(options.get("probe_epochs", 100)),
+        seed=seed,
+        batch_size=int(options.get("batch_size", 256)),
+        num_workers=int(options.get("num_workers", 0)),
+    )
+    encoders: dict[str, nn.Module] = {"trained": trained}
+    if options.get("baseline", "true").lower() != "false":
+        encoders["random init"] = fresh()
+    started = time.time()
+    results = evaluate_encoders(encoders, options["features"], protocol)
+    record = {
+        "checkpoint": str(ckpt),
+        **info,
+        "readout": pool or getattr(trained.model, "global_pool", None) or "the export's global_pool",
+        "data": str(options["features"]),
+        "protocol": asdict(protocol),
+        "results": results,
+        "seconds": round(time.time() - started, 1),
+    }
+    out = Path(options.get("out") or f"{ckpt}.features.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    title = f"{ckpt.name}: {record['encoder']} ({record['readout']}), {protocol.img_size} px, {record['data']}"
+    table = Table(title=title)
+    for column in ("encoder", "kNN top-1 (%)", "linear probe top-1 (%)"):
+        table.add_column(column)
+    for label, values in results.items():
+        table.add_row(label, f"{values['knn_top1']:.2f}", f"{values['probe_top1']:.2f}")
+    console = Console()
+    console.print(table)
+    console.print(f"written: {out}", highlight=False)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ task validation
+def _eval_dir(ckpt: Path, out: str | None) -> Path:
+    """Same folder on every DDP rank: rank 0 picks it and passes it to the processes it launches."""
+    if os.environ.get("MIMLAB_EVAL_DIR"):
+        return Path(os.environ["MIMLAB_EVAL_DIR"])
+    if out:
+        folder = Path(out)
+    else:
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        folder = run / "eval" / f"{ckpt.stem}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    os.environ["MIMLAB_EVAL_DIR"] = str(folder)
+    return folder
+
+
+def task_config(ckpt: Path, overrides: list[str], output_dir: Path):
+    """The checkpoint's stored config with fresh ``hardware``/``trainer``/``logger``/``paths`` groups (composed with
+    the group overrides among ``overrides``) and the ``key=value`` overrides applied."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mimlab.checkpoints.load import read_checkpoint
+    from mimlab.train import CONFIG_DIR
+
+    stored = ((read_checkpoint(ckpt).get("mimlab") or {}).get("config")) or None
+    if not stored:
+        raise SystemExit(
+            f"{ckpt} carries no mimlab config (checkpoint['mimlab']['config']): it is not a mimlab run's checkpoint. "
+            "For any encoder file use the representation check: mimlab-eval ckpt=... features=<folder>"
+        )
+    fresh_groups = ("hardware", "trainer", "logger")
+    groups = [o for o in overrides if o.split("=", 1)[0] in fresh_groups]
+    keys = [o for o in overrides if o not in groups]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        fresh = compose("train", overrides=["logger=csv", *groups, f"paths.output_dir={output_dir}"])
+    cfg = OmegaConf.create(stored)
+    for group in (*fresh_groups, "paths"):
+        cfg[group] = fresh[group]
+    if "pretrained" in cfg.task:
+        cfg.task.pretrained = None  # the weights come from the checkpoint itself
+    OmegaConf.set_struct(cfg, True)
+    for override in keys:
+        key, _, value = override.partition("=")
+        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+            raise SystemExit(f"unknown config key {key!r} in {override!r}: the checkpoint's config has no such key")
+        OmegaConf.update(cfg, key, _yaml(value), merge=True)
+    return cfg
+
+
+def _yaml(value: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(value) if value else value
+
+
+def validate_checkpoint(ckpt: Path, overrides: list[str], out: str | None = None) -> dict[str, float]:
+    """``Trainer.validate`` of ``ckpt`` as the task it came from; returns (and writes, on rank 0) the metrics."""
+    import lightning as L
+    from rich.console import Console
+    from rich.table import Table
+
+    from mimlab.train import build
+
+    output_dir = _eval_dir(ckpt, out)
+    cfg = task_config(ckpt, overrides, output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module, trainer = build(cfg)
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
+    metrics = {k: float(v) for k, v in results[0].items()}
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        record = {"checkpoint": str(ckpt), "task": cfg.task._target_, "step": trainer.global_step, "metrics": metrics}
+        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        table = Table(title=f"{ckpt} ({cfg.task._target_.rsplit('.', 1)[-1]}, step {trainer.global_step})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in sorted(metrics):
+            table.add_row(key, f"{metrics[key]:.4f}")
+        console = Console()
+        console.print(table)
+        console.print(f"written: {output_dir / 'metrics.json'}", highlight=False)
+    return metrics
+
+
+def _help() -> str:
+    width = max(map(len, [*FEATURE_OPTIONS, *TASK_OPTIONS]))
+    lines = [f"usage: {USAGE}", "", __doc__ or "", "as its task:"]
+    lines += [f"  {key:<{width}}  {text}" for key, text in TASK_OPTIONS.items()]
+    lines += ["", "representation (features=FOLDER):"]
+    lines += [f"  {key:<{width}}  {text}" for key, text in FEATURE_OPTIONS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = argv if argv is not None else sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        print(_help())
+        return
+    bare = [a for a in argv if "=" not in a]
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    if bare or "ckpt" not in args:
+        named = f" (not key=value: {', '.join(bare)})" if bare else ""
+        raise SystemExit(f"usage: {USAGE}{named}; --help lists the options")
+    ckpt = Path(args["ckpt"])
+    if not ckpt.is_file():
+        raise SystemExit(f"ckpt={ckpt}: no such file" + (" (it is a folder)" if ckpt.is_dir() else ""))
+    if "features" in args:
+        unknown = sorted(set(args) - set(FEATURE_OPTIONS))
+        if unknown:
+            raise SystemExit(f"unknown option(s) {', '.join(unknown)} for the representation check; --help lists them")
+        representation_check(args)
+    else:
+        overrides = [a for a in argv if a.split("=", 1)[0] not in ("ckpt", "out")]
+        validate_checkpoint(ckpt, overrides, args.get("out"))
+
+
+if __name__ == "__main__":
+    main()
