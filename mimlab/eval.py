@@ -162,38 +162,43 @@ def _eval_dir(ckpt: Path, out: str | None) -> Path:
     return folder
 
 
-def task_config(ckpt: Path, overrides: list[str], output_dir: Path):
-    """The checkpoint's stored config with fresh ``hardware``/``trainer``/``logger``/``paths`` groups (composed with
-    the group overrides among ``overrides``) and the ``key=value`` overrides applied."""
+FRESH_GROUPS = ("hardware", "trainer", "logger")
+
+
+def task_config(ckpt: Path, checkpoint: dict, overrides: list[str], output_dir: Path):
+    """The checkpoint's stored config with ``hardware``/``trainer``/``logger``/``paths`` composed afresh (CSV logger by
+    default), the overrides of those groups (``hardware=ddp``, ``hardware.devices=2``, ``+hardware.x=...``) applied by
+    Hydra, and the other ``key=value`` overrides applied to the stored keys (an unknown key is an error)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from mimlab.checkpoints.load import read_checkpoint
     from mimlab.train import CONFIG_DIR
 
-    stored = ((read_checkpoint(ckpt).get("mimlab") or {}).get("config")) or None
+    stored = ((checkpoint.get("mimlab") or {}).get("config")) or None
     if not stored:
         raise SystemExit(
             f"{ckpt} carries no mimlab config (checkpoint['mimlab']['config']): it is not a mimlab run's checkpoint. "
             "For any encoder file use the representation check: mimlab-eval ckpt=... features=<folder>"
         )
-    fresh_groups = ("hardware", "trainer", "logger")
-    groups = [o for o in overrides if o.split("=", 1)[0] in fresh_groups]
-    keys = [o for o in overrides if o not in groups]
+    fresh_overrides = [o for o in overrides if _group_of(o) in FRESH_GROUPS]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        fresh = compose("train", overrides=["logger=csv", *groups, f"paths.output_dir={output_dir}"])
+        fresh = compose("train", overrides=["logger=csv", *fresh_overrides, f"paths.output_dir={output_dir}"])
     cfg = OmegaConf.create(stored)
-    for group in (*fresh_groups, "paths"):
+    for group in (*FRESH_GROUPS, "paths"):
         cfg[group] = fresh[group]
     if "pretrained" in cfg.task:
         cfg.task.pretrained = None  # the weights come from the checkpoint itself
-    OmegaConf.set_struct(cfg, True)
-    for override in keys:
+    for override in (o for o in overrides if o not in fresh_overrides):
         key, _, value = override.partition("=")
         if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
             raise SystemExit(f"unknown config key {key!r} in {override!r}: the checkpoint's config has no such key")
         OmegaConf.update(cfg, key, _yaml(value), merge=True)
     return cfg
+
+
+def _group_of(override: str) -> str:
+    """The top-level config group an override addresses (``+hardware.strategy.x=1`` -> ``hardware``)."""
+    return override.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0]
 
 
 def _yaml(value: str) -> Any:
@@ -206,26 +211,28 @@ def validate_checkpoint(ckpt: Path, overrides: list[str], out: str | None = None
     """``Trainer.validate`` of ``ckpt`` as the task it came from; returns (and writes, on rank 0) the metrics."""
     import lightning as L
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
+    from mimlab.checkpoints.load import read_checkpoint
     from mimlab.train import build
 
     output_dir = _eval_dir(ckpt, out)
-    cfg = task_config(ckpt, overrides, output_dir)
+    checkpoint = read_checkpoint(ckpt)
+    cfg = task_config(ckpt, checkpoint, overrides, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
     metrics = {k: float(v) for k, v in results[0].items()}
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"checkpoint": str(ckpt), "task": cfg.task._target_, "step": trainer.global_step, "metrics": metrics}
-        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-        table = Table(title=f"{ckpt} ({cfg.task._target_.rsplit('.', 1)[-1]}, step {trainer.global_step})")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
+        task, step = cfg.task._target_.rsplit(".", 1)[-1], checkpoint.get("global_step")
+        record = {"checkpoint": str(ckpt), "task": task, "step": step, "processes": trainer.world_size}
+        (output_dir / "metrics.json").write_text(json.dumps({**record, "metrics": metrics}, indent=2))
+        table = Table("metric", Column("value", justify="right"), title=f"{task}, step {step}")
         for key in sorted(metrics):
             table.add_row(key, f"{metrics[key]:.4f}")
-        console = Console()
+        console = Console(soft_wrap=True)
+        console.print(f"{ckpt} on {cfg.data.root} ({trainer.world_size} process(es))", highlight=False)
         console.print(table)
         console.print(f"written: {output_dir / 'metrics.json'}", highlight=False)
     return metrics

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -130,7 +131,8 @@ class KNNMonitor(L.Callback):
         if trainer.sanity_checking:
             return
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if (trainer.current_epoch + 1) % self.every_n_epochs and not last:
+        fitting = trainer.state.fn == TrainerFn.FITTING  # a checkpoint's own validation (mimlab-eval) always runs it
+        if fitting and (trainer.current_epoch + 1) % self.every_n_epochs and not last:
             return
         if self.disabled:
             return
