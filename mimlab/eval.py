@@ -51,7 +51,7 @@ TASK_OPTIONS = {
     "ckpt": "a mimlab .ckpt of any task (required)",
     "out": "folder for metrics.json and the CSV log (default <run>/eval/<checkpoint stem>)",
     "<group>=<option>": "hardware=ddp|gpu|cpu, trainer=default: pick these groups afresh",
-    "<key>=<value>": "override a key of the stored config (data.root=..., data.batch_size=...)",
+    "<key>=<value>": "override a key of the stored config (data.root=..., data.batch_size=...); +key= adds, ~key drops",
 }
 USAGE = "mimlab-eval ckpt=PATH [key=value ...]   |   mimlab-eval ckpt=PATH features=FOLDER [options]"
 
@@ -189,10 +189,15 @@ def task_config(ckpt: Path, checkpoint: dict, overrides: list[str], output_dir: 
     if "pretrained" in cfg.task:
         cfg.task.pretrained = None  # the weights come from the checkpoint itself
     for override in (o for o in overrides if o not in fresh_overrides):
-        key, _, value = override.partition("=")
-        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+        key, _, value = override.lstrip("+~").partition("=")
+        known = OmegaConf.select(cfg, key, default="<missing>") != "<missing>"
+        if not known and not override.startswith("+"):
             raise SystemExit(f"unknown config key {key!r} in {override!r}: the checkpoint's config has no such key")
-        OmegaConf.update(cfg, key, _yaml(value), merge=True)
+        if override.startswith("~"):
+            parent, _, leaf = key.rpartition(".")
+            (OmegaConf.select(cfg, parent) if parent else cfg).pop(leaf)
+        else:
+            OmegaConf.update(cfg, key, _yaml(value), merge=True, force_add=True)
     return cfg
 
 

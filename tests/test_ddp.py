@@ -6,7 +6,8 @@ the ranks' training sample indices are disjoint and together make the epoch, and
 after the optimiser steps (they saw different samples, so without the all-reduce they would differ).
 MAE: 2 processes x batch B end within float tolerance of 1 process x batch 2B (same samples, same masks).
 Evaluation: the metrics a 2-process fit logs for its final weights (top-1/top-5, kNN, online probe, box/mask mAP,
-mIoU) equal exactly those of a 1-process validation of the checkpoint it wrote.
+mIoU) equal exactly those ``mimlab-eval`` gives for the checkpoint it wrote, and ``mimlab-eval`` with 2 processes
+equals it with 1.
 MAE also checks that only rank 0 writes checkpoints and logs; FCMAE (with gradient accumulation) that the lr is
 scaled by per-device batch x devices x accumulation and that DDP's static graph is dropped under accumulation.
 """
@@ -215,28 +216,32 @@ def test_ranks_read_disjoint_halves_of_the_epoch_and_end_with_identical_weights(
         torch.testing.assert_close(final1[name], final0[name], rtol=1e-6, atol=1e-7, msg=f"ranks disagree: {name}")
 
 
+def evaluate(ckpt: Path, out: Path, label: str, extra: list[str] = ()) -> dict[str, float]:
+    """``python -m mimlab.eval ckpt=<ckpt>`` (the checkpoint validated as its task) -> its metrics.json metrics."""
+    run(["-m", "mimlab.eval", f"ckpt={ckpt}", f"out={out}", "~callbacks.probe", *extra], out, label)
+    return json.loads((out / "metrics.json").read_text())["metrics"]
+
+
 @pytest.mark.parametrize("task", list(EXACT))
 def test_two_process_evaluation_equals_one_process_evaluation(task, fits, tmp_path):
-    run_dir, _, overrides = fits(task)
+    run_dir, _, _ = fits(task)
     two = last_logged(run_dir, EXACT[task])
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    proc = run(
-        [
-            str(REPO / "tests" / "validate_ckpt.py"),
-            str(ckpt),
-            *overrides,
-            f"paths.output_dir={tmp_path / 'v'}",
-            "hardware.num_workers=0",
-            "logger=csv",
-        ],
-        tmp_path / "validate",
-        f"1-process validation {task}",
-    )
-    one = json.loads(proc.stdout.split("METRICS ", 1)[1].splitlines()[0])
+    one = evaluate(run_dir / "checkpoints" / "last.ckpt", tmp_path / "eval", f"1-process mimlab-eval {task}")
     print(f"{task}: 2 processes {two} | 1 process { {k: one[k] for k in EXACT[task]} }")
     assert set(two) == set(EXACT[task])
     assert any(v != 0 for v in two.values()), "all metrics are 0: the comparison would prove nothing"
     assert {k: one[k] for k in EXACT[task]} == two
+
+
+@pytest.mark.parametrize("task", ["linprobe", "detect"])
+def test_mimlab_eval_with_two_processes_equals_one_process(task, fits, tmp_path):
+    run_dir, _, _ = fits(task)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    one = evaluate(ckpt, tmp_path / "one", f"1-process mimlab-eval {task}")
+    two = evaluate(ckpt, tmp_path / "two", f"2-process mimlab-eval {task}", DDP)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
+    assert any(one[k] != 0 for k in EXACT[task]), "all metrics are 0: the comparison would prove nothing"
+    assert {k: two[k] for k in EXACT[task]} == {k: one[k] for k in EXACT[task]}
 
 
 def test_mae_two_processes_of_batch_b_equal_one_process_of_batch_2b(fits, synthetic_root, tmp_path):

@@ -209,8 +209,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    kind = "timm" if result.format == "timm" else "mimlab (timm has no such model)"
-    print(f"wrote {result.path} ({kind} format; checked against the mimlab encoder)\nload with: {result.load_command}")
+    note = "" if result.format == "timm" else ", timm has no such model"
+    print(
+        f"wrote {result.path} ({result.format} format{note}; checked against the mimlab encoder)\n"
+        f"load with: {result.load_command}"
+    )
 
 
 if __name__ == "__main__":
