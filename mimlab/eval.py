@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(_help())
         return
-    bare = [a for a in argv if "=" not in a]
+    bare = [a for a in argv if "=" not in a and not a.startswith("~")]
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     if bare or "ckpt" not in args:
         named = f" (not key=value: {', '.join(bare)})" if bare else ""
