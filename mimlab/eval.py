@@ -151,7 +151,7 @@ def representation_check(options: dict[str, str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ task validation
 def _eval_dir(ckpt: Path, out: str | None) -> Path:
     """Same folder on every DDP rank: rank 0 picks it and passes it to the processes it launches."""
-    if os.environ.get("MIMLAB_EVAL_DIR"):
+    if os.environ.get("MIMLAB_EVAL_DIR") and os.environ.get("LOCAL_RANK", "0") != "0":
         return Path(os.environ["MIMLAB_EVAL_DIR"])
     if out:
         folder = Path(out)
