@@ -29,22 +29,40 @@ def sweep_params() -> dict[str, str]:
 
 PARAMS = sweep_params()
 EXPERIMENTS = PARAMS.pop("experiment").split(",")
+SEEDS = PARAMS.pop("seed").split(",")
+DATA = PARAMS.pop("data")
 
 
-def test_the_sweep_covers_the_eight_methods_and_each_has_transfer_recipes():
+def test_the_sweep_covers_the_eight_methods_over_three_seeds_on_a_photo_folder():
     protocol = OmegaConf.load(ROOT / "experiments" / "compare_methods" / "transfer.yaml")
     assert len(EXPERIMENTS) == 8 and set(EXPERIMENTS) == set(protocol.recipes)
+    assert len(set(SEEDS)) == 3 and DATA == "imagenet"
+
+
+def test_rows_are_grouped_by_method_with_mean_and_std_over_seeds(tmp_path):
+    rows = [
+        {"method": "mae", "seed": s, "metrics": {"knn": k, "knn_random": r, "probe": p, "probe_random": 30.0}}
+        for s, k, r, p in ((0, 40.0, 30.0, 50.0), (1, 42.0, 31.0, 52.0), (2, 44.0, 29.0, 54.0))
+    ] + [{"method": "simmim", "seed": 0, "metrics": {"knn": 35.0, "knn_random": 30.0, "probe": 45.0}}]
+    groups = compare.by_method(rows)
+    assert [g["method"] for g in groups] == ["mae", "simmim"] and groups[0]["seeds"] == [0, 1, 2]
+    assert groups[0]["mean"]["knn"] == pytest.approx(42.0) and groups[0]["std"]["knn"] == pytest.approx(2.0)
+    table = compare.write_table(groups, tmp_path)
+    assert "| mae | 3 | 42.0 ± 2.0 |" in table.replace("  ", " ") or "42.0 ± 2.0" in table
+    assert (tmp_path / "acc1_vs_method.png").stat().st_size > 0 and (tmp_path / "results.csv").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_job_composes_under_the_protocol_and_its_encoder_transfers(experiment, tmp_path):
     job = tmp_path / f"0_experiment={experiment}"
-    overrides = [f"experiment={experiment}", *(f"{k}={v}" for k, v in PARAMS.items()), f"paths.output_dir='{job}'"]
+    shared = [f"data={DATA}", f"seed={SEEDS[0]}", *(f"{k}={v}" for k, v in PARAMS.items())]
+    overrides = [f"experiment={experiment}", *shared, f"paths.output_dir='{job}'"]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     for key, value in PARAMS.items():  # the shared settings win over the recipe's own
         assert str(OmegaConf.select(cfg, key)) == value, key
+    assert cfg.data._target_ == "mimlab.data.imagenet.ImageNetDataModule"
     (job / ".hydra").mkdir(parents=True)  # the two files Hydra saves in a job folder
     OmegaConf.save({"hydra": cfg.hydra}, job / ".hydra" / "hydra.yaml")
     del cfg.hydra
