@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import lightning as L
 
 
 class KillAtStep(L.Callback):
     """Send ``signal_name`` (SIGKILL: crash, SIGTERM: preemption, SIGINT: Ctrl-C) to this process once ``global_step``
-    reaches ``step``; with ``process_group`` to its whole process group (DataLoader workers too), as a terminal does."""
+    reaches ``step``; with ``process_group`` to its whole process group (DataLoader workers too), from another process,
+    as a terminal or a scheduler does."""
 
     def __init__(self, step: int, signal_name: str = "SIGKILL", process_group: bool = False) -> None:
         self.step = step
@@ -21,7 +23,8 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
-            if self.process_group:
-                os.killpg(os.getpgid(0), self.signal)
+            if self.process_group:  # sent by another process, as a terminal or a scheduler sends it
+                name = signal.Signals(self.signal).name.removeprefix("SIG")
+                subprocess.run(["kill", "-s", name, "--", f"-{os.getpgid(0)}"], check=True, start_new_session=True)
             else:
                 os.kill(os.getpid(), self.signal)
