@@ -346,3 +346,44 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, synthetic_root):
         module.target.update(module.backbone, step / 25)
         losses.append(out["loss"].item())
     assert sum(losses[-5:]) < 0.85 * sum(losses[:5]), losses  # measured: 0.68
+
+
+def test_the_encoder_taken_from_a_checkpoint_is_the_target_encoder(tmp_path, synthetic_root):
+    """The paper evaluates I-JEPA's EMA target encoder: checkpoints name it, and loading / export read it."""
+    from mimlab.checkpoints import load_pretrained
+    from mimlab.checkpoints.encoder import checkpoint_encoder
+    from mimlab.train import build
+
+    cfg = compose_config(
+        [
+            "experiment=ijepa_vit_tiny_synthetic",
+            f"data.root={synthetic_root}",
+            "data.img_size=32",
+            "model.backbone.embed_dim=32",
+            "model.backbone.num_heads=2",
+            "model.backbone.depth=1",
+            "model.decoder.predictor_dim=16",
+            "masking.min_keep=0",
+            "data.batch_size=20",
+            "trainer.max_steps=3",
+            "hardware.num_workers=0",
+            "logger=csv",
+            "~callbacks.progress",
+            "~callbacks.knn",
+            "~callbacks.target_maps",
+            "~callbacks.dashboard",
+            "~callbacks.throughput",
+            "+trainer.num_sanity_val_steps=0",
+        ],
+        tmp_path,
+    )
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    teacher, student = module.target.teacher.state_dict(), module.backbone.state_dict()
+    assert any(not torch.equal(teacher[k], student[k]) for k in student)  # the EMA lags the student
+    loaded = MaskedViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, class_token=False)
+    load_pretrained(ckpt, loaded)
+    rebuilt = checkpoint_encoder(ckpt).backbone
+    for name, value in teacher.items():
+        assert torch.equal(loaded.state_dict()[name], value) and torch.equal(rebuilt.state_dict()[name], value), name

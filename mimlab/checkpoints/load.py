@@ -77,12 +77,21 @@ def read_state_dict(source: str | Path | Mapping) -> dict[str, Tensor]:
 
 def pretrained_parts(source: str | Path | Mapping, prefix: str = "") -> tuple[dict[str, dict[str, Tensor]], str]:
     """``({"backbone": {...}, "neck": {...}}, layout)`` in mimlab parameter names; ``prefix`` selects a sub-model of a
-    mimlab checkpoint (``"ema.module."`` for the fine-tuning EMA weights)."""
-    state = read_state_dict(source)
+    mimlab checkpoint (``"ema.module."`` for the fine-tuning EMA weights). The encoder of a mimlab pre-training
+    checkpoint is the module it names as ``evaluated_encoder`` (the student ``backbone``, or I-JEPA's target encoder
+    ``target.teacher``)."""
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    state = read_state_dict(checkpoint)
     if any(k.startswith(prefix + "backbone.") for k in state):
+        encoder = checkpoint.get("evaluated_encoder", "backbone") if isinstance(checkpoint, Mapping) else "backbone"
+        if encoder != "backbone":
+            log.info(
+                "taking the encoder from %s.* (the weights the method evaluates), not the student backbone", encoder
+            )
+        names = {"backbone": encoder, "neck": "neck"}
         parts = {
-            part: {k[len(prefix + part) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}{part}.")}
-            for part in ("backbone", "neck")
+            part: {k[len(prefix + name) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}{name}.")}
+            for part, name in names.items()
         }
         return parts, "mimlab"
     if any(re.match(r"(encoder\.)?blocks\.\d+\.reduction\.weight$", k) for k in state):

@@ -20,6 +20,8 @@ class IJEPATarget(EMATeacher):
     """Args: teacher (a ``MaskedViT`` built like the context encoder, no cls token), momentum (schedule; default
     the official linear 0.996 → 1.0 over training)."""
 
+    evaluated_encoder = "target.teacher"  # the target encoder: what the paper evaluates (official linear probes)
+
     def __init__(self, teacher: nn.Module, momentum: LinearMomentum | None = None) -> None:
         super().__init__(teacher, momentum or LinearMomentum(0.996, 1.0))
 

@@ -154,6 +154,10 @@ class MaskedPretraining(L.LightningModule):
         mask_px = mask.to(images.device).reshape(-1, 1, gh, gw).repeat_interleave(unit, 2).repeat_interleave(unit, 3)
         return {"mask": mask_px, "pred": self.target.to_image(pred, images)}  # type: ignore[operator]
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which module holds the encoder the method evaluates (``Target.evaluated_encoder``)."""
+        checkpoint["evaluated_encoder"] = self.target.evaluated_encoder
+
     # ----------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict:  # type: ignore[override]
         batch_size = self.trainer.datamodule.batch_size  # type: ignore[attr-defined]
