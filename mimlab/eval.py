@@ -138,10 +138,16 @@ def representation_check(options: dict[str, str]) -> dict[str, Any]:
     out.write_text(json.dumps(record, indent=2))
     title = f"{ckpt.name}: {record['encoder']} ({record['readout']}), {protocol.img_size} px, {record['data']}"
     table = Table(title=title)
-    for column in ("encoder", "kNN top-1 (%)", "linear probe top-1 (%)"):
+    for column in ("encoder", "kNN top-1 (%)", "linear probe top-1 (%)", "effective rank", "mean cosine"):
         table.add_column(column)
-    for label, values in results.items():
-        table.add_row(label, f"{values['knn_top1']:.2f}", f"{values['probe_top1']:.2f}")
+    for label, v in results.items():
+        row = (
+            f"{v['knn_top1']:.2f}",
+            f"{v['probe_top1']:.2f}",
+            f"{v['effective_rank']:.1f}",
+            f"{v['mean_cosine']:.3f}",
+        )
+        table.add_row(label, *row)
     console = Console()
     console.print(table)
     console.print(f"written: {out}", highlight=False)

@@ -129,3 +129,13 @@ def test_bad_input_is_named(mae_checkpoint, synthetic_root, tmp_path):
     torch.save({"model": torch.load(mae_checkpoint, weights_only=False)["state_dict"]}, bare)
     with pytest.raises(SystemExit, match="carries no mimlab config.*features="):
         main([f"ckpt={bare}", f"out={tmp_path}"])
+
+
+def test_feature_statistics_tell_collapse_from_spread():
+    from mimlab.evaluation.representation import feature_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    spread = feature_statistics(torch.randn(500, 32, generator=generator))
+    collapsed = feature_statistics(torch.ones(500, 32) + 1e-3 * torch.randn(500, 32, generator=generator))
+    assert spread["effective_rank"] > 28 and abs(spread["mean_cosine"]) < 0.01
+    assert collapsed["effective_rank"] < 2 and collapsed["mean_cosine"] > 0.99

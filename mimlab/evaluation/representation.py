@@ -10,6 +10,9 @@ takes seconds after the embedding pass:
 * **Linear probe** (:func:`linear_probe_accuracy`): features standardised with the training set's per-channel mean
   and std (MAE's ``BatchNorm1d(affine=False)`` at its final statistics), then one Linear layer trained with AdamW
   and a cosine schedule on the cached training features (no augmentation), seeded; top-1 on the validation images.
+* **Feature statistics** (:func:`feature_statistics`), to tell collapse from weak features: the effective rank of
+  the validation features (RankMe: ``exp`` of the entropy of the normalised singular values) and the mean cosine
+  similarity between two different images' features.
 """
 
 from __future__ import annotations
@@ -108,6 +111,18 @@ def linear_probe_accuracy(
         return 100.0 * (head(x_val).argmax(1) == val.labels).float().mean().item()
 
 
+@torch.no_grad()
+def feature_statistics(features: Tensor) -> dict[str, float]:
+    """``{"effective_rank", "mean_cosine"}`` of features (N, D): RankMe (Garrido et al. 2023) of the feature matrix,
+    in [1, min(N, D)], and the mean cosine similarity over pairs of different rows (1 = every image alike)."""
+    singular = torch.linalg.svdvals(features.double())
+    p = singular / singular.sum() + 1e-12
+    unit = nn.functional.normalize(features.double(), dim=1)
+    n = len(unit)
+    mean_cosine = ((unit.sum(0) @ unit.sum(0)) - n) / (n * (n - 1))
+    return {"effective_rank": float(torch.exp(-(p * p.log()).sum())), "mean_cosine": float(mean_cosine)}
+
+
 @dataclass(frozen=True)
 class Protocol:
     """The representation check's settings: eval transform (``img_size``, ``crop_pct``), kNN (``k``, ``temperature``),
@@ -133,6 +148,7 @@ def evaluate_encoders(encoders: dict[str, nn.Module], root: str | Path, protocol
         results[name] = {
             "knn_top1": knn_accuracy(train, val, protocol.k, protocol.temperature),
             "probe_top1": linear_probe_accuracy(train, val, epochs=protocol.probe_epochs, seed=protocol.seed),
+            **feature_statistics(val.features),
             "train_images": len(train_set),
             "val_images": len(val_set),
         }
