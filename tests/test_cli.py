@@ -24,7 +24,7 @@ from mimlab.utils.extras import OPTIONAL_MODULES, MissingExtraError, require
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-TOOLS = ["train", "check", "export", "report", "bench", "token-diversity", "feature-cosine"]
+TOOLS = ["train", "check", "eval", "export", "report", "bench", "token-diversity", "feature-cosine"]
 
 
 def run_helps(scripts: dict[str, str]) -> dict[str, dict]:
@@ -69,7 +69,8 @@ def helps(request) -> dict[str, dict]:
     [
         ("train", ["== Configuration groups ==", "experiment: ", "hardware: cpu, ddp, gpu, slurm", "== Config =="]),
         ("check", ["== Configuration groups ==", "experiment: ", "data: "]),
-        ("export", ["usage: mimlab-export ckpt=PATH", "ckpt ", "format ", "out ", "ema ", "name ", "num_heads "]),
+        ("eval", ["usage: mimlab-eval ckpt=PATH", "features=FOLDER", "hardware=ddp", "img_size ", "pool ", "baseline "]),
+        ("export", ["usage: mimlab-export ckpt=PATH", "ckpt ", "format ", "out ", "ema ", "num_heads ", "timm.create_model(model_name"]),
         ("report", ["--x X", "--y Y", "--hue HUE", "--agg {last,max,min,median}", "--out OUT"]),
         ("bench", ["usage: mimlab-bench [key=value ...]", "workloads (model=...): mae_vit_b"]),
         ("token-diversity", ["teacher:", "checkpoint:", "data:", "plot:"]),
