@@ -29,10 +29,10 @@ class HOGTarget(Target):
     def __init__(
         self,
         patch_size: int = 16,
-        cells_per_side: int = 2,
+        cell_size: int | None = None,
         nbins: int = 9,
         in_chans: int = 3,
-        cell_size: int | None = None,
+        cells_per_side: int = 2,
     ) -> None:
         super().__init__()
         if cell_size is None:
