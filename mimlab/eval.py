@@ -10,9 +10,10 @@ Two checks, both with a progress bar, a result table and a JSON file:
   ``hardware=``/``trainer=`` pick those groups afresh. Writes ``<run>/eval/<checkpoint stem>/metrics.json`` (and
   ``csv/``), or under ``out=``.
 * **Representation** (``mimlab-eval ckpt=PATH features=FOLDER [img_size=...] [...]``): weighted kNN and a linear probe
-  on the frozen pooled features of any mimlab checkpoint (pre-training, fine-tuning, probe; official MAE / ConvNeXt V2
-  files) or exported encoder (``mimlab-export`` output), on an ImageNet-layout folder, against the same
-  architecture with random init (:mod:`mimlab.evaluation.representation`). The readout is the one the method
+  on the frozen pooled features of any mimlab checkpoint (pre-training, fine-tuning, probe), released file of a layout
+  the loader reads (docs/checkpoints.md: MAE, ConvNeXt V2, SimMIM, MaskFeat, data2vec 2.0, I-JEPA; ``PATH::submodel``
+  for one model of a file that holds several) or exported encoder (``mimlab-export`` output), on an ImageNet-layout
+  folder, against the same architecture with random init (:mod:`mimlab.evaluation.representation`). The readout is the one the method
   trains (``global_pool``; ``pool=cls|avg`` to choose). Writes ``out=`` (default ``<ckpt>.features.json``).
 """
 
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 FEATURE_OPTIONS = {
-    "ckpt": "mimlab .ckpt, official MAE / ConvNeXt V2 file, or a mimlab-export output (required)",
+    "ckpt": "mimlab .ckpt, released file (docs/checkpoints.md; PATH::submodel), or a mimlab-export output (required)",
     "features": "ImageNet-layout folder (<root>/train/<class>/..., <root>/val/<class>/...): run the representation check",
     "img_size": "input size (default: the checkpoint's data.img_size, else the encoder's)",
     "crop_pct": "eval transform: resize to img_size / crop_pct, centre crop (default 0.875)",
@@ -45,7 +46,7 @@ FEATURE_OPTIONS = {
     "batch_size": "embedding batch size (default 256)",
     "num_workers": "embedding loader workers (default 0)",
     "threads": "torch CPU threads (default: torch's)",
-    "out": "JSON result file (default <ckpt>.features.json)",
+    "out": "JSON result file (default <ckpt>.features.json, <ckpt>.<submodel>.features.json)",
 }
 TASK_OPTIONS = {
     "ckpt": "a mimlab .ckpt of any task (required)",
@@ -102,9 +103,11 @@ def representation_check(options: dict[str, str]) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
+    from mimlab.checkpoints.load import split_submodel
     from mimlab.evaluation.representation import Protocol, evaluate_encoders
 
     ckpt, seed = Path(options["ckpt"]), int(options.get("seed", 0))
+    file, submodel = split_submodel(options["ckpt"])
     if "threads" in options:
         torch.set_num_threads(int(options["threads"]))
     pool = options.get("pool")
@@ -133,7 +136,7 @@ def representation_check(options: dict[str, str]) -> dict[str, Any]:
         "results": results,
         "seconds": round(time.time() - started, 1),
     }
-    out = Path(options.get("out") or f"{ckpt}.features.json")
+    out = Path(options.get("out") or f"{file}{'.' + submodel if submodel else ''}.features.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     title = f"{ckpt.name}: {record['encoder']} ({record['readout']}), {protocol.img_size} px, {record['data']}"
@@ -250,9 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     if bare or "ckpt" not in args:
         named = f" (not key=value: {', '.join(bare)})" if bare else ""
         raise SystemExit(f"usage: {USAGE}{named}; --help lists the options")
+    from mimlab.checkpoints.load import split_submodel
+
     ckpt = Path(args["ckpt"])
-    if not ckpt.is_file():
-        raise SystemExit(f"ckpt={ckpt}: no such file" + (" (it is a folder)" if ckpt.is_dir() else ""))
+    file, submodel = split_submodel(args["ckpt"])
+    if not Path(file).is_file():
+        raise SystemExit(f"ckpt={file}: no such file" + (" (it is a folder)" if Path(file).is_dir() else ""))
+    if submodel and "features" not in args:
+        raise SystemExit(f"ckpt={ckpt}: a ::sub-model is read by the representation check (add features=FOLDER)")
     if "features" in args:
         unknown = sorted(set(args) - set(FEATURE_OPTIONS))
         if unknown:
