@@ -72,7 +72,7 @@ def convert(state: Mapping[str, Any], submodel: str | None = None) -> Converted:
                 "ema_encoder_only=true keeps only the blocks): load its student (drop '::ema')"
             )
         source, _ = _image_encoder(teacher)
-        left_out = [k for k in state if k != "_ema"]
+        left_out = [f"the student ({sum(k != '_ema' for k in state)} tensors)"]
     if "context_encoder.norm.weight" not in source or "alibi_scale" in source:
         raise CheckpointMismatchError(
             "this data2vec 2.0 file is not the post-LN image encoder without ALiBi (layer_norm_first=false, "
