@@ -194,7 +194,7 @@ def data2vec2_vit(
     {blocks.i.0 (grouped conv), proj}``, the shared ``blocks.0..depth-P-1`` (post-LN ``AltBlock``) and ``_ema``, the EMA
     teacher's fp32 state (``ema_encoder_only: false``: the same encoder names, no decoder). ``depth`` counts all blocks."""
     r = _Random(seed)
-    model = _data2vec2_encoder(r, dim, prenet, depth, patch, img)
+    model: dict[str, Any] = _data2vec2_encoder(r, dim, prenet, depth, patch, img)
     decoder = "modality_encoders.IMAGE.decoder."
     for i in range(2):
         model |= {f"{decoder}blocks.{i}.0.weight": r.w(dim, dim // 16, 3, 3), f"{decoder}blocks.{i}.0.bias": r.w(dim)}
