@@ -76,7 +76,8 @@ class PooledEncoder(nn.Module):
 
 
 def _encoders(ckpt: Path, pool: str | None, seed: int) -> tuple[PooledEncoder, Callable[[], PooledEncoder], dict]:
-    """(trained encoder, random-init builder, description) of a checkpoint or an exported file."""
+    """(trained encoder, random-init builder, description) of a checkpoint or an exported file; the description of a
+    checkpoint has its file ``layout`` and the ``backbone`` config it was rebuilt with."""
     from mimlab.checkpoints.export import load_exported
 
     if ckpt.with_suffix(ckpt.suffix + ".json").is_file():
@@ -94,7 +95,8 @@ def _encoders(ckpt: Path, pool: str | None, seed: int) -> tuple[PooledEncoder, C
 
     encoder = checkpoint_encoder(ckpt)
     size = (encoder.config.get("data") or {}).get("img_size") or encoder.node.get("img_size")
-    info = {"encoder": encoder.node["_target_"], "format": "mimlab", "img_size": size}
+    info = {"encoder": encoder.node["_target_"], "format": "mimlab", "layout": encoder.layout, "img_size": size}
+    info["backbone"] = encoder.node
     return PooledEncoder(encoder.backbone, pool), lambda: PooledEncoder(encoder.fresh(seed), pool), info
 
 

@@ -36,13 +36,15 @@ _EVA_BLOCK = {"_target_": "timm.models.eva.EvaBlock", "_partial_": True, "qkv_bi
 class CheckpointEncoder:
     """``backbone`` (eval mode, trained weights); ``node``: the config that builds it; ``head``: a fine-tuning
     head's tensors (``fc_norm.*``, ``fc.*``; empty without one); ``final_norm``: False for a fine-tuned encoder;
-    ``config``: the checkpoint's resolved config ({} for other files)."""
+    ``config``: the checkpoint's resolved config ({} for other files); ``layout``: the file layout it was read as
+    ("mimlab", "official I-JEPA, target_encoder", ...)."""
 
     backbone: nn.Module
     node: dict[str, Any]
     head: dict[str, Tensor]
     final_norm: bool
     config: dict[str, Any]
+    layout: str = "mimlab"
 
     def fresh(self, seed: int = 0) -> nn.Module:
         """The same architecture with its own random initialisation (seeded), in eval mode."""
@@ -162,4 +164,4 @@ def checkpoint_encoder(path: str | Path, ema: bool = False, num_heads: int | Non
     optional, unused = (getattr(backbone, f"checkpoint_{kind}_keys", ()) for kind in ("optional", "unused"))
     fit_state(backbone, parts["backbone"], str(path), layout, allow_missing=optional, ignore_unexpected=unused)
     head = _head(raw, prefix + "head.") if layout == "mimlab" else {}
-    return CheckpointEncoder(backbone.eval(), dict(node), head, final_norm, config)
+    return CheckpointEncoder(backbone.eval(), dict(node), head, final_norm, config, layout)
