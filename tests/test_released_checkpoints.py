@@ -324,3 +324,16 @@ def test_representation_check_of_a_released_sub_model(tmp_path, synthetic_root):
     assert (tmp_path / "IN1K-vit.h.14-300e.pth.tar.encoder.features.json").is_file()
     with pytest.raises(SystemExit, match="representation check"):
         main([f"ckpt={path}::encoder"])
+
+
+@pytest.mark.parametrize("name", sorted(REBUILT))
+def test_every_released_layout_exports_and_the_export_computes_the_same(tmp_path, name):
+    """mimlab-export of a released file (the export itself compares the written model with the mimlab encoder)."""
+    from mimlab.checkpoints.export import export
+
+    path = save(tmp_path, name, released.TINY[name]())
+    source = f"{path}::encoder" if "ijepa" in name else str(path)
+    exported = export(source)
+    assert exported.path.is_file() and exported.path.parent == tmp_path
+    assert exported.format == ("mimlab" if "data2vec2" in name else "timm")
+    assert ("encoder" in exported.path.name) == ("ijepa" in name)
