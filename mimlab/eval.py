@@ -45,6 +45,7 @@ FEATURE_OPTIONS = {
     "seed": "seed of the random-init baseline and the probe (default 0)",
     "batch_size": "embedding batch size (default 256)",
     "num_workers": "embedding loader workers (default 0)",
+    "device": "cuda | cpu: embeds, votes and trains the probe there (default cuda when available)",
     "threads": "torch CPU threads (default: torch's)",
     "out": "JSON result file (default <ckpt>.features.json, <ckpt>.<submodel>.features.json)",
 }
@@ -123,6 +124,7 @@ def representation_check(options: dict[str, str]) -> dict[str, Any]:
         seed=seed,
         batch_size=int(options.get("batch_size", 256)),
         num_workers=int(options.get("num_workers", 0)),
+        device=options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     encoders: dict[str, nn.Module] = {"trained": trained}
     if options.get("baseline", "true").lower() != "false":

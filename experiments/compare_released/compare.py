@@ -2,7 +2,7 @@
 same architecture with random init, optionally one fine-tuning recipe for all; one table.
 
     python experiments/compare_released/compare.py --data FOLDER [--out DIR] [--img-size N] [--probe-epochs E]
-        [--seed S] [--threads T] [--finetune RECIPE] CKPT [CKPT ...] [-- OVERRIDES]
+        [--seed S] [--threads T] [--device D] [--finetune RECIPE] CKPT [CKPT ...] [-- OVERRIDES]
 
 ``CKPT`` is any file ``mimlab-eval`` reads: a mimlab ``.ckpt``, a released file of a layout the loader reads
 (docs/checkpoints.md), ``file::submodel`` for one model of a file that holds several (I-JEPA ``::encoder``); ``label=CKPT``
@@ -103,6 +103,7 @@ def representation(label: str, ckpt: str, args: argparse.Namespace) -> dict[str,
     options = {"ckpt": ckpt, "features": str(args.data), "probe_epochs": str(args.probe_epochs), "seed": str(args.seed)}
     options |= {"out": str(out), **({"img_size": str(args.img_size)} if args.img_size else {})}
     options |= {"threads": str(args.threads)} if args.threads else {}
+    options |= {"device": args.device} if args.device else {}
     return representation_check(options)
 
 
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs on the cached features")
     parser.add_argument("--seed", type=int, default=0, help="random-init baseline, probe and fine-tuning seed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the representation check")
+    parser.add_argument("--device", default=None, help="cuda | cpu for the representation check (default: cuda if any)")
     parser.add_argument("--finetune", default=None, help="also run this fine-tuning experiment from each checkpoint")
     args = parser.parse_intermixed_args(argv[:split])
     args.overrides = argv[split + 1 :]  # after --: overrides for every fine-tuning run
