@@ -13,8 +13,9 @@ Two checks, both with a progress bar, a result table and a JSON file:
   on the frozen pooled features of any mimlab checkpoint (pre-training, fine-tuning, probe), released file of a layout
   the loader reads (docs/checkpoints.md: MAE, ConvNeXt V2, SimMIM, MaskFeat, data2vec 2.0, I-JEPA; ``PATH::submodel``
   for one model of a file that holds several) or exported encoder (``mimlab-export`` output), on an ImageNet-layout
-  folder, against the same architecture with random init (:mod:`mimlab.evaluation.representation`). The readout is the one the method
-  trains (``global_pool``; ``pool=cls|avg`` to choose). Writes ``out=`` (default ``<ckpt>.features.json``).
+  folder, against the same architecture with random init (:mod:`mimlab.evaluation.representation`), on ``device=``
+  (cuda when available). The readout is the one the method trains (``global_pool``; ``pool=cls|avg`` to choose).
+  Writes ``out=`` (default ``<ckpt>.features.json``).
 """
 
 from __future__ import annotations

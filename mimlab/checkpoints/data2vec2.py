@@ -16,8 +16,8 @@ A fairseq file is ``{'model': state, 'cfg': ..., ...}``. The image encoder of th
 Left out: the decoder (``modality_encoders.IMAGE.decoder.*``), ``encoder_mask``, the other modalities, and ``_ema``:
 the EMA teacher's fp32 state with the same names. Sub-models: ``student`` (default; fairseq's
 ``mae_image_classification`` fine-tunes it) or ``ema`` (that teacher). A fine-tuned file
-(``mae_image_classification``: ``model.*`` + ``fc_norm.*`` + ``head.*``) loses the ``model.`` prefix and its head is left
-out by the loader.
+(``mae_image_classification``: ``model.*`` + ``fc_norm.*`` + ``head.*``) loses the ``model.`` prefix and its head is
+left out by the loader.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Layouts, recognised from the keys (each converter lives beside this module):
   or timm (``stem.*``): :mod:`mimlab.checkpoints.convnextv2` (FCMAE decoder dropped);
 * **official SimMIM** ViT (BEiT layout) and Swin: :mod:`mimlab.checkpoints.simmim`;
 * **official MaskFeat** (SlowFast ViT, ``model_state``): :mod:`mimlab.checkpoints.maskfeat`;
-* **official data2vec 2.0** (fairseq, ``modality_encoders.IMAGE.*`` + ``blocks.*``): :mod:`mimlab.checkpoints.data2vec2`;
+* **official data2vec 2.0** (fairseq, ``modality_encoders.IMAGE.*`` + ``blocks.*``):
+  :mod:`mimlab.checkpoints.data2vec2`;
 * **official I-JEPA** (``encoder`` / ``predictor`` / ``target_encoder`` side by side): :mod:`mimlab.checkpoints.ijepa`;
 * **official MAE** (``{'model': ...}``, encoder at the top level): decoder keys and ``mask_token`` dropped.
 
@@ -17,7 +18,8 @@ A file may wrap the weights under ``state_dict`` / ``model`` / ``module`` / ``mo
 them ``module.``. A file that holds several models (I-JEPA, data2vec 2.0's EMA teacher) gives its default one; a
 ``::name`` suffix on the path picks another (:mod:`mimlab.checkpoints.layout`). The layout, the sub-model and what was
 left out (decoders, predictors, rebuilt buffers) are logged. Classifier heads of official fine-tuned files (``head.*``,
-``fc_norm.*``) and the mask token of a mask-token encoder, when the backbone has none, are left out and reported. Position embeddings are resampled to the backbone's grid (logged). A backbone may declare
+``fc_norm.*``) and the mask token of a mask-token encoder, when the backbone has none, are left out and reported.
+Position embeddings are resampled to the backbone's grid (logged). A backbone may declare
 ``checkpoint_optional_keys`` (may be absent, e.g. ViTDet's rel-pos tables) and ``checkpoint_unused_keys`` (dropped).
 Every mismatch is reported at once (missing, unexpected, shape-mismatched keys, with the file name), and a checkpoint of
 another backbone family is named as such.
@@ -119,7 +121,7 @@ def pretrained_parts(
     submodels = layout.submodels if layout is not None else ()
     if layout is not None:
         label = layout.name
-        _check_submodel(name, label, submodels, submodel)
+        _check_submodel(name, label, submodels, submodel)  # before converting: the converter gets a name it has
         converted = layout.convert(checkpoint if layout.raw else state, submodel)
     elif any(re.match(r"(encoder\.)?blocks\.\d+\.reduction\.weight$", k) for k in state):
         from mimlab.checkpoints.itpn import convert_official_itpn
@@ -138,7 +140,8 @@ def pretrained_parts(
             {k: v for k, v in state.items() if not _matches(k, MAE_NON_ENCODER)},
             [k for k in state if _matches(k, MAE_NON_ENCODER)],
         )
-    _check_submodel(name, label, submodels, submodel)
+    if layout is None:
+        _check_submodel(name, label, (), submodel)
     chosen = (submodel or submodels[0]) if submodels else None
     taken = f", sub-model {chosen}" + (" (the default)" if submodel is None else "") if chosen else ""
     left = f"; left out: {_summary(converted.left_out)}" if converted.left_out else ""

@@ -4,9 +4,9 @@ loader's tests and the CPU-scale run of ``experiments/compare_released``. No off
 
 ``python -m mimlab.checkpoints.released OUT_DIR`` writes one tiny file per layout (:data:`TINY`) and prints their paths.
 
-Each function returns the object the release ``torch.save``\\ s; sizes follow the official constructors (``dim``, ``depth``,
-``heads`` for the tables, ``patch``, ``img``). Weights are normal(0, 0.02) (LayerNorm weights around 1), fixed position
-tables sin-cos, buffers as the official modules compute their shapes.
+Each function returns the object the release saves with ``torch.save``; sizes follow the official constructors
+(``dim``, ``depth``, ``heads`` for the tables, ``patch``, ``img``). Weights are normal(0, 0.02) (LayerNorm weights
+around 1), fixed position tables sin-cos, buffers as the official modules compute their shapes.
 """
 
 from __future__ import annotations
