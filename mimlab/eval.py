@@ -10,10 +10,12 @@ Two checks, both with a progress bar, a result table and a JSON file:
   ``hardware=``/``trainer=`` pick those groups afresh. Writes ``<run>/eval/<checkpoint stem>/metrics.json`` (and
   ``csv/``), or under ``out=``.
 * **Representation** (``mimlab-eval ckpt=PATH features=FOLDER [img_size=...] [...]``): weighted kNN and a linear probe
-  on the frozen pooled features of any mimlab checkpoint (pre-training, fine-tuning, probe; official MAE / ConvNeXt V2
-  files) or exported encoder (``mimlab-export`` output), on an ImageNet-layout folder, against the same
-  architecture with random init (:mod:`mimlab.evaluation.representation`). The readout is the one the method
-  trains (``global_pool``; ``pool=cls|avg`` to choose). Writes ``out=`` (default ``<ckpt>.features.json``).
+  on the frozen pooled features of any mimlab checkpoint (pre-training, fine-tuning, probe), released file of a layout
+  the loader reads (docs/checkpoints.md: MAE, ConvNeXt V2, SimMIM, MaskFeat, data2vec 2.0, I-JEPA; ``PATH::submodel``
+  for one model of a file that holds several) or exported encoder (``mimlab-export`` output), on an ImageNet-layout
+  folder, against the same architecture with random init (:mod:`mimlab.evaluation.representation`), on ``device=``
+  (cuda when available). The readout is the one the method trains (``global_pool``; ``pool=cls|avg`` to choose).
+  Writes ``out=`` (default ``<ckpt>.features.json``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 FEATURE_OPTIONS = {
-    "ckpt": "mimlab .ckpt, official MAE / ConvNeXt V2 file, or a mimlab-export output (required)",
+    "ckpt": "mimlab .ckpt, released file (docs/checkpoints.md; PATH::submodel), or a mimlab-export output (required)",
     "features": "ImageNet-layout folder (<root>/train/<class>/..., <root>/val/<class>/...): run the representation check",
     "img_size": "input size (default: the checkpoint's data.img_size, else the encoder's)",
     "crop_pct": "eval transform: resize to img_size / crop_pct, centre crop (default 0.875)",
@@ -44,8 +46,9 @@ FEATURE_OPTIONS = {
     "seed": "seed of the random-init baseline and the probe (default 0)",
     "batch_size": "embedding batch size (default 256)",
     "num_workers": "embedding loader workers (default 0)",
+    "device": "cuda | cpu: embeds, votes and trains the probe there (default cuda when available)",
     "threads": "torch CPU threads (default: torch's)",
-    "out": "JSON result file (default <ckpt>.features.json)",
+    "out": "JSON result file (default <ckpt>.features.json, <ckpt>.<submodel>.features.json)",
 }
 TASK_OPTIONS = {
     "ckpt": "a mimlab .ckpt of any task (required)",
@@ -75,7 +78,8 @@ class PooledEncoder(nn.Module):
 
 
 def _encoders(ckpt: Path, pool: str | None, seed: int) -> tuple[PooledEncoder, Callable[[], PooledEncoder], dict]:
-    """(trained encoder, random-init builder, description) of a checkpoint or an exported file."""
+    """(trained encoder, random-init builder, description) of a checkpoint or an exported file; the description of a
+    checkpoint has its file ``layout`` and the ``backbone`` config it was rebuilt with."""
     from mimlab.checkpoints.export import load_exported
 
     if ckpt.with_suffix(ckpt.suffix + ".json").is_file():
@@ -93,7 +97,8 @@ def _encoders(ckpt: Path, pool: str | None, seed: int) -> tuple[PooledEncoder, C
 
     encoder = checkpoint_encoder(ckpt)
     size = (encoder.config.get("data") or {}).get("img_size") or encoder.node.get("img_size")
-    info = {"encoder": encoder.node["_target_"], "format": "mimlab", "img_size": size}
+    info = {"encoder": encoder.node["_target_"], "format": "mimlab", "layout": encoder.layout, "img_size": size}
+    info["backbone"] = encoder.node
     return PooledEncoder(encoder.backbone, pool), lambda: PooledEncoder(encoder.fresh(seed), pool), info
 
 
@@ -102,9 +107,11 @@ def representation_check(options: dict[str, str]) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
+    from mimlab.checkpoints.load import split_submodel
     from mimlab.evaluation.representation import Protocol, evaluate_encoders
 
     ckpt, seed = Path(options["ckpt"]), int(options.get("seed", 0))
+    file, submodel = split_submodel(options["ckpt"])
     if "threads" in options:
         torch.set_num_threads(int(options["threads"]))
     pool = options.get("pool")
@@ -118,6 +125,7 @@ def representation_check(options: dict[str, str]) -> dict[str, Any]:
         seed=seed,
         batch_size=int(options.get("batch_size", 256)),
         num_workers=int(options.get("num_workers", 0)),
+        device=options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     encoders: dict[str, nn.Module] = {"trained": trained}
     if options.get("baseline", "true").lower() != "false":
@@ -133,7 +141,7 @@ def representation_check(options: dict[str, str]) -> dict[str, Any]:
         "results": results,
         "seconds": round(time.time() - started, 1),
     }
-    out = Path(options.get("out") or f"{ckpt}.features.json")
+    out = Path(options.get("out") or f"{file}{'.' + submodel if submodel else ''}.features.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     title = f"{ckpt.name}: {record['encoder']} ({record['readout']}), {protocol.img_size} px, {record['data']}"
@@ -268,9 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     if bare or "ckpt" not in args:
         named = f" (not key=value: {', '.join(bare)})" if bare else ""
         raise SystemExit(f"usage: {USAGE}{named}; --help lists the options")
+    from mimlab.checkpoints.load import split_submodel
+
     ckpt = Path(args["ckpt"])
-    if not ckpt.is_file():
-        raise SystemExit(f"ckpt={ckpt}: no such file" + (" (it is a folder)" if ckpt.is_dir() else ""))
+    file, submodel = split_submodel(args["ckpt"])
+    if not Path(file).is_file():
+        raise SystemExit(f"ckpt={file}: no such file" + (" (it is a folder)" if Path(file).is_dir() else ""))
+    if submodel and "features" not in args:
+        raise SystemExit(f"ckpt={ckpt}: a ::sub-model is read by the representation check (add features=FOLDER)")
     if "features" in args:
         unknown = sorted(set(args) - set(FEATURE_OPTIONS))
         if unknown:

@@ -69,8 +69,22 @@ def helps(request) -> dict[str, dict]:
     [
         ("train", ["== Configuration groups ==", "experiment: ", "hardware: cpu, ddp, gpu, slurm", "== Config =="]),
         ("check", ["== Configuration groups ==", "experiment: ", "data: "]),
-        ("eval", ["usage: mimlab-eval ckpt=PATH", "features=FOLDER", "hardware=ddp", "img_size ", "pool ", "baseline "]),
-        ("export", ["usage: mimlab-export ckpt=PATH", "ckpt ", "format ", "out ", "ema ", "num_heads ", "timm.create_model(model_name"]),
+        (
+            "eval",
+            ["usage: mimlab-eval ckpt=PATH", "features=FOLDER", "hardware=ddp", "img_size ", "pool ", "baseline "],
+        ),
+        (
+            "export",
+            [
+                "usage: mimlab-export ckpt=PATH",
+                "ckpt ",
+                "format ",
+                "out ",
+                "ema ",
+                "num_heads ",
+                "timm.create_model(model_name",
+            ],
+        ),
         ("report", ["--x X", "--y Y", "--hue HUE", "--agg {last,max,min,median}", "--out OUT"]),
         ("bench", ["usage: mimlab-bench [key=value ...]", "workloads (model=...): mae_vit_b"]),
         ("token-diversity", ["teacher:", "checkpoint:", "data:", "plot:"]),

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 
 from mimlab.report import markdown, read_metrics
 from mimlab.train import CONFIG_DIR
+from mimlab.utils.hydra_overrides import hydra_value, node_overrides
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -64,24 +65,13 @@ def pretrain_jobs(sweep: Path) -> list[Path]:
     return sorted(jobs, key=lambda p: int(p.name.split("_")[0]))
 
 
-def hydra_value(value: Any) -> str:
-    """A YAML value as a Hydra override value (strings quoted, dicts/lists in Hydra's grammar)."""
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return "'" + value.replace("'", "\\'") + "'"
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def encoder_overrides(job: Path) -> list[str]:
     """``model/backbone=<group>`` of the job plus ``++model.backbone.<key>=<value>`` for every key its recipe changed or added."""
     choice = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.runtime.choices["model/backbone"]
     trained = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml").model.backbone)
     default = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / "backbone" / f"{choice}.yaml"))
     changed = {k: v for k, v in trained.items() if default.get(k, object()) != v}  # type: ignore[union-attr]
-    return [f"model/backbone={choice}", *(f"++model.backbone.{k}={hydra_value(v)}" for k, v in changed.items())]
+    return [f"model/backbone={choice}", *node_overrides("model.backbone", changed)]
 
 
 def transfer(job: Path, kind: str, recipe: str, shared: list[str], extra: list[str]) -> Path:

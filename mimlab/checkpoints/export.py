@@ -2,8 +2,9 @@
 
 ``mimlab-export ckpt=PATH [out=PATH] [ema=true] [num_heads=H]`` (or ``python -m mimlab.checkpoints.export``)
 
-The encoder is rebuilt from the checkpoint (its ``model.backbone`` config; official MAE / ConvNeXt V2 files and
-mimlab files without a config from their tensor shapes) and asked for its timm equivalent (``to_timm``, backbone
+The encoder is rebuilt from the checkpoint (its ``model.backbone`` config; released files (docs/checkpoints.md,
+``PATH::submodel`` for one model of a file that holds several) and mimlab files without a config from their tensor
+shapes) and asked for its timm equivalent (``to_timm``, backbone
 contract). Two formats, each a bare state dict ``out`` plus ``<out>.json`` saying how to build the model:
 
 * **timm** (ViT, the BEiT-style ViT of SimMIM, MaskFeat's and I-JEPA's ViTs, ConvNeXt V2, Swin):
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from mimlab.checkpoints.encoder import build_backbone, checkpoint_encoder
 from mimlab.checkpoints.files import load_file
+from mimlab.checkpoints.load import split_submodel
 from mimlab.models.backbones.contract import TimmEquivalent
 
 log = logging.getLogger(__name__)
@@ -112,11 +114,13 @@ def exported_features(model: nn.Module, images: Tensor) -> Tensor:
 
 
 def _default_out(ckpt: Path, fmt: str) -> Path:
-    return ckpt.with_suffix(f".{fmt}.pth")
+    """``<stem>.<fmt>.pth`` beside the file (``<stem>.<submodel>.<fmt>.pth`` for ``file::submodel``)."""
+    file, submodel = split_submodel(ckpt)
+    return Path(file).with_suffix(f".{submodel}.{fmt}.pth" if submodel else f".{fmt}.pth")
 
 
 def _write(out: Path, ckpt: Path, state: dict[str, Tensor], spec: dict[str, Any]) -> None:
-    if out.resolve() == ckpt.resolve():
+    if out.resolve() == Path(split_submodel(ckpt)[0]).resolve():
         raise ValueError(f"out={out} is the checkpoint being exported; choose another path (it would be overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in state.items()}, out)
@@ -178,7 +182,8 @@ def export(
 
 USAGE = "mimlab-export ckpt=PATH [out=PATH] [ema=true] [num_heads=H]"
 OPTIONS = {
-    "ckpt": "mimlab .ckpt (pre-training, fine-tuning, linear probe) or official MAE / ConvNeXt V2 file (required)",
+    "ckpt": "mimlab .ckpt (pre-training, fine-tuning, linear probe) or released file (docs/checkpoints.md; "
+    "PATH::submodel) (required)",
     "format": "timm (default; where timm has no such model, the mimlab format is written, see --help)",
     "out": "state dict to write (default <ckpt stem>.timm.pth or .mimlab.pth); <out>.json says how to build it",
     "ema": "true: export the model-EMA weights of a fine-tuning run with task.ema_decay (default false)",

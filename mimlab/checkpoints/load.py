@@ -7,11 +7,19 @@ Layouts, recognised from the keys (each converter lives beside this module):
   the backbone and the pre-trained pyramid (the neck);
 * **official ConvNeXt V2**, dense (``downsample_layers.*``), sparse FCMAE / MinkowskiEngine (``encoder.*``, ``.kernel``)
   or timm (``stem.*``): :mod:`mimlab.checkpoints.convnextv2` (FCMAE decoder dropped);
+* **official SimMIM** ViT (BEiT layout) and Swin: :mod:`mimlab.checkpoints.simmim`;
+* **official MaskFeat** (SlowFast ViT, ``model_state``): :mod:`mimlab.checkpoints.maskfeat`;
+* **official data2vec 2.0** (fairseq, ``modality_encoders.IMAGE.*`` + ``blocks.*``):
+  :mod:`mimlab.checkpoints.data2vec2`;
+* **official I-JEPA** (``encoder`` / ``predictor`` / ``target_encoder`` side by side): :mod:`mimlab.checkpoints.ijepa`;
 * **official MAE** (``{'model': ...}``, encoder at the top level): decoder keys and ``mask_token`` dropped.
 
-A file may wrap the weights under ``state_dict`` / ``model`` / ``module`` / ``model_ema`` and prefix them ``module.``.
-Classifier heads of official fine-tuned files (``head.*``, ``fc_norm.*``) that the backbone does not have are left out
-and reported. Position embeddings are resampled to the backbone's grid (logged). A backbone may declare
+A file may wrap the weights under ``state_dict`` / ``model`` / ``module`` / ``model_ema`` / ``model_state`` and prefix
+them ``module.``. A file that holds several models (I-JEPA, data2vec 2.0's EMA teacher) gives its default one; a
+``::name`` suffix on the path picks another (:mod:`mimlab.checkpoints.layout`). The layout, the sub-model and what was
+left out (decoders, predictors, rebuilt buffers) are logged. Classifier heads of official fine-tuned files (``head.*``,
+``fc_norm.*``) and the mask token of a mask-token encoder, when the backbone has none, are left out and reported.
+Position embeddings are resampled to the backbone's grid (logged). A backbone may declare
 ``checkpoint_optional_keys`` (may be absent, e.g. ViTDet's rel-pos tables) and ``checkpoint_unused_keys`` (dropped).
 Every mismatch is reported at once (missing, unexpected, shape-mismatched keys, with the file name), and a checkpoint of
 another backbone family is named as such.
@@ -31,17 +39,27 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mimlab.checkpoints import data2vec2, ijepa, maskfeat, simmim
 from mimlab.checkpoints.files import load_file
+from mimlab.checkpoints.layout import CheckpointMismatchError, Converted, Layout
+
+__all__ = ["CheckpointMismatchError", "fit_state", "load_pretrained", "pretrained_parts", "read_state_dict"]
 
 log = logging.getLogger(__name__)
 
 MAE_NON_ENCODER = ("mask_token", "decoder_*")
-OFFICIAL_HEADS = ("head.*", "fc_norm.*")
-_UNWRAP = ("state_dict", "model", "module", "model_ema")
+OFFICIAL_EXTRAS = ("head.*", "fc_norm.*", "mask_token")  # left out of official files when the backbone has none
+OFFICIAL_LAYOUTS: tuple[Layout, ...] = (ijepa.LAYOUT, data2vec2.LAYOUT, simmim.VIT, simmim.SWIN, maskfeat.LAYOUT)
+SUBMODEL_SEPARATOR = "::"
+_UNWRAP = ("state_dict", "model", "module", "model_ema", "model_state")
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint's keys or shapes do not fit the model; the message lists them."""
+def split_submodel(path: str | Path) -> tuple[str | Path, str | None]:
+    """``"file.pth::encoder"`` -> ``("file.pth", "encoder")``; a path without the suffix -> ``(path, None)``."""
+    if SUBMODEL_SEPARATOR in str(path):
+        file, _, submodel = str(path).rpartition(SUBMODEL_SEPARATOR)
+        return file, submodel
+    return path, None
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -75,36 +93,92 @@ def read_state_dict(source: str | Path | Mapping) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def pretrained_parts(source: str | Path | Mapping, prefix: str = "") -> tuple[dict[str, dict[str, Tensor]], str]:
+def pretrained_parts(
+    source: str | Path | Mapping, prefix: str = "", submodel: str | None = None, name: str | None = None
+) -> tuple[dict[str, dict[str, Tensor]], str]:
     """``({"backbone": {...}, "neck": {...}}, layout)`` in mimlab parameter names; ``prefix`` selects a sub-model of a
-    mimlab checkpoint (``"ema.module."`` for the fine-tuning EMA weights). The encoder of a mimlab pre-training
+    mimlab checkpoint (``"ema.module."`` for the fine-tuning EMA weights), ``submodel`` one of an official file that
+    holds several (the layout's default when None; ``layout`` then names it). The encoder of a mimlab pre-training
     checkpoint is the module it names as ``evaluated_encoder`` (the student ``backbone``, or I-JEPA's target encoder
-    ``target.teacher``)."""
-    checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    ``target.teacher``). Logs the layout, the sub-model taken and what was left out, under ``name`` (default: the
+    path)."""
+    name = name or (str(source) if isinstance(source, (str, Path)) else "<state dict>")
+    if isinstance(source, (str, Path)):
+        file, suffix = split_submodel(source)
+        checkpoint: Mapping = read_checkpoint(file)
+        submodel = submodel or suffix
+    else:
+        checkpoint = source
     state = read_state_dict(checkpoint)
+    neck: dict[str, Tensor] = {}
     if any(k.startswith(prefix + "backbone.") for k in state):
+        _check_submodel(name, "mimlab", (), submodel)
         encoder = checkpoint.get("evaluated_encoder", "backbone") if isinstance(checkpoint, Mapping) else "backbone"
         if encoder != "backbone":
-            log.info(
-                "taking the encoder from %s.* (the weights the method evaluates), not the student backbone", encoder
-            )
-        names = {"backbone": encoder, "neck": "neck"}
+            log.info("%s: taking the encoder from %s.* (the weights the method evaluates)", name, encoder)
+        modules = {"backbone": encoder, "neck": "neck"}
         parts = {
-            part: {k[len(prefix + name) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}{name}.")}
-            for part, name in names.items()
+            part: {k[len(prefix + module) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}{module}.")}
+            for part, module in modules.items()
         }
+        log.info("%s: mimlab layout%s", name, f" ({prefix}*)" if prefix else "")
         return parts, "mimlab"
-    if any(re.match(r"(encoder\.)?blocks\.\d+\.reduction\.weight$", k) for k in state):
+    layout = next((lo for lo in OFFICIAL_LAYOUTS if lo.matches(checkpoint if lo.raw else state)), None)
+    submodels = layout.submodels if layout is not None else ()
+    if layout is not None:
+        label = layout.name
+        _check_submodel(name, label, submodels, submodel)  # before converting: the converter gets a name it has
+        converted = layout.convert(checkpoint if layout.raw else state, submodel)
+    elif any(re.match(r"(encoder\.)?blocks\.\d+\.reduction\.weight$", k) for k in state):
         from mimlab.checkpoints.itpn import convert_official_itpn
 
         split = convert_official_itpn(state)
-        return {"backbone": split["backbone"], "neck": split["neck"]}, "official iTPN"
-    if any(re.match(r"(encoder\.)?(downsample_layers|stem)\.", k) for k in state):
+        label, neck = "official iTPN", split["neck"]
+        converted = Converted(split["backbone"], [*split["decoder"], *split["unused"]])
+    elif any(re.match(r"(encoder\.)?(downsample_layers|stem)\.", k) for k in state):
         from mimlab.checkpoints.convnextv2 import convert_convnextv2_state_dict
 
-        return {"backbone": convert_convnextv2_state_dict(state)[0], "neck": {}}, "official ConvNeXt V2"
-    encoder = {k: v for k, v in state.items() if not any(fnmatch.fnmatch(k, p) for p in MAE_NON_ENCODER)}
-    return {"backbone": encoder, "neck": {}}, "official MAE"
+        label = "official ConvNeXt V2"
+        converted = Converted(*convert_convnextv2_state_dict(state))
+    else:
+        label = "official MAE"
+        converted = Converted(
+            {k: v for k, v in state.items() if not _matches(k, MAE_NON_ENCODER)},
+            [k for k in state if _matches(k, MAE_NON_ENCODER)],
+        )
+    if layout is None:
+        _check_submodel(name, label, (), submodel)
+    chosen = (submodel or submodels[0]) if submodels else None
+    taken = f", sub-model {chosen}" + (" (the default)" if submodel is None else "") if chosen else ""
+    left = f"; left out: {_summary(converted.left_out)}" if converted.left_out else ""
+    log.info("%s: %s layout%s%s", name, label, taken, left)
+    for note in converted.notes:
+        log.info("%s: %s", name, note)
+    return {"backbone": converted.backbone, "neck": neck}, f"{label}, {chosen}" if chosen else label
+
+
+def _check_submodel(name: str, layout: str, submodels: tuple[str, ...], submodel: str | None) -> None:
+    """Refuse a ``::submodel`` that ``layout`` does not have, naming the ones it has."""
+    if submodel is None or submodel in submodels:
+        return
+    if not submodels:
+        raise CheckpointMismatchError(
+            f"{name} ({layout} layout) holds one model, so it has no sub-model '{submodel}': drop "
+            f"'{SUBMODEL_SEPARATOR}{submodel}' (sub-models exist in I-JEPA and data2vec 2.0 files)"
+        )
+    raise CheckpointMismatchError(
+        f"{name} ({layout} layout) has no sub-model '{submodel}': ask for one of "
+        f"{', '.join(SUBMODEL_SEPARATOR + s for s in submodels)} (default {submodels[0]}), or drop the suffix"
+    )
+
+
+def _summary(keys: Iterable[str]) -> str:
+    """``decoder.0.weight, decoder.0.bias, _ema`` -> ``decoder.* (2), _ema``: numbers and weight/bias leaves folded."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        pattern = re.sub(r"\.(weight|bias)$", "", re.sub(r"(?<=\.)\d+(?=\.|$)", "*", key))
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return ", ".join(f"{p} ({n})" if n > 1 else p for p, n in counts.items())
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
@@ -177,7 +251,7 @@ def fit_state(
     trained with (names a family mismatch). Returns ``{"missing": [...], "ignored": [...]}``.
     """
     own = module.state_dict()
-    drop = list(ignore_unexpected) + (list(OFFICIAL_HEADS) if layout != "mimlab" else [])
+    drop = list(ignore_unexpected) + (list(OFFICIAL_EXTRAS) if layout != "mimlab" else [])
     ignored = sorted(k for k in state if k not in own and _matches(k, drop))
     state = {
         k: (_adapt(k, v, own[k]) if k in own and v.shape != own[k].shape else v)
@@ -233,18 +307,23 @@ def load_pretrained(
     ignore_unexpected: Iterable[str] = (),
 ) -> dict[str, dict]:
     """Fill ``backbone`` (and ``neck``, strictly) from a checkpoint of any supported layout; every task uses this.
+    ``source`` may end in ``::<sub-model>`` (``target.pth.tar::encoder``) for a file that holds several models.
 
     ``allow_missing`` / ``ignore_unexpected`` apply to the backbone (see :func:`fit_state`), together with the
     backbone's own ``checkpoint_optional_keys`` / ``checkpoint_unused_keys``. Returns the per-part reports
     ``{"backbone": {...}, "neck": {...}}`` and raises :class:`CheckpointMismatchError` on any mismatch.
     """
-    name = str(source) if isinstance(source, (str, Path)) else "<state dict>"
-    checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
-    parts, layout = pretrained_parts(checkpoint)
+    name, submodel, checkpoint = "<state dict>", None, source
+    if isinstance(source, (str, Path)):
+        name = str(source)
+        file, submodel = split_submodel(source)
+        checkpoint = read_checkpoint(file)
+    parts, layout = pretrained_parts(checkpoint, submodel=submodel, name=name)
     if not parts["backbone"]:
         raise CheckpointMismatchError(
-            f"no backbone weights in {name} (looked for mimlab 'backbone.*' keys and the "
-            "official MAE / ConvNeXt V2 / iTPN layouts); is this the right checkpoint?"
+            f"no backbone weights in {name} (looked for mimlab 'backbone.*' keys and the official MAE, ConvNeXt V2, "
+            "iTPN, SimMIM, MaskFeat, data2vec 2.0 and I-JEPA layouts, docs/checkpoints.md); is this the right "
+            "checkpoint?"
         )
     config = (checkpoint.get("mimlab") or {}).get("config") if isinstance(checkpoint, Mapping) else None
     trained_target = (((config or {}).get("model") or {}).get("backbone") or {}).get("_target_")

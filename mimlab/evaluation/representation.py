@@ -53,28 +53,41 @@ def labelled_folders(
 
 @torch.no_grad()
 def extract(
-    encode: nn.Module, dataset: CheckedImageFolder, batch_size: int = 256, num_workers: int = 0, label: str = ""
+    encode: nn.Module,
+    dataset: CheckedImageFolder,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    label: str = "",
+    device: str = "cpu",
 ) -> LabelledFeatures:
-    """``encode(images (N, C, H, W)) -> (N, D)`` over ``dataset`` in order, in eval mode, with a progress bar."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    """``encode(images (N, C, H, W)) -> (N, D)`` over ``dataset`` in order, in eval mode on ``device``, with a progress
+    bar; the features come back to the CPU."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device != "cpu")
     was_training = encode.training
-    encode.eval()
+    encode.eval().to(device)
     feats, labels = [], []
     with Progress(transient=True) as progress:
         task = progress.add_task(f"embedding {label or dataset.root}", total=len(loader))
         for images, target in loader:
-            feats.append(encode(images).float())
+            feats.append(encode(images.to(device, non_blocking=True)).float().cpu())
             labels.append(target)
             progress.advance(task)
     encode.train(was_training)
     return LabelledFeatures(torch.cat(feats), torch.cat(labels))
 
 
-def knn_accuracy(train: LabelledFeatures, val: LabelledFeatures, k: int = 20, temperature: float = 0.07) -> float:
-    """Top-1 (%) of the weighted kNN vote of ``train`` for every ``val`` feature."""
+def knn_accuracy(
+    train: LabelledFeatures, val: LabelledFeatures, k: int = 20, temperature: float = 0.07, chunk: int = 1024
+) -> float:
+    """Top-1 (%) of the weighted kNN vote of ``train`` for every ``val`` feature, ``chunk`` queries at a time (a
+    (chunk, N_train) similarity block: 5 GB at ImageNet scale)."""
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
-    scores = knn_predict(train.features, train.labels, val.features, num_classes, k, temperature)
-    return 100.0 * (scores.argmax(1) == val.labels).float().mean().item()
+    correct = 0
+    for start in range(0, len(val.features), chunk):
+        query = val.features[start : start + chunk]
+        scores = knn_predict(train.features, train.labels, query, num_classes, k, temperature)
+        correct += int((scores.argmax(1) == val.labels[start : start + chunk]).sum())
+    return 100.0 * correct / len(val.features)
 
 
 def linear_probe_accuracy(
@@ -95,13 +108,14 @@ def linear_probe_accuracy(
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=generator)
         head.bias.zero_()
+    head.to(x_train.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     for _ in range(epochs):
         order = torch.randperm(len(x_train), generator=generator)
         for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+            idx = order[start : start + batch_size].to(x_train.device)
             loss = nn.functional.cross_entropy(head(x_train[idx]), train.labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -126,7 +140,8 @@ def feature_statistics(features: Tensor) -> dict[str, float]:
 @dataclass(frozen=True)
 class Protocol:
     """The representation check's settings: eval transform (``img_size``, ``crop_pct``), kNN (``k``, ``temperature``),
-    probe (``probe_epochs``, ``seed``), embedding loader (``batch_size``, ``num_workers``)."""
+    probe (``probe_epochs``, ``seed``), embedding loader (``batch_size``, ``num_workers``), and the ``device`` that embeds,
+    votes and trains the probe (the cached features move there)."""
 
     img_size: int
     crop_pct: float = 224 / 256
@@ -136,6 +151,7 @@ class Protocol:
     seed: int = 0
     batch_size: int = 256
     num_workers: int = 0
+    device: str = "cpu"
 
 
 def evaluate_encoders(encoders: dict[str, nn.Module], root: str | Path, protocol: Protocol) -> dict[str, dict]:
@@ -143,8 +159,13 @@ def evaluate_encoders(encoders: dict[str, nn.Module], root: str | Path, protocol
     train_set, val_set = labelled_folders(root, protocol.img_size, protocol.crop_pct)
     results = {}
     for name, encode in encoders.items():
-        train = extract(encode, train_set, protocol.batch_size, protocol.num_workers, f"{name}: train")
-        val = extract(encode, val_set, protocol.batch_size, protocol.num_workers, f"{name}: val")
+        train, val = (
+            extract(encode, split, protocol.batch_size, protocol.num_workers, f"{name}: {kind}", protocol.device)
+            for split, kind in ((train_set, "train"), (val_set, "val"))
+        )
+        train, val = (
+            LabelledFeatures(f.features.to(protocol.device), f.labels.to(protocol.device)) for f in (train, val)
+        )
         results[name] = {
             "knn_top1": knn_accuracy(train, val, protocol.k, protocol.temperature),
             "probe_top1": linear_probe_accuracy(train, val, epochs=protocol.probe_epochs, seed=protocol.seed),

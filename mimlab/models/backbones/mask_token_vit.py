@@ -27,7 +27,11 @@ class MaskTokenViT(MaskedViT):
     encoding of every patch (cls dropped), masked patches having entered as the mask token. Without a mask the model is
     the plain ViT (``forward_tokens`` / ``forward_features`` as in :class:`MaskedViT`), e.g. for fine-tuning. The
     backbone contract is :class:`MaskedViT`'s (``mask_token`` gets the stem layer id, as in SimMIM's ``get_vit_layer``).
+    A checkpoint of the plain encoder (fine-tuned, or not mask-token pre-trained) may lack ``mask_token``, which then
+    keeps its init (``checkpoint_optional_keys``).
     """
+
+    checkpoint_optional_keys = ("mask_token",)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -26,8 +26,11 @@ class MaskTokenSwin(SwinTransformer):
     Backbone contract: ``forward_features(x, mask=None)`` -> four NCHW maps at ``out_strides`` (4, 8, 16, 32) with
     ``out_channels`` (C0, 2C0, 4C0, 8C0), the last one final-normed; ``forward(x, mask)`` -> the last map (dense kind);
     pooled feature "avg" (timm's head input, ``num_features = 8C0``); layer-decay rule "simmim" (:meth:`layer_groups`);
-    no weight decay on the relative position bias tables and ``mask_token`` (SimMIM).
+    no weight decay on the relative position bias tables and ``mask_token`` (SimMIM). A checkpoint of the plain Swin
+    (fine-tuned, timm) may lack ``mask_token``, which then keeps its init (``checkpoint_optional_keys``).
     """
+
+    checkpoint_optional_keys = ("mask_token",)
 
     feature_pools = ("avg",)
     global_pool = "avg"

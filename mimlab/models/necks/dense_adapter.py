@@ -151,17 +151,17 @@ class DenseFeatureAdapter(nn.Module):
     def load_pretrained(self, path: str | Path, load_neck: bool = False) -> dict[str, dict]:
         """Fill the backbone and optionally the neck from a pre-training checkpoint of any layout the one loader reads
         (:func:`mimlab.checkpoints.load_pretrained`: a mimlab ``.ckpt`` with ``backbone.*``/``neck.*`` keys, or an
-        official MAE / ConvNeXt V2 / iTPN file, whose pyramid is the neck; position embeddings resampled to the
-        backbone's grid, logged; the backbone's ``checkpoint_optional_keys`` / ``checkpoint_unused_keys`` may be
-        absent / are dropped). A missing, unexpected or mis-shaped key raises ``CheckpointMismatchError`` listing
+        official file (docs/checkpoints.md; iTPN's pyramid is the neck; ``path::submodel`` picks one model of a file
+        that holds several); position embeddings resampled to the backbone's grid, logged; the backbone's
+        ``checkpoint_optional_keys`` / ``checkpoint_unused_keys`` may be absent / are dropped). A missing, unexpected or mis-shaped key raises ``CheckpointMismatchError`` listing
         them; decoder and target keys are ignored. Returns the per-part reports of the loader.
         """
-        from mimlab.checkpoints import load_pretrained
+        from mimlab.checkpoints.load import load_pretrained, split_submodel
 
-        path = Path(path)
-        if not path.is_file():
+        file = Path(split_submodel(path)[0])
+        if not file.is_file():
             raise FileNotFoundError(
-                f"Pre-training checkpoint not found: {path} (set task.pretrained, or run `make pretrain`)."
+                f"Pre-training checkpoint not found: {file} (set task.pretrained, or run `make pretrain`)."
             )
         if load_neck and self.neck is None:
             raise ValueError(f"load_neck=True but the adapter has no neck to load the neck weights of {path} into.")
