@@ -20,7 +20,7 @@ from mimlab.models.backbones.contract import TimmEquivalent
 
 # recipe -> (the format its encoder exports to, the readout its pre-training trains)
 RECIPES = {
-    "mae_vit_tiny_synthetic": ("timm", "cls"),
+    "mae_vit_tiny_synthetic": ("timm", "avg"),
     "simmim_vit_tiny_synthetic": ("timm", "avg"),
     "maskfeat_vit_tiny_synthetic": ("timm", "avg"),
     "data2vec2_vit_tiny_synthetic": ("mimlab", "avg"),

@@ -49,5 +49,5 @@ def test_paper_sized_backbones_get_timm_names_without_architecture_kwargs(tmp_pa
     ckpt = tmp_path / "pre.ckpt"
     pretraining_checkpoint(ckpt, backbone_config, tmp_path)
     spec, state = exported(tmp_path, ckpt)
-    assert spec["model_name"] == name and set(spec["kwargs"]) <= {"num_classes", "global_pool"}
+    assert spec["model_name"] == name and set(spec["kwargs"]) <= {"num_classes", "global_pool", "fc_norm"}
     timm.create_model(name, pretrained=False, **spec["kwargs"]).load_state_dict(state, strict=True)

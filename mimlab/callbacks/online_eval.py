@@ -1,7 +1,7 @@
 """Representation-quality monitors for pre-training runs: a kNN classifier and an online linear probe.
 
-Both read the image-level feature the backbone's pre-training trains (``PooledFeatures``: its ``global_pool``, the cls
-token of MAE's ViT, the mean of the last map elsewhere; unmasked) from the task's ``backbone`` on the labelled ImageNet-layout data, without gradients into the backbone, and log per epoch:
+Both read the backbone's image-level readout (``PooledFeatures``: its ``global_pool``, the mean of the last map
+unless a config asks for the cls token; unmasked) from the task's ``backbone`` on the labelled ImageNet-layout data, without gradients into the backbone, and log per epoch:
 
 * :class:`KNNMonitor` - ``knn/acc1``: every ``every_n_epochs`` it embeds the train and val folders with the eval transform,
   L2-normalises the features and votes with the ``k`` (20) most cosine-similar train features, each weighted by

@@ -8,9 +8,8 @@ Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher
   (``mask`` (N, L) over mask units, 1 = masked; masked positions are zero in the maps);
 * ``num_features: int`` and ``feature_pools: tuple[str, ...]``; ``forward_pooled(x, pool=None) -> (N, num_features)``
   for each ``pool`` in ``feature_pools`` ("avg": mean of the last map; "cls": the class token after the final norm);
-  ``global_pool``, one of them, is the readout the backbone's pre-training trains and the one evaluations and
-  exports use unless told otherwise (``pool=None``): "avg" where the cls token gets no loss (SimMIM, MaskFeat,
-  data2vec 2.0, I-JEPA, every CNN), "cls" for MAE's ViT;
+  ``global_pool``, one of them, is the readout evaluations and exports use unless told otherwise (``pool=None``):
+  "avg" for every backbone here (no pre-training loss reaches a ViT's cls output directly);
 * ``no_weight_decay() -> set[str]`` — backbone parameter names trained without weight decay (1-D parameters and
   biases never get weight decay anyway);
 * ``layer_decay_rules: tuple[str, ...]`` and ``layer_decay_rule: str`` (the default) — the official layer-wise lr

@@ -76,9 +76,11 @@ class MaskedViT(nn.Module):
         class_token: prepend a cls token (False for I-JEPA; the pos-embed then has no cls row).
         post_norm: data2vec 2.0 layout: LayerNorm on the embeddings (``norm_pre``), post-LN blocks
             (:class:`~mimlab.models.layers.post_norm_block.PostNormBlock` unless ``block`` is given), no final norm.
-        global_pool: the readout its pre-training trains, "cls" or "avg" (backbone contract); default "cls" with a
-            cls token (MAE's linear probe), "avg" without. Methods whose loss never reaches the cls token (SimMIM,
-            MaskFeat, data2vec 2.0) set "avg".
+        global_pool: the readout evaluations and exports use by default, "avg" (the mean of the final-normed patch
+            tokens) or "cls" (backbone contract). "avg" for every method here: no pre-training loss reaches the cls
+            output directly (MAE's decoder drops it, SimMIM's and MaskFeat's heads read patches only, data2vec 2.0
+            weights it 0.01, I-JEPA has none), and at short schedules it is the stronger feature (docs/methods.md);
+            MAE's paper linear probe reads "cls" (``linprobe_mae_vit_b`` asks for it).
     """
 
     def __init__(
@@ -99,7 +101,7 @@ class MaskedViT(nn.Module):
         weight_init: Callable[[nn.Module], None] | None = None,
         class_token: bool = True,
         post_norm: bool = False,
-        global_pool: Literal["cls", "avg"] | None = None,
+        global_pool: Literal["cls", "avg"] = "avg",
     ) -> None:
         super().__init__()
         if rel_pos_bias and not class_token:
@@ -112,7 +114,7 @@ class MaskedViT(nn.Module):
         self.num_prefix_tokens = int(class_token)
         if not class_token:  # no cls token to pool
             self.feature_pools = ("avg",)
-        self.global_pool = global_pool or ("cls" if "cls" in self.feature_pools else "avg")
+        self.global_pool = global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size
         num_patches = self.grid[0] * self.grid[1]
@@ -355,15 +357,16 @@ def _then(first: Callable[[Tensor], Tensor], second: Callable[[Tensor], Tensor])
 
 
 def _registered_name(base: str, kwargs: dict[str, Any], state: dict[str, Tensor]) -> str:
-    """timm's own name for this exact architecture (``vit_small_patch16_224``: then only ``num_classes`` and
-    ``global_pool`` stay in ``kwargs``, which is edited in place), else ``base`` with every architecture argument."""
-    if base.startswith("vit") and kwargs["class_token"] and "fc_norm" not in kwargs:
+    """timm's own name for this exact architecture (``vit_small_patch16_224``: then only the head arguments
+    ``num_classes``, ``global_pool`` and ``fc_norm`` stay in ``kwargs``, which is edited in place), else ``base`` with
+    every architecture argument."""
+    if base.startswith("vit") and kwargs["class_token"]:
         registered = set(timm.list_models("vit_*"))
         for size in ("tiny", "small", "base", "large", "huge", "giant"):
             name = f"vit_{size}_patch{kwargs['patch_size']}_{kwargs['img_size']}"
             if name not in registered:
                 continue
-            short = {k: kwargs[k] for k in ("num_classes", "global_pool")}
+            short = {k: kwargs[k] for k in ("num_classes", "global_pool", "fc_norm") if k in kwargs}
             with torch.device("meta"):
                 model = timm.create_model(name, pretrained=False, **short)
             own = model.state_dict()

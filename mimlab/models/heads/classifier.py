@@ -18,8 +18,7 @@ from mimlab.models.backbones.contract import check_pool
 
 class PooledFeatures:
     """``backbone.forward_pooled(images, pool)``, (N, num_features); ``pool`` None (default) is the backbone's
-    ``global_pool``, the readout its pre-training trains (the cls token for MAE's ViT, the mean of the patch tokens
-    where the cls token gets no loss and for every CNN)."""
+    ``global_pool``, its default readout (the mean of the last map; ``cls`` only where a recipe asks for it)."""
 
     def __init__(self, pool: str | None = None) -> None:
         self.pool = pool
