@@ -123,13 +123,9 @@ def representation(job: Path, threads: int | None = None) -> dict[str, dict[str,
     torch.manual_seed(cfg.seed)
     own_init = PooledEncoder(load_exported(exported.path, random_init=True))
     init_name = "timm" if exported.format == "timm" else "mimlab"
-    encoders = {
-        "trained": PooledEncoder(load_exported(exported.path)),
-        f"random init ({init_name})": own_init,
-        "random init (mimlab)": PooledEncoder(checkpoint_encoder(checkpoint).fresh(cfg.seed)),
-    }
-    if init_name == "mimlab":
-        del encoders["random init (mimlab)"]  # the export is the mimlab class: the same init twice
+    encoders = {"trained": PooledEncoder(load_exported(exported.path)), f"random init ({init_name})": own_init}
+    if init_name == "timm":  # a mimlab-format export is the mimlab class: its own init is the mimlab init
+        encoders["random init (mimlab)"] = PooledEncoder(checkpoint_encoder(checkpoint).fresh(cfg.seed))
     protocol = Protocol(img_size=cfg.data.img_size, seed=cfg.seed)
     results = evaluate_encoders(encoders, cfg.data.root, protocol)
     record = {"checkpoint": str(checkpoint), "export": exported.spec, "protocol": protocol.__dict__, "results": results}
