@@ -129,6 +129,7 @@ class MaskedViT(nn.Module):
         self.rel_pos_bias = RelativePositionBias(tuple(self.grid), num_heads) if rel_pos_bias else None
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         block = block or (PostNormBlock if post_norm else partial(Block, qkv_bias=True))
+        self.layer_scale_init = getattr(block, "keywords", {}).get("init_values") or 1.0  # BEiT layer scale start
         self.blocks = nn.ModuleList(
             self._make_block(
                 i,
@@ -223,7 +224,7 @@ class MaskedViT(nn.Module):
                 use_abs_pos_emb=self.pos_embed is not None,
                 use_rel_pos_bias=False,
                 use_shared_rel_pos_bias=True,
-                init_values=None if gamma is None else 1.0,  # any value: the loaded gammas replace it
+                init_values=None if gamma is None else self.layer_scale_init,  # timm's random init starts there too
                 use_fc_norm=False,
             )
         else:
