@@ -111,7 +111,7 @@ def test_cli_refuses_a_finished_runs_folder_and_resumes_it_only_explicitly(tmp_p
     assert time.time() - started < 60  # refused at start, nothing trained
 
     last = folder / "checkpoints" / "last.ckpt"
-    resumed = train_cli([*args, "trainer.max_epochs=2", f"ckpt_path={last}"])
+    resumed = train_cli([*args, "trainer.max_epochs=2", f"ckpt_path={last}", "allow_schedule_change=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 14
     assert sorted(p.name for p in (folder / "checkpoints").glob("last*")) == ["last.ckpt"]  # no last-v1.ckpt

@@ -38,7 +38,7 @@ def config_differences(saved: dict, current: dict, sections: tuple[str, ...] = M
 def check_resume_config(ckpt_path: str | Path, current: dict, allow_change: bool = False) -> list[str]:
     """Compare the config stored in ``ckpt_path`` with ``current``; raise unless identical or ``allow_change``."""
     path = Path(ckpt_path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"ckpt_path={path} does not exist; point it at a checkpoint (e.g. <run>/checkpoints/last.ckpt)"
         )
