@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mimlab.callbacks.resume import PreemptionCheckpoint, RNGState
+from mimlab.callbacks.resume import LogHistory, PreemptionCheckpoint, RNGState
 from mimlab.callbacks.run_metadata import RunMetadata
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
@@ -58,6 +58,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     infrastructure = [
         RunMetadata(resolved),  # type: ignore[arg-type]
         RNGState(),
+        LogHistory(),
         PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),
         instantiate_part(cfg.guard),
     ]

@@ -111,3 +111,20 @@ class PreemptionCheckpoint(L.Callback):
             rank_zero_info(
                 f"{name} received: saved {self.path} at step {trainer.global_step}; resume with ckpt_path={self.path}"
             )
+
+
+class LogHistory(L.Callback):
+    """Keeps the loggers' history in step with the checkpoints: every checkpoint flushes the loggers first (the rows
+    of the steps it holds survive a crash), and when training starts, a logger with ``rewind(step)``
+    (:class:`mimlab.loggers.HistoryCSVLogger`) is told the step it starts at. Lightning logs every row of a batch, and
+    the epoch-end rows after the last batch, at that batch's index (= ``global_step`` before it), so the rows before
+    the resumed ``global_step`` are exactly those the resumed run will not log again."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:
+            if callable(getattr(logger, "rewind", None)):
+                logger.rewind(trainer.global_step)
