@@ -27,12 +27,13 @@ from mimlab.callbacks.run_metadata import RunMetadata
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
-from mimlab.run_folder import RunFolder, claim_for_rank_zero
+from mimlab.run_folder import RunFolder, claim_for_rank_zero, held
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 from mimlab.utils.devices import check_devices
 from mimlab.utils.extras import MissingExtraError, require
 from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils.options import empty_override_messages, validate_options
+from mimlab.utils.refusal import Refusal
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -82,22 +83,30 @@ def preflight(cfg: DictConfig, module: L.LightningModule) -> RunFolder | None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the composed experiment; returns the final metrics and the artefact paths."""
-    validate_options(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule, module, trainer = build(cfg)
-    claim = preflight(cfg, module)
-    fit_module = apply_fast_paths(module, cfg.hardware)
-    status = "failed"
+    """Fit the composed experiment; returns the final metrics and the artefact paths. However it ends, the run folder's
+    claim records how (finished, interrupted, failed, refused: :mod:`mimlab.run_folder`), also when the run fails while
+    being built or a check refuses it after the folder was claimed (by :class:`~mimlab.run_folder.RunFolderGuard`)."""
+    trainer: L.Trainer | None = None
+    status, error = "failed", None
     try:
+        validate_options(cfg)
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule, module, trainer = build(cfg)
+        preflight(cfg, module)
+        fit_module = apply_fast_paths(module, cfg.hardware)
         trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))  # type: ignore[arg-type]
         status = "finished"
     except (SIGTERMException, KeyboardInterrupt):
         status = "interrupted"
         raise
+    except BaseException as err:
+        status = "refused" if isinstance(err, Refusal) else "failed"
+        error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise
     finally:
+        claim = held(cfg.paths.output_dir)
         if claim is not None:
-            claim.release(status, trainer.global_step)
+            claim.release(status, trainer.global_step if trainer is not None else None, error)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artefacts = _artefacts(trainer)
     _print_summary(cfg, trainer, metrics, artefacts)

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from mimlab.checkpoints.files import load_file
+from mimlab.utils.refusal import Refusal
 
 # config sections that define the trained function; changing them under a resumed run is almost always a mistake
 MODEL_SECTIONS = ("model", "target", "masking", "loss")  # `task` only interpolates these
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(Refusal, ValueError):
     """The resumed checkpoint was trained with a different model config; the message lists the keys."""
 
 

@@ -23,6 +23,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from mimlab.utils.refusal import Refusal
+
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # torch.save's pre-1.6 format: a pickle (protocol 2) of torch's magic number
 _LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
 _CODE = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
@@ -32,7 +34,7 @@ class CheckpointReadError(RuntimeError):
     """A checkpoint file cannot be read; the message names it and says what it looks like."""
 
 
-class UnsafeCheckpointError(CheckpointReadError):
+class UnsafeCheckpointError(Refusal, CheckpointReadError):
     """A checkpoint needs a full unpickle (it may run code): refused; the message says how to convert a trusted one."""
 
 

@@ -28,6 +28,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from mimlab.checkpoints.files import weights_only_form
+from mimlab.utils.refusal import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class WarmupPoly:
         return ((1 - self.min_lr_ratio) * (1 - progress) ** self.power + self.min_lr_ratio) * self.warmup(step)
 
 
-class ScheduleChangeError(ValueError):
+class ScheduleChangeError(Refusal, ValueError):
     """A resumed run plans another lr schedule than its checkpoint; the message lists the differences."""
 
 
