@@ -120,8 +120,8 @@ def _artefacts(trainer: L.Trainer) -> dict[str, Any]:
         out["last_checkpoint"] = ckpt.last_model_path or None  # type: ignore[attr-defined]
         out["best_checkpoint"] = ckpt.best_model_path or None  # type: ignore[attr-defined]
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if getattr(callback, "last_path", None) is not None:
-            out["reconstruction_png"] = str(callback.last_path)
+        if getattr(callback, "last_path", None) is not None:  # a panel: named by what it draws
+            out[callback.picture] = str(callback.last_path)
     out["logs"] = [lg.log_dir if hasattr(lg, "log_dir") and lg.log_dir else lg.save_dir for lg in trainer.loggers]
     return out
 
