@@ -346,3 +346,21 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, synthetic_root):
         module.target.update(module.backbone, step / 25)
         losses.append(out["loss"].item())
     assert sum(losses[-5:]) < 0.85 * sum(losses[:5]), losses  # measured: 0.68
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"target_scale": (0.15, 1.5)},
+            r"masking\.target_scale must be two numbers \[lo, hi\] with 0\.0 < lo <= hi <= 1\.0",
+        ),
+        ({"context_scale": (0.85, 1.2)}, r"masking\.context_scale must be .* <= 1\.0, got \[0\.85, 1\.2\]"),
+        ({"target_aspect": (-0.5, 1.5)}, r"masking\.target_aspect must be two numbers \[lo, hi\] with 0\.0 < lo <= hi"),
+        ({"target_scale": (0.3, 0.2)}, r"masking\.target_scale must be .*, got \[0\.3, 0\.2\]"),
+        ({"min_keep": -1}, r"masking\.min_keep must be >= 0, got -1"),
+    ],
+)
+def test_multiblock_ranges_are_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MultiBlockMasking(**kwargs)
