@@ -16,7 +16,7 @@ from rich.console import Console
 
 from conftest import TINY_MAE, compose_config
 from mimlab.check import check
-from mimlab.data.image_folder import CheckedImageFolder, CorruptImageError, find_images, load_rgb, to_rgb
+from mimlab.data.image_folder import CheckedImageFolder, CorruptImageError, load_rgb
 
 CHECK = [*TINY_MAE, "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "data.batch_size=8"]
 
@@ -68,6 +68,8 @@ def test_folder_links_neither_loop_nor_multiply_nor_relabel(data):
 
 
 def test_a_file_is_taken_once_and_only_under_its_own_class(data, tmp_path):
+    from mimlab.data.image_folder import find_images
+
     train = data / "train"
     circle = sorted((train / "00_circle").glob("*.JPEG"))
     os.link(circle[0], train / "00_circle" / "hard_link.JPEG")
@@ -140,6 +142,8 @@ def test_a_lab_image_decodes_to_its_colour(tmp_path):
     ids=["La", "RGBa"],
 )
 def test_premultiplied_alpha_is_undone(image, expected):
+    from mimlab.data.image_folder import to_rgb
+
     assert tuple(np.asarray(to_rgb(image))[0, 0]) == expected
 
 

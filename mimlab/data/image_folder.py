@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -139,14 +139,9 @@ def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB of an image in any PIL mode: 16-bit / 32-bit integer / float grayscale scaled by :func:`_to_8bit`,
-    CIELAB through a colour transform, premultiplied alpha (``La``, ``RGBa``) unmultiplied, the rest by PIL."""
+    premultiplied alpha (``La``, ``RGBa``) unmultiplied, the rest (CMYK, YCbCr, LAB, HSV, palette ...) by PIL."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         return Image.fromarray(_to_8bit(np.asarray(img), img.mode)).convert("RGB")
-    if img.mode == "LAB":
-        lab_to_srgb = ImageCms.buildTransform(
-            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
-        )
-        return ImageCms.applyTransform(img, lab_to_srgb)  # type: ignore[return-value]
     if img.mode in ("La", "RGBa"):
         img = img.convert("LA" if img.mode == "La" else "RGBA")
     return img.convert("RGB")
