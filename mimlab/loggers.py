@@ -114,7 +114,8 @@ def wandb_logger(
 
 class _HistoryWriter(ExperimentWriter):
     """Lightning's CSV writer, but an existing ``metrics.csv`` is kept: its columns are taken over and new rows are
-    appended (a new column rewrites the file with the union, as Lightning does)."""
+    appended (a new column rewrites the file with the union, as Lightning does). Lightning's writer deletes the file in
+    ``_check_log_dir_exists``; this writer's version of that hook keeps it (tests/test_resume.py checks both)."""
 
     def _check_log_dir_exists(self) -> None:
         if os.path.isfile(self.metrics_file_path):
@@ -145,7 +146,7 @@ class HistoryCSVLogger(CSVLogger):
     @rank_zero_experiment
     def experiment(self) -> _HistoryWriter:
         if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
+            os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _HistoryWriter(log_dir=self.log_dir)
         return self._experiment  # type: ignore[return-value]
 

@@ -33,6 +33,7 @@ from mimlab.utils.devices import check_devices
 from mimlab.utils.extras import MissingExtraError, require
 from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils.options import empty_override_messages, validate_options
+from mimlab.utils.peers import peer_lost
 from mimlab.utils.refusal import Refusal
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -102,8 +103,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except BaseException as err:
         status = "refused" if isinstance(err, Refusal) else "failed"
         error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        if trainer is not None and trainer.world_size > 1 and peer_lost(err):
-            raise PeerProcessLostError(_peer_lost_message(cfg, trainer, err)) from err
+        lost = peer_lost(err, trainer, cfg.paths.output_dir) if trainer is not None else None
+        if lost is not None:
+            raise lost from err
         raise
     finally:
         claim = held(cfg.paths.output_dir)
@@ -113,35 +115,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     artefacts = _artefacts(trainer)
     _print_summary(cfg, trainer, metrics, artefacts)
     return {"metrics": metrics, **artefacts}
-
-
-class PeerProcessLostError(RuntimeError):
-    """Another process of a multi-process run went away; the message says so and where to resume from."""
-
-
-_PEER_LOST = (  # what gloo, NCCL and the TCP store say when the other end of a connection is gone
-    "Connection reset by peer",
-    "Connection closed by peer",
-    "Broken pipe",
-    "remote process exited",
-    "ncclRemoteError",
-    "NCCL communicator was aborted",
-)
-
-
-def peer_lost(err: BaseException) -> bool:
-    """Whether ``err`` says that a peer process of a distributed run disappeared (killed, out of memory, crashed)."""
-    return any(text in str(err) for text in _PEER_LOST)
-
-
-def _peer_lost_message(cfg: DictConfig, trainer: L.Trainer, err: BaseException) -> str:
-    newest = resolve_ckpt_path("last", cfg.paths.output_dir)
-    resume = f"resume with ckpt_path={newest}" if newest else "no checkpoint was written yet: start the run again"
-    return (
-        f"another process of this {trainer.world_size}-process run stopped (killed, out of memory or crashed), so "
-        f"rank {trainer.global_rank} lost its connection at step {trainer.global_step} ({type(err).__name__}: "
-        f"{str(err).splitlines()[0][:200]}). Look in the other processes' logs for why; then {resume}."
-    )
 
 
 def _artefacts(trainer: L.Trainer) -> dict[str, Any]:

@@ -245,3 +245,19 @@ def test_sigterm_then_resume_in_its_folder_continues_the_csv_and_the_wandb_run(s
     runs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 3 and len({p.name for p in runs}) == 1  # one wandb run id, continued twice
     assert summarise_run(runs[0])["history_rows"] > 0 and summarise_run(runs[1])["history_rows"] > 0
+
+
+def test_the_csv_logger_keeps_a_runs_rows_and_drops_only_those_logged_again(tmp_path):
+    from mimlab.loggers import HistoryCSVLogger
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.0\n0,1,0.9\n0,2,0.8\n")
+    logger = HistoryCSVLogger(tmp_path, name="csv", version="")
+    logger.rewind(2)  # training restarts at step 2
+    logger.log_metrics({"train/loss": 0.7, "val/loss": 0.75}, step=2)
+    logger.save()
+    assert metrics_rows(tmp_path) == [
+        {"epoch": "0", "step": "0", "train/loss": "1.0", "val/loss": ""},
+        {"epoch": "0", "step": "1", "train/loss": "0.9", "val/loss": ""},
+        {"epoch": "", "step": "2", "train/loss": "0.7", "val/loss": "0.75"},
+    ]
