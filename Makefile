@@ -11,8 +11,14 @@ DATA        ?=
 # torch/torchvision are pinned to the releases this machine's registry serves (CPU and CUDA use the same wheels).
 TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 
+# A path as one shell word ('...', a ' inside closed, escaped and reopened) and as one Hydra override value (quoted,
+# with ' and ${ escaped), so paths with spaces, quotes or non-ASCII letters reach mimlab unchanged.
+shell_word     = '$(subst ','\'',$(1))'
+hydra_value    = '$(subst $${,\$${,$(subst ',\',$(1)))'
+path_override  = $(call shell_word,$(1)=$(call hydra_value,$(2)))
+
 EXPERIMENT_ARG = $(if $(findstring experiment=,$(ARGS)),,experiment=$(EXPERIMENT))
-DATA_ARGS      = $(if $(DATA),data=imagenet data.root=$(DATA),)
+DATA_ARGS      = $(if $(DATA),data=imagenet $(call path_override,data.root,$(DATA)),)
 
 .PHONY: help install data pretrain check finetune linear-probe detect segment sweep report bench gpu-check shards lint format test test-full clean
 
@@ -41,23 +47,23 @@ check: $(VENV)/.installed  ## validate data (DATA=...) and config (ARGS=...) wit
 # The newest `make pretrain` checkpoint (override: CKPT=/path/to/last.ckpt); empty if there is none.
 PRETRAIN_EXPERIMENT ?= mae_vit_tiny_synthetic
 CKPT        ?= $(lastword $(sort $(wildcard outputs/$(PRETRAIN_EXPERIMENT)/*/checkpoints/last.ckpt)))
-NEED_CKPT    = @test -n "$(CKPT)" || { echo "no checkpoint under outputs/$(PRETRAIN_EXPERIMENT)/*/checkpoints/last.ckpt: run make pretrain first (or pass CKPT=/path/to/last.ckpt)"; exit 2; }
+NEED_CKPT    = @test -n $(call shell_word,$(CKPT)) || { echo "no checkpoint under outputs/$(PRETRAIN_EXPERIMENT)/*/checkpoints/last.ckpt: run make pretrain first (or pass CKPT=/path/to/last.ckpt)"; exit 2; }
 
 finetune: $(VENV)/.installed  ## fine-tune the newest pretrain checkpoint on the embedded data (CPU, minutes)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,finetune_vit_tiny_synthetic) task.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,finetune_vit_tiny_synthetic) $(call path_override,task.pretrained,$(CKPT)) $(DATA_ARGS) $(ARGS)
 
 linear-probe: $(VENV)/.installed  ## linear probe of the newest pretrain checkpoint on the embedded data (CPU, minutes)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,linprobe_vit_tiny_synthetic) task.pretrained=$(CKPT) $(DATA_ARGS) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,linprobe_vit_tiny_synthetic) $(call path_override,task.pretrained,$(CKPT)) $(DATA_ARGS) $(ARGS)
 
 detect: $(VENV)/.installed  ## Mask R-CNN on the embedded COCO-format set from the newest pretrain checkpoint (CPU)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,detect_mae_vit_tiny_synthetic) task.pretrained=$(CKPT) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,detect_mae_vit_tiny_synthetic) $(call path_override,task.pretrained,$(CKPT)) $(ARGS)
 
 segment: $(VENV)/.installed  ## UperNet on the embedded ADE20K-format set from the newest pretrain checkpoint (CPU)
 	$(NEED_CKPT)
-	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,segment_mae_vit_tiny_synthetic) task.pretrained=$(CKPT) $(ARGS)
+	$(PY) -m mimlab.train experiment=$(if $(findstring experiment=,$(ARGS)),,segment_mae_vit_tiny_synthetic) $(call path_override,task.pretrained,$(CKPT)) $(ARGS)
 
 sweep: $(VENV)/.installed  ## Hydra multirun of a sweep file: make sweep SWEEP=conf/sweep/mae_mask_ratio.yaml [ARGS=...]
 	@test -n "$(SWEEP)" || { echo "make sweep: set SWEEP=conf/sweep/<name>.yaml (files: $$(ls conf/sweep))"; exit 2; }
@@ -65,7 +71,7 @@ sweep: $(VENV)/.installed  ## Hydra multirun of a sweep file: make sweep SWEEP=c
 	$(PY) -m mimlab.train -m +sweep=$(basename $(notdir $(SWEEP))) $(ARGS)
 
 report: $(VENV)/.installed  ## table + plot of run folders: make report RUNS=outputs/sweeps/<name>/<time> [ARGS="--x masking.ratio"]
-	$(PY) -m mimlab.report $(or $(RUNS),outputs) $(ARGS)
+	$(PY) -m mimlab.report $(call shell_word,$(or $(RUNS),outputs)) $(ARGS)
 
 bench: $(VENV)/.installed  ## img/s, ms/step, memory, FLOPs/img, MFU -> outputs/bench/bench.json (tiny on CPU); ARGS="model=mae_vit_b batch=256"
 	$(PY) -m mimlab.bench out=outputs/bench/bench.json $(ARGS)
@@ -75,7 +81,7 @@ gpu-check: $(VENV)/.installed  ## GPU acceptance run (bench, Trainer path, DDP, 
 
 shards: $(VENV)/.installed  ## WebDataset shards of an ImageNet folder: make shards SRC=/data/imagenet DST=/data/imagenet-shards
 	@if [ -z "$(SRC)" ] || [ -z "$(DST)" ]; then echo "make shards: set SRC=<ImageNet-layout folder> DST=<output folder>"; exit 2; fi
-	$(PY) -m mimlab.data.shards --src $(SRC) --dst $(DST) $(ARGS)
+	$(PY) -m mimlab.data.shards --src $(call shell_word,$(SRC)) --dst $(call shell_word,$(DST)) $(ARGS)
 
 LINT_PATHS  := mimlab tests scripts experiments
 

@@ -4,7 +4,8 @@
   releases it when the process ends, even on SIGKILL); the second is refused, naming the folder and the holder.
 * A folder that holds a run (a ``checkpoints/**/*.ckpt`` or ``csv/metrics.csv``) is refused to a new run. It is reused only to resume that run explicitly: ``ckpt_path`` pointing into the folder, or
   ``ckpt_path=last`` while the run has not finished (a requeued SLURM job).
-* ``.mimlab-run.json`` records the run's status (running, finished, failed, interrupted), step, pid, host and times.
+* ``.mimlab-run.json`` records the run's status (running, finished, interrupted, failed, refused: see
+  :mod:`mimlab.utils.refusal`), step, pid, host and times, and the error that ended a failed or refused run.
 
 Only rank 0 claims (other ranks of the same run write where it claimed). :class:`RunFolderGuard` (a Hydra callback,
 ``hydra.callbacks`` in ``conf/train.yaml``) claims in ``on_run_start``, before Hydra writes ``.hydra/``; runs started
@@ -25,12 +26,14 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from mimlab.utils.refusal import Refusal
+
 STATE = ".mimlab-run.json"
 LOCK = ".mimlab-run.lock"
 _CLAIMED: dict[Path, RunFolder] = {}
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(Refusal, RuntimeError):
     """The run folder is in use or holds another run; the message names it and what to do."""
 
 
@@ -129,12 +132,20 @@ class RunFolder:
         tmp.write_text(json.dumps(self.state, indent=2))
         os.replace(tmp, self.folder / STATE)
 
-    def release(self, status: str, step: int | None = None) -> None:
-        """Record how the run ended (``finished``, ``failed``, ``interrupted``) and unlock the folder."""
+    def release(self, status: str, step: int | None = None, error: str | None = None) -> None:
+        """Record how the run ended (``finished``, ``interrupted``, ``failed``, ``refused``; ``error``: what ended it)
+        and unlock the folder."""
         self.state.update(status=status, step=step, ended=_now())
+        if error:
+            self.state["error"] = error
         self._write()
         self._lock.close()
         _CLAIMED.pop(self.folder, None)
+
+
+def held(folder: str | Path) -> RunFolder | None:
+    """This process's claim on ``folder`` (made by :class:`RunFolderGuard` or :func:`claim_for_rank_zero`), if any."""
+    return _CLAIMED.get(Path(os.path.abspath(folder)))
 
 
 def claim_for_rank_zero(folder: str | Path, ckpt_path: str | None) -> RunFolder | None:

@@ -22,17 +22,19 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mimlab.callbacks.resume import PreemptionCheckpoint, RNGState
+from mimlab.callbacks.resume import LogHistory, PreemptionCheckpoint, RNGState
 from mimlab.callbacks.run_metadata import RunMetadata
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
-from mimlab.run_folder import RunFolder, claim_for_rank_zero
+from mimlab.run_folder import RunFolder, claim_for_rank_zero, held
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 from mimlab.utils.devices import check_devices
 from mimlab.utils.extras import MissingExtraError, require
 from mimlab.utils.fast_paths import apply_fast_paths
 from mimlab.utils.options import empty_override_messages, validate_options
+from mimlab.utils.peers import peer_lost
+from mimlab.utils.refusal import Refusal
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -58,6 +60,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     infrastructure = [
         RunMetadata(resolved),  # type: ignore[arg-type]
         RNGState(),
+        LogHistory(),
         PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),
         instantiate_part(cfg.guard),
     ]
@@ -81,22 +84,33 @@ def preflight(cfg: DictConfig, module: L.LightningModule) -> RunFolder | None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the composed experiment; returns the final metrics and the artefact paths."""
-    validate_options(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule, module, trainer = build(cfg)
-    claim = preflight(cfg, module)
-    fit_module = apply_fast_paths(module, cfg.hardware)
-    status = "failed"
+    """Fit the composed experiment; returns the final metrics and the artefact paths. However it ends, the run folder's
+    claim records how (finished, interrupted, failed, refused: :mod:`mimlab.run_folder`), also when the run fails while
+    being built or a check refuses it after the folder was claimed (by :class:`~mimlab.run_folder.RunFolderGuard`)."""
+    trainer: L.Trainer | None = None
+    status, error = "failed", None
     try:
+        validate_options(cfg)
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule, module, trainer = build(cfg)
+        preflight(cfg, module)
+        fit_module = apply_fast_paths(module, cfg.hardware)
         trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir))  # type: ignore[arg-type]
         status = "finished"
     except (SIGTERMException, KeyboardInterrupt):
         status = "interrupted"
         raise
+    except BaseException as err:
+        status = "refused" if isinstance(err, Refusal) else "failed"
+        error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        lost = peer_lost(err, trainer, cfg.paths.output_dir) if trainer is not None else None
+        if lost is not None:
+            raise lost from err
+        raise
     finally:
+        claim = held(cfg.paths.output_dir)
         if claim is not None:
-            claim.release(status, trainer.global_step)
+            claim.release(status, trainer.global_step if trainer is not None else None, error)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     artefacts = _artefacts(trainer)
     _print_summary(cfg, trainer, metrics, artefacts)
@@ -110,8 +124,8 @@ def _artefacts(trainer: L.Trainer) -> dict[str, Any]:
         out["last_checkpoint"] = ckpt.last_model_path or None  # type: ignore[attr-defined]
         out["best_checkpoint"] = ckpt.best_model_path or None  # type: ignore[attr-defined]
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if getattr(callback, "last_path", None) is not None:
-            out["reconstruction_png"] = str(callback.last_path)
+        if getattr(callback, "last_path", None) is not None:  # a panel: named by what it draws
+            out[callback.picture] = str(callback.last_path)
     out["logs"] = [lg.log_dir if hasattr(lg, "log_dir") and lg.log_dir else lg.save_dir for lg in trainer.loggers]
     return out
 

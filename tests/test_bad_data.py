@@ -151,3 +151,35 @@ def test_coco_without_annotations_is_refused_at_setup(tmp_path, coco_set):
     root = coco_with(tmp_path, coco_set, lambda data: {**data, "annotations": []})
     with pytest.raises(ValueError, match=r"instances_train2017\.json has an empty 'annotations' list.*mAP"):
         COCODataModule(str(root)).setup("fit")
+
+
+def test_coco_of_crowd_regions_only_is_refused_at_setup(tmp_path, coco_set):
+    from mimlab.data.coco import COCODataModule
+
+    def all_crowd(data):
+        return {**data, "annotations": [{**a, "iscrowd": 1} for a in data["annotations"]]}
+
+    root = coco_with(tmp_path, coco_set, all_crowd)
+    with pytest.raises(
+        ValueError, match=r"instances_train2017\.json: all \d+ annotations are crowd regions \(iscrowd=1\).*mAP"
+    ):
+        COCODataModule(str(root)).setup("fit")
+
+
+def test_coco_image_size_that_differs_from_the_json_names_the_file_and_image(tmp_path, coco_set):
+    from mimlab.data.coco import COCOInstances
+
+    def wrong_size(data):
+        data["images"][1]["width"] += 8
+        return data
+
+    root = coco_with(tmp_path, coco_set, wrong_size)
+    dataset = COCOInstances(root, "train")
+    index = [im["id"] for im in dataset.images].index(2)
+    info = dataset.images[index]
+    with pytest.raises(
+        ValueError,
+        match=rf"instances_train2017\.json: image 2 \(.*{info['file_name']}\) is 32x32 pixels but the json gives "
+        rf"width 40, height 32.*Fix the image's width/height in the json",
+    ):
+        dataset[index]

@@ -9,6 +9,8 @@ import importlib
 import io
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +166,19 @@ def test_writing_shards_without_webdataset_names_the_shards_extra(monkeypatch, s
     with pytest.raises(SystemExit, match=r"Writing shards .* pip install 'mimlab\[shards\]'"):
         shards.main()
     assert not list(tmp_path.iterdir())  # stopped before writing anything
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_passes_paths_with_spaces_quotes_and_non_ascii_letters_as_one_value(tmp_path):
+    data, ckpt = "/data/my images/é's (1)", "/runs/a b/ü/last.ckpt"
+    proc = subprocess.run(
+        ["make", "-s", "-n", "-o", ".venv/.installed", "linear-probe", f"DATA={data}", f"CKPT={ckpt}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    words = shlex.split(proc.stdout.strip().splitlines()[-1])
+    cfg = compose_config(words[words.index("mimlab.train") + 1 :], tmp_path)
+    assert (cfg.data.root, cfg.task.pretrained) == (data, ckpt)

@@ -1,5 +1,6 @@
-"""Every experiment in conf/experiment composes; the *_synthetic ones run a real step, the others are instantiated
-on the meta device (model), with their DataModule and Trainer, so a broken recipe cannot land."""
+"""Every experiment in conf/experiment composes; the *_synthetic ones run a real step (and write a checkpoint that
+loads weights-only), the others are instantiated on the meta device (model), with their DataModule and Trainer, so a
+broken recipe cannot land."""
 
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def test_small_experiment_runs_a_step(experiment, tmp_path, synthetic_root, gene
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 1
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    trainer.save_checkpoint(tmp_path / "step.ckpt")  # every recipe's checkpoint loads without running code
+    assert torch.load(tmp_path / "step.ckpt", weights_only=True)["global_step"] == 1
 
 
 def test_unknown_key_is_named(tmp_path):

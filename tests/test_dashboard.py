@@ -201,3 +201,20 @@ def test_teacher_panel_writes_diversity_csv_and_png_for_teachers_only(tmp_path):
     assert rows[0] == "step,target/token_diversity" and 0 < float(rows[1].split(",")[1]) <= 2
     module.target = nn.Identity()  # no weights: a pixel target, nothing drawn
     assert TeacherTargetPanel().render(trainer, module) is None
+
+
+def test_the_run_summary_names_each_picture_by_what_it_draws(tmp_path):
+    from mimlab.callbacks.reconstruction import ReconstructionPanel
+    from mimlab.callbacks.target_maps import TeacherTargetPanel
+    from mimlab.train import _artefacts
+
+    reconstruction, target_maps = ReconstructionPanel(), TeacherTargetPanel()
+    trainer = SimpleNamespace(
+        default_root_dir=str(tmp_path), checkpoint_callback=None, callbacks=[reconstruction, target_maps], loggers=[]
+    )
+    target_maps.last_path = tmp_path / "target_maps" / "step_0000010.png"
+    assert "reconstruction_png" not in _artefacts(trainer)  # a teacher target: no reconstruction drawn
+    reconstruction.last_path = tmp_path / "reconstructions" / "step_0000010.png"
+    artefacts = _artefacts(trainer)
+    assert artefacts["reconstruction_png"] == str(reconstruction.last_path)
+    assert artefacts["target_maps_png"] == str(target_maps.last_path)

@@ -336,6 +336,8 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="masking.ratio"):
         InverseBlockMasking(ratio=1.0)
+    with pytest.raises(ValueError, match=r"masking\.ratio=0\.8 over 1 mask unit\(s\) of 8 px keeps .* = 0 visible"):
+        InverseBlockMasking(unit_size=8)(2, (1, 1))  # an 8-px image at patch 8
     with pytest.raises(ValueError, match="target.top_k"):
         Data2VecTarget(tiny_vit(0), top_k=4)
     with pytest.raises(ValueError, match="model.decoder.groups"):
@@ -361,3 +363,13 @@ def test_teacher_panel_draws_the_ema_targets_once_per_image(tmp_path):
     )
     path = TeacherTargetPanel(num_images=2).render(trainer, module)
     assert path is not None and seen == [(2, 16)]  # the recipe masks 4 clones; the panel asks for one row per image
+
+
+def test_recipe_at_8px_is_refused_naming_the_sizes(tmp_path):
+    """data2vec 2.0 at 8 px (one 8-px patch): the masker names the grid instead of a norm layer failing."""
+    from mimlab.tasks.pretrain import CompositionError
+
+    cfg = compose_config(["experiment=data2vec2_vit_tiny_synthetic", "data.img_size=8", "logger=csv"], tmp_path)
+    module = instantiate(cfg.task)
+    with pytest.raises(CompositionError, match=r"image size \(8, 8\).*1 mask unit\(s\) of 8 px keeps .* = 0 visible"):
+        module.check_composition((8, 8))

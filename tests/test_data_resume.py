@@ -197,3 +197,23 @@ def test_loaders_leave_the_global_rng_to_the_model(workers, roots):
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         next(iter(loader))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_lightning_sees_the_training_loader_as_resumable(synthetic_root, tmp_path):
+    """Resumed mid-epoch, Lightning does not warn that the loader is 'not resumable' (it resumes exactly)."""
+    import warnings
+
+    from conftest import TINY_MAE_QUIET, compose_config
+    from mimlab.train import build
+
+    args = [*TINY_MAE_QUIET, f"data.root={synthetic_root}", "data.batch_size=8", "trainer.max_epochs=1"]
+    kill = ["+callbacks.kill._target_=mimlab.callbacks.fault_injection.KillAtStep", "+callbacks.kill.step=3"]
+    datamodule, module, trainer = build(compose_config([*args, *kill, "+callbacks.kill.signal_name=SIGTERM"], tmp_path))
+    with pytest.raises(SystemExit):
+        trainer.fit(module, datamodule=datamodule)
+    datamodule, module, trainer = build(compose_config(args, tmp_path / "resumed"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert trainer.global_step == 7
+    assert not [w for w in caught if "not resumable" in str(w.message)]

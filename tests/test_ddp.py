@@ -298,3 +298,36 @@ def test_accumulation_scales_the_lr_and_drops_the_static_graph(fits):
     assert [r["base_lr"] for r in ranks] == pytest.approx([expected, expected])
     assert [r["ddp"]["static_graph"] for r in ranks] == [False, False]
     assert (run_dir / "stderr.txt").read_text().count("static_graph=true is switched off") == 1  # rank-zero warning
+
+
+@pytest.mark.parametrize("task", ["finetune", "detect", "segment"])
+def test_validation_metrics_are_logged_without_sync_dist_warnings(task, fits):
+    """The metrics are computed from every rank's states (the same on each rank): logged as synchronised."""
+    run_dir, _, _ = fits(task)
+    stderr = (run_dir / "stderr.txt").read_text()
+    assert "'val/" not in "".join(line for line in stderr.splitlines() if "sync_dist=True" in line)
+
+
+def test_a_killed_peer_is_named_with_the_checkpoint_to_resume_from(synthetic_root, tmp_path):
+    """Rank 1 is SIGKILLed at step 3: rank 0 says a peer process stopped and which checkpoint to resume from."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", MASTER_PORT=str(29500 + (os.getpid() + 7) % 1000))
+    args = [*TASKS["mae"], *COMMON, *DDP, f"data.root={synthetic_root}", f"hydra.run.dir={run_dir}"]
+    args += [
+        "trainer.max_epochs=2",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "+callbacks.kill._target_=mimlab.callbacks.fault_injection.KillAtStep",
+        "+callbacks.kill.step=3",
+        "+callbacks.kill.rank=1",
+    ]
+    command = [sys.executable, "-m", "mimlab.train", *args]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert (
+        "PeerProcessLostError: another process of this 2-process run stopped (killed, out of memory or crashed), so "
+        "rank 0 lost its connection at step 3" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert f"then resume with ckpt_path={last}." in proc.stderr and last.is_file()
+    assert json.loads((run_dir / ".mimlab-run.json").read_text())["status"] == "failed"

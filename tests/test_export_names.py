@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import compose_config
 from mimlab.checkpoints.export import main as export_main
@@ -19,7 +20,8 @@ def pretraining_checkpoint(path, backbone_config: str, tmp_path):
     torch.manual_seed(0)
     backbone = instantiate(cfg.model.backbone).eval()
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    torch.save({"state_dict": state, "mimlab": {"config": {"model": {"backbone": dict(cfg.model.backbone)}}}}, path)
+    config = {"model": {"backbone": OmegaConf.to_container(cfg.model.backbone)}}  # as RunMetadata stores it
+    torch.save({"state_dict": state, "mimlab": {"config": config}}, path)
     return backbone
 
 

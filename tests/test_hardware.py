@@ -136,8 +136,8 @@ def test_ckpt_path_last_resumes_a_requeued_run(synthetic_root, tmp_path):
         "ckpt_path=last",
     ]
     steps = []
-    for epochs in (1, 2):
-        cfg = compose_config([*overrides, f"trainer.max_epochs={epochs}"], output_dir=tmp_path)
+    for epochs in (1, 2):  # the second launch extends the run: its lr schedule changes on purpose
+        cfg = compose_config([*overrides, f"trainer.max_epochs={epochs}", "allow_schedule_change=true"], tmp_path)
         datamodule, module, trainer = build(cfg)
         probe = _StartStep()
         trainer.callbacks.append(probe)

@@ -387,3 +387,21 @@ def test_the_encoder_taken_from_a_checkpoint_is_the_target_encoder(tmp_path, syn
     rebuilt = checkpoint_encoder(ckpt).backbone
     for name, value in teacher.items():
         assert torch.equal(loaded.state_dict()[name], value) and torch.equal(rebuilt.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"target_scale": (0.15, 1.5)},
+            r"masking\.target_scale must be two numbers \[lo, hi\] with 0\.0 < lo <= hi <= 1\.0",
+        ),
+        ({"context_scale": (0.85, 1.2)}, r"masking\.context_scale must be .* <= 1\.0, got \[0\.85, 1\.2\]"),
+        ({"target_aspect": (-0.5, 1.5)}, r"masking\.target_aspect must be two numbers \[lo, hi\] with 0\.0 < lo <= hi"),
+        ({"target_scale": (0.3, 0.2)}, r"masking\.target_scale must be .*, got \[0\.3, 0\.2\]"),
+        ({"min_keep": -1}, r"masking\.min_keep must be >= 0, got -1"),
+    ],
+)
+def test_multiblock_ranges_are_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MultiBlockMasking(**kwargs)

@@ -57,3 +57,12 @@ def test_upsample_and_keep_indices():
 def test_ratio_is_validated():
     with pytest.raises(ValueError, match="masking.ratio"):
         RandomMasking(1.0, 16)
+
+
+def test_block_masking_aspects_are_checked_when_built():
+    from mimlab.masking.blockwise import BlockMasking
+
+    with pytest.raises(ValueError, match=r"masking\.min_aspect must be > 0 \(a block's height / width\), got -0\.3"):
+        BlockMasking(min_aspect=-0.3)
+    with pytest.raises(ValueError, match=r"masking\.max_aspect must be >= masking\.min_aspect=0\.3, got 0\.1"):
+        BlockMasking(min_aspect=0.3, max_aspect=0.1)

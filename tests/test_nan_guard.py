@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -116,3 +117,72 @@ def test_stop_names_the_step_of_non_finite_gradients(tmp_path, synthetic_root):
 def test_unknown_nan_guard_mode_fails_at_build(tmp_path):
     with pytest.raises(ValueError, match=r"nan_guard must be one of stop, skip, off; got 'skp'"):
         build(compose_config([*TINY, "nan_guard=skp"], tmp_path))
+
+
+class NaNImagesAt(L.Callback):
+    """Turns the images of the training batch at global step ``step`` into NaN; keeps every buffer of the module
+    before that step and after it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.before: dict[str, torch.Tensor] = {}
+        self.after: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.before = {k: v.clone() for k, v in pl_module.named_buffers()}
+            for images in batch[0] if isinstance(batch[0], list) else [batch[0]]:
+                images.fill_(math.nan)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.before and not self.after:
+            self.after = {k: v.clone() for k, v in pl_module.named_buffers()}
+
+
+TINY_VIT = ["model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2"]
+TASKS = {
+    "linear_probe": ["experiment=linprobe_vit_tiny_synthetic", "data.img_size=32", "data.batch_size=8"],
+    "detection": [
+        "experiment=detect_mae_vit_tiny_synthetic",
+        "model.neck.out_channels=16",
+        "data.batch_size=2",
+        "task.head_channels=16",
+        "task.representation_size=32",
+        "task.box_batch_size_per_image=32",
+        "task.rpn_pre_nms_top_n=50",
+        "task.rpn_post_nms_top_n=20",
+        "optim.schedule.warmup_steps=1",
+    ],
+}
+
+
+@pytest.mark.parametrize("task", ["linear_probe", pytest.param("detection", marks=pytest.mark.slow)])
+def test_skip_leaves_every_buffer_as_it_was(task, tmp_path, synthetic_root):
+    """One NaN batch: BatchNorm running statistics (the linear probe's head.bn, the detector's conv box head) come
+    back as they were before it, so validation and the best checkpoint stay finite."""
+    cfg = compose_config(
+        [
+            *TASKS[task],
+            *TINY_VIT,
+            f"data.root={synthetic_root}" if task == "linear_probe" else f"paths.data_dir={tmp_path / 'data'}",
+            "hardware.num_workers=0",
+            "logger=csv",
+            "~callbacks.progress",
+            "nan_guard=skip",
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=1",
+            "+trainer.num_sanity_val_steps=0",
+        ],
+        tmp_path,
+    )
+    datamodule, module, trainer = build(cfg)
+    nan_batch = NaNImagesAt(step=1)
+    trainer.callbacks.append(nan_batch)
+    with pytest.warns(UserWarning, match="non-finite loss at global step 1.*skipping this update"):
+        trainer.fit(module, datamodule=datamodule)
+    assert any("running_mean" in k for k in nan_batch.before)
+    changed = [k for k, v in nan_batch.before.items() if not torch.equal(v, nan_batch.after[k])]
+    assert not changed, changed
+    assert all(torch.isfinite(b.float()).all() for b in module.buffers())
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    assert metrics and all(math.isfinite(v) for v in metrics.values()), metrics

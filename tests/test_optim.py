@@ -123,3 +123,33 @@ def test_a_recipe_chooses_the_schedule(tmp_path):
         scheduler = factory(model, trainer, 128)["lr_scheduler"]["scheduler"]
         assert isinstance(scheduler.lr_lambdas[0], kind)
     assert scheduler.lr_lambdas[0](699 * 10) == 1.0 and scheduler.lr_lambdas[0](700 * 10) == pytest.approx(0.1)
+
+
+def test_extending_a_finished_run_is_refused_unless_its_schedule_may_change(tmp_path, synthetic_root):
+    """A 3-step run's cosine has reached 0 at step 3; resumed with trainer.max_steps=5 it would train at lr 0."""
+    from conftest import TINY_MAE_QUIET, compose_config
+    from mimlab.optim.schedule import ScheduleChangeError
+    from mimlab.train import build
+
+    common = [*TINY_MAE_QUIET, f"data.root={synthetic_root}", "trainer.limit_val_batches=0", "optim.warmup_epochs=0"]
+    datamodule, module, trainer = build(compose_config([*common, "trainer.max_steps=3"], tmp_path))
+    trainer.fit(module, datamodule=datamodule)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0
+
+    longer = [*common, "trainer.max_steps=5", f"ckpt_path={last}"]
+    datamodule, module, trainer = build(compose_config(longer, tmp_path / "refused"))
+    with pytest.raises(
+        ScheduleChangeError,
+        match=r"WarmupCosine.*total_steps: 3\.0 -> 5\.0\); at step 3 it gives 0 x the base lr, this run's 0\.3455 x.*"
+        r"allow_schedule_change=true to continue on this run's schedule from step 3",
+    ):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+
+    datamodule, module, trainer = build(compose_config([*longer, "allow_schedule_change=true"], tmp_path / "longer"))
+    lrs = []
+    module.on_train_batch_start = lambda batch, idx: lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+    base = trainer.lr_scheduler_configs[0].scheduler.base_lrs[0]
+    assert trainer.global_step == 5
+    assert lrs == pytest.approx([base * WarmupCosine(0.25, 20, 0)(s) for s in (3, 4)])  # this run's schedule

@@ -59,7 +59,8 @@ def test_tiny_pretraining_lowers_the_loss_and_writes_artefacts(tmp_path, synthet
 def test_resume_continues_from_last_checkpoint(tmp_path, synthetic_root):
     base = [*TINY, f"data.root={synthetic_root}"]
     first = run(compose_config([*base, "trainer.max_epochs=1"], tmp_path / "a"))
-    resumed = compose_config([*base, "trainer.max_epochs=2", f"ckpt_path={first['last_checkpoint']}"], tmp_path / "b")
+    extended = ["trainer.max_epochs=2", "allow_schedule_change=true"]  # the run is extended: its schedule changes
+    resumed = compose_config([*base, *extended, f"ckpt_path={first['last_checkpoint']}"], tmp_path / "b")
     datamodule, module, trainer = build(resumed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resumed.ckpt_path)
     steps_per_epoch = 60 // 8

@@ -3,6 +3,7 @@ epoch boundary and resumed from its ``last.ckpt`` ends with the weights of an un
 with 0 and 2 (persistent) loader workers. The uninterrupted reference runs with 0 workers, so a match also shows that
 the worker count does not change the data."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from conftest import compose_config
 from mimlab.checkpoints.compat import ConfigMismatchError, check_resume_config
 from mimlab.data.shards import write_shards
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
+from mimlab.utils.wandb_offline import summarise_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = ["model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2"]
@@ -199,3 +201,63 @@ def test_resume_with_a_different_model_config_lists_the_keys(tmp_path):
     assert "model.decoder.depth: 1 -> 2" in str(err.value)
     assert len(check_resume_config(path, changed, allow_change=True)) == 2
     assert check_resume_config(path, saved) == []
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_in_its_folder_continues_the_csv_and_the_wandb_run(synthetic_root, tmp_path):
+    """Preempted at step 10 of 14 (mid-epoch 1), resumed in its own folder, then resumed once more after it finished:
+    metrics.csv keeps every row logged before the preemption and gets each later step once; wandb (offline, the
+    default) continues the same run id."""
+    run_dir = tmp_path / "run"
+    args = [*MAE, f"data.root={synthetic_root}", "logger=wandb", "trainer.log_every_n_steps=1"]
+    args += [a for a in COMMON if a != "logger=csv"] + [f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "mimlab.train", *args, *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+
+    kill = ["+callbacks.kill._target_=mimlab.callbacks.fault_injection.KillAtStep", "+callbacks.kill.step=10"]
+    preempted = cli(*kill, "+callbacks.kill.signal_name=SIGTERM")
+    assert preempted.returncode == 128 + signal.SIGTERM, preempted.stderr[-3000:]
+    before = metrics_rows(run_dir)
+    assert {int(r["step"]) for r in before} == set(range(10)) and any(r["val/loss"] for r in before)  # epoch 0's
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = cli(f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = metrics_rows(run_dir)
+    assert after[: len(before)] == [{**row, **{k: "" for k in after[0].keys() - row.keys()}} for row in before]
+    steps = [int(r["step"]) for r in after[len(before) :] if r["train/loss_step"]]
+    assert steps == list(range(10, 14))  # each later step once
+    assert [r["epoch"] for r in after if r["val/loss"]] == ["0", "1"]
+
+    finished = cli(f"ckpt_path={last}")  # what the refusal of a finished run's folder suggests
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert metrics_rows(run_dir) == after
+
+    runs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 3 and len({p.name for p in runs}) == 1  # one wandb run id, continued twice
+    assert summarise_run(runs[0])["history_rows"] > 0 and summarise_run(runs[1])["history_rows"] > 0
+
+
+def test_the_csv_logger_keeps_a_runs_rows_and_drops_only_those_logged_again(tmp_path):
+    from mimlab.loggers import HistoryCSVLogger
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.0\n0,1,0.9\n0,2,0.8\n")
+    logger = HistoryCSVLogger(tmp_path, name="csv", version="")
+    logger.rewind(2)  # training restarts at step 2
+    logger.log_metrics({"train/loss": 0.7, "val/loss": 0.75}, step=2)
+    logger.save()
+    assert metrics_rows(tmp_path) == [
+        {"epoch": "0", "step": "0", "train/loss": "1.0", "val/loss": ""},
+        {"epoch": "0", "step": "1", "train/loss": "0.9", "val/loss": ""},
+        {"epoch": "", "step": "2", "train/loss": "0.7", "val/loss": "0.75"},
+    ]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_generated_data import snapshot
 
 from conftest import TINY_MAE_QUIET, compose_config
@@ -89,6 +90,36 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, synt
         holder.wait()
 
 
+@pytest.mark.parametrize(
+    "case, status, error",
+    [
+        ("fails while being built", "failed", "ValueError: data.batch_size must be >= 1"),
+        ("refused after its folder was claimed", "refused", "ConfigMismatchError: "),
+    ],
+)
+def test_a_run_that_fails_or_is_refused_after_claiming_its_folder_records_it(
+    tmp_path, synthetic_root, case, status, error
+):
+    """As on the command line: RunFolderGuard claims the folder before the run is built."""
+    folder = tmp_path / "run"
+    args = [*TINY, f"data.root={synthetic_root}"]
+    ckpt = None
+    if case.startswith("refused"):
+        saved = OmegaConf.to_container(compose_config([*args, "masking.ratio=0.5"], folder), resolve=True)
+        ckpt = folder / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        torch.save({"mimlab": {"config": saved}}, ckpt)
+        args.append(f"ckpt_path={ckpt}")
+    else:
+        args.append("data.batch_size=0")
+    RunFolder.claim(folder, None if ckpt is None else str(ckpt))
+    with pytest.raises(Exception, match=error.split(": ", 1)[1]):
+        run(compose_config(args, folder))
+    state = json.loads((folder / STATE).read_text())
+    assert state["status"] == status and state["error"].startswith(error) and state["pid"] == os.getpid()
+    RunFolder.claim(folder, None if ckpt is None else str(ckpt)).release("finished")  # the folder is free again
+
+
 def train_cli(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(
@@ -111,7 +142,7 @@ def test_cli_refuses_a_finished_runs_folder_and_resumes_it_only_explicitly(tmp_p
     assert time.time() - started < 60  # refused at start, nothing trained
 
     last = folder / "checkpoints" / "last.ckpt"
-    resumed = train_cli([*args, "trainer.max_epochs=2", f"ckpt_path={last}"])
+    resumed = train_cli([*args, "trainer.max_epochs=2", f"ckpt_path={last}", "allow_schedule_change=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 14
     assert sorted(p.name for p in (folder / "checkpoints").glob("last*")) == ["last.ckpt"]  # no last-v1.ckpt

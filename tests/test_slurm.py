@@ -12,6 +12,7 @@ Without a cluster the tests are skipped, unless MIMLAB_REQUIRE_SLURM=1 (set by .
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -165,6 +166,8 @@ def test_submitted_job_runs_and_writes_its_checkpoint(slurm_runs):
     ckpt = final_checkpoint(run)
     assert ckpt["global_step"] == STEPS_PER_EPOCH * EPOCHS
     assert ckpt["mimlab"]["config"]["hardware"]["num_nodes"] == 1  # the resolved config travels with the weights
+    log = (run / "submit.log").read_text()  # the local cluster has no accounting: sacct is named once, not per poll
+    assert log.count("sacct") <= 1 and log.count("accounting storage is disabled") <= 1, log[-3000:]
 
 
 @pytest.mark.slurm
@@ -180,6 +183,8 @@ def test_requeued_job_resumes_and_ends_bit_identical(slurm_runs):
     log = next((run / ".submitit").glob("*/*_0_log.err")).read_text()
     assert f"SIGTERM received: saved {run / '0' / 'checkpoints' / 'last.ckpt'} at step {HOLD_STEP}" in log
     assert sorted(p.name for p in (run / "0" / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    with open(run / "0" / "csv" / "metrics.csv", newline="") as f:  # the requeued job appended to the first's rows
+        assert [row["epoch"] for row in csv.DictReader(f) if row.get("val/loss")] == ["0", "1"]
 
     ours, theirs = final_checkpoint(run), final_checkpoint(reference)
     assert ours["global_step"] == theirs["global_step"] == STEPS_PER_EPOCH * EPOCHS

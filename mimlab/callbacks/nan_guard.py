@@ -28,8 +28,10 @@ class NonFiniteGuard(L.Callback):
     A finite loss can still give non-finite gradients (an overflow in backward); stepping on them poisons the weights
     and every later step. ``mode``: 'stop' raises :class:`NonFiniteLossError` naming the step, the batch and the
     non-finite loss terms (those the task logged as ``train/<term>``); 'skip' drops the gradients (``grad = None``:
-    the optimiser leaves those weights, their moments and weight decay untouched) and stops the run once
-    ``max_consecutive_skips`` updates in a row were skipped; 'off' checks nothing (no device sync). Under DDP the
+    the optimiser leaves those weights, their moments and weight decay untouched), puts back every buffer the skipped
+    forward passes changed (BatchNorm running statistics: a copy of the module's buffers is taken before the first
+    forward of each update) and stops the run once ``max_consecutive_skips`` updates in a row were skipped; 'off'
+    checks nothing (no device sync). Under DDP the
     gradients are already all-reduced here, so every rank takes the same decision. With fp16 (a ``GradScaler``) the
     scaler skips such steps itself and the guard stays out of its way. Logs ``train/skipped_updates`` (total).
     """
@@ -44,9 +46,12 @@ class NonFiniteGuard(L.Callback):
         self.skipped_in_a_row: list[int] = []  # global steps of the current run of skipped updates
         self.batch_idx = 0
         self.loss: Tensor | None = None
+        self.buffers: dict[str, Tensor] | None = None  # 'skip': the buffers before this update's first forward
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self.batch_idx, self.loss = batch_idx, None
+        if self.mode == "skip" and self.buffers is None:  # the first micro-batch of an update
+            self.buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         self.loss = loss.detach()
@@ -54,6 +59,7 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        buffers, self.buffers = self.buffers, None
         if self.mode == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -81,6 +87,9 @@ class NonFiniteGuard(L.Callback):
             )
         for p in params:
             p.grad = None
+        for name, buffer in pl_module.named_buffers():
+            if buffers is not None and name in buffers:
+                buffer.copy_(buffers[name])
         self.skipped_total += 1
         self.skipped_in_a_row.append(step)
         pl_module.log("train/skipped_updates", float(self.skipped_total), on_step=True, on_epoch=False)

@@ -45,7 +45,10 @@ def evenly_spaced_images(dataset, count: int) -> Tensor:
 
 
 class ReconstructionPanel(L.Callback):
-    """Every ``every_n_steps`` training steps (and at the end of fitting) render ``num_images`` fixed validation images."""
+    """Every ``every_n_steps`` training steps (and at the end of fitting) render ``num_images`` fixed validation images;
+    ``last_path`` is the newest picture, reported as ``picture``."""
+
+    picture = "reconstruction_png"
 
     def __init__(self, every_n_steps: int = 200, num_images: int = 8, dirname: str = "reconstructions") -> None:
         self.every_n_steps = every_n_steps

@@ -18,11 +18,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 def collect_rng_states() -> dict[str, Any]:
     """The global torch, CUDA (one state per device, ``[]`` without CUDA), numpy and Python RNG states, under the keys
-    Lightning's ``seed`` utilities use (``torch``, ``torch.cuda``, ``numpy``, ``python``), so older checkpoints load."""
+    Lightning's ``seed`` utilities use (``torch``, ``torch.cuda``, ``numpy``, ``python``), so older checkpoints load.
+    numpy's 624 key words travel as an int64 tensor, so the checkpoint loads weights-only."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached_gaussian),
         "python": random.getstate(),
     }
 
@@ -33,7 +35,8 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     if states.get("torch.cuda"):
         torch.cuda.set_rng_state_all(states["torch.cuda"])
     if "numpy" in states:
-        np.random.set_state(states["numpy"])
+        name, keys, pos, has_gauss, cached_gaussian = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))  # a checkpoint round trip may turn the tuple into a list
 
@@ -108,3 +111,20 @@ class PreemptionCheckpoint(L.Callback):
             rank_zero_info(
                 f"{name} received: saved {self.path} at step {trainer.global_step}; resume with ckpt_path={self.path}"
             )
+
+
+class LogHistory(L.Callback):
+    """Keeps the loggers' history in step with the checkpoints: every checkpoint flushes the loggers first (the rows
+    of the steps it holds survive a crash), and when training starts, a logger with ``rewind(step)``
+    (:class:`mimlab.loggers.HistoryCSVLogger`) is told the step it starts at. Lightning logs every row of a batch, and
+    the epoch-end rows after the last batch, at that batch's index (= ``global_step`` before it), so the rows before
+    the resumed ``global_step`` are exactly those the resumed run will not log again."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:
+            if callable(getattr(logger, "rewind", None)):
+                logger.rewind(trainer.global_step)

@@ -41,6 +41,10 @@ def similarity_maps(tokens: Tensor, query: int | None = None) -> Tensor:
 
 
 class TeacherTargetPanel(L.Callback):
+    """Renders the panel (see module docstring); ``last_path`` is the newest picture, reported as ``picture``."""
+
+    picture = "target_maps_png"
+
     def __init__(self, every_n_steps: int = 1000, num_images: int = 4, dirname: str = "target_maps") -> None:
         self.every_n_steps = every_n_steps
         self.num_images = num_images

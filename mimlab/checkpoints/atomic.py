@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mimlab.checkpoints.files import load_file
+from mimlab.checkpoints.files import load_file, weights_only_form
 
 
 class CheckpointWriteError(OSError):
@@ -21,21 +21,20 @@ class CheckpointWriteError(OSError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` that writes ``<path>.tmp-XXXX`` then ``os.replace``s it onto ``path``.
-
-    Loading defaults to ``weights_only=False`` because mimlab checkpoints carry RNG states (numpy arrays) and the
-    resolved config; only resume from checkpoints you trust.
+    """``TorchCheckpointIO`` that writes ``<path>.tmp-XXXX`` then ``os.replace``s it onto ``path``, in weights-only form
+    (:func:`~mimlab.checkpoints.files.weights_only_form`), and always loads weights-only, whatever ``weights_only``
+    Lightning passes: resuming (``trainer.fit(ckpt_path=...)``) never runs code a checkpoint carries.
     """
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict:
         if "://" in str(path):  # remote (fsspec) paths: Lightning's reader
-            return super().load_checkpoint(path, map_location=map_location, weights_only=bool(weights_only))
-        return load_file(path, map_location=map_location, weights_only=bool(weights_only))
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_file(path, map_location=map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
-        path = Path(path)
+        path, checkpoint = Path(path), weights_only_form(checkpoint)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)

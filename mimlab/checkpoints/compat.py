@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from mimlab.checkpoints.files import load_file
+from mimlab.utils.refusal import Refusal
 
 # config sections that define the trained function; changing them under a resumed run is almost always a mistake
 MODEL_SECTIONS = ("model", "target", "masking", "loss")  # `task` only interpolates these
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(Refusal, ValueError):
     """The resumed checkpoint was trained with a different model config; the message lists the keys."""
 
 
@@ -38,7 +39,7 @@ def config_differences(saved: dict, current: dict, sections: tuple[str, ...] = M
 def check_resume_config(ckpt_path: str | Path, current: dict, allow_change: bool = False) -> list[str]:
     """Compare the config stored in ``ckpt_path`` with ``current``; raise unless identical or ``allow_change``."""
     path = Path(ckpt_path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"ckpt_path={path} does not exist; point it at a checkpoint (e.g. <run>/checkpoints/last.ckpt)"
         )

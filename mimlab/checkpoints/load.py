@@ -31,7 +31,6 @@ import argparse
 import fnmatch
 import importlib
 import logging
-import pickle
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -63,20 +62,17 @@ def split_submodel(path: str | Path) -> tuple[str | Path, str | None]:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` a checkpoint file on the CPU. Official files are read with ``weights_only`` (MAE-style files also
-    pickle an ``argparse.Namespace``, allow-listed); mimlab's own Lightning checkpoints, which pickle RNG states, fall
-    back to a full load; OpenAI CLIP ``.pt`` TorchScript archives are read with ``torch.jit.load``."""
+    """Weights-only ``torch.load`` of a checkpoint file on the CPU (:func:`~mimlab.checkpoints.files.load_file`; MAE-style
+    files also pickle an ``argparse.Namespace``, allow-listed); OpenAI CLIP ``.pt`` TorchScript archives are read with
+    ``torch.jit.load``. A file that needs a full unpickle is refused (``UnsafeCheckpointError``)."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; check the path (mimlab never downloads weights: "
             "official files must be saved locally first)"
         )
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return load_file(path, weights_only=True)
-    except pickle.UnpicklingError:  # load_file names truncated or corrupt files; this is a full pickle
-        return load_file(path, weights_only=False)
+        return load_file(path, safe_globals=[argparse.Namespace])
     except RuntimeError as err:  # TorchScript archive
         if "TorchScript" not in str(err) and "jit" not in str(err).lower():
             raise

@@ -15,6 +15,7 @@ in 0..149 ∪ {255}. A validation sample keeps the label at its original size; t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from mimlab.data.generated import check_generated_root
 from mimlab.data.synthetic_dense import ADE20K_OWN_DATA_HINT, write_ade20k
 from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL
 
+log = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 
 
@@ -75,7 +77,11 @@ class ADE20KSegmentation(Dataset):
                     f"ADE20K folder not found: {d}. Expected <root>/ADEChallengeData2016/"
                     f"{{images,annotations}}/{{training,validation}}; set data.root accordingly."
                 )
-        self.images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        images = [p for p in self.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        self.images = sorted(p for p in images if p.is_file())  # a FIFO or device would block its reader
+        if len(self.images) < len(images):
+            odd = sorted(p.name for p in images if not p.is_file())
+            log.warning("%s: %d entries are not regular files and are left out: %s", self.image_dir, len(odd), odd[:5])
         if not self.images:
             raise FileNotFoundError(f"No images in {self.image_dir}.")
         missing = [p.name for p in self.images if not (self.label_dir / f"{p.stem}.png").is_file()]

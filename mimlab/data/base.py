@@ -29,11 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from mimlab.data.resumable import EpochAwareDataLoader, EvalSampler, ResumableSampler, SeededDataset
 from mimlab.data.transforms import normalize_images
 from mimlab.data.workers import init_worker
+from mimlab.utils.refusal import Refusal
 
 log = logging.getLogger(__name__)
 
 
-class DataResumeError(ValueError):
+class DataResumeError(Refusal, ValueError):
     """The checkpoint being resumed was trained on other data or another batch geometry; the message says what."""
 
 

@@ -72,7 +72,20 @@ def _read_instances(ann_path: Path) -> dict:
             f"{ann_path} has an empty 'annotations' list: nothing to train on or to score (box/mask mAP "
             "would be -1). Point data.root at the instances files of your data."
         )
+    objects = [a for a in data["annotations"] if not a.get("iscrowd", 0) and _has_area(a)]
+    if not objects:
+        raise ValueError(
+            f"{ann_path}: all {len(data['annotations'])} annotations are crowd regions (iscrowd=1) or empty boxes. "
+            "Training drops crowd regions and COCO evaluation ignores them, so there is nothing to train on or to "
+            "score (box/mask mAP would be -1). Use instances files with individual (iscrowd=0) objects."
+        )
     return data
+
+
+def _has_area(ann: dict) -> bool:
+    """Whether the annotation's box ``[x, y, w, h]`` has a positive width and height (targets keep only those)."""
+    box = ann.get("bbox") or [0, 0, 0, 0]
+    return box[2] > 0 and box[3] > 0
 
 
 def _check_segmentation(ann: dict, ann_path: Path) -> None:
@@ -130,7 +143,7 @@ class COCOInstances(Dataset):
         self.split = split
         self.transforms = transforms
         self.keep_crowd = keep_crowd
-        ann_path = annotation_file(root, split)
+        ann_path = self.ann_path = annotation_file(root, split)
         data = _read_instances(ann_path)
         self.image_dir = self.root / f"{split}2017"
         if not self.image_dir.is_dir():
@@ -168,7 +181,7 @@ class COCOInstances(Dataset):
         info = self.images[index]
         h, w = info["height"], info["width"]
         anns = [a for a in self.anns_by_image[info["id"]] if self.keep_crowd or not a.get("iscrowd", 0)]
-        anns = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        anns = [a for a in anns if _has_area(a)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         masks = (
@@ -188,8 +201,15 @@ class COCOInstances(Dataset):
         return target
 
     def __getitem__(self, index: int):
-        path = self.image_dir / self.images[index]["file_name"]
+        info = self.images[index]
+        path = self.image_dir / info["file_name"]
         image = tv_tensors.Image(read_rgb(path))
+        if tuple(image.shape[-2:]) != (info["height"], info["width"]):
+            raise ValueError(
+                f"{self.ann_path}: image {info['id']} ({path}) is {image.shape[-1]}x{image.shape[-2]} pixels but the "
+                f"json gives width {info['width']}, height {info['height']}, the size its boxes and masks are drawn "
+                "in. Fix the image's width/height in the json, or restore the image file it describes."
+            )
         target = self.load_target(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

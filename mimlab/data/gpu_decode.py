@@ -12,6 +12,7 @@ JPEG files only (ImageNet is all JPEG); use ``data=imagenet`` for other formats.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
@@ -21,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.datasets.folder import find_classes
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-from mimlab.data.image_folder import DataLayoutError
+from mimlab.data.image_folder import DataLayoutError, find_images
 from mimlab.data.imagenet import ImageNetDataModule
 from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
 
 
 class EncodedImageFolder(Dataset):
@@ -47,9 +50,9 @@ class EncodedImageFolder(Dataset):
                     "training class names, or remove them."
                 )
             self.classes, self.class_to_idx = sorted(class_to_idx, key=class_to_idx.get), dict(class_to_idx)  # type: ignore[arg-type]
-        self.samples = make_dataset(
-            str(root), self.class_to_idx, extensions=(".jpg", ".jpeg"), allow_empty=class_to_idx is not None
-        )
+        self.samples, skipped = find_images(root, self.class_to_idx, extensions=(".jpg", ".jpeg"))
+        if skipped:
+            log.warning("%s: %d entries left out, e.g. %s", root, len(skipped), "; ".join(skipped[:3]))
 
     def __len__(self) -> int:
         return len(self.samples)

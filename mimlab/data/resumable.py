@@ -8,7 +8,8 @@ as one process with batch ``W·B``.
 is evaluated twice and gathering the ranks' results in rank order restores the data set order.
 :class:`SeededDataset` runs the wrapped dataset (and its random transforms) under ``sample_seed``, so a sample's
 augmentation depends only on (seed, epoch, index), not on worker count, prefetching or process restarts.
-:class:`EpochAwareDataLoader` starts its workers at the first ``next()``, after Lightning has set the epoch.
+:class:`EpochAwareDataLoader` starts its workers at the first ``next()``, after Lightning has set the epoch, and tells
+Lightning that it resumes exactly.
 """
 
 from __future__ import annotations
@@ -139,3 +140,12 @@ class EpochAwareDataLoader(DataLoader):
             yield from start()
 
         return deferred()
+
+    def state_dict(self) -> dict:
+        """Empty: the DataModule's state (epoch, batches trained, geometry, data) positions this loader's sampler before
+        the loader is built. Having ``state_dict`` / ``load_state_dict`` is how Lightning recognises a resumable loader:
+        without them it warns on every mid-epoch resume that the loader is not resumable, which is wrong here."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to load (see :meth:`state_dict`)."""

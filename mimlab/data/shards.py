@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import find_classes
 
 from mimlab.data.base import ResumableDataModule
-from mimlab.data.image_folder import CorruptImageError, DataLayoutError
+from mimlab.data.image_folder import CorruptImageError, DataLayoutError, find_images, to_rgb
 from mimlab.data.transforms import eval_transform, pretrain_transform
 from mimlab.utils.extras import MissingExtraError, require
 
@@ -49,7 +49,7 @@ def _encoded(path: str, max_short_side: int | None, quality: int) -> bytes:
     if not max_short_side:
         return Path(path).read_bytes()
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         scale = max_short_side / min(img.size)
         if scale < 1:
             img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
@@ -96,7 +96,9 @@ def write_shards(
     if not folder.is_dir():
         raise FileNotFoundError(f"make shards: {folder} does not exist; SRC must hold {split}/<class>/<image> folders")
     classes, class_to_idx = find_classes(str(folder))
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    samples, skipped = find_images(folder, class_to_idx)
+    if skipped:
+        log.warning("%s: %d entries left out, e.g. %s", folder, len(skipped), "; ".join(skipped[:3]))
     random.Random(seed).shuffle(samples)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ class TarShardDataset(Dataset):
         data, label = self.read(index)
         try:
             with Image.open(io.BytesIO(data)) as img:
-                rgb = img.convert("RGB")
+                rgb = to_rgb(img)
         except (OSError, SyntaxError) as err:
             shard, offset = self.samples[index][:2]
             raise CorruptImageError(

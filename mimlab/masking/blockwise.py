@@ -43,7 +43,11 @@ class BlockMasking:
         self.unit_size = int(unit_size)
         self.num_masked, self.ratio = num_masked, ratio
         self.min_num_patches, self.max_num_patches = min_num_patches, max_num_patches
+        if min_aspect <= 0:
+            raise ValueError(f"masking.min_aspect must be > 0 (a block's height / width), got {min_aspect}")
         max_aspect = max_aspect or 1.0 / min_aspect
+        if max_aspect < min_aspect:
+            raise ValueError(f"masking.max_aspect must be >= masking.min_aspect={min_aspect}, got {max_aspect}")
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
         self.max_attempts = max_attempts
 

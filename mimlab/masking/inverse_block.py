@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mimlab.masking.utils import check_visible
+
 
 class InverseBlockMasking:
     """Args: ``ratio`` (fraction masked, 0.8), ``block_size`` (fairseq ``mask_length``, 3), ``ratio_adjust``
@@ -41,7 +43,8 @@ class InverseBlockMasking:
         return h // self.unit_size, w // self.unit_size
 
     def num_visible(self, num_units: int) -> int:
-        return int(num_units * (1 - self.ratio))
+        """``int(L · (1 − ratio))``; at least one unit must stay visible and one masked."""
+        return check_visible(int(num_units * (1 - self.ratio)), num_units, self.unit_size, self.ratio)
 
     def _blocks(self, batch_size: int, grid: tuple[int, int], g: torch.Generator | None) -> Tensor:
         """(N, L) with 1 on the union of the blocks around the drawn centres."""

@@ -27,6 +27,7 @@ import math
 import torch
 
 from mimlab.masking.mask_set import MaskSet
+from mimlab.masking.utils import check_range
 
 
 class MultiBlockMasking:
@@ -50,9 +51,13 @@ class MultiBlockMasking:
     ) -> None:
         if num_targets < 1:
             raise ValueError(f"masking.num_targets must be >= 1, got {num_targets}")
+        for key, value, least in (("min_keep", min_keep, 0), ("unit_size", unit_size, 1), ("max_tries", max_tries, 1)):
+            if value < least:
+                raise ValueError(f"masking.{key} must be >= {least}, got {value}")
         self.num_targets = int(num_targets)
-        self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)
-        self.context_scale = tuple(context_scale)
+        self.target_scale = check_range("target_scale", target_scale, 0.0, 1.0)  # fractions of the grid
+        self.target_aspect = check_range("target_aspect", target_aspect, 0.0)  # height / width
+        self.context_scale = check_range("context_scale", context_scale, 0.0, 1.0)
         self.min_keep, self.allow_overlap = int(min_keep), bool(allow_overlap)
         self.unit_size, self.max_tries = int(unit_size), int(max_tries)
 
@@ -109,8 +114,8 @@ class MultiBlockMasking:
         self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None = None
     ) -> MaskSet:
         per_image = generator if isinstance(generator, list) else [generator] * batch_size
-        target_size = self.block_size(grid, self.target_scale, self.target_aspect, per_image[0])  # type: ignore[arg-type]
-        context_size = self.block_size(grid, self.context_scale, (1.0, 1.0), per_image[0])  # type: ignore[arg-type]
+        target_size = self.block_size(grid, self.target_scale, self.target_aspect, per_image[0])
+        context_size = self.block_size(grid, self.context_scale, (1.0, 1.0), per_image[0])
         self._check(target_size, "target", grid)
         self._check(context_size, "context", grid)
         targets, contexts = [], []

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mimlab.masking.utils import check_visible
+
 
 class RandomMasking:
     """Uniformly random masking of ``ratio`` of the ``unit_size``-pixel units of an image.
@@ -30,15 +32,7 @@ class RandomMasking:
 
     def num_keep(self, num_units: int) -> int:
         """Visible units per sample, ``int(L * (1 - ratio))``; at least one unit must stay visible and one masked."""
-        keep = int(num_units * (1 - self.ratio))
-        if not 0 < keep < num_units:
-            raise ValueError(
-                f"masking.ratio={self.ratio} over {num_units} mask unit(s) of {self.unit_size} px keeps "
-                f"int({num_units} x {1 - self.ratio:.3g}) = {keep} visible: "
-                + ("every image would be fully masked" if keep == 0 else "nothing would be masked")
-                + ". Use larger images (data.img_size), a smaller masking.unit_size or another masking.ratio."
-            )
-        return keep
+        return check_visible(int(num_units * (1 - self.ratio)), num_units, self.unit_size, self.ratio)
 
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = image_size

@@ -6,6 +6,29 @@ import torch
 from torch import Tensor
 
 
+def check_range(key: str, bounds: tuple[float, float], low: float, high: float | None = None) -> tuple[float, float]:
+    """``bounds`` as a ``(lo, hi)`` pair with ``low < lo <= hi`` (``<= high`` when given), else a ``ValueError`` naming
+    the config key ``masking.<key>``."""
+    values = tuple(bounds)
+    if len(values) == 2 and low < values[0] <= values[1] and (high is None or values[1] <= high):
+        return float(values[0]), float(values[1])
+    within = f"{low} < lo <= hi" + (f" <= {high}" if high is not None else "")
+    raise ValueError(f"masking.{key} must be two numbers [lo, hi] with {within}, got {list(values)}")
+
+
+def check_visible(keep: int, num_units: int, unit_size: int, ratio: float) -> int:
+    """``keep`` visible units of ``num_units``, checked: a mask must keep one unit visible and hide one, else a
+    ``ValueError`` naming ``masking.ratio``, the grid and the image-size knobs."""
+    if not 0 < keep < num_units:
+        raise ValueError(
+            f"masking.ratio={ratio} over {num_units} mask unit(s) of {unit_size} px keeps "
+            f"int({num_units} x {1 - ratio:.3g}) = {keep} visible: "
+            + ("every image would be fully masked" if keep == 0 else "nothing would be masked")
+            + ". Use larger images (data.img_size), a smaller masking.unit_size or another masking.ratio."
+        )
+    return keep
+
+
 def upsample_mask(mask: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
     """(N, gh*gw) unit mask -> (N, gh*f * gw*f) mask on a ``factor``-times finer grid (row-major)."""
     if factor == 1:

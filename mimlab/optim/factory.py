@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mimlab.optim.param_groups import ParamGroups
-from mimlab.optim.schedule import WarmupCosine
+from mimlab.optim.schedule import ResumableLambdaLR, WarmupCosine
 
 
 class OptimizerFactory:
@@ -24,6 +24,8 @@ class OptimizerFactory:
         param_groups: the one builder, :class:`~mimlab.optim.param_groups.ParamGroups` (layer decay, weight-decay split).
         schedule: ``f(steps_per_epoch, epochs, warmup_epochs, min_lr_ratio) -> (step -> lr factor)``, a partial of a
             :mod:`mimlab.optim.schedule` class with its own knobs; default :class:`WarmupCosine` (MAE).
+        allow_schedule_change: resume a checkpoint whose schedule differs from this run's (e.g. a longer run) on this
+            run's schedule instead of refusing (:class:`~mimlab.optim.schedule.ResumableLambdaLR`).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class OptimizerFactory:
         base_batch: int = 256,
         param_groups: Callable[[nn.Module, float], list[dict]] | None = None,
         schedule: Callable[..., Callable[[int], float]] | None = None,
+        allow_schedule_change: bool = False,
     ) -> None:
         self.optimizer = optimizer
         self.blr = blr
@@ -47,6 +50,7 @@ class OptimizerFactory:
         self.base_batch = base_batch
         self.param_groups = param_groups if param_groups is not None else ParamGroups(backbone_no_weight_decay=False)
         self.schedule = schedule or WarmupCosine
+        self.allow_schedule_change = allow_schedule_change
 
     @staticmethod
     def effective_batch(trainer: L.Trainer, batch_size: int) -> int:
@@ -75,5 +79,5 @@ class OptimizerFactory:
         for group in groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer = self.optimizer(groups, lr=lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda(trainer, lr))
+        scheduler = ResumableLambdaLR(optimizer, self.lr_lambda(trainer, lr), self.allow_schedule_change)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}

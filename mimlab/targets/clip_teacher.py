@@ -32,7 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def load_teacher_weights(teacher: nn.Module, path: str | Path) -> None:
     """Load a local CLIP checkpoint into a timm VisionTransformer (strict), with a clear error if it is absent."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"target.checkpoint_path={path} does not exist. mimlab never downloads teachers: save the CLIP image tower "
             "(OpenAI 'visual.*' or timm layout) to a local file and point target.checkpoint_path at it."

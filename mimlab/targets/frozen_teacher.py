@@ -59,12 +59,12 @@ def load_teacher_checkpoint(model: nn.Module, path: str | Path) -> None:
     Keys the model does not have (a classifier ``fc.*``, DINO's projection ``head.*``) are ignored.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"target.checkpoint: teacher checkpoint '{path}' does not exist. Give a local file "
             "(e.g. DINO ResNet-50 weights) or set target.checkpoint=null for a random teacher."
         )
-    state = _unwrap_state_dict(load_file(path, weights_only=True))
+    state = _unwrap_state_dict(load_file(path))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:

@@ -31,7 +31,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
 from mimlab.optim import OptimizerFactory
-from mimlab.utils.distributed import gather_list_states
+from mimlab.utils.distributed import gather_list_states, log_global
 from mimlab.utils.extras import require
 
 
@@ -223,7 +223,7 @@ class MaskRCNNDetection(L.LightningModule):
                 key = f"{iou}_{k}"
                 if key in res:
                     name = k.replace("map", "mAP").replace("mar", "mAR")
-                    self.log(f"val/{iou}_{name}", res[key].float(), prog_bar=k == "map")
+                    log_global(self, f"val/{iou}_{name}", res[key].float(), prog_bar=k == "map")
 
     def configure_optimizers(self):
         return self.optim(self, self.trainer, self.trainer.datamodule.batch_size)

@@ -24,6 +24,7 @@ from mimlab.checkpoints import load_pretrained
 from mimlab.models.backbones.contract import check_backbone
 from mimlab.models.heads.classifier import GlobalAvgPool
 from mimlab.optim import OptimizerFactory
+from mimlab.utils.distributed import log_global
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,10 @@ class ImageClassification(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log the metrics; ``compute`` sums their states over the ranks' disjoint blocks (exactly the 1-process figure)."""
-        self.log("val/loss", self.val_loss.compute())
+        log_global(self, "val/loss", self.val_loss.compute())
         self.val_loss.reset()
         for name, metric in self.metrics.items():
-            self.log(f"val/{name}", metric.compute() * 100, prog_bar=name == "acc1")  # type: ignore[operator]
+            log_global(self, f"val/{name}", metric.compute() * 100, prog_bar=name == "acc1")  # type: ignore[operator]
             metric.reset()  # type: ignore[operator]
 
     # ------------------------------------------------------------------------------------------------ optimisation
@@ -217,6 +218,6 @@ class FineTuning(ImageClassification):
 
     def on_validation_epoch_end(self) -> None:
         if self.ema is not None:
-            self.log("val/acc1_raw", self.raw_acc1.compute() * 100)
+            log_global(self, "val/acc1_raw", self.raw_acc1.compute() * 100)
             self.raw_acc1.reset()
         super().on_validation_epoch_end()

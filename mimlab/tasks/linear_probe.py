@@ -38,5 +38,5 @@ class LinearProbe(ImageClassification):
         loss = nn.functional.cross_entropy(logits, labels)
         acc = (logits.argmax(-1) == labels).float().mean() * 100
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
-        self.log("train/acc1", acc, on_step=False, on_epoch=True, batch_size=images.shape[0])
+        self.log("train/acc1", acc, on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
         return loss

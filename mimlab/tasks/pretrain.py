@@ -133,7 +133,7 @@ class MaskedPretraining(L.LightningModule):
             losses = self.compute_losses(images, self._generator(3))
         except Exception as err:  # re-raised with context
             raise CompositionError(
-                f"the configured parts do not fit together at image size {image_size}: {type(err).__name__}: {err}. "
+                f"the configured parts do not fit together at image size {image_size}: {type(err).__name__}: {str(err).rstrip('.')}. "
                 f"backbone={type(self.backbone).__name__}, neck={type(self.neck).__name__}, "
                 f"decoder={type(self.decoder).__name__}, target={type(self.target).__name__}, masking={self.masking!r}, "
                 f"loss={type(self.loss).__name__}"

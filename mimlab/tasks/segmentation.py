@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from mimlab.data.ade20k import IGNORE_INDEX
 from mimlab.models.necks.dense_adapter import DenseFeatureAdapter
 from mimlab.optim import OptimizerFactory
+from mimlab.utils.distributed import log_global
 
 
 @torch.no_grad()
@@ -142,8 +143,8 @@ class UperNetSegmentation(L.LightningModule):
             self.val_acc.update(pred[None], label[None])
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/mIoU", self.val_miou.compute(), prog_bar=True)
-        self.log("val/aAcc", self.val_acc.compute())
+        log_global(self, "val/mIoU", self.val_miou.compute(), prog_bar=True)
+        log_global(self, "val/aAcc", self.val_acc.compute())
         self.val_miou.reset()
         self.val_acc.reset()
 

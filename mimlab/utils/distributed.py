@@ -7,6 +7,9 @@ metric computed on the concatenation equals the 1-process figure exactly.
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -41,3 +44,10 @@ def gather_list_states(metric: Metric) -> None:
             parts: list[list | None] = [None] * size
             dist.all_gather_object(parts, local)
             setattr(metric, name, [item for part in parts for item in part])  # type: ignore[union-attr]
+
+
+def log_global(module: L.LightningModule, name: str, value: Tensor, **kwargs: Any) -> None:
+    """``module.log`` of an epoch-level value that is already the same on every rank (computed from every rank's
+    metric states): a max reduction over the ranks returns it unchanged, and marks it as synchronised, which Lightning
+    otherwise warns about once per metric under DDP."""
+    module.log(name, value, sync_dist=True, reduce_fx="max", **kwargs)

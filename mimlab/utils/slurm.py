@@ -4,10 +4,15 @@ Without them a missing ``sbatch`` surfaces as submitit's "Could not detect srun"
 "Invalid partition name specified", GPUs asked of a CPU partition as "Invalid generic resource (gres)
 specification", and a run without ``-m`` starts training on the login node and fails inside Lightning.
 Hydra turns exceptions raised in callbacks into warnings, so a failed check exits with its message instead.
+
+While it waits for the jobs, submitit polls ``sacct``. On a cluster without job accounting every poll fails, and
+each failure put four lines into the submitting process's log (sacct's own "Slurm accounting storage is disabled" and
+submitit's warning three times): :func:`quiet_sacct` says it once and lets submitit wait on the jobs' result files.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 LOCAL_CLUSTER = "scripts/slurm_local.sh start"
+log = logging.getLogger(__name__)
 
 
 def fail(message: str) -> None:
@@ -40,9 +46,41 @@ def partitions() -> dict[str, dict[str, Any]]:
     return out
 
 
+class _FirstSacctError(logging.Filter):
+    """Lets submitit's first 'Bypassing sacct error' warning through and drops the repeats (one per poll)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "sacct" not in record.getMessage():
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def quiet_sacct() -> None:
+    """Drop submitit's repeated sacct warnings; if ``sacct`` does not answer (no accounting), say so once and stop
+    submitit from polling it (it then knows a job has ended from the job's result file, as it does when sacct fails)."""
+    submitit_log = logging.getLogger("submitit")
+    if not any(isinstance(f, _FirstSacctError) for f in submitit_log.filters):
+        submitit_log.addFilter(_FirstSacctError())
+    probe = subprocess.run(["sacct", "--noheader", "-X", "-j", "1"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        from submitit.slurm.slurm import SlurmJob
+
+        SlurmJob.watcher._make_command = lambda: None  # type: ignore[method-assign]  # no command: no sacct call
+        log.warning(
+            "sacct does not answer on this cluster (%s): waiting on the jobs' result files instead of polling it",
+            probe.stderr.strip() or f"exit status {probe.returncode}",
+        )
+
+
 class SlurmPreflight(Callback):
     """Before submission (``-m``): ``sbatch`` and ``srun`` on PATH, ``hydra.launcher.partition`` exists, GPUs are
-    asked only of a partition that has them. Without ``-m`` outside a SLURM allocation: says to add ``-m``."""
+    asked only of a partition that has them; then :func:`quiet_sacct`. Without ``-m`` outside a SLURM allocation: says
+    to add ``-m``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         missing = [tool for tool in ("sbatch", "srun", "sinfo") if shutil.which(tool) is None]
@@ -70,6 +108,7 @@ class SlurmPreflight(Callback):
                 f"{', '.join(known[str(name)]['gres'])}). For CPU jobs set hardware.accelerator=cpu "
                 "hydra.launcher.gpus_per_node=null; for GPU jobs pick a GPU partition (hydra.launcher.partition=...)."
             )
+        quiet_sacct()
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "SLURM_JOB_ID" not in os.environ:
