@@ -97,7 +97,7 @@ def load_exported(path: str | Path, random_init: bool = False) -> nn.Module:
     if not spec_path.is_file():
         raise FileNotFoundError(f"{spec_path} not found: {path} is not a mimlab-export output (it writes both files)")
     spec = json.loads(spec_path.read_text())
-    state = None if random_init else load_file(path, weights_only=True)
+    state = None if random_init else load_file(path)
     if "model_name" in spec:
         return _timm_model(spec["model_name"], spec["kwargs"], state)
     backbone = build_backbone(spec["mimlab_backbone"], spec.get("final_norm", True))

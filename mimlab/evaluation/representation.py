@@ -62,7 +62,7 @@ def extract(
 ) -> LabelledFeatures:
     """``encode(images (N, C, H, W)) -> (N, D)`` over ``dataset`` in order, in eval mode on ``device``, with a progress
     bar; the features come back to the CPU."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device != "cpu")
+    loader: DataLoader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device != "cpu")
     was_training = encode.training
     encode.eval().to(device)
     feats, labels = [], []

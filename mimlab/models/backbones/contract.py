@@ -135,8 +135,8 @@ def check_backbone(backbone: nn.Module) -> None:
         problems.append(f"feature_pools {tuple(backbone.feature_pools)} must be a non-empty subset of ('avg', 'cls')")  # type: ignore[arg-type]
     if backbone.global_pool not in backbone.feature_pools:  # type: ignore[operator]
         problems.append(
-            f"global_pool {backbone.global_pool!r} is not one of feature_pools {tuple(backbone.feature_pools)}"
-        )  # type: ignore[arg-type]
+            f"global_pool {backbone.global_pool!r} is not one of feature_pools {tuple(backbone.feature_pools)}"  # type: ignore[arg-type]
+        )
     params = {n for n, _ in backbone.named_parameters()}
     for rule in backbone.layer_decay_rules:  # type: ignore[union-attr]
         groups = backbone.layer_groups(rule)  # type: ignore[operator]

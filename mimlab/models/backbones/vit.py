@@ -213,7 +213,7 @@ class MaskedViT(nn.Module):
             embed_dim=dim,
             depth=depth,
             num_heads=self.blocks[0].attn.num_heads,  # type: ignore[union-attr]
-            mlp_ratio=self.blocks[0].mlp.fc1.out_features / dim,  # type: ignore[union-attr]
+            mlp_ratio=self.blocks[0].mlp.fc1.out_features / dim,  # type: ignore[union-attr, operator]
             num_classes=0,
             global_pool="token" if self.global_pool == "cls" else "avg",
         )
@@ -232,7 +232,7 @@ class MaskedViT(nn.Module):
             kwargs.update(class_token=self.cls_token is not None)
             if kwargs["global_pool"] == "avg":  # the mean of the final-normed tokens, not timm's default fc_norm
                 kwargs["fc_norm"] = False
-        reference = partial(self.forward_pooled, pool=self.global_pool)
+        reference: Callable[[Tensor], Tensor] = partial(self.forward_pooled, pool=self.global_pool)
         if head:
             if not isinstance(self.norm, nn.Identity):
                 raise ValueError("a fine-tuning head goes with the encoder whose final norm fine-tuning dropped")
@@ -367,7 +367,7 @@ def _registered_name(base: str, kwargs: dict[str, Any], state: dict[str, Tensor]
             name = f"vit_{size}_patch{kwargs['patch_size']}_{kwargs['img_size']}"
             if name not in registered:
                 continue
-            short = {k: kwargs[k] for k in ("num_classes", "global_pool", "fc_norm") if k in kwargs}
+            short: dict[str, Any] = {k: kwargs[k] for k in ("num_classes", "global_pool", "fc_norm") if k in kwargs}
             with torch.device("meta"):
                 model = timm.create_model(name, pretrained=False, **short)
             own = model.state_dict()
