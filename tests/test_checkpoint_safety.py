@@ -17,7 +17,7 @@ from omegaconf import ListConfig
 from torch import nn
 
 from conftest import TINY_MAE_QUIET, compose_config
-from mimlab.checkpoints.export import export_timm, main as export_main
+from mimlab.checkpoints.export import export, main as export_main
 from mimlab.checkpoints.files import UnsafeCheckpointError, load_file
 from mimlab.optim.schedule import _Warmup
 from mimlab.targets.clip_teacher import load_teacher_weights
@@ -80,7 +80,7 @@ def test_hostile_pretrained_weights_export_and_teachers_are_refused(hostile, tmp
     with pytest.raises(UnsafeCheckpointError, match=UNSAFE):
         build(cfg)
     with pytest.raises(UnsafeCheckpointError, match=UNSAFE):
-        export_timm(path, tmp_path / "out.pth")
+        export(path, tmp_path / "out.pth")
     with pytest.raises(UnsafeCheckpointError, match=UNSAFE):
         export_main([f"ckpt={path}"])
     for load_teacher in (load_teacher_checkpoint, load_teacher_weights):
@@ -132,4 +132,4 @@ def test_a_folder_given_as_a_checkpoint_is_named_as_a_folder(trained, tmp_path):
     with pytest.raises(IsADirectoryError, match=message):
         build(cfg)
     with pytest.raises(IsADirectoryError, match=rf"checkpoint {tmp_path} is a directory.*<run>/checkpoints/last\.ckpt"):
-        export_timm(tmp_path)
+        export(tmp_path)
