@@ -77,7 +77,7 @@ bench: $(VENV)/.installed  ## img/s, ms/step, memory, FLOPs/img, MFU -> outputs/
 	$(PY) -m mimlab.bench out=outputs/bench/bench.json $(ARGS)
 
 gpu-check: $(VENV)/.installed  ## GPU acceptance run (bench, Trainer path, DDP, loaders; <= 8 min) -> outputs/gpu_check/results.md; CPU smoke mode without CUDA
-	$(PY) -m mimlab.gpu_check $(ARGS)
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 shards: $(VENV)/.installed  ## WebDataset shards of an ImageNet folder: make shards SRC=/data/imagenet DST=/data/imagenet-shards
 	@if [ -z "$(SRC)" ] || [ -z "$(DST)" ]; then echo "make shards: set SRC=<ImageNet-layout folder> DST=<output folder>"; exit 2; fi

@@ -44,6 +44,12 @@ DDP_CPU_TWO_PROCESSES = [
     "+hardware.strategy.process_group_backend=gloo",
 ]
 
+# Test sizes on top of a recipe's CPU scale (conf/tiny): the encoder of the tiny runs, a 32-d one-block ViT (any ViT
+# recipe), with a 32-d MAE decoder; and the encoder of the learning checks, a 64-d two-block ViT.
+TINY_VIT = ["model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2"]
+TINY_MAE_DECODER = ["model.decoder.embed_dim=32", "model.decoder.num_heads=2"]
+SMALL_VIT = ["model.backbone.embed_dim=64", "model.backbone.depth=2", "model.backbone.num_heads=2"]
+
 # The tiny MAE most run-level tests train (a 32-d one-block ViT on 32-px crops, CSV logger, no worker processes), and
 # the same without the callbacks that draw, probe or time (a test adds back what it checks).
 TINY_MAE = [
@@ -51,9 +57,7 @@ TINY_MAE = [
     "data.img_size=32",
     "hardware.num_workers=0",
     "logger=csv",
-    "model.backbone.embed_dim=32",
-    "model.backbone.depth=1",
-    "model.backbone.num_heads=2",
+    *TINY_VIT,
 ]
 TINY_MAE_QUIET = [
     *TINY_MAE,
@@ -65,6 +69,18 @@ TINY_MAE_QUIET = [
     "~callbacks.dashboard",
     "~callbacks.throughput",
 ]
+
+# The EMA-teacher CPU recipes at test size (with TINY_VIT): their decoders, teacher depth and mask clones.
+TINY_EMA_TARGETS = {
+    "data2vec2_vit_tiny_synthetic": [
+        "data.img_size=32",
+        "model.decoder.decoder_dim=32",
+        "model.decoder.depth=1",
+        "target.top_k=1",
+        "masking.clones=2",
+    ],
+    "ijepa_vit_tiny_synthetic": ["data.img_size=64", "model.decoder.predictor_dim=16", "model.decoder.depth=1"],
+}
 
 
 @pytest.fixture(scope="session")

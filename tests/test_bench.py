@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TINY_VIT
 from mimlab.bench import ExperimentWorkload, load_config, quiet_step, run
 from mimlab.utils.fast_paths import set_fused_attn
 from mimlab.utils.flops import conv_linear_macs, flops_method, train_flops_per_image
@@ -117,9 +118,7 @@ def test_flop_counter_counts_attention_whichever_kernel_runs():
     workload = ExperimentWorkload(
         "finetune_vit_tiny_synthetic",
         tiny_overrides=[
-            "model.backbone.depth=1",
-            "model.backbone.embed_dim=32",
-            "model.backbone.num_heads=2",
+            *TINY_VIT,
             "data.img_size=32",
             "task.num_classes=10",
             "task.mixup=null",

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import SMALL_VIT, TINY_MAE_DECODER, compose_config
 from mimlab.data.synthetic import write_synthetic_imagenet
 from mimlab.train import build
 
@@ -16,9 +16,7 @@ COMMON = [
     "~callbacks.progress",
     "~callbacks.throughput",
     "data.img_size=32",
-    "model.backbone.embed_dim=64",
-    "model.backbone.depth=2",
-    "model.backbone.num_heads=2",
+    *SMALL_VIT,
 ]
 
 
@@ -49,8 +47,7 @@ def pretrained(chain_root, tmp_path_factory) -> Path:
             "optim.warmup_epochs=1",
             "callbacks=pretrain_with_probes",
             "~callbacks.reconstruction",
-            "model.decoder.embed_dim=32",
-            "model.decoder.num_heads=2",
+            *TINY_MAE_DECODER,
             *COMMON,
         ],
         out,

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import compose_config
+from conftest import TINY_MAE, TINY_MAE_DECODER, TINY_VIT, compose_config
 from mimlab.callbacks.dashboard import TrainingDashboard, measure_train_flops
 from mimlab.callbacks.online_eval import knn_predict
 from mimlab.loggers import override_tags, wandb_logger
@@ -55,11 +55,8 @@ def tiny_mae():
             [
                 "experiment=mae_vit_tiny_synthetic",
                 "data.img_size=32",
-                "model.backbone.embed_dim=32",
-                "model.backbone.depth=1",
-                "model.backbone.num_heads=2",
-                "model.decoder.embed_dim=32",
-                "model.decoder.num_heads=2",
+                *TINY_VIT,
+                *TINY_MAE_DECODER,
                 f"masking.ratio={ratio}",
             ]
         )
@@ -110,20 +107,13 @@ def test_dashboard_logs_on_lightnings_logging_steps_with_fresh_values(accumulate
     ``self.log`` values of every ``log_every_n_steps``-th step), ``perf/mfu`` comes once per logging step."""
     cfg = compose_config(
         [
-            "experiment=mae_vit_tiny_synthetic",
+            *TINY_MAE,
+            *TINY_MAE_DECODER,
             f"data.root={synthetic_root}",
-            "data.img_size=32",
             "data.batch_size=4",
-            "hardware.num_workers=0",
-            "logger=csv",
             "~callbacks.progress",
             "~callbacks.reconstruction",
             "~callbacks.knn",
-            "model.backbone.depth=1",
-            "model.backbone.embed_dim=32",
-            "model.backbone.num_heads=2",
-            "model.decoder.embed_dim=32",
-            "model.decoder.num_heads=2",
             "trainer.max_steps=7",
             "trainer.log_every_n_steps=2",
             f"trainer.accumulate_grad_batches={accumulate}",

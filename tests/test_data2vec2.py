@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from conftest import compose_config
+from conftest import SMALL_VIT, compose_config
 from mimlab.losses.data2vec import Data2VecLoss
 from mimlab.masking import MaskSet
 from mimlab.masking.inverse_block import InverseBlockMasking
@@ -309,9 +309,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
             "experiment=data2vec2_vit_tiny_synthetic",
             "data.img_size=32",
             "masking.clones=2",
-            "model.backbone.embed_dim=64",
-            "model.backbone.num_heads=2",
-            "model.backbone.depth=2",
+            *SMALL_VIT,
             "model.decoder.decoder_dim=64",
             "target.top_k=2",
         ],

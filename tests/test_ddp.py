@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DDP_CPU_TWO_PROCESSES
+from conftest import DDP_CPU_TWO_PROCESSES, TINY_MAE_DECODER, TINY_VIT
 from mimlab.data.resumable import ResumableSampler
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
 
@@ -42,7 +42,6 @@ COMMON = [
     "~callbacks.progress",
     f"data.batch_size={BATCH}",
 ]
-TINY_VIT = ["model.backbone.depth=1", "model.backbone.embed_dim=32", "model.backbone.num_heads=2"]
 PRETRAIN = [
     "data.img_size=32",
     f"optim.blr={BLR}",
@@ -56,8 +55,7 @@ TASKS = {
         "experiment=mae_vit_tiny_synthetic",
         *PRETRAIN,
         *TINY_VIT,
-        "model.decoder.embed_dim=32",
-        "model.decoder.num_heads=2",
+        *TINY_MAE_DECODER,
         "model.backbone.drop_path_rate=0",
         "callbacks=pretrain_with_probes",
         "callbacks.knn.batch_size=16",

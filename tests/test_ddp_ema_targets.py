@@ -16,23 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DDP_CPU_TWO_PROCESSES
+from conftest import DDP_CPU_TWO_PROCESSES, TINY_EMA_TARGETS, TINY_VIT
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-TINY = {
-    "data2vec2_vit_tiny_synthetic": [
-        "data.img_size=32",
-        "model.decoder.decoder_dim=32",
-        "model.decoder.depth=1",
-        "target.top_k=1",
-        "masking.clones=2",
-    ],
-    "ijepa_vit_tiny_synthetic": ["data.img_size=64", "model.decoder.predictor_dim=16", "model.decoder.depth=1"],
-}
 
 
-@pytest.mark.parametrize("experiment", sorted(TINY))
+@pytest.mark.parametrize("experiment", sorted(TINY_EMA_TARGETS))
 def test_two_ranks_keep_student_and_teacher_identical(experiment, synthetic_root, tmp_path):
     probe_dir = tmp_path / "probe"
     overrides = [
@@ -41,9 +31,7 @@ def test_two_ranks_keep_student_and_teacher_identical(experiment, synthetic_root
         "logger=csv",
         f"data.root={synthetic_root}",
         "data.batch_size=4",
-        "model.backbone.depth=1",
-        "model.backbone.embed_dim=32",
-        "model.backbone.num_heads=2",
+        *TINY_VIT,
         "optim.warmup_epochs=0",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
@@ -56,7 +44,7 @@ def test_two_ranks_keep_student_and_teacher_identical(experiment, synthetic_root
         "+callbacks.probe._target_=tests.ddp_probe.DDPProbe",
         f"+callbacks.probe.out_dir={probe_dir}",
         f"hydra.run.dir={tmp_path / 'out'}",
-        *TINY[experiment],
+        *TINY_EMA_TARGETS[experiment],
     ]
     env = {
         **os.environ,

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import compose_config
+from conftest import SMALL_VIT, compose_config
 from mimlab.checkpoints import CheckpointMismatchError
 from mimlab.data.ade20k import ADE20KSegmentation
 from mimlab.data.coco import COCODataModule
@@ -54,9 +54,7 @@ def test_vit_checkpoint_goes_into_detection_at_another_size_with_one_knob(
         [
             "experiment=detect_mae_vit_tiny_synthetic",
             f"model.backbone.patch_size={patch}",
-            "model.backbone.embed_dim=64",
-            "model.backbone.depth=2",
-            "model.backbone.num_heads=2",
+            *SMALL_VIT,
             f"task.pretrained={ckpt}",
             f"data.root={coco_root}",
             f"data.img_size={size}",

@@ -1,29 +1,25 @@
 """Learning checks on real annotations (the staged coco_tiny and ade20k_sample): the learning-check recipes, from
 random init, shortened, must reach mAP / mIoU well above 0 on their own training images. Thresholds sit well below
-the curves measured on a 2-core CPU (docs/dense_transfer.md)."""
+the curves measured on a 2-core CPU (docs/dense_transfer.md). The samples come through conftest's ``shared_data`` guard:
+skipped where they are not staged, failed where ``MIMLAB_REQUIRE_SHARED_DATA=1`` says they must be."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, shared_data
 from mimlab.train import run
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if p.is_dir()), None)
 
 
 def _run(experiment: str, data: str, overrides: list[str], tmp_path) -> dict:
-    if SHARED is None or not (SHARED / data).is_dir():
-        pytest.skip(f"shared/data/{data} is not staged beside the checkout")
+    root = shared_data(data)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = compose_config(
         [
             f"experiment={experiment}",
-            f"data.root={SHARED / data}",
+            f"data.root={root}",
             "logger=csv",
             "~callbacks.progress",
             "hardware.num_workers=1",
@@ -61,8 +57,7 @@ def test_coco_evaluation_of_the_real_annotations_is_perfect_for_the_ground_truth
     """COCOeval through the detection task on real coco_tiny targets (non-contiguous ids, polygons, crowd RLE): the
     ground truth scored as predictions gives box and mask mAP 1; shifting every label by one class gives about 0 (a
     shifted box still matches where an object of the next class overlaps it)."""
-    if SHARED is None or not (SHARED / "coco_tiny").is_dir():
-        pytest.skip("shared/data/coco_tiny is not staged beside the checkout")
+    root = shared_data("coco_tiny")
     from functools import partial
 
     import torch
@@ -73,7 +68,7 @@ def test_coco_evaluation_of_the_real_annotations_is_perfect_for_the_ground_truth
     from mimlab.models.necks.simple_fpn import SimpleFeaturePyramid
     from mimlab.tasks.detection import MaskRCNNDetection
 
-    ds = COCOInstances(SHARED / "coco_tiny", "train", lsj_transforms(128, train=False), keep_crowd=True)
+    ds = COCOInstances(root, "train", lsj_transforms(128, train=False), keep_crowd=True)
     vit = MaskedViT(img_size=128, patch_size=16, embed_dim=32, depth=1, num_heads=2)
     adapter = DenseFeatureAdapter(
         vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
@@ -105,8 +100,7 @@ def test_mask_rcnn_memorises_two_real_coco_images():
     """Mask R-CNN (ViT-Tiny/8 + simple FPN, random init, the learning-check recipe's sizes) trained on 2 real coco_tiny
     images (5 objects) and evaluated on them: box and mask mAP rise well above 0 (measured: 0.033 / 0.008 after 25
     steps, 0.047 / 0.042 after 50)."""
-    if SHARED is None or not (SHARED / "coco_tiny").is_dir():
-        pytest.skip("shared/data/coco_tiny is not staged beside the checkout")
+    root = shared_data("coco_tiny")
     from functools import partial
     from types import SimpleNamespace
 
@@ -120,7 +114,7 @@ def test_mask_rcnn_memorises_two_real_coco_images():
     from mimlab.tasks.detection import MaskRCNNDetection
 
     torch.manual_seed(0)
-    root, images = SHARED / "coco_tiny", [0, 1]
+    images = [0, 1]
     train = COCOInstances(root, "train", lsj_transforms(128, (1.0, 1.0)))
     val = COCOInstances(root, "train", lsj_transforms(128, train=False), keep_crowd=True)
     vit = MaskedViT(img_size=128, patch_size=8, embed_dim=192, depth=4, num_heads=3, learnable_pos_embed=True)

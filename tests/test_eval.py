@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_MAE, compose_config
+from conftest import TINY_MAE, TINY_VIT, compose_config
 from mimlab.checkpoints.export import export
 from mimlab.eval import main
 from mimlab.evaluation.representation import LabelledFeatures, knn_accuracy, linear_probe_accuracy
@@ -68,9 +68,7 @@ def test_a_linear_probe_checkpoint_validates_to_the_figures_its_run_logged(mae_c
             f"data.root={synthetic_root}",
             f"task.pretrained={mae_checkpoint}",
             "data.img_size=32",
-            "model.backbone.embed_dim=32",
-            "model.backbone.depth=1",
-            "model.backbone.num_heads=2",
+            *TINY_VIT,
             "data.batch_size=20",
             "trainer.max_epochs=1",
             "hardware.num_workers=0",

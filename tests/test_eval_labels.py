@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from hydra.utils import instantiate
 
-from conftest import compose_config
+from conftest import TINY_VIT, compose_config
 from mimlab.callbacks.online_eval import KNNMonitor
 from mimlab.data.imagenet import ImageNetDataModule
 
@@ -44,9 +44,7 @@ def test_classification_refuses_one_class(tmp_path):
         [
             "experiment=finetune_vit_tiny_synthetic",
             "task.num_classes=1",
-            "model.backbone.depth=1",
-            "model.backbone.embed_dim=32",
-            "model.backbone.num_heads=2",
+            *TINY_VIT,
         ],
         tmp_path,
     )

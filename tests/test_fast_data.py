@@ -11,10 +11,10 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+from conftest import TINY_MAE_DECODER, TINY_VIT, compose_config
 from mimlab.data.gpu_decode import DeviceTransform, GPUDecodeImageNetDataModule, random_resized_crop_box
 from mimlab.data.shards import ShardedImageNetDataModule, write_shards
 from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tests.conftest import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +124,8 @@ def test_pretraining_fits_on_the_fast_data_options(data, synthetic_root, shards,
             "data.img_size=32",
             "data.batch_size=4",
             "hardware.num_workers=0",
-            "model.backbone.depth=1",
-            "model.backbone.embed_dim=32",
-            "model.backbone.num_heads=2",
-            "model.decoder.embed_dim=32",
-            "model.decoder.num_heads=2",
+            *TINY_VIT,
+            *TINY_MAE_DECODER,
             "trainer.max_epochs=1",
             "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=1",

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import TINY_MAE_DECODER, TINY_VIT, compose_config
 from mimlab.optim import OptimizerFactory
 from mimlab.train import CONFIG_DIR
 from mimlab.utils.ddp import MimDDPStrategy
 from mimlab.utils.fast_paths import apply_fast_paths, set_fused_attn
-from tests.conftest import compose_config
 
 KEYS = {
     "accelerator",
@@ -122,11 +122,8 @@ def test_ckpt_path_last_resumes_a_requeued_run(synthetic_root, tmp_path):
         "data.img_size=32",
         "data.batch_size=4",
         "hardware.num_workers=0",
-        "model.backbone.depth=1",
-        "model.backbone.embed_dim=32",
-        "model.backbone.num_heads=2",
-        "model.decoder.embed_dim=32",
-        "model.decoder.num_heads=2",
+        *TINY_VIT,
+        *TINY_MAE_DECODER,
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
         "~callbacks.progress",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from conftest import compose_config
+from conftest import SMALL_VIT, compose_config
 from mimlab.callbacks.weight_decay_schedule import CosineWeightDecay
 from mimlab.losses.multi_term import MaskedSmoothL1
 from mimlab.masking import MaskSet
@@ -323,9 +323,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, synthetic_root):
         [
             "experiment=ijepa_vit_tiny_synthetic",
             f"data.root={synthetic_root}",
-            "model.backbone.embed_dim=64",
-            "model.backbone.num_heads=2",
-            "model.backbone.depth=2",
+            *SMALL_VIT,
             "model.decoder.predictor_dim=32",
         ],
         tmp_path,

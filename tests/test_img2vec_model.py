@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import compose_config
+from conftest import SMALL_VIT, compose_config
 from mimlab.losses.img2vec import Img2VecLoss
 from mimlab.masking import RandomMasking
 from mimlab.models.backbones.vit import MaskedViT
@@ -112,9 +112,7 @@ TINY = [
     "experiment=img2vec_vit_tiny_synthetic",
     "data.batch_size=8",
     "hardware.num_workers=0",
-    "model.backbone.embed_dim=64",
-    "model.backbone.depth=2",
-    "model.backbone.num_heads=2",
+    *SMALL_VIT,
     "model.backbone.patch_size=16",
     "model.decoder.decoder_dim=32",
     "model.decoder.num_heads=2",

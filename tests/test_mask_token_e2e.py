@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_config
+from conftest import SMALL_VIT, compose_config
 from mimlab.train import build, run
 
 TINY_SWIN = [
@@ -49,9 +49,7 @@ SMALL = [
     "data.img_size=32",
     "data.batch_size=8",
     "hardware.num_workers=0",
-    "model.backbone.embed_dim=64",
-    "model.backbone.depth=2",
-    "model.backbone.num_heads=2",
+    *SMALL_VIT,
     "optim.warmup_epochs=1",
     "optim.blr=5e-3",
     "logger=csv",

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import SMALL_VIT, TINY_MAE_DECODER, compose_config
 from mimlab.train import build, run
 
 TINY = [
@@ -15,11 +15,8 @@ TINY = [
     "data.img_size=32",
     "data.batch_size=8",
     "hardware.num_workers=0",
-    "model.backbone.embed_dim=64",
-    "model.backbone.depth=2",
-    "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=32",
-    "model.decoder.num_heads=2",
+    *SMALL_VIT,
+    *TINY_MAE_DECODER,
     "optim.warmup_epochs=1",
     "optim.blr=5e-3",
     "logger=csv",

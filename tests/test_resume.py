@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import TINY_VIT, compose_config
 from mimlab.checkpoints.compat import ConfigMismatchError, check_resume_config
 from mimlab.data.shards import write_shards
 from mimlab.data.synthetic_dense import write_ade20k, write_coco
 from mimlab.utils.wandb_offline import summarise_run
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_VIT = ["model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2"]
 COMMON = [
     "logger=csv",
     "~callbacks.progress",

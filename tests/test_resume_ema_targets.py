@@ -14,17 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_EMA_TARGETS, TINY_VIT
+
 pytestmark = pytest.mark.slow
-TINY = {
-    "data2vec2_vit_tiny_synthetic": [
-        "data.img_size=32",
-        "model.decoder.decoder_dim=32",
-        "model.decoder.depth=1",
-        "target.top_k=1",
-        "masking.clones=2",
-    ],
-    "ijepa_vit_tiny_synthetic": ["data.img_size=64", "model.decoder.predictor_dim=16", "model.decoder.depth=1"],
-}
 
 
 def train(experiment: str, root: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -33,9 +25,7 @@ def train(experiment: str, root: Path, run_dir: Path, *extra: str) -> subprocess
         f"data.root={root}",
         "data.batch_size=8",
         "hardware.num_workers=0",
-        "model.backbone.embed_dim=32",
-        "model.backbone.depth=1",
-        "model.backbone.num_heads=2",
+        *TINY_VIT,
         "optim.warmup_epochs=1",
         "trainer.max_epochs=2",
         "logger=csv",
@@ -47,7 +37,7 @@ def train(experiment: str, root: Path, run_dir: Path, *extra: str) -> subprocess
         "callbacks.checkpoint.save_top_k=0",
         "callbacks.checkpoint.every_n_train_steps=3",
         f"hydra.run.dir={run_dir}",
-        *TINY[experiment],
+        *TINY_EMA_TARGETS[experiment],
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -56,7 +46,7 @@ def train(experiment: str, root: Path, run_dir: Path, *extra: str) -> subprocess
     )
 
 
-@pytest.mark.parametrize("experiment", sorted(TINY))
+@pytest.mark.parametrize("experiment", sorted(TINY_EMA_TARGETS))
 def test_sigkill_then_resume_equals_uninterrupted_run(experiment, tmp_path, synthetic_root):
     full = train(experiment, synthetic_root, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]

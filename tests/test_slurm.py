@@ -24,6 +24,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from conftest import TINY_MAE_DECODER, TINY_VIT
 from mimlab.train import CONFIG_DIR
 from mimlab.utils.slurm import SlurmPreflight
 
@@ -49,11 +50,8 @@ TINY = [
     "logger=csv",
     "data.batch_size=4",
     "data.img_size=32",
-    "model.backbone.depth=1",
-    "model.backbone.embed_dim=32",
-    "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=32",
-    "model.decoder.num_heads=2",
+    *TINY_VIT,
+    *TINY_MAE_DECODER,
     f"trainer.max_epochs={EPOCHS}",
     f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
     "trainer.limit_val_batches=1",

@@ -14,6 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import TINY_MAE_DECODER, TINY_VIT
 from mimlab.report import report
 from mimlab.train import CONFIG_DIR
 from mimlab.utils.resolvers import MAX_DIRNAME, dirname, job_dirname
@@ -26,11 +27,8 @@ TINY = [
     "data.img_size=32",
     "data.batch_size=8",
     "hardware.num_workers=0",
-    "model.backbone.embed_dim=32",
-    "model.backbone.depth=1",
-    "model.backbone.num_heads=2",
-    "model.decoder.embed_dim=32",
-    "model.decoder.num_heads=2",
+    *TINY_VIT,
+    *TINY_MAE_DECODER,
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=1",

@@ -16,7 +16,6 @@ device, where they cost nothing measurable.
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 from collections.abc import Iterable
@@ -100,17 +99,46 @@ def write_imagenet_like_jpegs(
 ) -> Path:
     """``root/{train,val}/<class>/*.JPEG`` at ImageNet's common sizes (the synthetic shapes, quality 90); the small
     ``val/`` split is there because the ImageNet DataModule checks the whole layout before it reads ``train/``."""
-    from mimlab.data.synthetic import render_image
+    from mimlab.data.synthetic import write_image_folder
 
-    rng = random.Random(seed)
-    for split, count in (("train", per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = root / split / f"c{c:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                size = IMAGENET_SIZES[(c * count + i) % len(IMAGENET_SIZES)]
-                render_image(c, rng, 120, 240).resize(size).save(folder / f"{i:05d}.JPEG", quality=90)
+    write_image_folder(
+        root,
+        {"train": per_class, "val": val_per_class},
+        classes=classes,
+        seed=seed,
+        min_size=120,
+        max_size=240,
+        sizes=IMAGENET_SIZES,
+    )
     return root
+
+
+def time_data_option(option: str, root: str | Path, batch: int, workers: int) -> dict[str, Any]:
+    """img/s of ``data=<option>``'s train loader over ``root`` (an ImageNet-layout folder) as the model would get it:
+    loader workers, host-to-device copy and ``on_after_batch_transfer``, on the GPU when there is one. Two untimed
+    batches, then three windows of a third of the remaining batches each."""
+    import torch
+    from hydra.utils import instantiate
+
+    from mimlab.bench.timing import time_loader
+    from mimlab.bench.workloads import compose_train
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = compose_train(
+        [
+            f"data={option}",
+            f"data.root={root}",
+            f"data.batch_size={batch}",
+            f"hardware={'gpu' if device.type == 'cuda' else 'cpu'}",
+            f"hardware.num_workers={workers}",
+            "logger=none",
+        ]
+    )
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    steps = max(1, (len(datamodule.train_dataloader()) - 2) // 3)
+    figures = time_loader(datamodule, steps, 2, 3, device, batch)
+    return {"option": option, "workers": workers, "batch": batch, "device": str(device), **figures}
 
 
 def compare_loaders(

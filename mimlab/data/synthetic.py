@@ -5,7 +5,8 @@ noisy gradient background, at random sizes between ``min_size`` and ``max_size``
 (pre-training lowers the loss, a linear probe beats chance) and the files are read by the real ImageNet loader.
 
 The set is written to a folder of its own, in one step, with a manifest (:mod:`mimlab.data.generated`); a folder
-that mimlab did not generate is never written into.
+that mimlab did not generate is never written into. :func:`write_image_folder` is the one writer of these JPEGs: the
+embedded set, the bench's ImageNet-size folder (:mod:`mimlab.bench.datapath`) and the GPU check's folders use it.
 
 CLI: ``python -m mimlab.data.synthetic --root data/synthetic/imagenet`` (``make data``).
 """
@@ -15,6 +16,9 @@ from __future__ import annotations
 import argparse
 import math
 import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +130,76 @@ def render_image(class_index: int, rng: random.Random, min_size: int = 80, max_s
 OWN_DATA_HINT = "To train on an ImageNet-layout folder of your own, use data=imagenet data.root=<folder>."
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Images drawn from one random stream: ``jobs`` are (split, class, index, images per class of the split)."""
+
+    root: Path
+    jobs: list[tuple[str, int, int, int]]
+    seed: int
+    min_size: int
+    max_size: int
+    sizes: tuple[tuple[int, int], ...]
+    progress: str | None
+
+
+def _write_run(run: _Run) -> None:
+    rng = random.Random(run.seed)
+    for split, c, i, count in track(run.jobs, description=run.progress) if run.progress else run.jobs:
+        class_dir = run.root / split / f"{c:02d}_{CLASSES[c][0]}"
+        class_dir.mkdir(parents=True, exist_ok=True)
+        img = render_image(c, rng, run.min_size, run.max_size)
+        if run.sizes:
+            img = img.resize(run.sizes[(c * count + i) % len(run.sizes)])
+        img.save(class_dir / f"{split}_{c:02d}_{i:05d}.JPEG", quality=90)
+
+
+def write_image_folder(
+    root: str | Path,
+    per_class: dict[str, int],
+    *,
+    classes: int = len(CLASSES),
+    seed: int = 0,
+    min_size: int = 80,
+    max_size: int = 160,
+    sizes: Sequence[tuple[int, int]] = (),
+    streams: int = 1,
+    processes: int = 1,
+    progress: str | None = None,
+) -> dict[str, int]:
+    """Write ``root/<split>/<NN>_<class>/<split>_<NN>_<index>.JPEG`` (quality 90): ``per_class[split]`` images of each
+    of the first ``classes`` classes of :data:`CLASSES`; returns the number of files per split.
+
+    Each image is drawn at a random size in [``min_size``, ``max_size``]; with ``sizes``, image ``i`` of class ``c``
+    is then resized to ``sizes[(c * per_class[split] + i) % len(sizes)]`` (exact (W, H)). The images, in (split, class,
+    index) order, are cut into ``streams`` contiguous runs, run ``k`` drawn from ``random.Random(seed + k)``: ``seed``
+    and ``streams`` fix every file, and ``processes`` (at most ``streams``) only says how many processes write them.
+    """
+    root = Path(root)
+    if streams < 1:
+        raise ValueError(f"streams must be >= 1, got {streams}")
+    jobs = [(split, c, i, n) for split, n in per_class.items() for c in range(classes) for i in range(n)]
+    runs = [
+        _Run(
+            root,
+            jobs[len(jobs) * k // streams : len(jobs) * (k + 1) // streams],
+            seed + k,
+            min_size,
+            max_size,
+            tuple(sizes),
+            progress if streams == 1 else None,
+        )
+        for k in range(streams)
+    ]
+    if min(processes, streams) > 1:
+        with Pool(min(processes, streams)) as pool:
+            pool.map(_write_run, runs)
+    else:
+        for run in runs:
+            _write_run(run)
+    return {split: n * classes for split, n in per_class.items()}
+
+
 def write_synthetic_imagenet(
     root: str | Path,
     train_per_class: int = 100,
@@ -144,18 +218,14 @@ def write_synthetic_imagenet(
     )
 
     def render(folder: Path) -> dict[str, int]:
-        rng = random.Random(seed)
-        jobs = [
-            (split, c, i)
-            for split, n in (("train", train_per_class), ("val", val_per_class))
-            for c in range(len(CLASSES))
-            for i in range(n)
-        ]
-        for split, c, i in track(jobs, description=f"writing synthetic images to {root}"):
-            class_dir = folder / split / f"{c:02d}_{CLASSES[c][0]}"
-            class_dir.mkdir(parents=True, exist_ok=True)
-            render_image(c, rng, min_size, max_size).save(class_dir / f"{split}_{c:02d}_{i:05d}.JPEG", quality=90)
-        return {"train": train_per_class * len(CLASSES), "val": val_per_class * len(CLASSES)}
+        return write_image_folder(
+            folder,
+            {"train": train_per_class, "val": val_per_class},
+            seed=seed,
+            min_size=min_size,
+            max_size=max_size,
+            progress=f"writing synthetic images to {root}",
+        )
 
     return write_generated(root, "imagenet", settings, render, OWN_DATA_HINT)
 

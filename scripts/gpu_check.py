@@ -1,4 +1,4 @@
-"""GPU acceptance run: ``python -m mimlab.gpu_check`` (``make gpu-check``) -> ``outputs/gpu_check/results.{json,md}``.
+"""GPU acceptance run: ``python scripts/gpu_check.py`` (``make gpu-check``) -> ``outputs/gpu_check/results.{json,md}``.
 
 One command that proves the GPU paths on one H100/H200 inside a short machine lease (budget: 8 minutes):
 
@@ -8,7 +8,8 @@ One command that proves the GPU paths on one H100/H200 inside a short machine le
   ``itpn_base_pixel``, ``img2vec_vit_b`` with a random teacher) through ``python -m mimlab.train ... hardware=gpu`` on
   generated JPEGs, so the real Trainer path with compile, bf16, fused AdamW, callbacks and checkpointing runs;
 * ``ddp``: the same for MAE-B with ``hardware=ddp`` on one process;
-* ``loader``: the CPU (PIL) loader and the GPU-decode loader on generated 500x375 JPEGs, in img/s.
+* ``loader``: the CPU (PIL) loader and the GPU-decode loader on generated 500x375 JPEGs, in img/s
+  (``mimlab.bench.datapath.time_data_option``, one process each: ``python scripts/gpu_check.py --time-loader <option>``).
 
 Compilation dominates a cold run (35-145 s per model and shape), so the run has two phases. Phase 1 runs the train
 checks and a one-step compile of every bench workload *concurrently* (their figures are correctness checks, not
@@ -18,7 +19,9 @@ whole run has a deadline (``--budget``), checks that no longer fit are reported 
 rewritten after every check, so a run stopped early still leaves its figures.
 
 Without CUDA (``--mode cpu``, the default there) the same checks run at tiny sizes in about a minute, so CI keeps the
-script working; its speed figures mean nothing.
+script working (``tests/test_gpu_check.py``); its speed figures mean nothing. The generated JPEGs come from the one
+synthetic-image writer, ``mimlab.data.synthetic.write_image_folder``. A script, not part of the package: it needs a
+clone (``conf/``) and the ``mimlab`` package importable (``make install``, or ``PYTHONPATH=.``).
 """
 
 from __future__ import annotations
@@ -27,16 +30,16 @@ import argparse
 import csv
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
+
+SCRIPT = Path(__file__).resolve()
 
 # Goals on one H100 (docs/performance.md): compiled img/s per workload, the Lightning overhead and the loader ratio.
 GOALS_IMG_S = {"mae_vit_b": 4300, "vit_b_finetune": 3250, "fcmae_convnextv2_b": 1400, "convnextv2_b_finetune": 1350}
@@ -240,17 +243,16 @@ def plan(out: Path, sizes: Sizes) -> list[Check]:
                 phase=2,
                 timeout_s=120,
                 argv=_python(
-                    "-m",
-                    "mimlab.gpu_check",
-                    "--loader",
+                    str(SCRIPT),
+                    "--time-loader",
                     option,
-                    "--loader-root",
+                    "--root",
                     str(loader_root),
-                    "--loader-batch",
+                    "--batch",
                     str(sizes.loader_batch),
                     "--workers",
                     str(sizes.workers),
-                    "--loader-out",
+                    "--json",
                     str(out / "bench" / f"loader_{option}.json"),
                 ),
                 outputs={"json": str(out / "bench" / f"loader_{option}.json")},
@@ -260,76 +262,27 @@ def plan(out: Path, sizes: Sizes) -> list[Check]:
 
 
 # --------------------------------------------------------------------------------------------------- data
-def _render_one(job: tuple[Path, int, int, tuple[int, int] | None, int, int]) -> None:
-    from mimlab.data.synthetic import render_image
-
-    folder, cls, index, exact, lo, hi = job
-    rng = random.Random(cls * 1_000_003 + index)
-    img = render_image(cls, rng, lo, hi)
-    if exact is not None:
-        img = img.resize(exact)
-    img.save(folder / f"{index:06d}.JPEG", quality=90)
-
-
-def write_jpeg_folder(
-    root: Path, per_class: int, val_per_class: int, size: tuple[int, int] | None, lo: int, hi: int, processes: int
-) -> Path:
-    """An ImageNet-layout folder of the synthetic classes (``size`` = exact (W, H), else random in [lo, hi])."""
-    from mimlab.data.synthetic import CLASSES
-
-    jobs = []
-    for split, count in (("train", per_class), ("val", val_per_class)):
-        for cls, (kind, _) in enumerate(CLASSES):
-            folder = root / split / f"{cls:02d}_{kind}"
-            folder.mkdir(parents=True, exist_ok=True)
-            jobs += [(folder, cls, i, size, lo, hi) for i in range(count)]
-    with Pool(processes) as pool:
-        pool.map(_render_one, jobs, chunksize=16)
-    return root
-
-
 def write_data(out: Path, sizes: Sizes) -> None:
+    """The train set (random sizes; one epoch covers the train steps) and the loader set (500x375), in the ImageNet
+    layout, from 16 random streams written by up to 16 processes."""
+    from mimlab.data.synthetic import write_image_folder
+
     data = out / "data"
     processes = max(1, min(16, os.cpu_count() or 1))
-    per_class = -(-sizes.train_steps * sizes.train_batch // 10)  # one epoch covers the train steps
-    write_jpeg_folder(data / "train_set", per_class, 2, None, *((160, 320) if sizes.gpu else (96, 128)), processes)
-    write_jpeg_folder(data / "jpeg_500x375", -(-sizes.loader_images // 10), 1, (500, 375), 300, 500, processes)
-
-
-# --------------------------------------------------------------------------------------------------- loader check
-def time_loader_option(option: str, root: str, batch: int, workers: int, out: str) -> dict[str, Any]:
-    """img/s of ``data=<option>`` over ``root``: loader workers + host-to-device copy + device-side transforms."""
-    import torch
-    from hydra.utils import instantiate
-
-    from mimlab.bench.timing import time_loader
-    from mimlab.bench.workloads import compose_train
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hardware = "gpu" if device.type == "cuda" else "cpu"
-    cfg = compose_train(
-        [
-            f"data={option}",
-            f"data.root={root}",
-            f"data.batch_size={batch}",
-            f"hardware={hardware}",
-            f"hardware.num_workers={workers}",
-            "logger=none",
-        ]
+    per_class = -(-sizes.train_steps * sizes.train_batch // 10)
+    lo, hi = (160, 320) if sizes.gpu else (96, 128)
+    write_image_folder(
+        data / "train_set", {"train": per_class, "val": 2}, min_size=lo, max_size=hi, streams=16, processes=processes
     )
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    steps = max(1, (len(datamodule.train_dataloader()) - 2) // 3)
-    figures = {
-        "option": option,
-        "workers": workers,
-        "batch": batch,
-        "device": str(device),
-        **time_loader(datamodule, steps, 2, 3, device, batch),
-    }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(figures, indent=2))
-    return figures
+    write_image_folder(
+        data / "jpeg_500x375",
+        {"train": -(-sizes.loader_images // 10), "val": 1},
+        min_size=300,
+        max_size=500,
+        sizes=[(500, 375)],
+        streams=16,
+        processes=processes,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -557,14 +510,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto")
     parser.add_argument("--budget", type=float, default=None, help="seconds (default: 480 on a GPU, 300 on a CPU)")
     parser.add_argument("--parallel", type=int, default=8, help="concurrent phase-1 checks on a GPU")
-    parser.add_argument("--loader", help=argparse.SUPPRESS)  # internal: one loader timing (a subprocess of run)
-    parser.add_argument("--loader-root", help=argparse.SUPPRESS)
-    parser.add_argument("--loader-batch", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--loader-out", help=argparse.SUPPRESS)
-    parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    one = parser.add_argument_group("one loader check (the run starts one such process per loader option)")
+    one.add_argument("--time-loader", metavar="OPTION", help="time the train loader of data=OPTION alone over --root")
+    one.add_argument("--root", help="an ImageNet-layout folder")
+    one.add_argument("--batch", type=int, default=256)
+    one.add_argument("--workers", type=int, default=2)
+    one.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    if args.loader:
-        time_loader_option(args.loader, args.loader_root, args.loader_batch, args.workers, args.loader_out)
+    if args.time_loader:
+        from mimlab.bench.datapath import time_data_option
+
+        figures = time_data_option(args.time_loader, args.root, args.batch, args.workers)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+        print(json.dumps(figures))
         return 0
     import torch
 
