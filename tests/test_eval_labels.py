@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 
 from conftest import TINY_VIT, compose_config
 from mimlab.callbacks.online_eval import KNNMonitor
@@ -16,7 +17,13 @@ from mimlab.data.imagenet import ImageNetDataModule
 def knn_trainer(root):
     dm = ImageNetDataModule(str(root), img_size=32, batch_size=4)
     return SimpleNamespace(
-        sanity_checking=False, max_epochs=1, current_epoch=0, datamodule=dm, world_size=1, global_rank=0
+        sanity_checking=False,
+        max_epochs=1,
+        current_epoch=0,
+        datamodule=dm,
+        world_size=1,
+        global_rank=0,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
     )
 
 

@@ -199,7 +199,7 @@ def test_ijepa_predictor_and_sub_models_of_single_model_files_are_refused(tmp_pa
 
 
 REBUILT = {  # released.TINY file -> the class and readout mimlab-eval rebuilds it as
-    "mae_pretrain_vit_tiny.pth": ("MaskedViT", "cls"),
+    "mae_pretrain_vit_tiny.pth": ("MaskedViT", "avg"),
     "simmim_pretrain__vit_tiny.pth": ("MaskTokenViT", "avg"),
     "simmim_pretrain__swin_tiny.pth": ("MaskTokenSwin", "avg"),
     "in1k_VIT_tiny_MaskFeat_PT.pyth": ("MaskTokenViT", "avg"),

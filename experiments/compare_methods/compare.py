@@ -8,7 +8,10 @@ mimlab format where timm has no such model) and the exported encoder is measured
 a linear probe on frozen pooled features of the job's ``data.root``, :mod:`mimlab.evaluation.representation`) beside
 two random inits of the same architecture, seeded by the job's seed: the exported model's own (timm's init; the
 mimlab class's for a mimlab-format export) and the mimlab backbone's. Results are cached in
-``<job>/eval/representation.json``. Rows are grouped by method, mean ± std over the seeds of the sweep.
+``<job>/eval/representation.json``. Rows are grouped by method, mean ± std over the seeds of the sweep and of the
+``--also`` sweeps (seeds run later); ``knn_margin`` / ``probe_margin`` are each seed's trained figure minus its better
+random init, ``rank`` / ``cosine`` the trained features' effective rank and mean pairwise cosine (collapse shows as a
+low rank and a cosine near 1).
 
 **Transfer** (``--transfer``): for each job ``<sweep>/<n>_experiment=<recipe>`` (its ``checkpoints/last.ckpt``), the transfer recipes of
 ``transfer.yaml`` run with ``task.pretrained=`` that checkpoint, the job's encoder config group and every encoder key
@@ -46,9 +49,13 @@ COLUMNS = (
     "knn",
     "knn_mimlab",
     "knn_timm",
+    "knn_margin",
     "probe",
     "probe_mimlab",
     "probe_timm",
+    "probe_margin",
+    "rank",
+    "cosine",
     "linprobe/acc1",
     "finetune/acc1",
     "img_per_s",
@@ -146,6 +153,8 @@ def row(job: Path, runs: dict[str, Path], measured: dict[str, dict[str, float]])
         "knn_random": max(r["knn_top1"] for r in random),
         "probe": measured["trained"]["probe_top1"],
         "probe_random": max(r["probe_top1"] for r in random),
+        "rank": measured["trained"].get("effective_rank"),
+        "cosine": measured["trained"].get("mean_cosine"),
         **{f"{kind}/acc1": read_metrics(run).get("val/acc1") for kind, run in runs.items()},
         "img_per_s": read_metrics(job, "median").get("train/device/samples_per_sec"),  # ThroughputMonitor, median
         "gflops_per_img": gflops,
@@ -153,6 +162,8 @@ def row(job: Path, runs: dict[str, Path], measured: dict[str, dict[str, float]])
         if gflops is not None and steps is not None
         else None,
     }
+    metrics["knn_margin"] = metrics["knn"] - metrics["knn_random"]  # over the better random init, per seed
+    metrics["probe_margin"] = metrics["probe"] - metrics["probe_random"]
     for name, r in measured.items():
         if name.startswith("random init"):
             tag = name.removeprefix("random init (").removesuffix(")")
@@ -184,7 +195,8 @@ def _cell(group: dict[str, Any], key: str) -> str:
     if key not in group["mean"]:
         return "–"
     mean, std = group["mean"][key], group["std"][key]
-    return f"{mean:.1f} ± {std:.1f}" if len(group["seeds"]) > 1 else f"{mean:.1f}"
+    digits = 2 if key == "cosine" else 1
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(group["seeds"]) > 1 else f"{mean:.{digits}f}"
 
 
 def write_table(groups: list[dict[str, Any]], out: Path) -> str:
@@ -236,6 +248,7 @@ def bar_chart(groups: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path, help="the compare_methods sweep folder")
+    parser.add_argument("--also", type=Path, action="append", default=[], help="a further sweep folder (more seeds)")
     parser.add_argument("--out", type=Path, default=None, help="table folder (default: <sweep>/report)")
     parser.add_argument("--transfer", action="store_true", help="also run the linear-probe and fine-tune recipes")
     parser.add_argument("--protocol", type=Path, default=HERE / "transfer.yaml", help="transfer recipes + overrides")
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # "SWEEP --out DIR -- OVERRIDES": options between the positionals
     protocol = OmegaConf.load(args.protocol)
     rows = []
-    for job in pretrain_jobs(args.sweep):
+    for job in [job for sweep in (args.sweep, *args.also) for job in pretrain_jobs(sweep)]:
         name = OmegaConf.load(job / ".hydra" / "config.yaml").name
         runs = {}
         if args.transfer:

@@ -11,8 +11,8 @@ contract). Two formats, each a bare state dict ``out`` plus ``<out>.json`` sayin
   ``{"model_name", "kwargs"}`` for ``timm.create_model(model_name, pretrained=False, **kwargs)``, which loads ``out``
   with ``strict=True``. ``model_name`` is timm's own name for the architecture when timm registers one
   (``vit_base_patch16_224``, ``convnextv2_atto`` ...; then ``kwargs`` holds only ``num_classes``/``global_pool``).
-  The readout is the one the method trains (``global_pool``: "token" for MAE's cls token, "avg" where the cls
-  token gets no loss). Default ``out``: ``<ckpt stem>.timm.pth``.
+  The readout is the encoder's ``global_pool`` ("avg", the mean of the patch tokens, unless a recipe asks for the
+  cls token: "token"). Default ``out``: ``<ckpt stem>.timm.pth``.
 * **mimlab** (HiViT / iTPN and the post-norm ViT of data2vec 2.0, which timm does not build):
   ``{"mimlab_backbone": <the backbone's config node>, "readout": pool}``; :func:`load_exported` builds it. Default
   ``out``: ``<ckpt stem>.mimlab.pth``.
