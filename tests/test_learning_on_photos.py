@@ -1,4 +1,4 @@
-"""Learning checks on real photos, one per pre-training method family: a short pre-training of the method's own CPU
+"""Learning checks on real photos, per pre-training method family (MAE's so far): a short pre-training of the method's own CPU
 recipe on CIFAR-10 photos (the staged ``cifar10_slice``), then the representation check (kNN and a linear probe on
 frozen features, :mod:`mimlab.evaluation.representation`) of the encoder it wrote against the same architecture
 with random init. A method whose loss falls while its features stay at random-init quality fails here.
@@ -39,9 +39,10 @@ SHARED = [
     "+trainer.num_sanity_val_steps=0",
     "trainer.limit_val_batches=1",
 ]
-# family -> (recipe, epochs over the 2,000 photos (31 steps each), minimum kNN and probe margins over random init)
+# family -> (recipe, epochs over the 2,000 photos (31 steps each), minimum kNN and probe margins over random init).
+# Measured (2026-12-06, seed 0, 372 steps): MAE kNN 30.2 vs 25.8, probe 40.2 vs 30.2; the margins asked are half.
 FAMILIES = {
-    "pixels, visible tokens only (MAE)": ("mae_vit_tiny_synthetic", 12, 4.0, 4.0),
+    "pixels, visible tokens only (MAE)": ("mae_vit_tiny_synthetic", 12, 2.0, 5.0),
 }
 
 
