@@ -1,11 +1,10 @@
-"""Learning checks on real photos, per pre-training method family (MAE's so far): a short pre-training of the method's own CPU
-recipe on CIFAR-10 photos (the staged ``cifar10_slice``), then the representation check (kNN and a linear probe on
-frozen features, :mod:`mimlab.evaluation.representation`) of the encoder it wrote against the same architecture
-with random init. A method whose loss falls while its features stay at random-init quality fails here.
+"""Learning checks on real photos, per pre-training method family (MAE's so far): a short pre-training of the
+method's own CPU recipe on CIFAR-10 photos (the staged ``cifar10_slice``), then the representation check (kNN and a
+linear probe on frozen features, :mod:`mimlab.evaluation.representation`) of the encoder it wrote against the same
+architecture with random init. A method whose loss falls while its features stay at random-init quality fails here.
 
-The full protocol (8 methods, 3 seeds, 9,000 photos) and the curves the thresholds come from are in
-experiments/compare_methods; these checks are the same recipe on a 2,000-photo subset for fewer steps, with margins
-set well inside what that budget measured (printed with ``-s``).
+The full protocol (9,000 photos, 700 steps) is experiments/compare_methods; these checks are the same recipe on a
+2,000-photo subset for fewer steps, with margins set well inside what that budget measured (printed with ``-s``).
 """
 
 from __future__ import annotations
