@@ -21,6 +21,7 @@ Two checks, both with a progress bar, a result table and a JSON file:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -215,6 +216,11 @@ def task_config(ckpt: Path, checkpoint: dict, overrides: list[str], output_dir: 
     return cfg
 
 
+def _no_random_init_warning(record: logging.LogRecord) -> bool:
+    """Drops a task's "no `pretrained` checkpoint given" warning: a validated checkpoint brings its own weights."""
+    return "no `pretrained` checkpoint" not in record.getMessage()
+
+
 def _group_of(override: str) -> str:
     """The top-level config group an override addresses (``+hardware.strategy.x=1`` -> ``hardware``)."""
     return override.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0]
@@ -239,7 +245,12 @@ def validate_checkpoint(ckpt: Path, overrides: list[str], out: str | None = None
     checkpoint = read_checkpoint(ckpt)
     cfg = task_config(ckpt, checkpoint, overrides, output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, module, trainer = build(cfg)
+    tasks_log = logging.getLogger("mimlab.tasks.finetune")  # every supervised task builds its backbone there
+    tasks_log.addFilter(_no_random_init_warning)  # the weights come from ckpt, not from task.pretrained
+    try:
+        datamodule, module, trainer = build(cfg)
+    finally:
+        tasks_log.removeFilter(_no_random_init_warning)
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
     metrics = {k: float(v) for k, v in results[0].items()}
     if trainer.is_global_zero:

@@ -41,6 +41,7 @@ from mimlab.report import markdown, read_metrics
 from mimlab.train import CONFIG_DIR
 from mimlab.utils.hydra_overrides import hydra_value, node_overrides
 
+DIGITS = {"params_M": 2, "cosine": 2, "img_per_s": 0, "gflops_per_img": 3, "pflops": 3}  # else 1
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TRANSFERS = ("linprobe", "finetune")
@@ -195,7 +196,7 @@ def _cell(group: dict[str, Any], key: str) -> str:
     if key not in group["mean"]:
         return "–"
     mean, std = group["mean"][key], group["std"][key]
-    digits = 2 if key == "cosine" else 1
+    digits = DIGITS.get(key, 1)
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(group["seeds"]) > 1 else f"{mean:.{digits}f}"
 
 
@@ -238,8 +239,11 @@ def bar_chart(groups: list[dict[str, Any]], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].invert_yaxis()
     axes[0].legend(loc="lower right")
-    seeds = max(len(g["seeds"]) for g in groups)
-    fig.suptitle(f"MIM methods under one protocol: pre-trained vs random init (mean ± std over {seeds} seeds)")
+    counts = sorted({len(g["seeds"]) for g in groups})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    fig.suptitle(
+        f"MIM methods under one protocol: pre-trained vs random init (mean ± std over {seeds} seeds per method)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
