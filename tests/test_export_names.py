@@ -20,7 +20,7 @@ def pretraining_checkpoint(path, backbone_config: str, tmp_path):
     torch.manual_seed(0)
     backbone = instantiate(cfg.model.backbone).eval()
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    config = {"model": {"backbone": OmegaConf.to_container(cfg.model.backbone)}}  # as RunMetadata stores it
+    config = {"model": {"backbone": OmegaConf.to_container(cfg.model.backbone, resolve=True)}}  # as a run stores it
     torch.save({"state_dict": state, "mimlab": {"config": config}}, path)
     return backbone
 
