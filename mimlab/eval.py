@@ -245,7 +245,7 @@ def validate_checkpoint(ckpt: Path, overrides: list[str], out: str | None = None
     checkpoint = read_checkpoint(ckpt)
     cfg = task_config(ckpt, checkpoint, overrides, output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    tasks_log = logging.getLogger("mimlab.tasks.finetune")  # every supervised task builds its backbone there
+    tasks_log = logging.getLogger("mimlab.tasks.finetune")  # fine-tuning and linear probing warn there
     tasks_log.addFilter(_no_random_init_warning)  # the weights come from ckpt, not from task.pretrained
     try:
         datamodule, module, trainer = build(cfg)
