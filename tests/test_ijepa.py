@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from conftest import SMALL_VIT, compose_config
+from conftest import SMALL_VIT, TINY_VIT, compose_config
 from mimlab.callbacks.weight_decay_schedule import CosineWeightDecay
 from mimlab.losses.multi_term import MaskedSmoothL1
 from mimlab.masking import MaskSet
@@ -357,9 +357,7 @@ def test_the_encoder_taken_from_a_checkpoint_is_the_target_encoder(tmp_path, syn
             "experiment=ijepa_vit_tiny_synthetic",
             f"data.root={synthetic_root}",
             "data.img_size=32",
-            "model.backbone.embed_dim=32",
-            "model.backbone.num_heads=2",
-            "model.backbone.depth=1",
+            *TINY_VIT,
             "model.decoder.predictor_dim=16",
             "masking.min_keep=0",
             "data.batch_size=20",
