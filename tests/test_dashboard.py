@@ -15,6 +15,7 @@ from conftest import TINY_MAE, TINY_MAE_DECODER, TINY_VIT, compose_config
 from mimlab.callbacks.dashboard import TrainingDashboard, measure_train_flops
 from mimlab.callbacks.online_eval import knn_predict
 from mimlab.loggers import override_tags, wandb_logger
+from mimlab.masking import MaskSet
 from mimlab.train import build
 
 
@@ -183,7 +184,7 @@ def test_teacher_panel_writes_diversity_csv_and_png_for_teachers_only(tmp_path):
     module = SimpleNamespace(
         target=Teacher(),
         device=torch.device("cpu"),
-        make_mask=lambda images, generator: torch.ones(images.shape[0], 16),
+        make_mask=lambda images, seeds: MaskSet(torch.ones(images.shape[0], 16)),
     )
     path = TeacherTargetPanel(num_images=2).render(trainer, module)
     assert path is not None and path.stat().st_size > 500

@@ -177,9 +177,10 @@ def test_multi_mask_with_one_generator_per_image_is_independent_of_the_batch():
     """Training hands one generator per image: an image's clones then do not depend on its batch neighbours."""
     multi = MultiMask(InverseBlockMasking(unit_size=8), clones=3)
     gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    pair = multi(2, (4, 4), gens(10, 11))
-    alone = multi(1, (4, 4), gens(11))
+    pair = multi.batch((4, 4), gens(10, 11))
+    alone = multi.batch((4, 4), gens(11))
     assert pair.mask.shape == (6, 16) and torch.equal(pair.mask[3:], alone.mask)
+    assert pair.clones == 3 and pair.visible == alone.visible == 3  # int(16 x 0.2) visible units, stated
 
 
 def test_clones_encode_each_image_once_per_mask_row():
@@ -251,7 +252,7 @@ def test_composed_step_equals_official_forward_end_to_end():
         student, decoder, Data2VecTarget(teacher, top_k=TOP_K), Data2VecLoss(0.01), masking, optim=None
     )
     images = torch.randn(2, 3, 32, 32)
-    masks = module.make_mask(images, torch.Generator().manual_seed(8))
+    masks = module.make_mask(images, 8)
     torch.manual_seed(9)
     pred, target = module(images, masks)
     losses = module.loss(pred, target, masks)
@@ -322,7 +323,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     images = torch.randn(8, 3, 32, 32)
     losses = []
     for step in range(25):
-        out = module.compute_losses(images, module._generator(0, step))
+        out = module.compute_losses(images, module.make_mask(images, step))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

@@ -4,7 +4,8 @@
 For each of MAE, FCMAE, iTPN, Img2Vec pre-training, fine-tuning, linear probing, detection and segmentation:
 the ranks' training sample indices are disjoint and together make the epoch, and the ranks hold identical weights
 after the optimiser steps (they saw different samples, so without the all-reduce they would differ).
-MAE: 2 processes x batch B end within float tolerance of 1 process x batch 2B (same samples, same masks).
+MAE: 2 processes x batch B end within float tolerance of 1 process x batch 2B (same samples, same masks), with the
+same val/loss (validation masks keyed by sample, not by batch or rank).
 Evaluation: the metrics a 2-process fit logs for its final weights (top-1/top-5, kNN, online probe, box/mask mAP,
 mIoU) equal exactly those ``mimlab-eval`` gives for the checkpoint it wrote, and ``mimlab-eval`` with 2 processes
 equals it with 1.
@@ -243,7 +244,9 @@ def test_mimlab_eval_with_two_processes_equals_one_process(task, fits, tmp_path)
 
 
 def test_mae_two_processes_of_batch_b_equal_one_process_of_batch_2b(fits, synthetic_root, tmp_path):
-    _, (rank0, rank1), overrides = fits("mae")
+    """Same samples, same masks (drawn in the loader workers per sample), so the same weights and the same
+    ``val/loss``: validation masks depend on (seed, sample index) only, not on the batch or the rank."""
+    two_dir, (rank0, rank1), overrides = fits("mae")
     single = tmp_path / "single"
     run(
         [
@@ -271,6 +274,9 @@ def test_mae_two_processes_of_batch_b_equal_one_process_of_batch_2b(fits, synthe
     )
     for name in one["final"]:
         torch.testing.assert_close(rank0["final"][name], one["final"][name], rtol=1e-4, atol=1e-6, msg=name)
+    val_two, val_one = last_logged(two_dir, ["val/loss"]), last_logged(single / "run", ["val/loss"])
+    print(f"val/loss: 2 x batch {BATCH} {val_two['val/loss']:.6f}, 1 x batch {2 * BATCH} {val_one['val/loss']:.6f}")
+    assert val_two["val/loss"] == pytest.approx(val_one["val/loss"], rel=1e-5)
 
 
 def test_only_rank_zero_writes_checkpoints_and_logs(fits):

@@ -193,7 +193,8 @@ def test_multiblock_geometry_and_disjoint_context():
 
 def test_multiblock_with_one_generator_per_image_keeps_one_block_size_per_batch():
     gens = [torch.Generator().manual_seed(s) for s in range(6)]
-    masks = MultiBlockMasking()(6, (14, 14), gens)
+    masks = MultiBlockMasking().batch((14, 14), gens)
+    assert masks.visible == int((1 - masks.mask[0]).sum())  # stated: the batch's smallest context
     assert masks.targets.shape[:2] == (6, 4) and (masks.mask.sum(1) == masks.mask[0].sum()).all()
     rows, cols = masks.targets // 14, masks.targets % 14
     spans = (rows.amax(2) - rows.amin(2) + 1) * (cols.amax(2) - cols.amin(2) + 1)
@@ -221,7 +222,7 @@ def test_composed_step_equals_official_train_step():
         encoder, predictor, IJEPATarget(target_encoder), MaskedSmoothL1(1.0, masked_only=False), masking, optim=None
     )
     images = torch.randn(4, 3, 64, 64)
-    masks = module.make_mask(images, torch.Generator().manual_seed(4))
+    masks = module.make_mask(images, 4)
     pred, target = module(images, masks)
     loss = module.loss(pred, target, masks)["loss"]
     z, h, ref_loss = reference_step(encoder, predictor, target_encoder, images, *official_layout(masks))
@@ -337,7 +338,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, synthetic_root):
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
     losses = []
     for step in range(25):
-        out = module.compute_losses(images, module._generator(0, step))
+        out = module.compute_losses(images, module.make_mask(images, step))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

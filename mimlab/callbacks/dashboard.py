@@ -25,11 +25,10 @@ def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> f
     writing any ``.grad``; modules that know their cost may set ``flops_per_batch`` themselves, which then wins."""
     was_training = pl_module.training
     pl_module.train()
-    generator = torch.Generator().manual_seed(0)
     try:
         per_image = train_flops_per_image(
             pl_module,
-            lambda: pl_module.compute_losses(images, generator)["loss"],  # type: ignore[operator]
+            lambda: pl_module.compute_losses(images)["loss"],  # type: ignore[operator]
             images.shape[0],
         )
     finally:

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from mimlab.analysis.token_diversity import as_tokens, token_diversity
 from mimlab.callbacks.reconstruction import _denormalise, evenly_spaced_images
-from mimlab.masking import as_mask_set
 
 
 def similarity_maps(tokens: Tensor, query: int | None = None) -> Tensor:
@@ -66,7 +65,7 @@ class TeacherTargetPanel(L.Callback):
         if not any(True for _ in target.parameters()):  # type: ignore[union-attr]
             return None  # pixel targets: nothing to map
         images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images).to(pl_module.device)  # type: ignore[attr-defined]
-        masks = as_mask_set(pl_module.make_mask(images, torch.Generator().manual_seed(0)))  # type: ignore[operator]
+        masks = pl_module.make_mask(images, 0)  # type: ignore[operator]
         mask = torch.zeros_like(masks.mask[:: masks.clones])  # nothing masked, one row per image
         features = self._named_features(target(images, mask))  # type: ignore[operator]
         if not features:

@@ -8,6 +8,8 @@ and, where its samples do not stack, sets ``train_collate`` / ``val_collate``. E
   ``W`` ranks so that one step reads the same ``W·B`` samples whatever ``W``; every sample's augmentation runs under
   its own seed (seed, epoch, index); the loader starts its workers only when the epoch's first batch is requested;
 * validation: :class:`~mimlab.data.resumable.EvalSampler` - contiguous, unpadded blocks per rank (each sample once);
+* pre-training masks (:meth:`ResumableDataModule.deliver_masks`): drawn per sample in the workers, seeded by
+  (seed, epoch, index) - (seed, index) in validation - and appended to each batch (:mod:`mimlab.data.masks`);
 * ``state_dict`` / ``load_state_dict``: the epoch, the batches of it already trained, the batch geometry and the data
   fingerprint. A resume continues after exactly those batches; resuming on other data, or mid-epoch with another
   batch size or process count, stops with :class:`DataResumeError` naming what differs (``allow_data_change=true``
@@ -26,9 +28,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mimlab.data.masks import MaskingCollate
 from mimlab.data.resumable import EpochAwareDataLoader, EvalSampler, ResumableSampler, SeededDataset
 from mimlab.data.transforms import normalize_images
 from mimlab.data.workers import init_worker
+from mimlab.masking.base import MaskGenerator
 from mimlab.utils.refusal import Refusal
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,7 @@ class ResumableDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self._fingerprint: dict[str, str] | None = None
         self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank already consumed in it)
+        self.masking: MaskGenerator | None = None  # set by deliver_masks
 
     # ------------------------------------------------------------------------------------------ format hooks
     def build_datasets(self) -> tuple[Dataset, Dataset]:
@@ -93,6 +98,17 @@ class ResumableDataModule(L.LightningDataModule):
     def data_identity(self) -> tuple[str, Iterable[str]]:
         """(a short summary such as '600 train + 200 val images', lines that identify the data: names, not bytes)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ masks
+    def deliver_masks(self, masking: MaskGenerator) -> None:
+        """Draw every sample's masks with ``masking`` in the loader workers and append them to each batch as a
+        :class:`~mimlab.masking.MaskSet` (:mod:`mimlab.data.masks`); the pre-training task calls this at setup,
+        before the loaders are built."""
+        self.masking = masking
+
+    def mask_image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the images the model sees, for the mask grid; None = read from each collated batch."""
+        return None
 
     # ------------------------------------------------------------------------------------------ datasets
     def setup(self, stage: str | None = None) -> None:
@@ -115,8 +131,10 @@ class ResumableDataModule(L.LightningDataModule):
         """A loader over ``dataset`` with its own generator: creating its iterator draws the workers' base seed from
         that generator, not from torch's global RNG, so the worker count cannot change the model's random stream
         (drop path, proposal sampling, ...) and a resumed run continues it where the checkpoint left it."""
+        if self.masking is not None:
+            collate = MaskingCollate(self.masking, collate, self.mask_image_size())
         return loader_class(
-            SeededDataset(dataset),
+            SeededDataset(dataset, None if self.masking is None else self.seed),
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,

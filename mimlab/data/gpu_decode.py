@@ -173,11 +173,17 @@ class GPUDecodeImageNetDataModule(ImageNetDataModule):
         """The base loader (resumable seeded sampler, DDP split) over the bytes; validation reads the encoded view."""
         return super()._loader(dataset.encoded if isinstance(dataset, _DecodedView) else dataset, *args, **kwargs)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        flat, sizes, labels, seeds = batch
+    def mask_image_size(self) -> tuple[int, int]:
+        """The workers see bytes; the masks are drawn for the decoded ``img_size`` crops."""
+        return self.img_size, self.img_size
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> tuple[Any, ...]:
+        """(bytes, sizes, labels, seeds[, masks]) -> (images, labels[, masks]) on ``device``."""
+        flat, sizes, labels, seeds, *masks = batch
         training = self.trainer is None or self.trainer.training
         transform = self.train_device_transform if training else self.val_device_transform
-        return transform(split_encoded(flat, sizes), device, seeds.tolist()), labels.to(device, non_blocking=True)
+        images = transform(split_encoded(flat, sizes), device, seeds.tolist())
+        return (images, labels.to(device, non_blocking=True), *(m.to(device, non_blocking=True) for m in masks))
 
 
 class _DecodedView(Dataset):

@@ -29,6 +29,20 @@ def mix_seed(*values: int) -> int:
     return out
 
 
+MASK_STREAM = 0x6D61736B  # sets the mask seeds apart from the augmentation seeds of the same samples
+VALIDATION_STREAM = 0x76616C
+
+
+def training_mask_seed(sample_seed: int) -> int:
+    """The mask seed of a training sample whose augmentation runs under ``sample_seed`` = (seed, epoch, index)."""
+    return mix_seed(sample_seed, MASK_STREAM)
+
+
+def validation_mask_seed(seed: int, index: int) -> int:
+    """The mask seed of validation sample ``index``: no epoch, so every validation sees the same masks."""
+    return mix_seed(seed, VALIDATION_STREAM, index)
+
+
 class ResumableSampler(Sampler):
     """Shuffled (or sequential) per-epoch order over ``length`` samples for rank ``rank`` of ``num_replicas``.
 
@@ -103,15 +117,26 @@ class EvalSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Wraps a map-style dataset; ``dataset[(index, seed)]`` runs ``base[index]`` with torch's RNG seeded by ``seed``."""
+    """Wraps a map-style dataset; ``dataset[(index, seed)]`` runs ``base[index]`` with torch's RNG seeded by ``seed``.
 
-    def __init__(self, base: Dataset) -> None:
+    ``mask_seed`` (the run's seed) appends each sample's mask seed to it, for the masks drawn in the workers
+    (:mod:`mimlab.data.masks`): from ``seed`` for a training key, from (``mask_seed``, index) for a validation index."""
+
+    def __init__(self, base: Dataset, mask_seed: int | None = None) -> None:
         self.base = base
+        self.mask_seed = mask_seed
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, key):
+        sample = self._sample(key)
+        if self.mask_seed is None:
+            return sample
+        seed = validation_mask_seed(self.mask_seed, key) if isinstance(key, int) else training_mask_seed(key[1])
+        return (*sample, seed)
+
+    def _sample(self, key):
         if isinstance(key, int):
             return self.base[key]
         index, seed = key

@@ -17,8 +17,10 @@ import math
 import torch
 from torch import Tensor
 
+from mimlab.masking.base import MaskGenerator
 
-class BlockMasking:
+
+class BlockMasking(MaskGenerator):
     """Args: ``num_masked`` units per image (75 at 14×14) or ``ratio`` (fraction of units, used when num_masked is
     None), ``unit_size`` in pixels, ``min_num_patches`` (16), ``max_num_patches`` (None = no limit beyond the
     remaining count), ``min_aspect`` (0.3; max is its inverse unless ``max_aspect`` is given)."""
@@ -51,12 +53,6 @@ class BlockMasking:
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
         self.max_attempts = max_attempts
 
-    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        h, w = image_size
-        if h % self.unit_size or w % self.unit_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by masking.unit_size={self.unit_size}")
-        return h // self.unit_size, w // self.unit_size
-
     def count(self, num_units: int) -> int:
         n = self.num_masked if self.num_masked is not None else int(round(num_units * self.ratio))  # type: ignore[operator]
         if not 0 < n < num_units:
@@ -65,6 +61,9 @@ class BlockMasking:
                 f"least one and keep one visible (masking.num_masked / masking.ratio, data.img_size)"
             )
         return n
+
+    def visible(self, grid: tuple[int, int]) -> int:
+        return grid[0] * grid[1] - self.count(grid[0] * grid[1])
 
     def _uniform(self, lo: float, hi: float, g: torch.Generator | None) -> float:
         return lo + (hi - lo) * torch.rand((), generator=g).item()

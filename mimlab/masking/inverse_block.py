@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mimlab.masking.base import MaskGenerator
 from mimlab.masking.utils import check_visible
 
 
-class InverseBlockMasking:
+class InverseBlockMasking(MaskGenerator):
     """Args: ``ratio`` (fraction masked, 0.8), ``block_size`` (fairseq ``mask_length``, 3), ``ratio_adjust``
     (``mask_prob_adjust``, 0.07: extra centres to offset block overlap), ``unit_size`` (pixels per unit, = patch size)."""
 
@@ -36,15 +37,12 @@ class InverseBlockMasking:
         self.ratio, self.block_size, self.ratio_adjust = float(ratio), int(block_size), float(ratio_adjust)
         self.unit_size = int(unit_size)
 
-    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        h, w = image_size
-        if h % self.unit_size or w % self.unit_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by masking.unit_size={self.unit_size}")
-        return h // self.unit_size, w // self.unit_size
-
     def num_visible(self, num_units: int) -> int:
         """``int(L · (1 − ratio))``; at least one unit must stay visible and one masked."""
         return check_visible(int(num_units * (1 - self.ratio)), num_units, self.unit_size, self.ratio)
+
+    def visible(self, grid: tuple[int, int]) -> int:
+        return self.num_visible(grid[0] * grid[1])
 
     def _blocks(self, batch_size: int, grid: tuple[int, int], g: torch.Generator | None) -> Tensor:
         """(N, L) with 1 on the union of the blocks around the drawn centres."""

@@ -9,8 +9,9 @@ Two methods need more than "which units does the encoder drop":
   unit indices per row (the target blocks); ``mask`` marks everything outside the context block.
 
 Mask convention as everywhere: ``mask[r, l] = 1`` means unit ``l`` is removed from the encoder input, ``0`` visible;
-every row keeps the same number of visible units. A plain tensor mask is a ``MaskSet`` with ``clones=1`` and no
-``targets`` (:func:`as_mask_set`).
+every row keeps the same number of visible units, ``visible`` when the generator stated it (then nothing counts it from
+the mask: no device read). A plain tensor mask is a ``MaskSet`` with ``clones=1`` and no ``targets``
+(:func:`as_mask_set`); :meth:`MaskSet.plain` gives such a set back as the tensor.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from torch import Tensor
 @dataclass(frozen=True)
 class MaskSet:
     """mask: (N·M, L) float, 1 = removed from the encoder input.  clones: M masked versions per image.
-    targets: optional (N·M, T, K) long unit indices to predict, T sets of K units each (row-major unit grid)."""
+    targets: optional (N·M, T, K) long unit indices to predict, T sets of K units each (row-major unit grid).
+    visible: visible units per row, as the generator states it (None: count it from ``mask``)."""
 
     mask: Tensor
     clones: int = 1
     targets: Tensor | None = None
+    visible: int | None = None
 
     def __post_init__(self) -> None:
         if self.clones < 1 or self.mask.shape[0] % self.clones:
@@ -39,8 +42,32 @@ class MaskSet:
             )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskSet:
+        """On ``device`` (Lightning moves a batch's ``MaskSet`` with this)."""
         targets = None if self.targets is None else self.targets.to(device, non_blocking=non_blocking)
-        return MaskSet(self.mask.to(device, non_blocking=non_blocking), self.clones, targets)
+        return MaskSet(self.mask.to(device, non_blocking=non_blocking), self.clones, targets, self.visible)
+
+    def pin_memory(self) -> MaskSet:
+        """In pinned host memory (the DataLoader's ``pin_memory=True`` calls this)."""
+        targets = None if self.targets is None else self.targets.pin_memory()
+        return MaskSet(self.mask.pin_memory(), self.clones, targets, self.visible)
+
+    def plain(self) -> Tensor | MaskSet:
+        """The (N, L) mask tensor when the set says nothing more (one clone, no targets), else the set itself: what
+        decoders, targets and losses take."""
+        return self.mask if self.clones == 1 and self.targets is None else self
+
+    @staticmethod
+    def stack(sets: list[MaskSet]) -> MaskSet:
+        """The sets of several images as one (rows in order); they must agree on clones and visible count."""
+        first = sets[0]
+        odd = [i for i, s in enumerate(sets) if (s.clones, s.visible) != (first.clones, first.visible)]
+        if odd:
+            raise ValueError(
+                f"MaskSet.stack: image {odd[0]} has clones={sets[odd[0]].clones}, visible={sets[odd[0]].visible}; "
+                f"image 0 has clones={first.clones}, visible={first.visible} (a batch needs one shape)"
+            )
+        targets = None if first.targets is None else torch.cat([s.targets for s in sets])  # type: ignore[misc]
+        return MaskSet(torch.cat([s.mask for s in sets]), first.clones, targets, first.visible)
 
 
 def as_mask_set(mask: Tensor | MaskSet) -> MaskSet:

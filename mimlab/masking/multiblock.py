@@ -23,20 +23,22 @@ so unlike per-image maskers the masks of an image depend on the batch it is in.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
+from mimlab.masking.base import MaskGenerator
 from mimlab.masking.mask_set import MaskSet
 from mimlab.masking.utils import check_range
 
 
-class MultiBlockMasking:
+class MultiBlockMasking(MaskGenerator):
     """Args (official ``mask`` config names in brackets): num_targets [num_pred_masks] 4, target_scale
     [pred_mask_scale] (0.15, 0.2), target_aspect [aspect_ratio] (0.75, 1.5), context_scale [enc_mask_scale]
     (0.85, 1.0), min_keep 10, allow_overlap False, unit_size [patch_size], max_tries (redraws before a constraint is
     dropped, 20)."""
 
-    takes_sample_generators = True  # block sizes and the context truncation are per batch (see module docstring)
+    per_image = False  # block sizes and the context truncation are per batch (see module docstring)
 
     def __init__(
         self,
@@ -60,12 +62,6 @@ class MultiBlockMasking:
         self.context_scale = check_range("context_scale", context_scale, 0.0, 1.0)
         self.min_keep, self.allow_overlap = int(min_keep), bool(allow_overlap)
         self.unit_size, self.max_tries = int(unit_size), int(max_tries)
-
-    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        h, w = image_size
-        if h % self.unit_size or w % self.unit_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by masking.unit_size={self.unit_size}")
-        return h // self.unit_size, w // self.unit_size
 
     def block_size(
         self, grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float], g: torch.Generator | None
@@ -110,10 +106,19 @@ class MultiBlockMasking:
             if budget == 0:
                 tries, budget = tries + 1, self.max_tries
 
-    def __call__(
-        self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None = None
+    def __call__(  # type: ignore[override]
+        self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None
     ) -> MaskSet:
-        per_image = generator if isinstance(generator, list) else [generator] * batch_size
+        """``batch_size`` images' masks, everything drawn from one generator (the official collator's order)."""
+        return self.batch(grid, [generator] * batch_size)  # type: ignore[list-item]
+
+    def draw(self, grid: tuple[int, int], generator: torch.Generator) -> MaskSet:
+        return self.batch(grid, [generator])
+
+    def batch(self, grid: tuple[int, int], generators: Sequence[torch.Generator | None]) -> MaskSet:  # type: ignore[override]
+        """Block sizes from ``generators[0]``, image ``n``'s placements from ``generators[n]``; visible = the batch's
+        smallest context (the official truncation)."""
+        per_image, batch_size = list(generators), len(generators)
         target_size = self.block_size(grid, self.target_scale, self.target_aspect, per_image[0])
         context_size = self.block_size(grid, self.context_scale, (1.0, 1.0), per_image[0])
         self._check(target_size, "target", grid)
@@ -129,7 +134,7 @@ class MultiBlockMasking:
         rows = torch.arange(batch_size).repeat_interleave(keep_c)
         mask[rows, torch.tensor([i for c in contexts for i in c[:keep_c]])] = 0.0
         target_index = torch.tensor([[t[:keep_t] for t in per_image] for per_image in targets])
-        return MaskSet(mask, clones=1, targets=target_index)
+        return MaskSet(mask, clones=1, targets=target_index, visible=keep_c)
 
     def __repr__(self) -> str:
         return (

@@ -6,13 +6,17 @@ Every sample keeps exactly ``num_keep(L) = int(L * (1 - ratio))`` units, so shap
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from mimlab.masking.base import MaskGenerator
+from mimlab.masking.mask_set import MaskSet
 from mimlab.masking.utils import check_visible
 
 
-class RandomMasking:
+class RandomMasking(MaskGenerator):
     """Uniformly random masking of ``ratio`` of the ``unit_size``-pixel units of an image.
 
     Args:
@@ -34,11 +38,8 @@ class RandomMasking:
         """Visible units per sample, ``int(L * (1 - ratio))``; at least one unit must stay visible and one masked."""
         return check_visible(int(num_units * (1 - self.ratio)), num_units, self.unit_size, self.ratio)
 
-    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        h, w = image_size
-        if h % self.unit_size or w % self.unit_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by masking.unit_size={self.unit_size}")
-        return h // self.unit_size, w // self.unit_size
+    def visible(self, grid: tuple[int, int]) -> int:
+        return self.num_keep(grid[0] * grid[1])
 
     def __call__(
         self,
@@ -48,14 +49,22 @@ class RandomMasking:
         device: torch.device | str | None = None,
     ) -> Tensor:
         """Return a float mask (N, gh*gw), 1 = masked; noise is drawn on the CPU from ``generator``."""
-        length = grid[0] * grid[1]
-        noise = torch.rand(batch_size, length, generator=generator)
+        mask = self._from_noise(torch.rand(batch_size, grid[0] * grid[1], generator=generator))
+        return mask.to(device) if device is not None else mask
+
+    def batch(self, grid: tuple[int, int], generators: Sequence[torch.Generator]) -> MaskSet:
+        """Each image's noise from its own generator (as :meth:`draw` would), ranked in one vectorised pass."""
+        noise = torch.stack([torch.rand(grid[0] * grid[1], generator=g) for g in generators])
+        return MaskSet(self._from_noise(noise), visible=self.visible(grid))
+
+    def _from_noise(self, noise: Tensor) -> Tensor:
+        """(N, L) uniform noise -> (N, L) mask: the ``num_keep`` lowest-noise units of each row visible (MAE)."""
+        batch_size, length = noise.shape
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         mask = torch.ones(batch_size, length)
         mask[:, : self.num_keep(length)] = 0
-        mask = torch.gather(mask, 1, ids_restore)
-        return mask.to(device) if device is not None else mask
+        return torch.gather(mask, 1, ids_restore)
 
     def __repr__(self) -> str:
         return f"RandomMasking(ratio={self.ratio}, unit_size={self.unit_size})"

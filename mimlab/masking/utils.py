@@ -59,8 +59,13 @@ def keep_indices(mask: Tensor, num_keep: int) -> Tensor:
     return torch.argsort(mask, dim=1, stable=True)[:, :num_keep]
 
 
-def num_visible(mask: Tensor) -> int:
-    """Visible units per sample (identical for every row by construction)."""
+def num_visible(mask: Tensor, stated: int | None = None, units: int | None = None) -> int:
+    """Visible entries per row of ``mask`` (identical for every row by construction). ``stated``: the generator's
+    visible count over ``units`` mask units (:attr:`MaskSet.visible`); ``mask`` may be a finer token grid, each unit
+    then covering ``L / units`` entries. Without it the count is read from the mask: a device read when the mask lives
+    on an accelerator, and a graph break under ``torch.compile``."""
+    if stated is not None:
+        return stated * (mask.shape[1] // (units or mask.shape[1]))
     return int(mask.shape[1] - mask[0].sum().item())
 
 

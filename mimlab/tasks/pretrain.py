@@ -2,19 +2,23 @@
 
 ``masking -> backbone(x, mask) -> neck -> decoder(features, mask) -> target(x, mask) -> loss(pred, target, mask)``.
 A method (MAE, FCMAE, iTPN, Img2Vec, SimMIM, MaskFeat, data2vec 2.0, I-JEPA) is a composition of these parts chosen
-in ``conf/experiment/*.yaml``. Mask convention: (N, L) over ``masking.unit_size``-pixel units, 1 = masked; or a
-:class:`~mimlab.masking.MaskSet` (several masks per image, target sets), which this module passes on untouched.
+in ``conf/experiment/*.yaml``. Masks arrive with the batch as a :class:`~mimlab.masking.MaskSet` over
+``masking.unit_size``-pixel units, 1 = masked (several masks per image, target sets where the method has them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from mimlab.data.base import ResumableDataModule
+from mimlab.data.resumable import mix_seed
 from mimlab.masking import MaskSet
+from mimlab.masking.base import MaskGenerator, seeded_generators
 from mimlab.models.backbones.contract import check_backbone
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
@@ -26,11 +30,16 @@ class CompositionError(ValueError):
 
 class MaskedPretraining(L.LightningModule):
     """Args: the composed parts (``nn.Module`` each, ``neck`` optional), the mask generator, the optimiser factory,
-    and ``seed``: each training sample's mask is drawn from a generator seeded by (seed, global step, batch index,
-    position in the global batch) (:meth:`sample_generators`), so masks are reproducible, resume exactly and do not
-    depend on the number of processes; validation masks depend only on (seed, batch index, rank) and are therefore
-    identical every epoch. Non-finite losses are :class:`mimlab.callbacks.nan_guard.NonFiniteGuard`'s business
-    (``nan_guard``), outside the (possibly compiled) step."""
+    and ``seed``.
+
+    Masks come with the batch: at setup the module hands ``masking`` to its DataModule
+    (:meth:`~mimlab.data.base.ResumableDataModule.deliver_masks`), whose loader workers draw each sample's masks from
+    (seed, epoch, index) — (seed, index) in validation — and append them as a :class:`~mimlab.masking.MaskSet`
+    stating its visible count; so the step does no host work for them, they resume exactly and do not depend on the
+    batch size, worker count or number of processes. A batch without masks (another DataModule, a bare step) gets
+    them drawn in the step (:meth:`make_mask`), keyed by (seed, global step, batch index, position in the global batch)
+    in training and (seed, batch index, rank, position) in validation. Non-finite losses are
+    :class:`mimlab.callbacks.nan_guard.NonFiniteGuard`'s business (``nan_guard``), outside the (possibly compiled) step."""
 
     def __init__(
         self,
@@ -38,7 +47,7 @@ class MaskedPretraining(L.LightningModule):
         decoder: nn.Module,
         target: Target,
         loss: nn.Module,
-        masking: Any,
+        masking: MaskGenerator,
         optim: OptimizerFactory,
         neck: nn.Module | None = None,
         seed: int = 0,
@@ -54,61 +63,63 @@ class MaskedPretraining(L.LightningModule):
         self.optim = optim
         self.seed = seed
 
+    def setup(self, stage: str) -> None:
+        """Have the DataModule draw the masks in its loader workers (see the class docstring)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if isinstance(datamodule, ResumableDataModule):
+            datamodule.deliver_masks(self.masking)
+
     # ----------------------------------------------------------------------------------------------- masks
-    def _generator(self, *keys: int) -> torch.Generator:
-        value = self.seed
-        for key in keys:
-            value = (value * 1_000_003 + key) % (2**63 - 1)
-        return torch.Generator().manual_seed(value)
+    def _seed(self, *keys: int) -> int:
+        return mix_seed(self.seed, *keys)
 
-    @torch.compiler.disable  # host-side generator objects: one graph break here instead of one per generator
-    def sample_generators(self, batch_size: int, batch_idx: int) -> list[torch.Generator]:
-        """One generator per training sample, keyed by (seed, step, batch, position in the global batch).
+    @torch.compiler.disable  # host-side draws from host generators (batches without masks only)
+    def make_mask(self, images: Tensor, seeds: int | Sequence[int]) -> MaskSet:
+        """The masks of ``images`` (N, C, H, W) over the mask-unit grid, 1 = masked, drawn **on the host** with one
+        generator per image: from ``seeds[n]``, or from (``seeds``, n) when one int is given."""
+        per_image = [self._seed(seeds, n) for n in range(images.shape[0])] if isinstance(seeds, int) else seeds
+        return self.masking.batch(self.masking.grid(tuple(images.shape[-2:])), seeded_generators(per_image))
 
-        Position ``j`` of rank ``r`` among ``W`` processes is ``j·W + r``, the order in which the DataModule's sampler
-        deals a step's samples to the ranks; so ``W`` processes × batch ``B`` and one process × batch ``W·B`` draw the
-        same mask for the same sample, and a resumed run draws the masks of the uninterrupted one."""
+    def _step_seeds(self, batch_size: int, *keys: int) -> list[int]:
+        """Seeds of a batch that came without masks: position ``j`` of rank ``r`` among ``W`` processes is ``j·W + r``
+        (the order in which the sampler deals a step's samples to the ranks)."""
         try:
             world = self.trainer.world_size
         except RuntimeError:  # not attached to a Trainer (a bare step, a FLOP count): one process
             world = 1
-        return [
-            self._generator(0, self.global_step, batch_idx, j * world + self.global_rank) for j in range(batch_size)
-        ]
+        return [self._seed(*keys, j * world + self.global_rank) for j in range(batch_size)]
 
-    @torch.compiler.disable  # host-side draws from host generators
-    def make_mask(self, images: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor | MaskSet:
-        """(N, C, H, W) -> (N, L) float mask over the mask-unit grid, 1 = masked (or a ``MaskSet``), **on the host**:
-        backbones read the (static) visible count there without a device sync and move the mask to the images' device
-        themselves. ``generator``: one for the whole batch, or a list with one per sample (row ``n`` drawn from
-        ``generator[n]``; a masker with ``takes_sample_generators`` gets the whole list and builds the batch itself)."""
-        grid = self.masking.grid(tuple(images.shape[-2:]))
-        if isinstance(generator, torch.Generator) or getattr(self.masking, "takes_sample_generators", False):
-            return self.masking(images.shape[0], grid, generator=generator)
-        return torch.cat([self.masking(1, grid, generator=g) for g in generator])
+    def _masks(self, batch: Any, *keys: int) -> tuple[Tensor, MaskSet]:
+        """(images, masks) of a batch: the loader's masks (last entry) or, without them, drawn here."""
+        images = batch[0]
+        if isinstance(batch[-1], MaskSet):
+            return images, batch[-1]
+        return images, self.make_mask(images, self._step_seeds(images.shape[0], *keys))
 
     # ----------------------------------------------------------------------------------------------- forward
-    def forward(self, images: Tensor, mask: Tensor | MaskSet) -> tuple[Any, Any]:
-        """Return (prediction, target) for ``images`` under ``mask`` (host or device; the backbone gets it as given)."""
-        features = self.neck(self.backbone(images, mask))
-        device_mask = mask.to(images.device, non_blocking=True)
-        return self.decoder(features, device_mask), self.target(images, device_mask)
+    def forward(self, images: Tensor, masks: MaskSet) -> tuple[Any, Any]:
+        """Return (prediction, target) for ``images`` under ``masks`` (host or device). The backbone gets the
+        ``MaskSet`` (its stated visible count), decoder and target its plain form (:meth:`MaskSet.plain`)."""
+        features = self.neck(self.backbone(images, masks))
+        parts = masks.to(images.device, non_blocking=True).plain()
+        return self.decoder(features, parts), self.target(images, parts)
 
-    def compute_losses(self, images: Tensor, generator: torch.Generator | list[torch.Generator]) -> dict[str, Tensor]:
-        """The loss terms of one step on ``images`` (N, C, H, W) with a mask drawn from ``generator`` (see make_mask)."""
-        mask = self.make_mask(images, generator)
-        pred, target = self(images, mask)
-        return self.loss(pred, target, mask.to(images.device, non_blocking=True))
+    def compute_losses(self, images: Tensor, masks: MaskSet | None = None) -> dict[str, Tensor]:
+        """The loss terms of one step on ``images`` (N, C, H, W) under ``masks`` (default: :meth:`make_mask` with
+        seed 0)."""
+        masks = masks if masks is not None else self.make_mask(images, 0)
+        pred, target = self(images, masks)
+        return self.loss(pred, target, masks.to(images.device, non_blocking=True).plain())
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images = batch[0]
-        losses = self.compute_losses(images, self.sample_generators(images.shape[0], batch_idx))
+        images, masks = self._masks(batch, 0, self.global_step, batch_idx)
+        losses = self.compute_losses(images, masks)
         self._log_losses("train", losses, images.shape[0])
         return losses["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        images = batch[0]
-        losses = self.compute_losses(images, self._generator(1, batch_idx, self.global_rank))
+        images, masks = self._masks(batch, 1, batch_idx)
+        losses = self.compute_losses(images, masks)
         self._log_losses("val", losses, images.shape[0])
 
     def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
@@ -130,7 +141,7 @@ class MaskedPretraining(L.LightningModule):
         that do not fit (shapes, strides, dims) fail here with :class:`CompositionError`, before data or training."""
         images = torch.zeros(2, 3, *image_size, device=self.device)
         try:
-            losses = self.compute_losses(images, self._generator(3))
+            losses = self.compute_losses(images, self.make_mask(images, 3))
         except Exception as err:  # re-raised with context
             raise CompositionError(
                 f"the configured parts do not fit together at image size {image_size}: {type(err).__name__}: {str(err).rstrip('.')}. "
@@ -147,11 +158,13 @@ class MaskedPretraining(L.LightningModule):
     @torch.no_grad()
     def reconstruct(self, images: Tensor, seed: int = 0) -> dict[str, Tensor]:
         """Pixel-space view of a prediction (pixel targets only): ``mask`` (N, 1, H, W) with 1 = masked, ``pred`` (N, C, H, W)."""
-        mask = self.make_mask(images, self._generator(2, seed))
-        pred, _ = self(images, mask)
+        masks = self.make_mask(images, self._seed(2, seed))
+        pred, _ = self(images, masks)
         unit = self.masking.unit_size
         gh, gw = images.shape[-2] // unit, images.shape[-1] // unit
-        mask_px = mask.to(images.device).reshape(-1, 1, gh, gw).repeat_interleave(unit, 2).repeat_interleave(unit, 3)
+        mask_px = (
+            masks.mask.to(images.device).reshape(-1, 1, gh, gw).repeat_interleave(unit, 2).repeat_interleave(unit, 3)
+        )
         return {"mask": mask_px, "pred": self.target.to_image(pred, images)}  # type: ignore[operator]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

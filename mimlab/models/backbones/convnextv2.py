@@ -26,6 +26,7 @@ import torch
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
+from mimlab.masking import MaskSet, as_mask_set
 from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
 from mimlab.models.layers.grn import GRN
 
@@ -254,9 +255,10 @@ class MaskedConvNeXtV2(nn.Module):
             feats.append(x)
         return feats
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Masked encoding for FCMAE: the last stage ``(N, dims[-1], H/32, W/32)``, zero at masked positions."""
-        return self.forward_features(x, mask)[-1]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | MaskSet | None = None) -> torch.Tensor:
+        """Masked encoding for FCMAE: the last stage ``(N, dims[-1], H/32, W/32)``, zero at masked positions; ``mask``
+        (N, L_units), 1 = masked, or its ``MaskSet``."""
+        return self.forward_features(x, None if mask is None else as_mask_set(mask).mask)[-1]
 
     def forward_head(self, feature: torch.Tensor) -> torch.Tensor:
         """Global average pool -> LN -> Linear on the last stage map ``(N, C, h, w)`` -> ``(N, num_classes)``."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from mimlab.masking import fill_masked, keep_indices, num_visible
+from mimlab.masking import MaskSet, fill_masked, keep_indices, num_visible
 from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
@@ -339,8 +339,11 @@ class HiViT(nn.Module):
         pool = check_pool(self, pool)
         return self.forward_units(x).features[-1].mean(dim=1)
 
-    def forward_units(self, x: Tensor, mask: Tensor | None = None) -> HiViTEncoding:
-        """Run the three stages on (N, 3, H, W); ``mask`` (N, L) over 16-px units, 1 = masked (None = full image)."""
+    def forward_units(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> HiViTEncoding:
+        """Run the three stages on (N, 3, H, W); ``mask`` (N, L) over 16-px units or a ``MaskSet`` stating its visible
+        count, 1 = masked (None = full image)."""
+        stated = mask.visible if isinstance(mask, MaskSet) else None
+        mask = mask.mask if isinstance(mask, MaskSet) else mask
         n, _, h, w = x.shape
         grid = (h // self.unit_size, w // self.unit_size)
         x = self.patch_embed(x)  # (N, L, 4, 4, D/4)
@@ -351,7 +354,7 @@ class HiViT(nn.Module):
                 f"units of {self.unit_size} px; set masking.unit_size={self.unit_size}"
             )
         if mask is not None:
-            num_keep = num_visible(mask)  # counted before the move: a host-side mask costs no device sync
+            num_keep = num_visible(mask, stated)  # stated by the generator, else counted (a host mask: no sync)
             mask = mask.to(x.device)
         if mask is not None and self.drop_masked:
             ids_keep = keep_indices(mask, num_keep)
@@ -416,7 +419,7 @@ class HiViT(nn.Module):
             return idx[None]  # type: ignore[index]
         return idx[ids_keep[:, :, None], ids_keep[:, None, :]]  # type: ignore[index]  # (N, K, K)
 
-    def forward(self, x: Tensor, mask: Tensor) -> HiViTEncoding:
+    def forward(self, x: Tensor, mask: Tensor | MaskSet) -> HiViTEncoding:
         """Masked encoding for pre-training (see ``forward_units``)."""
         return self.forward_units(x, mask)
 

@@ -16,7 +16,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from mimlab.masking import fill_masked, mask_to_token_grid
+from mimlab.masking import MaskSet, as_mask_set, fill_masked, mask_to_token_grid
 from mimlab.models.backbones.vit import MaskedViT
 
 
@@ -46,8 +46,9 @@ class MaskTokenViT(MaskedViT):
         out, _ = self._run_blocks(self._prepend_cls(tokens), self._attn_bias(tokens))
         return out
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        """(N, C, H, W), (N, L_units) 1 = masked -> (N, D, H/p, W/p) map of every patch."""
+    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Tensor:  # type: ignore[override]
+        """(N, C, H, W), (N, L_units) 1 = masked (or its ``MaskSet``) -> (N, D, H/p, W/p) map of every patch."""
+        mask = as_mask_set(mask).mask if mask is not None else None
         if mask is None:
             return super().forward_features(x)[-1]
         out = self.encode(x, mask)[:, 1:]

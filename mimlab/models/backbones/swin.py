@@ -15,7 +15,7 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
-from mimlab.masking import fill_masked, mask_to_token_grid
+from mimlab.masking import MaskSet, as_mask_set, fill_masked, mask_to_token_grid
 from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
 
 
@@ -105,6 +105,6 @@ class MaskTokenSwin(SwinTransformer):
             maps.append(self.norm(tokens) if i == len(self.layers) - 1 else tokens)
         return [m.permute(0, 3, 1, 2) for m in maps]
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(N, 3, H, W), (N, L_units) 1 = masked -> (N, 8C0, H/32, W/32), every position encoded."""
-        return self.forward_features(x, mask)[-1]
+    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Tensor:
+        """(N, 3, H, W), (N, L_units) 1 = masked (or its ``MaskSet``) -> (N, 8C0, H/32, W/32), every position encoded."""
+        return self.forward_features(x, None if mask is None else as_mask_set(mask).mask)[-1]

@@ -304,8 +304,8 @@ class MaskedViT(nn.Module):
         """Encode the visible patches of ``x`` (N, C, H, W) given ``mask`` (N·M, L_units), 1 = masked (a
         ``MaskSet`` with M clones repeats each image's embedded patches M times; a plain mask has M = 1).
 
-        The mask may live on the host (as in pre-training): its visible count is read there, without a device sync,
-        and it is then moved to the device of ``x``."""
+        The visible count comes from the ``MaskSet`` (``visible``, stated by the generator), else from the mask; the mask
+        may live on the host and is moved to the device of ``x``."""
         tokens, grid = self._embed(x)
         if mask is None:
             mask = torch.zeros(tokens.shape[0], tokens.shape[1], device=x.device)
@@ -313,7 +313,7 @@ class MaskedViT(nn.Module):
         tokens = repeat_clones(tokens, masks.clones)
         n, length, dim = tokens.shape
         mask = mask_to_token_grid(masks.mask, grid)
-        num_keep = num_visible(mask)  # counted before the move: a host-side mask costs no device sync
+        num_keep = num_visible(mask, masks.visible, masks.mask.shape[1])  # stated by the generator: no device read
         mask = mask.to(device=tokens.device, dtype=tokens.dtype)
         ids_shuffle = torch.argsort(mask, dim=1, stable=True)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
