@@ -111,7 +111,7 @@ def test_the_training_step_takes_the_masks_from_the_batch(tmp_path, monkeypatch)
     from mimlab.tasks.pretrain import MaskedPretraining
 
     batches = []
-    original = MaskedPretraining._masks
+    original = MaskedPretraining.batch_masks
 
     def recording(self, batch, *keys):
         batches.append(batch)
@@ -120,7 +120,7 @@ def test_the_training_step_takes_the_masks_from_the_batch(tmp_path, monkeypatch)
     def refuse(*args, **kwargs):
         raise AssertionError("a step drew its own masks")
 
-    monkeypatch.setattr(MaskedPretraining, "_masks", recording)
+    monkeypatch.setattr(MaskedPretraining, "batch_masks", recording)
     monkeypatch.setattr(MaskedPretraining, "_step_seeds", refuse)
     cfg = compose_config(
         [*TINY_MAE_QUIET, "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2"],

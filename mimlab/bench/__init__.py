@@ -9,10 +9,12 @@ official MAE loader (torchvision ``ImageFolder`` + its transforms). Everything g
 
 Modules: :mod:`~mimlab.bench.workloads` (what is timed), :mod:`~mimlab.bench.timing` (the loops and their clocks),
 :mod:`~mimlab.bench.datapath` (loader side by side), :mod:`~mimlab.bench.cli` (arguments, driver, table).
-Batches are ``(images (N, 3, S, S), labels (N,))``; pre-training modules draw their own masks (1 = masked).
+Batches are what the real loader delivers (:func:`~mimlab.bench.workloads.loader_batch`): ``(images (N, 3, S, S), labels
+(N,))`` and, for pre-training, the masks its workers draw (a ``MaskSet``, 1 = masked); the host time of those masks is
+reported per batch (:func:`~mimlab.bench.workloads.mask_timing`).
 """
 
 from mimlab.bench.cli import load_config, main, run
-from mimlab.bench.workloads import ExperimentWorkload, quiet_step
+from mimlab.bench.workloads import ExperimentWorkload, loader_batch, quiet_step
 
-__all__ = ["ExperimentWorkload", "load_config", "main", "quiet_step", "run"]
+__all__ = ["ExperimentWorkload", "load_config", "loader_batch", "main", "quiet_step", "run"]

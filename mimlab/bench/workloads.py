@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import statistics
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from mimlab.tasks.pretrain import MaskedPretraining
 from mimlab.train import CONFIG_DIR
 
 
@@ -61,6 +65,42 @@ class ExperimentWorkload:
         ]
         composed = compose_train(overrides)
         return instantiate(composed.task), composed
+
+
+def loader_batch(module: L.LightningModule, images: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+    """The batch the training step gets from the real loader: (images, labels), and for pre-training the masks its
+    workers draw (a :class:`~mimlab.masking.MaskSet` on the images' device), so a timed or compiled step does exactly
+    the work it does in training."""
+    if isinstance(module, MaskedPretraining):
+        return images, labels, module.make_mask(images.cpu(), 0).to(images.device)
+    return images, labels
+
+
+def mask_timing(module: L.LightningModule, batch_size: int, img_size: int, repeats: int = 5) -> dict[str, Any] | None:
+    """Host time of a pre-training batch's masks (ms, median of ``repeats``): ``worker_ms`` drawing them for
+    ``batch_size`` images (what one loader worker spends per batch, off the training step), ``step_ms`` what the step
+    itself spends on them once they come with the batch. None for a module that draws no masks."""
+    if not isinstance(module, MaskedPretraining):
+        return None
+    images = torch.empty(batch_size, 3, img_size, img_size)
+    masks = module.make_mask(images, 0)
+    batch = (images, torch.zeros(batch_size, dtype=torch.long), masks)
+
+    def median_ms(fn: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    return {
+        "generator": repr(module.masking),
+        "per_image": type(module.masking).per_image,
+        "batch": batch_size,
+        "worker_ms": median_ms(lambda: module.make_mask(images, 0)),
+        "step_ms": median_ms(lambda: module.batch_masks(batch, 0)),
+    }
 
 
 def quiet_step(module: L.LightningModule, batch: Any, index: int) -> Tensor:

@@ -89,7 +89,7 @@ class MaskedPretraining(L.LightningModule):
             world = 1
         return [self._seed(*keys, j * world + self.global_rank) for j in range(batch_size)]
 
-    def _masks(self, batch: Any, *keys: int) -> tuple[Tensor, MaskSet]:
+    def batch_masks(self, batch: Any, *keys: int) -> tuple[Tensor, MaskSet]:
         """(images, masks) of a batch: the loader's masks (last entry) or, without them, drawn here."""
         images = batch[0]
         if isinstance(batch[-1], MaskSet):
@@ -112,13 +112,13 @@ class MaskedPretraining(L.LightningModule):
         return self.loss(pred, target, masks.to(images.device, non_blocking=True).plain())
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images, masks = self._masks(batch, 0, self.global_step, batch_idx)
+        images, masks = self.batch_masks(batch, 0, self.global_step, batch_idx)
         losses = self.compute_losses(images, masks)
         self._log_losses("train", losses, images.shape[0])
         return losses["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        images, masks = self._masks(batch, 1, batch_idx)
+        images, masks = self.batch_masks(batch, 1, batch_idx)
         losses = self.compute_losses(images, masks)
         self._log_losses("val", losses, images.shape[0])
 
