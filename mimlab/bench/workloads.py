@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from mimlab.tasks.finetune import FineTuning
 from mimlab.tasks.pretrain import MaskedPretraining
 from mimlab.train import CONFIG_DIR
 
@@ -69,10 +70,13 @@ class ExperimentWorkload:
 
 def loader_batch(module: L.LightningModule, images: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
     """The batch the training step gets from the real loader: (images, labels), and for pre-training the masks its
-    workers draw (a :class:`~mimlab.masking.MaskSet` on the images' device), so a timed or compiled step does exactly
-    the work it does in training."""
+    workers draw (a :class:`~mimlab.masking.MaskSet` on the images' device); for fine-tuning with Mixup/CutMix the mixed
+    images and soft targets (the DataModule mixes them after the transfer, outside the step). So a timed or compiled
+    step does exactly the work it does in training."""
     if isinstance(module, MaskedPretraining):
         return images, labels, module.make_mask(images.cpu(), 0).to(images.device)
+    if isinstance(module, FineTuning) and module.mixup is not None:  # mixed before the step, as the DataModule does
+        return tuple(module.mix_batch((images, labels)))
     return images, labels
 
 

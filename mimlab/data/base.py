@@ -89,6 +89,7 @@ class ResumableDataModule(L.LightningDataModule):
         self._fingerprint: dict[str, str] | None = None
         self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank already consumed in it)
         self.masking: MaskGenerator | None = None  # set by deliver_masks
+        self.training_batch_transform: Callable[[Any], Any] | None = None  # set by transform_training_batches
 
     # ------------------------------------------------------------------------------------------ format hooks
     def build_datasets(self) -> tuple[Dataset, Dataset]:
@@ -105,6 +106,12 @@ class ResumableDataModule(L.LightningDataModule):
         :class:`~mimlab.masking.MaskSet` (:mod:`mimlab.data.masks`); the pre-training task calls this at setup,
         before the loaders are built."""
         self.masking = masking
+
+    def transform_training_batches(self, transform: Callable[[Any], Any]) -> None:
+        """Apply ``transform`` to every training batch on the device, after the transfer and normalisation and outside
+        the (possibly compiled) training step: Mixup/CutMix, whose per-batch draws are host-side (the fine-tuning task
+        calls this at setup)."""
+        self.training_batch_transform = transform
 
     def mask_image_size(self) -> tuple[int, int] | None:
         """(H, W) of the images the model sees, for the mask grid; None = read from each collated batch."""
@@ -177,7 +184,15 @@ class ResumableDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 image batches (N, C, H, W) — what the pre-training transforms hand over — are normalised here, on the
-        training device (:func:`~mimlab.data.transforms.normalize_images`); every other batch passes unchanged."""
+        training device (:func:`~mimlab.data.transforms.normalize_images`); then training batches go through the
+        :meth:`transform_training_batches` transform, if one is set."""
+        batch = self._normalized(batch)
+        if self.training_batch_transform is not None and self.trainer is not None and self.trainer.training:
+            return self.training_batch_transform(batch)
+        return batch
+
+    @staticmethod
+    def _normalized(batch: Any) -> Any:
         if (
             isinstance(batch, (list, tuple))
             and batch

@@ -47,17 +47,7 @@ class Data2VecTarget(EMATeacher):
 
     def _ffn_outputs(self, images: Tensor) -> list[Tensor]:
         """Run the teacher on the full image; return the FFN outputs (N, L, D) of its top ``top_k`` blocks."""
-        outputs: list[Tensor] = []
-        hooks = [
-            block.mlp.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-            for block in self.teacher.blocks[-self.top_k :]  # type: ignore[index]
-        ]
-        try:
-            self.teacher.forward_tokens(images)  # type: ignore[operator]
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [out[:, self.teacher.num_prefix_tokens :] for out in outputs]
+        return self.teacher.forward_ffn_outputs(images, self.top_k)  # type: ignore[operator]
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Tensor | MaskSet | None = None) -> Tensor:

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mimlab.checkpoints import load_pretrained
+from mimlab.data.base import ResumableDataModule
 from mimlab.models.backbones.contract import check_backbone
 from mimlab.models.heads.classifier import GlobalAvgPool
 from mimlab.optim import OptimizerFactory
@@ -189,13 +190,30 @@ class FineTuning(ImageClassification):
         """A view (not registered) of the trained parts, in the layout the EMA copy keeps: ``backbone.*``, ``head.*``."""
         return nn.ModuleDict({"backbone": self.backbone, "head": self.head})  # type: ignore[dict-item]
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def setup(self, stage: str) -> None:
+        """Build the head (base class), then have the DataModule mix training batches before the step."""
+        super().setup(stage)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.mixup is not None and isinstance(datamodule, ResumableDataModule):
+            datamodule.transform_training_batches(self.mix_batch)
+
+    def mix_batch(self, batch: Any) -> list[Any]:
+        """Mixup/CutMix (timm) of a training batch (images (N, C, H, W), class indices (N,), ...) -> (images, soft
+        targets (N, num_classes), ...); an odd batch loses its last image (timm pairs image n with image N-1-n). It runs
+        outside the training step (the DataModule's :meth:`~mimlab.data.base.ResumableDataModule.transform_training_batches`),
+        because its per-batch draws are host-side numpy: inside a compiled step they would split the graph."""
         images, labels = batch[0], batch[1]
-        targets = labels
-        if self.mixup is not None:
-            if images.shape[0] % 2:
-                images, labels = images[:-1], labels[:-1]
-            images, targets = self.mixup(images, labels)
+        if images.shape[0] % 2:
+            images, labels = images[:-1], labels[:-1]
+        images, targets = self.mixup(images, labels)  # type: ignore[misc]
+        return [images, targets, *batch[2:]]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """``batch`` = (images, targets): soft targets when mixed before the step, else class indices (mixed here when
+        Mixup is on: a loader that is not a mimlab DataModule)."""
+        if self.mixup is not None and batch[1].ndim == 1:
+            batch = self.mix_batch(batch)
+        images, targets = batch[0], batch[1]
         loss = self.train_loss(self(images), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss

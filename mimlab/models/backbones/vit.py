@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, keep_indices, mask_to_token_grid, num_visible, repeat_clones
 from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
-from mimlab.models.layers.post_norm_block import PostNormBlock
+from mimlab.models.layers.post_norm_block import PostNormBlock, block_with_ffn
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -328,6 +328,21 @@ class MaskedViT(nn.Module):
             hidden_states=hidden,
             num_prefix_tokens=self.num_prefix_tokens,
         )
+
+    def forward_ffn_outputs(self, x: Tensor, last: int) -> list[Tensor]:
+        """Unmasked encoding of (N, C, H, W); the FFN outputs before their residual of the last ``last`` blocks, each
+        (N, L, D) without prefix tokens (data2vec 2.0's targets). No hooks, so a compiled step stays one graph."""
+        tokens, _ = self._embed(x)
+        bias = self._attn_bias(tokens)
+        h = self.norm_pre(self._prepend_cls(tokens))
+        first, outputs = len(self.blocks) - last, []
+        for i, block in enumerate(self.blocks):
+            if i < first:
+                h = block(h, attn_mask=bias)
+            else:
+                h, ffn = block_with_ffn(block, h, bias)
+                outputs.append(ffn[:, self.num_prefix_tokens :])
+        return outputs
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Unmasked encoding: (N, C, H, W) -> (N, P+L, D) final-normed tokens (cls first when there is one, P = 1)."""

@@ -1,7 +1,11 @@
-"""Masks drawn in the DataLoader workers, one per sample, seeded by (seed, epoch, index): the same masks for an image
+"""What the training step receives, so that it does no host work of its own.
+
+Pre-training: masks drawn in the DataLoader workers, one per sample, seeded by (seed, epoch, index): the same masks for an image
 whatever the batch size, the worker count, the rank it lands on or a resume; validation masks fixed across epochs;
 the training step takes them from the batch and draws nothing itself. (Two real processes: tests/test_ddp.py, MAE 2 x
-batch B vs 1 x batch 2B, same weights and the same val/loss.)"""
+batch B vs 1 x batch 2B, same weights and the same val/loss.)
+Fine-tuning: Mixup/CutMix applied by the DataModule after the transfer, before the step.
+"""
 
 from __future__ import annotations
 
@@ -129,3 +133,42 @@ def test_the_training_step_takes_the_masks_from_the_batch(tmp_path, monkeypatch)
     run(cfg)
     assert len(batches) >= 5  # 3 training + 2 validation steps (+ the sanity check)
     assert all(isinstance(b[-1], MaskSet) and b[-1].visible == 4 for b in batches)  # 16 units, 75 % masked
+
+
+def test_finetuning_batches_are_mixed_before_the_step(synthetic_root, tmp_path, monkeypatch):
+    """A real fine-tuning fit with Mixup/CutMix: every training step receives mixed images and soft targets (the
+    DataModule mixed them after the transfer, outside the compiled step); validation batches keep class indices."""
+    from mimlab.tasks.finetune import FineTuning
+
+    seen: list[tuple[str, int]] = []
+    train_step, val_step = FineTuning.training_step, FineTuning.validation_step
+
+    def record_train(self, batch, batch_idx):
+        seen.append(("train", batch[1].ndim))
+        return train_step(self, batch, batch_idx)
+
+    def record_val(self, batch, batch_idx):
+        seen.append(("val", batch[1].ndim))
+        return val_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FineTuning, "training_step", record_train)
+    monkeypatch.setattr(FineTuning, "validation_step", record_val)
+    cfg = compose_config(
+        [
+            "experiment=finetune_vit_tiny_synthetic",
+            f"data.root={synthetic_root}",
+            "data.img_size=32",
+            "data.batch_size=8",
+            "hardware.num_workers=0",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=2",
+            "+trainer.limit_val_batches=1",
+            "~callbacks.progress",
+        ],
+        tmp_path,
+    )
+    assert cfg.task.mixup is not None  # the recipe mixes
+    run(cfg)
+    assert ("train", 2) in seen and ("train", 1) not in seen  # soft targets (N, classes) in every training step
+    assert ("val", 1) in seen and ("val", 2) not in seen
