@@ -109,13 +109,13 @@ def time_plain(
 class _Repeat(Dataset):
     """The same on-device batch ``length`` times (synthetic data with no loader cost)."""
 
-    def __init__(self, batch: tuple[Tensor, Tensor], length: int) -> None:
+    def __init__(self, batch: tuple[Any, ...], length: int) -> None:
         self.batch, self.length = batch, length
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         return self.batch
 
 
@@ -144,7 +144,7 @@ class _WindowTimer(L.Callback):
 
 def time_lightning(
     module: L.LightningModule,
-    batch: tuple[Tensor, Tensor],
+    batch: tuple[Any, ...],
     steps: int,
     warmup: int,
     repeats: int,

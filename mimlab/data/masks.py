@@ -40,4 +40,4 @@ class MaskingCollate:
         seeds = [sample[-1] for sample in samples]
         batch = self.inner([sample[:-1] for sample in samples])
         size = self.image_size or tuple(batch[0].shape[-2:])
-        return [*batch, self.masking.batch(self.masking.grid(size), seeded_generators(seeds))]  # type: ignore[arg-type]
+        return [*batch, self.masking.batch(self.masking.grid(size), seeded_generators(seeds))]

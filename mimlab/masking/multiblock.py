@@ -110,12 +110,12 @@ class MultiBlockMasking(MaskGenerator):
         self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None
     ) -> MaskSet:
         """``batch_size`` images' masks, everything drawn from one generator (the official collator's order)."""
-        return self.batch(grid, [generator] * batch_size)  # type: ignore[list-item]
+        return self.batch(grid, [generator] * batch_size)
 
     def draw(self, grid: tuple[int, int], generator: torch.Generator) -> MaskSet:
         return self.batch(grid, [generator])
 
-    def batch(self, grid: tuple[int, int], generators: Sequence[torch.Generator | None]) -> MaskSet:  # type: ignore[override]
+    def batch(self, grid: tuple[int, int], generators: Sequence[torch.Generator | None]) -> MaskSet:
         """Block sizes from ``generators[0]``, image ``n``'s placements from ``generators[n]``; visible = the batch's
         smallest context (the official truncation)."""
         per_image, batch_size = list(generators), len(generators)

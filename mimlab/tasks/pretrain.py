@@ -78,7 +78,8 @@ class MaskedPretraining(L.LightningModule):
         """The masks of ``images`` (N, C, H, W) over the mask-unit grid, 1 = masked, drawn **on the host** with one
         generator per image: from ``seeds[n]``, or from (``seeds``, n) when one int is given."""
         per_image = [self._seed(seeds, n) for n in range(images.shape[0])] if isinstance(seeds, int) else seeds
-        return self.masking.batch(self.masking.grid(tuple(images.shape[-2:])), seeded_generators(per_image))
+        grid = self.masking.grid((images.shape[-2], images.shape[-1]))
+        return self.masking.batch(grid, seeded_generators(per_image))
 
     def _step_seeds(self, batch_size: int, *keys: int) -> list[int]:
         """Seeds of a batch that came without masks: position ``j`` of rank ``r`` among ``W`` processes is ``j·W + r``
