@@ -56,9 +56,10 @@ def bench_workload(name: str, workload: Any, cfg: DictConfig, device: torch.devi
     classes = getattr(module, "num_classes", None) or 10
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(cfg.batch, 3, img, img, generator=gen).to(device)
-    batch = loader_batch(module, images, torch.randint(0, classes, (cfg.batch,), generator=gen).to(device))
+    labels = torch.randint(0, classes, (cfg.batch,), generator=gen).to(device)
+    batch = loader_batch(module, images, labels)
     module.to(device)
-    two = loader_batch(module, images[:2], batch[1][:2])
+    two = loader_batch(module, images[:2], labels[:2])
     flops = train_flops_per_image(module, lambda: quiet_step(module, two, 0), 2)
     params = sum(p.numel() for p in module.parameters())
     result: dict[str, Any] = {

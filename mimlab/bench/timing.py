@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mimlab.bench.workloads import quiet_step
