@@ -4,8 +4,7 @@ Keys (logged every ``trainer.log_every_n_steps`` optimiser steps, so they land i
 ``train/grad_norm`` (total L2 norm of all gradients, after AMP unscaling, before clipping),
 ``perf/gpu_mem_alloc_gb`` / ``perf/gpu_mem_reserved_gb`` (peak since the last log step; CUDA only),
 ``perf/train_gflops_per_img`` (once), ``perf/mfu`` (model FLOPs utilisation against ``peak_tflops`` per device).
-Lightning's ``ThroughputMonitor`` also reads ``flops_per_batch`` and logs ``train/device/mfu`` against its own table
-of spec peaks where it knows the device.
+Images per second are :class:`mimlab.callbacks.throughput.WallClockThroughput`'s (``perf/img_per_s``).
 """
 
 from __future__ import annotations
@@ -35,6 +34,13 @@ def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> f
     finally:
         pl_module.train(was_training)
     return per_image * images.shape[0]
+
+
+def logs_after(trainer: L.Trainer, steps: int) -> bool:
+    """Whether Lightning writes ``self.log`` values to the loggers once ``steps`` optimiser steps are done: every
+    ``log_every_n_steps`` steps and when the run is stopping (its rule, from public Trainer state)."""
+    every = trainer.log_every_n_steps  # type: ignore[attr-defined]
+    return every > 0 and (steps % every == 0 or trainer.should_stop)
 
 
 class TrainingDashboard(L.Callback):
@@ -68,12 +74,7 @@ class TrainingDashboard(L.Callback):
         self._t0, self._steps, self._last_step = None, 0, -1
 
     # --------------------------------------------------------------------------------------------- per step
-    @staticmethod
-    def _logs_after(trainer: L.Trainer, steps: int) -> bool:
-        """Whether Lightning writes ``self.log`` values to the loggers once ``steps`` optimiser steps are done: every
-        ``log_every_n_steps`` steps and when the run is stopping (its rule, from public Trainer state)."""
-        every = trainer.log_every_n_steps  # type: ignore[attr-defined]
-        return every > 0 and (steps % every == 0 or trainer.should_stop)
+    _logs_after = staticmethod(logs_after)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._logs_after(trainer, trainer.global_step + 1):  # the step about to happen is a logging step
