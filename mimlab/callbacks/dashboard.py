@@ -80,8 +80,8 @@ class TrainingDashboard(L.Callback):
         if not self._logs_after(trainer, trainer.global_step + 1):  # the step about to happen is a logging step
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        if grads:  # one foreach kernel per dtype/device group, not a norm + a stack per tensor
+            norm = torch.nn.utils.get_total_norm(grads).float()
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
