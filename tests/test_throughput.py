@@ -140,3 +140,26 @@ def test_logged_rate_agrees_with_images_over_the_fits_own_clock(accumulate, tmp_
     assert logged[-1] == pytest.approx(reference, rel=0.3)
     # a cumulative rate settles: after the first epoch every logged value is within 30 % of the last
     assert all(value == pytest.approx(logged[-1], rel=0.3) for value in logged[len(logged) // 3 :])
+
+
+def test_progress_bar_reads_its_training_metrics_once_per_logging_step(monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from mimlab.callbacks.progress import ProgressBar
+
+    reads = []
+    monkeypatch.setattr(
+        RichProgressBar, "get_metrics", lambda self, trainer, module: reads.append(1) or {"n": len(reads)}
+    )
+    bar = ProgressBar()
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(stage=RunningStage.TRAINING), log_every_n_steps=5, global_step=0, should_stop=False
+    )
+    shown = []
+    for step in range(12):
+        trainer.global_step = step
+        shown.append(bar.get_metrics(trainer, None)["n"])
+    assert shown == [1] * 5 + [2] * 5 + [3] * 2  # re-read at steps 0, 5 and 10
+    trainer.state.stage = RunningStage.VALIDATING
+    assert bar.get_metrics(trainer, None)["n"] == 4  # other stages: every call

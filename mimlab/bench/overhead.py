@@ -86,7 +86,7 @@ class _Data(L.LightningDataModule):
         self.batch_size, self.img_size = batch[0].shape[0], img_size
         self.val_set = [(image, int(label)) for image, label in zip(batch[0].cpu(), batch[1].cpu())]
 
-    def train_dataloader(self) -> _Batches:  # type: ignore[override]
+    def train_dataloader(self) -> _Batches:
         return _Batches(self.batch, self.length)
 
 
@@ -214,14 +214,15 @@ def run_overhead(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     medians = {name: statistics.median(values) for name, values in times.items()}
     rows = [{"configuration": PLAIN, "ms_step": medians[PLAIN], "runs": len(times[PLAIN])}]
     for name in configs:
-        row = {
+        minus_plain = statistics.median(differences[name])
+        row: dict[str, Any] = {
             "configuration": name,
             "ms_step": medians[name],
-            "minus_plain": statistics.median(differences[name]),
+            "minus_plain": minus_plain,
             "runs": len(times[name]),
         }
         if name.startswith("+ "):  # both differences drift-corrected by their own plain runs
-            row["minus_trainer_logger"] = row["minus_plain"] - statistics.median(differences[LOGGER])
+            row["minus_trainer_logger"] = minus_plain - statistics.median(differences[LOGGER])
         rows.append(row)
     return {
         "experiment": cfg.overhead_experiment,
