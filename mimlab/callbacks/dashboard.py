@@ -74,10 +74,9 @@ class TrainingDashboard(L.Callback):
         self._t0, self._steps, self._last_step = None, 0, -1
 
     # --------------------------------------------------------------------------------------------- per step
-    _logs_after = staticmethod(logs_after)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self._logs_after(trainer, trainer.global_step + 1):  # the step about to happen is a logging step
+        if not logs_after(trainer, trainer.global_step + 1):  # the step about to happen is a logging step
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:  # one foreach kernel per dtype/device group, not a norm + a stack per tensor
@@ -90,7 +89,7 @@ class TrainingDashboard(L.Callback):
             self._t0, self._steps = time.perf_counter(), 0
             return
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
-        if not (stepped and self._logs_after(trainer, trainer.global_step)):  # once per logging step (accumulation)
+        if not (stepped and logs_after(trainer, trainer.global_step)):  # once per logging step (accumulation)
             return
         metrics: dict[str, float] = {}
         if pl_module.device.type == "cuda":
