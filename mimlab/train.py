@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mimlab.callbacks.resume import LogHistory, PreemptionCheckpoint, RNGState
 from mimlab.callbacks.run_metadata import RunMetadata
+from mimlab.callbacks.throughput import WallClockThroughput
 from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
@@ -141,6 +142,9 @@ def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, artefacts
         :12
     ]:  # headline metrics first (val/mIoU before val/mIoU_x)
         console.print(f"{key:>20}: {metrics[key]:.4f}")
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, WallClockThroughput) and callback.summary():
+            console.print(f"{'throughput':>20}: {callback.summary()}", highlight=False)
     for key, value in artefacts.items():
         if value:
             shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)  # type: ignore[assignment]

@@ -361,7 +361,7 @@ def _train_figures(run_dir: Path) -> dict[str, Any]:
         steps = [int(r["step"]) for r in rows if r.get("step")]
         out["last_step"] = max(steps) if steps else None
         for key in rows[0] if rows else []:
-            if key.endswith(("loss_step", "samples_per_sec", "mfu", "gpu_mem_alloc_gb")):
+            if key.endswith(("loss_step", "img_per_s", "mfu", "gpu_mem_alloc_gb")):
                 values = [float(r[key]) for r in rows if r.get(key)]
                 if values:
                     out[key] = {"first": values[0], "last": values[-1]}

@@ -135,3 +135,38 @@ def test_flop_counter_counts_attention_whichever_kernel_runs():
     attention = 6 * 2 * tokens * tokens * dim  # q@k^T and attn@v, forward + backward, one block, per image
     patch_input_grad = 2 * 16 * dim * 3 * 8 * 8  # never computed: the images need no gradient
     assert counted == pytest.approx(linear_only + attention - patch_input_grad, rel=1e-3)
+
+
+def test_overhead_mode_prints_a_row_per_configuration(tmp_path, capsys):
+    """``overhead=true`` runs every configuration (plain loop, bare Trainer, logger, each callback, all) and prints
+    them; the figures are not judged here (never timed unit tests)."""
+    out = tmp_path / "overhead.json"
+    payload = run(
+        [
+            "overhead=true",
+            "device=cpu",
+            "overhead_rounds=1",
+            "overhead_warmup=1",
+            "overhead_steps=2",
+            "overhead_batch=2",
+            f"out={out}",
+        ]
+    )
+    rows = payload["overhead"]["rows"]
+    names = [r["configuration"] for r in rows]
+    assert names[:3] == ["plain loop", "Trainer, no callbacks, no logger", "Trainer + csv logger"]
+    callbacks = (
+        "checkpoint",
+        "lr_monitor",
+        "throughput",
+        "reconstruction",
+        "dashboard",
+        "target_maps",
+        "knn",
+        "progress",
+    )
+    assert {f"+ {c}" for c in callbacks} <= set(names) and names[-1] == "+ all (as mimlab-train runs)"
+    assert all(r["ms_step"] > 0 for r in rows) and all("minus_plain" in r for r in rows[1:])
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in names) and "minus plain loop" in printed
+    assert json.loads(out.read_text())["overhead"]["rows"] == rows

@@ -157,7 +157,10 @@ def row(job: Path, runs: dict[str, Path], measured: dict[str, dict[str, float]])
         "rank": measured["trained"].get("effective_rank"),
         "cosine": measured["trained"].get("mean_cosine"),
         **{f"{kind}/acc1": read_metrics(run).get("val/acc1") for kind, run in runs.items()},
-        "img_per_s": read_metrics(job, "median").get("train/device/samples_per_sec"),  # ThroughputMonitor, median
+        # images ÷ wall-clock seconds of the whole run (WallClockThroughput's last value); runs logged before it had
+        # only ThroughputMonitor's windowed train/device/samples_per_sec, read as its median
+        "img_per_s": read_metrics(job).get("perf/img_per_s")
+        or read_metrics(job, "median").get("train/device/samples_per_sec"),
         "gflops_per_img": gflops,
         "pflops": gflops * (steps + 1) * cfg.data.batch_size / 1e6
         if gflops is not None and steps is not None

@@ -175,6 +175,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")
     threads = int(cfg.threads or os.cpu_count() or 1)
     torch.set_num_threads(threads)  # fixed, so CPU figures of different runs compare
+    if cfg.overhead:
+        return _run_overhead(cfg, device, threads)
     results = [bench_workload(n, instantiate(cfg.workloads[n]), cfg, device, tiny) for n in names]
     datapath = _datapath(cfg) if cfg.datapath else None
     payload = {
@@ -196,6 +198,20 @@ def run(argv: list[str]) -> dict[str, Any]:
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(payload, indent=2))
     _print_table(payload, cfg.out)
+    return payload
+
+
+def _run_overhead(cfg: DictConfig, device: torch.device, threads: int) -> dict[str, Any]:
+    """``overhead=true``: the Trainer's and each callback's cost per step (:mod:`mimlab.bench.overhead`)."""
+    from mimlab.bench.overhead import print_overhead, run_overhead
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
+    result = run_overhead(cfg, device)
+    payload = {"device": name, "torch": torch.__version__, "lightning": L.__version__, "overhead": result}
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(payload, indent=2))
+    print_overhead(result, name)
+    print(f"wrote {cfg.out}")
     return payload
 
 

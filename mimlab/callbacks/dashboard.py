@@ -4,8 +4,7 @@ Keys (logged every ``trainer.log_every_n_steps`` optimiser steps, so they land i
 ``train/grad_norm`` (total L2 norm of all gradients, after AMP unscaling, before clipping),
 ``perf/gpu_mem_alloc_gb`` / ``perf/gpu_mem_reserved_gb`` (peak since the last log step; CUDA only),
 ``perf/train_gflops_per_img`` (once), ``perf/mfu`` (model FLOPs utilisation against ``peak_tflops`` per device).
-Lightning's ``ThroughputMonitor`` also reads ``flops_per_batch`` and logs ``train/device/mfu`` against its own table
-of spec peaks where it knows the device.
+Images per second are :class:`mimlab.callbacks.throughput.WallClockThroughput`'s (``perf/img_per_s``).
 """
 
 from __future__ import annotations
@@ -34,6 +33,13 @@ def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> f
     finally:
         pl_module.train(was_training)
     return per_image * images.shape[0]
+
+
+def logs_after(trainer: L.Trainer, steps: int) -> bool:
+    """Whether Lightning writes ``self.log`` values to the loggers once ``steps`` optimiser steps are done: every
+    ``log_every_n_steps`` steps and when the run is stopping (its rule, from public Trainer state)."""
+    every = trainer.log_every_n_steps  # type: ignore[attr-defined]
+    return every > 0 and (steps % every == 0 or trainer.should_stop)
 
 
 class TrainingDashboard(L.Callback):
@@ -67,19 +73,13 @@ class TrainingDashboard(L.Callback):
         self._t0, self._steps, self._last_step = None, 0, -1
 
     # --------------------------------------------------------------------------------------------- per step
-    @staticmethod
-    def _logs_after(trainer: L.Trainer, steps: int) -> bool:
-        """Whether Lightning writes ``self.log`` values to the loggers once ``steps`` optimiser steps are done: every
-        ``log_every_n_steps`` steps and when the run is stopping (its rule, from public Trainer state)."""
-        every = trainer.log_every_n_steps  # type: ignore[attr-defined]
-        return every > 0 and (steps % every == 0 or trainer.should_stop)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self._logs_after(trainer, trainer.global_step + 1):  # the step about to happen is a logging step
+        if not logs_after(trainer, trainer.global_step + 1):  # the step about to happen is a logging step
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        if grads:  # one foreach kernel per dtype/device group, not a norm + a stack per tensor
+            norm = torch.nn.utils.get_total_norm(grads).float()
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -88,7 +88,7 @@ class TrainingDashboard(L.Callback):
             self._t0, self._steps = time.perf_counter(), 0
             return
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
-        if not (stepped and self._logs_after(trainer, trainer.global_step)):  # once per logging step (accumulation)
+        if not (stepped and logs_after(trainer, trainer.global_step)):  # once per logging step (accumulation)
             return
         metrics: dict[str, float] = {}
         if pl_module.device.type == "cuda":
