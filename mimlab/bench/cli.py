@@ -278,7 +278,7 @@ def _print_table(payload: dict[str, Any], out: str) -> None:
             console.print(
                 f"{res['model']}: training_step compiles to {graph['graphs']} graphs, {graph['graph_breaks']} graph breaks"
             )
-            for reason in graph["break_reasons"]:
+            for reason in graph["break_reasons"] if graph["graph_breaks"] else []:  # with 0 breaks: why the graph ended
                 console.print(f"    break: {reason}", highlight=False)
         masks = res.get("masks")
         if masks:
