@@ -193,7 +193,7 @@ class FineTuning(ImageClassification):
     def setup(self, stage: str) -> None:
         """Build the head (base class), then have the DataModule mix training batches before the step."""
         super().setup(stage)
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)  # setup runs with the Trainer attached
         if self.mixup is not None and isinstance(datamodule, ResumableDataModule):
             datamodule.transform_training_batches(self.mix_batch)
 

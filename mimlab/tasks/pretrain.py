@@ -65,7 +65,7 @@ class MaskedPretraining(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Have the DataModule draw the masks in its loader workers (see the class docstring)."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)  # setup runs with the Trainer attached
         if isinstance(datamodule, ResumableDataModule):
             datamodule.deliver_masks(self.masking)
 
