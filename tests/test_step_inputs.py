@@ -9,10 +9,11 @@ Fine-tuning: Mixup/CutMix applied by the DataModule after the transfer, before t
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
-from conftest import TINY_MAE_QUIET, compose_config
+from conftest import TINY_MAE, TINY_MAE_QUIET, compose_config
 from mimlab.data.imagenet import ImageNetDataModule
 from mimlab.masking import MaskSet, RandomMasking
 from mimlab.masking.blockwise import BlockMasking
@@ -74,7 +75,7 @@ def test_an_images_masks_do_not_depend_on_batch_size_workers_rank_or_resume(kind
     masking = PER_IMAGE[kind]()
     reference = epoch_masks(synthetic_root, masking, batch_size=8)
     assert len(reference) == 56  # 60 training images, full batches of 8
-    assert same(reference, epoch_masks(synthetic_root, masking, batch_size=4))
+    assert same(reference, epoch_masks(synthetic_root, masking, batch_size=32))
     assert same(reference, epoch_masks(synthetic_root, masking, batch_size=8, workers=2))
     two_ranks = {
         **epoch_masks(synthetic_root, masking, batch_size=4, world=2, rank=0),
@@ -172,3 +173,72 @@ def test_finetuning_batches_are_mixed_before_the_step(synthetic_root, tmp_path, 
     run(cfg)
     assert ("train", 2) in seen and ("train", 1) not in seen  # soft targets (N, classes) in every training step
     assert ("val", 1) in seen and ("val", 2) not in seen
+
+
+READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")  # a device->host read on a GPU
+
+
+class HostReads(L.Callback):
+    """Counts the tensor reads that copy to the host (``.item()``, ``.tolist()``, ``.cpu()``, ``bool()``, ...: a device
+    sync on a GPU), made in the main process from the start of each training batch to its end (step, backward,
+    optimiser, callbacks). Each read is counted once, however torch implements it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.per_step: list[int] = []
+        self.counting = False
+        for name in READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                if self.counting:
+                    self.counting = False  # a read inside a read (tolist -> item) counts once
+                    try:
+                        self.per_step[-1] += 1
+                        return _original(tensor, *args, **kwargs)
+                    finally:
+                        self.counting = True
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.per_step.append(0)
+        self.counting = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.counting = False
+
+
+@pytest.mark.parametrize(("guard", "reads"), [("off", 0), ("stop", 1)])
+def test_a_training_step_reads_nothing_back_but_the_guards_one_value(guard, reads, tmp_path, monkeypatch):
+    """With every pre-training callback on (progress bar, dashboard, throughput, checkpoints, ...) a step between
+    logging steps makes no device->host read, except the one value the non-finite guard checks (none when it is off)."""
+    import mimlab.train
+
+    counter = HostReads(monkeypatch)
+    build = mimlab.train.build
+
+    def build_with_counter(cfg):
+        datamodule, module, trainer = build(cfg)
+        trainer.callbacks.append(counter)
+        return datamodule, module, trainer
+
+    monkeypatch.setattr(mimlab.train, "build", build_with_counter)
+    cfg = compose_config(
+        [
+            *TINY_MAE,
+            "hardware.num_workers=2",  # masks are drawn in the workers, as in real runs
+            "hardware.fused_optimizer=true",  # as on a GPU; the for-loop AdamW reads each step count (a host tensor)
+            f"nan_guard={guard}",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=6",
+            "+trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=100",
+            "model.decoder.embed_dim=16",
+            "model.decoder.num_heads=2",
+        ],
+        tmp_path,
+    )
+    run(cfg)
+    assert len(counter.per_step) == 6
+    assert counter.per_step[1:-1] == [reads] * 4, counter.per_step  # the last step also logs (the run stops)
