@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from mimlab.bench.timing import sync
-from mimlab.bench.workloads import compose_train
+from mimlab.bench.workloads import compose_train, loader_batch
 
 PRETRAIN_CALLBACKS = (
     "checkpoint",
@@ -67,20 +67,20 @@ class _Clock(L.Callback):
 class _Batches:
     """The same batch ``length`` times (an iterable of its own: Lightning reads a list as several loaders)."""
 
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
+    def __init__(self, batch: tuple[Any, ...], length: int) -> None:
         self.batch, self.length = batch, length
 
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return itertools.repeat(self.batch, self.length)
 
 
 class _Data(L.LightningDataModule):
     """The same on-device batch ``length`` times, no loader; ``val_set`` (host images) for the callbacks that draw."""
 
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], length: int, img_size: int) -> None:
+    def __init__(self, batch: tuple[Any, ...], length: int, img_size: int) -> None:
         super().__init__()
         self.batch, self.length = batch, length
         self.batch_size, self.img_size = batch[0].shape[0], img_size
@@ -129,8 +129,7 @@ def time_plain_loop(module: L.LightningModule, data: _Data, warmup: int, steps: 
             marks.append(time.perf_counter())
         if index == warmup + steps:
             break
-        images = batch[0]
-        loss = module.compute_losses(images, module.sample_generators(images.shape[0], index))["loss"]  # type: ignore[operator]
+        loss = module.compute_losses(batch[0], batch[-1])["loss"]  # type: ignore[operator]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -192,7 +191,8 @@ def run_overhead(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     module = instantiate(composed.task).to(device)
     img = int(composed.data.img_size)
     gen = torch.Generator().manual_seed(0)
-    batch = (
+    batch = loader_batch(  # with the masks the loader workers would deliver
+        module,
         torch.randn(cfg.overhead_batch, 3, img, img, generator=gen).to(device),
         torch.randint(0, 10, (cfg.overhead_batch,), generator=gen).to(device),
     )

@@ -82,8 +82,8 @@ class WallClockThroughput(L.Callback):
         metrics = {"perf/img_per_s": self.world_size * self.images / max(self.seconds, 1e-9)}
         metrics["perf/img_per_s_window"] = self.world_size * (self.images - self._window_images) / max(window, 1e-9)
         self._window_t0, self._window_images = now, self.images
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        for name, value in metrics.items():  # through Lightning: the same rows as the step's other metrics
+            pl_module.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._t0 is not None:
