@@ -54,6 +54,8 @@ class ClipTeacherTarget(Target):
     checkpoint_path (local file or None), teacher_size (resize the teacher view; None = same as the student),
     input_mean/std (normalisation of the images the student sees), clip_mean/std."""
 
+    from_teacher = True
+
     def __init__(
         self,
         teacher: nn.Module,

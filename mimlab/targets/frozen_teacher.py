@@ -95,6 +95,8 @@ class FrozenTeacher(Target):
             teacher weights are not checkpointed, this keeps a random teacher identical across resumes and ranks.
     """
 
+    from_teacher = True
+
     def __init__(
         self,
         teacher: str | nn.Module,
