@@ -238,7 +238,7 @@ def validate_checkpoint(ckpt: Path, overrides: list[str], out: str | None = None
     from rich.console import Console
     from rich.table import Column, Table
 
-    from mimlab.checkpoints.load import read_checkpoint
+    from mimlab.checkpoints.files import read_checkpoint
     from mimlab.train import build
 
     output_dir = _eval_dir(ckpt, out)

@@ -133,3 +133,25 @@ def test_a_folder_given_as_a_checkpoint_is_named_as_a_folder(trained, tmp_path):
         build(cfg)
     with pytest.raises(IsADirectoryError, match=rf"checkpoint {tmp_path} is a directory.*<run>/checkpoints/last\.ckpt"):
         export(tmp_path)
+
+
+@pytest.mark.parametrize("module", ["itpn", "convnextv2", "load", "files", "encoder", "export"])
+def test_every_checkpoint_module_imports_first_in_a_fresh_process(module):
+    """No import circle among the checkpoint modules (itpn.py read through load.py, which imports itpn.py)."""
+
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import mimlab.checkpoints.{module}"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_one_reader_unwraps_official_lightning_and_teacher_files_alike():
+    from mimlab.checkpoints.files import read_state_dict
+    from mimlab.targets.frozen_teacher import TEACHER_PREFIXES
+
+    w = torch.zeros(2)
+    assert read_state_dict({"state_dict": {"backbone.x": w}, "epoch": 3}) == {"backbone.x": w}  # Lightning
+    assert read_state_dict({"model": {"module.blocks.0.w": w}}) == {"blocks.0.w": w}  # MAE-style, DDP prefix
+    assert read_state_dict({"model_state": {"w": w}}) == {"w": w}  # MaskFeat / SlowFast
+    dino = {"student": {"module.backbone.w": w}, "teacher": {"module.backbone.w": w + 1}}
+    assert torch.equal(read_state_dict(dino, TEACHER_PREFIXES)["w"], w + 1)  # the teacher, prefixes stripped

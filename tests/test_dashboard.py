@@ -16,6 +16,8 @@ from mimlab.callbacks.dashboard import TrainingDashboard, measure_train_flops
 from mimlab.callbacks.online_eval import knn_predict
 from mimlab.loggers import override_tags, wandb_logger
 from mimlab.masking import MaskSet
+from mimlab.targets.base import Target
+from mimlab.targets.pixels import NormPixTarget
 from mimlab.train import build
 
 
@@ -169,7 +171,9 @@ def test_token_diversity_matches_the_pairwise_reference_and_extremes():
 def test_teacher_panel_writes_diversity_csv_and_png_for_teachers_only(tmp_path):
     from mimlab.callbacks.target_maps import TeacherTargetPanel
 
-    class Teacher(nn.Module):
+    class Teacher(Target):
+        from_teacher = True
+
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 8, stride=8)
@@ -190,7 +194,7 @@ def test_teacher_panel_writes_diversity_csv_and_png_for_teachers_only(tmp_path):
     assert path is not None and path.stat().st_size > 500
     rows = (tmp_path / "target_maps" / "token_diversity.csv").read_text().splitlines()
     assert rows[0] == "step,target/token_diversity" and 0 < float(rows[1].split(",")[1]) <= 2
-    module.target = nn.Identity()  # no weights: a pixel target, nothing drawn
+    module.target = NormPixTarget(patch_size=8)  # a pixel target: no teacher features, nothing drawn
     assert TeacherTargetPanel().render(trainer, module) is None
 
 

@@ -192,5 +192,5 @@ def test_sync_callback_copies_once_and_not_after_resume():
         next(student.parameters()).add_(1.0)
     EMATeacherSync().on_train_start(None, module)  # e.g. after a resume: synced is restored, nothing is copied
     assert not torch.allclose(w, next(student.parameters()))
-    with pytest.raises(TypeError, match="sync_"):
+    with pytest.raises(TypeError, match="EMA-teacher target"):
         EMATeacherSync().on_train_start(None, SimpleNamespace(target=nn.Identity(), backbone=student))

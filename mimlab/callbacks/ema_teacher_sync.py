@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import lightning as L
 
+from mimlab.targets.ema_teacher import EMATeacher
+
 
 class EMATeacherSync(L.Callback):
     """``on_train_start``: ``pl_module.target.sync_(pl_module.backbone)`` if the target has not been synced yet."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        sync = getattr(pl_module.target, "sync_", None)
-        if sync is None:
-            raise TypeError(f"EMATeacherSync needs a target with sync_(student); got {type(pl_module.target).__name__}")
-        sync(pl_module.backbone)
+        if not isinstance(pl_module.target, EMATeacher):
+            raise TypeError(f"EMATeacherSync needs an EMA-teacher target; got {type(pl_module.target).__name__}")
+        pl_module.target.sync_(pl_module.backbone)  # type: ignore[arg-type]

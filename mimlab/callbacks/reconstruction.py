@@ -64,7 +64,7 @@ class ReconstructionPanel(L.Callback):
 
     @rank_zero_only
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
-        if not hasattr(pl_module.target, "to_image"):
+        if not pl_module.target.pixel_view:  # type: ignore[union-attr]
             return None
         images = self._fixed_images(trainer).to(pl_module.device)
         was_training = pl_module.training

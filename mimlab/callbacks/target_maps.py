@@ -62,8 +62,8 @@ class TeacherTargetPanel(L.Callback):
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         target = pl_module.target
-        if not any(True for _ in target.parameters()):  # type: ignore[union-attr]
-            return None  # pixel targets: nothing to map
+        if not target.from_teacher:  # type: ignore[union-attr]
+            return None  # pixel or HOG targets: no teacher features to map
         images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images).to(pl_module.device)  # type: ignore[attr-defined]
         masks = pl_module.make_mask(images, 0)  # type: ignore[operator]
         mask = torch.zeros_like(masks.mask[:: masks.clones])  # nothing masked, one row per image

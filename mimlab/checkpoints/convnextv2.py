@@ -14,7 +14,7 @@ Accepted layouts (docs/methods.md §3.6), detected per key:
   mlp.fc1, mlp.grn.weight/bias, mlp.fc2}``, ``head.norm``/``head.fc`` (1x1-conv MLP weights of the small
   ``conv_mlp`` variants are flattened).
 
-The input is a flat state dict (``mimlab.checkpoints.load.read_state_dict`` unwraps files).
+The input is a flat state dict (``mimlab.checkpoints.files.read_state_dict`` unwraps files).
 """
 
 from __future__ import annotations

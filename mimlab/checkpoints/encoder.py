@@ -19,14 +19,8 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from mimlab.checkpoints.load import (
-    CheckpointMismatchError,
-    fit_state,
-    pretrained_parts,
-    read_checkpoint,
-    read_state_dict,
-    split_submodel,
-)
+from mimlab.checkpoints.files import read_checkpoint, read_state_dict
+from mimlab.checkpoints.load import CheckpointMismatchError, fit_state, pretrained_parts, split_submodel
 
 _HEADS = {1280: 16, 1408: 16}  # ViT-H (80-d heads) and I-JEPA's ViT-g (88-d); every other width has 64-d heads
 _EVA_BLOCK = {"_target_": "timm.models.eva.EvaBlock", "_partial_": True, "qkv_bias": True, "qkv_fused": True}

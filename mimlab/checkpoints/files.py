@@ -10,18 +10,20 @@ every mimlab checkpoint loads weights-only.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import types
 import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 
 from mimlab.utils.refusal import Refusal
 
@@ -116,6 +118,51 @@ def load_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False, s
             f"{path} cannot be read as a PyTorch checkpoint ({err}); it is truncated or "
             "corrupt. Use an intact checkpoint, e.g. <run>/checkpoints/last.ckpt."
         ) from err
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Weights-only ``torch.load`` of a checkpoint file on the CPU (:func:`~mimlab.checkpoints.files.load_file`; MAE-style
+    files also pickle an ``argparse.Namespace``, allow-listed); OpenAI CLIP ``.pt`` TorchScript archives are read with
+    ``torch.jit.load``. A file that needs a full unpickle is refused (``UnsafeCheckpointError``)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; check the path (mimlab never downloads weights: "
+            "official files must be saved locally first)"
+        )
+    try:
+        return load_file(path, safe_globals=[argparse.Namespace])
+    except RuntimeError as err:  # TorchScript archive
+        if "TorchScript" not in str(err) and "jit" not in str(err).lower():
+            raise
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
+# Keys under which files keep their weights, tried in this order and as deep as they nest: DINO / iBOT (``teacher``),
+# Lightning (``state_dict``: every mimlab checkpoint), MAE / ConvNeXt V2 / iTPN / data2vec 2.0 (``model``,
+# ``model_ema``), DDP dumps (``module``), MaskFeat / SlowFast (``model_state``).
+WRAPPERS = ("teacher", "state_dict", "model", "module", "model_ema", "model_state")
+
+
+def read_state_dict(source: str | Path | Mapping, prefixes: tuple[str, ...] = ("module.",)) -> dict[str, Tensor]:
+    """A path or a loaded checkpoint -> its flat state dict: unwrapped through :data:`WRAPPERS` until a level holds
+    tensors, with each of ``prefixes`` stripped from the keys wherever they lead (DDP's ``module.``; a teacher also
+    strips DINO's ``backbone.``, ``torch.compile``'s ``_orig_mod.`` and ``encoder.``)."""
+    obj: Any = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    while isinstance(obj, Mapping) and not any(isinstance(v, Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
+    return {_strip(key, prefixes): value for key, value in obj.items()}
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    while (prefix := next((p for p in prefixes if key.startswith(p)), None)) is not None:
+        key = key[len(prefix) :]
+    return key
 
 
 def weights_only_form(obj: Any, where: str = "checkpoint", _path: tuple[int, ...] = ()) -> Any:

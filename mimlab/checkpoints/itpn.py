@@ -20,7 +20,7 @@ import re
 
 from torch import Tensor
 
-from mimlab.checkpoints.load import read_state_dict
+from mimlab.checkpoints.files import read_state_dict
 
 NECK_PREFIXES = ("align_dim_", "split_", "block_16to8.", "block_8to4.", "fpn_modules.")
 PIXEL_DECODER_PREFIXES = ("decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.")

@@ -15,7 +15,7 @@ Layouts, recognised from the keys (each converter lives beside this module):
 * **official MAE** (``{'model': ...}``, encoder at the top level): decoder keys and ``mask_token`` dropped.
 
 A file may wrap the weights under ``state_dict`` / ``model`` / ``module`` / ``model_ema`` / ``model_state`` and prefix
-them ``module.``. A file that holds several models (I-JEPA, data2vec 2.0's EMA teacher) gives its default one; a
+them ``module.`` (:func:`mimlab.checkpoints.files.read_state_dict`, the one reader of every loader, teachers included). A file that holds several models (I-JEPA, data2vec 2.0's EMA teacher) gives its default one; a
 ``::name`` suffix on the path picks another (:mod:`mimlab.checkpoints.layout`). The layout, the sub-model and what was
 left out (decoders, predictors, rebuilt buffers) are logged. Classifier heads of official fine-tuned files (``head.*``,
 ``fc_norm.*``) and the mask token of a mask-token encoder, when the backbone has none, are left out and reported.
@@ -27,7 +27,6 @@ another backbone family is named as such.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import importlib
 import logging
@@ -35,14 +34,15 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from mimlab.checkpoints import data2vec2, ijepa, maskfeat, simmim
-from mimlab.checkpoints.files import load_file
+from mimlab.checkpoints.convnextv2 import convert_convnextv2_state_dict
+from mimlab.checkpoints.files import read_checkpoint, read_state_dict
+from mimlab.checkpoints.itpn import convert_official_itpn
 from mimlab.checkpoints.layout import CheckpointMismatchError, Converted, Layout
 
-__all__ = ["CheckpointMismatchError", "fit_state", "load_pretrained", "pretrained_parts", "read_state_dict"]
+__all__ = ["CheckpointMismatchError", "fit_state", "load_pretrained", "pretrained_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ MAE_NON_ENCODER = ("mask_token", "decoder_*")
 OFFICIAL_EXTRAS = ("head.*", "fc_norm.*", "mask_token")  # left out of official files when the backbone has none
 OFFICIAL_LAYOUTS: tuple[Layout, ...] = (ijepa.LAYOUT, data2vec2.LAYOUT, simmim.VIT, simmim.SWIN, maskfeat.LAYOUT)
 SUBMODEL_SEPARATOR = "::"
-_UNWRAP = ("state_dict", "model", "module", "model_ema", "model_state")
 
 
 def split_submodel(path: str | Path) -> tuple[str | Path, str | None]:
@@ -59,34 +58,6 @@ def split_submodel(path: str | Path) -> tuple[str | Path, str | None]:
         file, _, submodel = str(path).rpartition(SUBMODEL_SEPARATOR)
         return file, submodel
     return path, None
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Weights-only ``torch.load`` of a checkpoint file on the CPU (:func:`~mimlab.checkpoints.files.load_file`; MAE-style
-    files also pickle an ``argparse.Namespace``, allow-listed); OpenAI CLIP ``.pt`` TorchScript archives are read with
-    ``torch.jit.load``. A file that needs a full unpickle is refused (``UnsafeCheckpointError``)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist; check the path (mimlab never downloads weights: "
-            "official files must be saved locally first)"
-        )
-    try:
-        return load_file(path, safe_globals=[argparse.Namespace])
-    except RuntimeError as err:  # TorchScript archive
-        if "TorchScript" not in str(err) and "jit" not in str(err).lower():
-            raise
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
-
-
-def read_state_dict(source: str | Path | Mapping) -> dict[str, Tensor]:
-    """A path or a loaded checkpoint -> flat state dict (unwrapped, ``module.`` prefix removed)."""
-    obj = read_checkpoint(source) if isinstance(source, (str, Path)) else source
-    for key in _UNWRAP:
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def pretrained_parts(
@@ -126,14 +97,10 @@ def pretrained_parts(
         _check_submodel(name, label, submodels, submodel)  # before converting: the converter gets a name it has
         converted = layout.convert(checkpoint if layout.raw else state, submodel)
     elif any(re.match(r"(encoder\.)?blocks\.\d+\.reduction\.weight$", k) for k in state):
-        from mimlab.checkpoints.itpn import convert_official_itpn
-
         split = convert_official_itpn(state)
         label, neck = "official iTPN", split["neck"]
         converted = Converted(split["backbone"], [*split["decoder"], *split["unused"]])
     elif any(re.match(r"(encoder\.)?(downsample_layers|stem)\.", k) for k in state):
-        from mimlab.checkpoints.convnextv2 import convert_convnextv2_state_dict
-
         label = "official ConvNeXt V2"
         converted = Converted(*convert_convnextv2_state_dict(state))
     else:

@@ -37,7 +37,7 @@ def load_teacher_weights(teacher: nn.Module, path: str | Path) -> None:
             f"target.checkpoint_path={path} does not exist. mimlab never downloads teachers: save the CLIP image tower "
             "(OpenAI 'visual.*' or timm layout) to a local file and point target.checkpoint_path at it."
         )
-    from mimlab.checkpoints.load import read_state_dict
+    from mimlab.checkpoints.files import read_state_dict
 
     state = read_state_dict(path)
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -53,6 +53,8 @@ class ClipTeacherTarget(Target):
     """Args: teacher (a timm VisionTransformer with ``head`` = visual projection; instantiated by Hydra),
     checkpoint_path (local file or None), teacher_size (resize the teacher view; None = same as the student),
     input_mean/std (normalisation of the images the student sees), clip_mean/std."""
+
+    from_teacher = True
 
     def __init__(
         self,

@@ -98,6 +98,8 @@ class EMATeacher(Target):
     """Base of EMA-teacher targets. Args: teacher (built from the same config as the student backbone), momentum
     (a schedule ``progress -> m``, e.g. :class:`LinearMomentum`). Subclasses implement ``forward(images, mask)``."""
 
+    from_teacher = True
+
     def __init__(self, teacher: nn.Module, momentum: Callable[[float], float]) -> None:
         super().__init__()
         self.teacher = teacher.requires_grad_(False).eval()
@@ -163,6 +165,10 @@ class EMATeacherTarget(EMATeacher):
         if self.pixel_target is not None:
             out["pixels"] = self.pixel_target(images, mask)
         return out
+
+    @property
+    def pixel_view(self) -> bool:
+        return self.pixel_target is not None
 
     def to_image(self, pred: dict[str, Tensor], images: Tensor) -> Tensor:
         """Pixel view of the pixel head's prediction (for reconstruction panels)."""

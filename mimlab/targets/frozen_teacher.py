@@ -23,34 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimlab.checkpoints.files import load_file
+from mimlab.checkpoints.files import read_state_dict
 from mimlab.targets.base import Target
 
 log = logging.getLogger(__name__)
 
-_WRAPPER_KEYS = ("teacher", "state_dict", "model", "module")
-_PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
-
-
-def _unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
-    """Finds the tensor dict inside common checkpoint wrappers and strips DDP/DINO prefixes."""
-    while isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict):
-        raise TypeError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
-    out = {}
-    for key, value in obj.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
-        out[key] = value
-    return out
+# Prefixes of teacher files beyond DDP's: DINO's ``backbone.``, ``torch.compile``'s ``_orig_mod.``, ``encoder.``
+TEACHER_PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
 
 
 def load_teacher_checkpoint(model: nn.Module, path: str | Path) -> None:
@@ -64,7 +43,7 @@ def load_teacher_checkpoint(model: nn.Module, path: str | Path) -> None:
             f"target.checkpoint: teacher checkpoint '{path}' does not exist. Give a local file "
             "(e.g. DINO ResNet-50 weights) or set target.checkpoint=null for a random teacher."
         )
-    state = _unwrap_state_dict(load_file(path))
+    state = read_state_dict(path, TEACHER_PREFIXES)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
@@ -115,6 +94,8 @@ class FrozenTeacher(Target):
         init_seed: seed of the random initialisation of a teacher built by name (``None``: global RNG). Because
             teacher weights are not checkpointed, this keeps a random teacher identical across resumes and ranks.
     """
+
+    from_teacher = True
 
     def __init__(
         self,

@@ -33,6 +33,8 @@ class NormPixTarget(Target):
         mean, var = self._stats(patches)
         return (patches - mean) / (var + self.eps) ** 0.5
 
+    pixel_view = True
+
     @torch.no_grad()
     def to_image(self, pred: Tensor, images: Tensor) -> Tensor:
         """Map predictions (N, L, p*p*C) back to image space (N, C, H, W) using the statistics of ``images``'s patches."""

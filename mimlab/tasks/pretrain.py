@@ -166,7 +166,7 @@ class MaskedPretraining(L.LightningModule):
         mask_px = (
             masks.mask.to(images.device).reshape(-1, 1, gh, gw).repeat_interleave(unit, 2).repeat_interleave(unit, 3)
         )
-        return {"mask": mask_px, "pred": self.target.to_image(pred, images)}  # type: ignore[operator]
+        return {"mask": mask_px, "pred": self.target.to_image(pred, images)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record which module holds the encoder the method evaluates (``Target.evaluated_encoder``)."""
