@@ -21,6 +21,7 @@ from rich.progress import track
 from rich.table import Table
 
 from mimlab.data.image_folder import CorruptImageError, open_image, to_rgb
+from mimlab.tasks.pretrain import MaskedPretraining
 from mimlab.train import CONFIG_DIR, instantiate_part
 from mimlab.utils.options import validate_options
 
@@ -54,7 +55,7 @@ def check(cfg: DictConfig, console: Console | None = None) -> bool:
     try:
         validate_options(cfg)
         module = instantiate_part(cfg.task)
-        if hasattr(module, "check_composition"):
+        if isinstance(module, MaskedPretraining):  # its parts are composed from the config: try them together
             module.check_composition((cfg.data.img_size, cfg.data.img_size))
         console.print(f"[green]config ok[/]: {type(module).__name__} composes and runs at {cfg.data.img_size}px")
         datamodule = instantiate_part(cfg.data)

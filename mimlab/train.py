@@ -29,6 +29,7 @@ from mimlab.checkpoints.atomic import AtomicCheckpointIO
 from mimlab.checkpoints.auto_resume import resolve_ckpt_path
 from mimlab.checkpoints.compat import check_resume_config
 from mimlab.run_folder import RunFolder, claim_for_rank_zero, held
+from mimlab.tasks.pretrain import MaskedPretraining
 from mimlab.utils import resolvers  # noqa: F401  (registers ${mimlab.dirname:...} used by conf/train.yaml)
 from mimlab.utils.devices import check_devices
 from mimlab.utils.extras import MissingExtraError, require
@@ -78,9 +79,9 @@ def preflight(cfg: DictConfig, module: L.LightningModule) -> RunFolder | None:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     if ckpt_path:
         check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True), cfg.allow_config_change)  # type: ignore[arg-type]
-    if hasattr(module, "check_composition"):
+    if isinstance(module, MaskedPretraining):  # its parts are composed from the config: try them together
         size = cfg.data.img_size
-        module.check_composition((size, size))  # type: ignore[operator]
+        module.check_composition((size, size))
     return claim_for_rank_zero(cfg.paths.output_dir, cfg.ckpt_path)
 
 

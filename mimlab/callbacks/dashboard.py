@@ -15,19 +15,20 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from mimlab.tasks.pretrain import MaskedPretraining
 from mimlab.utils.flops import train_flops_per_image
 
 
-def measure_train_flops(pl_module: L.LightningModule, images: torch.Tensor) -> float:
+def measure_train_flops(pl_module: MaskedPretraining, images: torch.Tensor) -> float:
     """FLOPs of one pre-training step (forward + backward) on ``images`` (N, C, H, W): the count ``make bench`` uses
     (:func:`mimlab.utils.flops.train_flops_per_image`), through the module's own ``compute_losses``, without
-    writing any ``.grad``; modules that know their cost may set ``flops_per_batch`` themselves, which then wins."""
+    writing any ``.grad``."""
     was_training = pl_module.training
     pl_module.train()
     try:
         per_image = train_flops_per_image(
             pl_module,
-            lambda: pl_module.compute_losses(images)["loss"],  # type: ignore[operator]
+            lambda: pl_module.compute_losses(images)["loss"],
             images.shape[0],
         )
     finally:
@@ -43,8 +44,8 @@ def logs_after(trainer: L.Trainer, steps: int) -> bool:
 
 
 class TrainingDashboard(L.Callback):
-    """Args: ``measure_flops`` (count FLOPs with ``flops_images`` images at the start of training when the module has
-    no ``flops_per_batch``), ``peak_tflops`` (per-device peak for ``perf/mfu``; docs/performance.md uses 790 for a bf16 H100;
+    """Args: ``measure_flops`` (count a pre-training step's FLOPs with ``flops_images`` images at the start of
+    training), ``peak_tflops`` (per-device peak for ``perf/mfu``; docs/performance.md uses 790 for a bf16 H100;
     null = no ``perf/mfu``)."""
 
     def __init__(self, measure_flops: bool = True, flops_images: int = 2, peak_tflops: float | None = None) -> None:
@@ -58,14 +59,10 @@ class TrainingDashboard(L.Callback):
 
     # --------------------------------------------------------------------------------------------- FLOPs
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        batch_size = trainer.datamodule.batch_size  # type: ignore[attr-defined]
-        if getattr(pl_module, "flops_per_batch", None):
-            self.flops_per_image = pl_module.flops_per_batch / batch_size
-        elif self.measure_flops and hasattr(pl_module, "compute_losses"):
+        if self.measure_flops and isinstance(pl_module, MaskedPretraining):
             dataset = trainer.datamodule.val_set  # type: ignore[attr-defined]
             images = torch.stack([dataset[i][0] for i in range(min(self.flops_images, len(dataset)))])
             self.flops_per_image = measure_train_flops(pl_module, images.to(pl_module.device)) / len(images)
-            pl_module.flops_per_batch = self.flops_per_image * batch_size
         if self.flops_per_image:
             rank_zero_info(f"TrainingDashboard: {self.flops_per_image / 1e9:.3f} GFLOP per image per training step")
             for logger in trainer.loggers:
