@@ -8,6 +8,7 @@ checkpoint and nothing is copied, so resumed runs stay exact.
 from __future__ import annotations
 
 import lightning as L
+from torch import nn
 
 from mimlab.targets.ema_teacher import EMATeacher
 
@@ -16,6 +17,7 @@ class EMATeacherSync(L.Callback):
     """``on_train_start``: ``pl_module.target.sync_(pl_module.backbone)`` if the target has not been synced yet."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module.target, EMATeacher):
-            raise TypeError(f"EMATeacherSync needs an EMA-teacher target; got {type(pl_module.target).__name__}")
-        pl_module.target.sync_(pl_module.backbone)  # type: ignore[arg-type]
+        target, backbone = pl_module.target, pl_module.backbone
+        if not isinstance(target, EMATeacher) or not isinstance(backbone, nn.Module):
+            raise TypeError(f"EMATeacherSync needs an EMA-teacher target; got {type(target).__name__}")
+        target.sync_(backbone)

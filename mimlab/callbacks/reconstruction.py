@@ -16,6 +16,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from mimlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mimlab.tasks.pretrain import MaskedPretraining
 
 
 def _denormalise(x: Tensor) -> Tensor:
@@ -63,13 +64,13 @@ class ReconstructionPanel(L.Callback):
         return self.images
 
     @rank_zero_only
-    def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
-        if not pl_module.target.pixel_view:  # type: ignore[union-attr]
+    def render(self, trainer: L.Trainer, pl_module: MaskedPretraining) -> Path | None:
+        if not pl_module.target.pixel_view:
             return None
         images = self._fixed_images(trainer).to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        out = pl_module.reconstruct(images)  # type: ignore[operator]
+        out = pl_module.reconstruct(images)
         pl_module.train(was_training)
         grid = reconstruction_grid(images.float(), out["mask"].float(), out["pred"].float()).cpu()
         folder = Path(trainer.default_root_dir) / self.dirname

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from mimlab.analysis.token_diversity import as_tokens, token_diversity
 from mimlab.callbacks.reconstruction import _denormalise, evenly_spaced_images
+from mimlab.tasks.pretrain import MaskedPretraining
 
 
 def similarity_maps(tokens: Tensor, query: int | None = None) -> Tensor:
@@ -60,14 +61,14 @@ class TeacherTargetPanel(L.Callback):
 
     @rank_zero_only
     @torch.no_grad()
-    def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+    def render(self, trainer: L.Trainer, pl_module: MaskedPretraining) -> Path | None:
         target = pl_module.target
-        if not target.from_teacher:  # type: ignore[union-attr]
+        if not target.from_teacher:
             return None  # pixel or HOG targets: no teacher features to map
         images = evenly_spaced_images(trainer.datamodule.val_set, self.num_images).to(pl_module.device)  # type: ignore[attr-defined]
-        masks = pl_module.make_mask(images, 0)  # type: ignore[operator]
+        masks = pl_module.make_mask(images, 0)
         mask = torch.zeros_like(masks.mask[:: masks.clones])  # nothing masked, one row per image
-        features = self._named_features(target(images, mask))  # type: ignore[operator]
+        features = self._named_features(target(images, mask))
         if not features:
             return None
         folder = Path(trainer.default_root_dir) / self.dirname
