@@ -36,16 +36,6 @@ from omegaconf import DictConfig
 from mimlab.bench.timing import sync
 from mimlab.bench.workloads import compose_train, loader_batch
 
-PRETRAIN_CALLBACKS = (
-    "checkpoint",
-    "lr_monitor",
-    "throughput",
-    "reconstruction",
-    "dashboard",
-    "target_maps",
-    "knn",
-    "progress",
-)
 PLAIN = "plain loop"
 BARE = "Trainer, no callbacks, no logger"
 LOGGER = "Trainer + csv logger"
@@ -99,7 +89,7 @@ def _infrastructure(cfg: DictConfig) -> list[L.Callback]:
 
 def configurations(composed: DictConfig) -> dict[str, tuple[bool, Callable[[], list[L.Callback]]]]:
     """Name -> (with the CSV logger, fresh callbacks); the plain loop is not among them."""
-    ours = {name: (lambda n=name: [instantiate(composed.callbacks[n])]) for name in PRETRAIN_CALLBACKS}
+    ours = {name: (lambda n=name: [instantiate(composed.callbacks[n])]) for name in composed.callbacks}
     extra = {
         "guard": lambda: [instantiate(composed.guard)],
         "resume + metadata": lambda: _infrastructure(composed),
