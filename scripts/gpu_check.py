@@ -347,8 +347,8 @@ def _bench_figures(payload: dict[str, Any]) -> dict[str, Any]:
     for run in res["runs"]:
         key = f"{run['loop']}_{'compiled' if run['compiled'] else 'eager'}"
         out[key] = {k: run[k] for k in ("img_s", "ms_step", "peak_mem_gib", "mfu")}
-    for key in ("lightning_overhead_eager", "lightning_overhead_compiled"):
-        if key in res:
+    for key in ("lightning_overhead_eager", "lightning_overhead_compiled", "masks", "graph"):
+        if res.get(key) is not None:  # masks: host mask time (worker, main process); graph: with explain=true
             out[key] = res[key]
     return out
 
