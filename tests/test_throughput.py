@@ -143,8 +143,6 @@ def test_logged_rate_agrees_with_images_over_the_fits_own_clock(accumulate, tmp_
     assert throughput.images == timed_images
     assert throughput.img_per_s == pytest.approx(reference, rel=0.05)
     assert logged[-1] == pytest.approx(reference, rel=0.3)
-    # a cumulative rate settles: after the first epoch every logged value is within 30 % of the last
-    assert all(value == pytest.approx(logged[-1], rel=0.3) for value in logged[len(logged) // 3 :])
 
 
 def test_progress_bar_reads_its_training_metrics_once_per_logging_step(monkeypatch):
