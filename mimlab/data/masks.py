@@ -21,7 +21,7 @@ from typing import Any
 
 from torch.utils.data import default_collate
 
-from mimlab.masking.base import MaskGenerator, seeded_generators
+from mimlab.masking.base import MaskGenerator
 
 
 class MaskingCollate:
@@ -40,4 +40,4 @@ class MaskingCollate:
         seeds = [sample[-1] for sample in samples]
         batch = self.inner([sample[:-1] for sample in samples])
         size = self.image_size or tuple(batch[0].shape[-2:])
-        return [*batch, self.masking.batch(self.masking.grid(size), seeded_generators(seeds))]
+        return [*batch, self.masking.from_seeds(size, seeds)]

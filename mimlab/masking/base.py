@@ -52,6 +52,11 @@ class MaskGenerator:
         """The masks of a batch, image ``n`` drawn from ``generators[n]``."""
         return MaskSet.stack([self.draw(grid, g) for g in generators])
 
+    def from_seeds(self, image_size: tuple[int, int], seeds: Sequence[int]) -> MaskSet:
+        """The masks of a batch of ``image_size`` (H, W) images, image ``n`` drawn from a generator seeded ``seeds[n]``
+        (what the loader workers and a step without delivered masks both do)."""
+        return self.batch(self.grid(image_size), seeded_generators(seeds))
+
 
 def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU ``torch.Generator`` per seed."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mimlab.data.base import ResumableDataModule
 from mimlab.data.resumable import mix_seed
 from mimlab.masking import MaskSet
-from mimlab.masking.base import MaskGenerator, seeded_generators
+from mimlab.masking.base import MaskGenerator
 from mimlab.models.backbones.contract import check_backbone
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
@@ -78,8 +78,7 @@ class MaskedPretraining(L.LightningModule):
         """The masks of ``images`` (N, C, H, W) over the mask-unit grid, 1 = masked, drawn **on the host** with one
         generator per image: from ``seeds[n]``, or from (``seeds``, n) when one int is given."""
         per_image = [self._seed(seeds, n) for n in range(images.shape[0])] if isinstance(seeds, int) else seeds
-        grid = self.masking.grid((images.shape[-2], images.shape[-1]))
-        return self.masking.batch(grid, seeded_generators(per_image))
+        return self.masking.from_seeds((images.shape[-2], images.shape[-1]), per_image)
 
     def _step_seeds(self, batch_size: int, *keys: int) -> list[int]:
         """Seeds of a batch that came without masks: position ``j`` of rank ``r`` among ``W`` processes is ``j·W + r``
