@@ -104,6 +104,7 @@ def test_a_backbone_that_forgets_the_contract_fails_at_composition_naming_what_i
 def test_inconsistent_declarations_are_named():
     class HalfDone(PlainEncoder):
         num_features, feature_pools, global_pool = 16, ("avg", "max"), "avg"
+        in_chans, img_size = 3, None
         layer_decay_rules, layer_decay_rule = ("mine",), "mine"
 
         def forward_pooled(self, x, pool="avg"):

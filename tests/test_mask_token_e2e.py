@@ -15,7 +15,6 @@ TINY_SWIN = [
     "model.backbone.depths=[1,1,1,1]",
     "model.backbone.num_heads=[1,2,2,4]",
     "model.backbone.window_size=2",
-    "model.decoder.in_channels=128",
 ]
 
 

@@ -24,6 +24,7 @@ class ToyConvBackbone(nn.Module):
         self.body = nn.Conv2d(width, width, 2, stride=2)
         self.out_channels, self.out_strides = [width], [8]
         self.num_features = width
+        self.img_size, self.in_chans = None, 3  # any input size, RGB
         self.global_pool = check_pool(self, global_pool)
 
     def _unit_map(self, mask: Tensor | MaskSet, x: Tensor, factor: int) -> Tensor:

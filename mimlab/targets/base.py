@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mimlab.models.parts import Parts
 
 
 class Target(nn.Module):
@@ -18,11 +21,22 @@ class Target(nn.Module):
     What shared code may ask of every target (declared here, so no caller probes for attributes):
 
     * ``from_teacher``: the target is a network's features (a frozen or EMA teacher), which the teacher panel maps;
-    * ``pixel_view``: :meth:`to_image` turns a prediction into pixels, which the reconstruction panel draws.
+    * ``pixel_view``: :meth:`to_image` turns a prediction into pixels, which the reconstruction panel draws;
+    * ``dim``: the width of one target token where it is fixed (a decoder predicting it is built to that width,
+      :class:`mimlab.models.parts.Parts`), else None.
+
+    Configs build a target with :meth:`attach` (Hydra ``_partial_: true``; :mod:`mimlab.models.parts`).
     """
 
     evaluated_encoder: str = "backbone"
     from_teacher: bool = False
+    dim: int | None = None
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> Target:
+        """Build the target for ``parts`` (the backbone and mask generator it serves) from its own ``settings``;
+        targets that need nothing from the other parts take the settings as they are."""
+        return cls(**settings)
 
     @property
     def pixel_view(self) -> bool:

@@ -30,13 +30,16 @@ with ``d = r²·C`` of the chosen teacher stage (r = 4, 2, 1 sub-tokens per unit
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimlab.models.parts import Parts, build
 from mimlab.targets.base import Target
 
 LEVELS = ("s4", "s8", "s16")
@@ -107,6 +110,12 @@ class EMATeacher(Target):
         self.register_buffer("synced", torch.zeros((), dtype=torch.bool))
         self.current_momentum = momentum(0.0)
 
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> EMATeacher:
+        """The teacher is a copy of the student backbone (the same architecture; synced again before the first
+        step, :meth:`sync_`)."""
+        return cls(teacher=copy.deepcopy(parts.backbone), **settings)
+
     def train(self, mode: bool = True) -> EMATeacher:
         super().train(mode)
         self.teacher.eval()
@@ -152,6 +161,11 @@ class EMATeacherTarget(EMATeacher):
         self.pixel_target = pixel_target
         self.momentum, self.final_momentum = momentum, final_momentum
         self.stages, self.normalize = tuple(stages), normalize
+
+    @classmethod
+    def attach(cls, parts: Parts, pixel_target: Any = None, **settings: Any) -> EMATeacherTarget:
+        """A copy of the student backbone as the teacher; ``pixel_target`` (a factory) built for the same parts."""
+        return cls(teacher=copy.deepcopy(parts.backbone), pixel_target=build(pixel_target, parts), **settings)
 
     def _flat(self, f: Tensor) -> Tensor:
         if self.normalize:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimlab.checkpoints.files import read_state_dict
+from mimlab.models.parts import Parts
 from mimlab.targets.base import Target
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,14 @@ class FrozenTeacher(Target):
     """
 
     from_teacher = True
+
+    @classmethod
+    def attach(cls, parts: Parts, match_img_size: bool = False, **settings: Any) -> FrozenTeacher:
+        """``match_img_size``: build the timm teacher for the backbone's input size (``model_kwargs.img_size``; ViT
+        teachers with a fixed position embedding)."""
+        if match_img_size:
+            settings["model_kwargs"] = {**(settings.get("model_kwargs") or {}), "img_size": parts.backbone.img_size}
+        return cls(**settings)
 
     def __init__(
         self,

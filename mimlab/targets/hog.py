@@ -11,11 +11,13 @@ official order ``(channel, bin, cell_row, cell_col)``: 3 · 9 · 2 · 2 = 108 va
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mimlab.models.parts import Parts
 from mimlab.targets.base import Target
 
 
@@ -45,12 +47,14 @@ class HOGTarget(Target):
         if patch_size % cell_size:
             raise ValueError(f"target.patch_size={patch_size} must be a multiple of target.cell_size={cell_size}")
         self.patch_size, self.cell_size, self.nbins, self.in_chans = patch_size, cell_size, nbins, in_chans
+        self.dim = in_chans * nbins * (patch_size // cell_size) ** 2
         sobel_x = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
         self.register_buffer("sobel", torch.stack([sobel_x, sobel_x.T]).unsqueeze(1), persistent=False)  # (2, 1, 3, 3)
 
-    @property
-    def dim(self) -> int:
-        return self.in_chans * self.nbins * (self.patch_size // self.cell_size) ** 2
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> HOGTarget:
+        """Histograms per mask unit (``patch_size = masking.unit_size``)."""
+        return cls(patch_size=parts.unit_size, **settings)
 
     @torch.no_grad()
     def cell_histograms(self, images: Tensor) -> Tensor:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from mimlab.models.parts import Parts
 from mimlab.models.patchify import patchify, unpatchify
 from mimlab.targets.base import Target
 
@@ -21,6 +24,11 @@ class NormPixTarget(Target):
         self.patch_size = patch_size
         self.norm_pix = norm_pix
         self.eps = eps
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> NormPixTarget:
+        """Patches of the mask unit (``patch_size = masking.unit_size``)."""
+        return cls(patch_size=parts.unit_size, **settings)
 
     def _stats(self, patches: Tensor) -> tuple[Tensor, Tensor]:
         return patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)

@@ -20,17 +20,15 @@ from mimlab.data.resumable import mix_seed
 from mimlab.masking import MaskSet
 from mimlab.masking.base import MaskGenerator
 from mimlab.models.backbones.contract import check_backbone
+from mimlab.models.parts import CompositionError, Parts, PartFactory, build
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
 
 
-class CompositionError(ValueError):
-    """The parts chosen in the config do not fit together; raised before any training step."""
-
-
 class MaskedPretraining(L.LightningModule):
-    """Args: the composed parts (``nn.Module`` each, ``neck`` optional), the mask generator, the optimiser factory,
-    and ``seed``.
+    """Args: the backbone, the mask generator, the optimiser factory, ``seed``, and the parts that attach to the
+    backbone — ``neck`` (optional), ``target``, ``decoder`` — each built or a factory (:mod:`mimlab.models.parts`:
+    configs give ``attach`` with ``_partial_: true``) called here, in that order, with the parts built before it.
 
     Masks come with the batch: at setup the module hands ``masking`` to its DataModule
     (:meth:`~mimlab.data.base.ResumableDataModule.deliver_masks`), whose loader workers draw each sample's masks from
@@ -44,20 +42,22 @@ class MaskedPretraining(L.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
-        decoder: nn.Module,
-        target: Target,
+        decoder: nn.Module | PartFactory,
+        target: Target | PartFactory,
         loss: nn.Module,
         masking: MaskGenerator,
         optim: OptimizerFactory,
-        neck: nn.Module | None = None,
+        neck: nn.Module | PartFactory | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         check_backbone(backbone)
         self.backbone = backbone
-        self.neck = neck if neck is not None else nn.Identity()
-        self.decoder = decoder
-        self.target = target
+        built_neck = build(neck, Parts(backbone, masking))
+        self.neck = built_neck if built_neck is not None else nn.Identity()
+        built_target: Target = build(target, Parts(backbone, masking, self.neck))
+        self.decoder = build(decoder, Parts(backbone, masking, self.neck, built_target))
+        self.target = built_target
         self.loss = loss
         self.masking = masking
         self.optim = optim

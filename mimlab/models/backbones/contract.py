@@ -3,7 +3,11 @@
 Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher``, ``no_weight_decay``,
 ``forward_head(pre_logits=True)``) and mmpretrain (``get_layer_depth``). A backbone family (``nn.Module``) provides:
 
-* ``out_channels: list[int]``, ``out_strides: list[int]`` — the maps of ``forward_features``, finest first;
+* ``out_channels: list[int]``, ``out_strides: list[int]`` — the maps of ``forward_features``, finest first; the last
+  ones are also the width and stride of the masked forward's tokens (what decoders attach to,
+  :mod:`mimlab.models.parts`);
+* ``in_chans: int`` and ``img_size: int | None`` — the input the backbone is built for (``img_size``: the side its
+  fixed position embedding or window grid expects; None where any size works);
 * ``forward_features(x (N, C, H, W), mask=None) -> list[(N, out_channels[i], H / out_strides[i], W / out_strides[i])]``
   (``mask`` (N, L) over mask units, 1 = masked; masked positions are zero in the maps);
 * ``num_features: int`` and ``feature_pools: tuple[str, ...]``; ``forward_pooled(x, pool=None) -> (N, num_features)``
@@ -35,6 +39,8 @@ CONTRACT_METHODS = ("forward_features", "forward_pooled", "no_weight_decay", "la
 CONTRACT_ATTRIBUTES = (
     "out_channels",
     "out_strides",
+    "in_chans",
+    "img_size",
     "num_features",
     "feature_pools",
     "global_pool",

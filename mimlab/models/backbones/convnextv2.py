@@ -120,6 +120,7 @@ class MaskedConvNeXtV2(nn.Module):
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"MaskedConvNeXtV2 needs 4 stages, got depths={list(depths)} dims={list(dims)}")
         self.depths, self.dims = list(depths), list(dims)
+        self.img_size, self.in_chans = None, in_chans  # fully convolutional: any input size
         self.out_channels = list(dims)
         self.out_strides = [4, 8, 16, 32]
         self.num_features = dims[-1]

@@ -262,6 +262,8 @@ class HiViT(nn.Module):
         self.layer_decay_rule, self.pos_embed_interpolation = layer_decay_rule, pos_embed_interpolation
         self.embed_dim, self.depth, self.mlp_depth = embed_dim, depth, mlp_depth
         self.unit_size, self.drop_masked = unit_size, drop_masked
+        self.img_size, self.in_chans, self.num_heads = img_size, in_chans, num_heads
+        self.rpe, self.init_values = rpe, init_values
         self.keep_hidden = tuple(int(i) for i in keep_hidden)
         self.grid = (img_size // unit_size, img_size // unit_size)
         d4, d8 = embed_dim // 4, embed_dim // 2

@@ -108,8 +108,8 @@ class MaskedViT(nn.Module):
             raise ValueError("model.backbone.rel_pos_bias needs the cls token (class_token=true)")
         if global_pool == "cls" and not class_token:
             raise ValueError("model.backbone.global_pool=cls needs the cls token (class_token=true); use avg")
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
+        self.img_size, self.in_chans, self.patch_size = img_size, in_chans, patch_size
+        self.embed_dim, self.num_heads = embed_dim, num_heads
         self.keep_hidden_states = keep_hidden_states
         self.num_prefix_tokens = int(class_token)
         if not class_token:  # no cls token to pool

@@ -15,11 +15,14 @@ when the encoder has a cls token). The loss keeps the masked patches.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from mimlab.models.backbones.vit import ViTEncoding
+from mimlab.models.parts import Parts
 
 
 def _conv_layer(in_dim: int, dim: int, kernel_size: int, groups: int) -> nn.Sequential:
@@ -33,6 +36,11 @@ def _conv_layer(in_dim: int, dim: int, kernel_size: int, groups: int) -> nn.Sequ
 class Data2VecDecoder(nn.Module):
     """Args: embed_dim (encoder width D), decoder_dim (768), depth (6), kernel_size (3), groups (16),
     mask_noise_std (0.01, fairseq ``mask_noise_std``)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> Data2VecDecoder:
+        """From the backbone's token width."""
+        return cls(embed_dim=parts.backbone.num_features, **settings)
 
     def __init__(
         self,

@@ -6,11 +6,14 @@ docs/methods.md §3.3: ``proj`` C_in -> 512, the learned mask token (1, 512, 1, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
 from mimlab.models.backbones.convnextv2 import ConvNeXtV2Block, mask_to_map
+from mimlab.models.parts import Parts
 
 __all__ = ["FCMAEDecoder"]
 
@@ -23,6 +26,13 @@ class FCMAEDecoder(nn.Module):
     ordered like ``mimlab.models.patchify`` (row-in-patch, col-in-patch, channel), so it is compared directly
     with ``NormPixTarget(patch_size)``; the loss keeps masked units only.
     """
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> FCMAEDecoder:
+        """From the backbone's last width and input channels; predicts one mask unit (``masking.unit_size``) per
+        location."""
+        bb = parts.backbone
+        return cls(in_channels=bb.out_channels[-1], patch_size=parts.unit_size, in_chans=bb.in_chans, **settings)
 
     def __init__(
         self,

@@ -15,19 +15,33 @@ ViT-H/14 recipe: predictor width 384, depth 12, 16 heads (22.378 M parameters wi
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, keep_indices
-from mimlab.models.backbones.vit import ViTEncoding, _init_trunc_normal
+from mimlab.models.backbones.vit import MaskedViT, ViTEncoding, _init_trunc_normal
+from mimlab.models.parts import Parts
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
 class IJEPAPredictor(nn.Module):
     """Args: embed_dim (encoder width), img_size / patch_size (fix the position grid), predictor_dim (384), depth,
     num_heads (the encoder's head count, as the official ``init_model``), mlp_ratio, init_std (0.02)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> IJEPAPredictor:
+        """From the ViT encoder (width, patch, input size) with its number of heads (the official predictor's)."""
+        vit = parts.require("backbone", MaskedViT, "IJEPAPredictor")
+        return cls(
+            embed_dim=vit.embed_dim,
+            img_size=vit.img_size,
+            patch_size=vit.patch_size,
+            num_heads=vit.num_heads,
+            **settings,
+        )
 
     def __init__(
         self,

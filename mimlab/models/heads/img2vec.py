@@ -14,6 +14,8 @@ Two outputs, one per loss of ``mimlab.losses.img2vec``:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 
 from mimlab.models.backbones.vit import ViTEncoding, _init_linear_and_norm
 from mimlab.models.heads.mae_decoder import MAEDecoder
+from mimlab.models.parts import CompositionError, Parts
+from mimlab.targets.frozen_teacher import FrozenTeacher
 
 
 class Img2VecDecoder(nn.Module):
@@ -39,6 +43,21 @@ class Img2VecDecoder(nn.Module):
         proj_hidden_dim: hidden width of both projection MLPs (Linear -> ReLU -> Linear).
         multi_block: average all encoder blocks (True, Img2Vec) or decode the encoder output alone (ablation).
     """
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> Img2VecDecoder:
+        """From the backbone (width, patch stride, input size) and the frozen teacher (its width and stride)."""
+        bb, teacher = parts.backbone, parts.require("target", FrozenTeacher, "Img2VecDecoder")
+        if teacher.stride is None:
+            raise CompositionError("Img2VecDecoder pools to the teacher's grid: set target.stride")
+        return cls(
+            embed_dim=bb.out_channels[-1],
+            out_dim=parts.target_dim,
+            img_size=bb.img_size,
+            patch_size=bb.out_strides[-1],
+            out_stride=teacher.stride,
+            **settings,
+        )
 
     def __init__(
         self,

@@ -13,15 +13,34 @@ Returns ``{"pyramid": (N, L, T), "aux": (N, L, T)}``; both are supervised on all
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
-from mimlab.models.backbones.hivit import HiViTBlock, HiViTEncoding, init_weights, relative_position_index
+from mimlab.models.backbones.hivit import HiViT, HiViTBlock, HiViTEncoding, init_weights, relative_position_index
 from mimlab.models.heads.itpn_pixel_decoder import LevelFusion
+from mimlab.models.parts import Parts
 
 
 class ITPNClipHead(nn.Module):
     """Args: embed_dim (backbone D), fpn_dim (F), teacher_dim (512 for CLIP ViT-B/16), num_heads, aux_block,
     aux_depth (2), img_size/unit_size (RPE grid), rpe (as the backbone), init_values (layer scale)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> ITPNClipHead:
+        """Blocks like the HiViT backbone's (width, heads, unit grid, relative position bias, layer scale) on the
+        pyramid's width."""
+        hivit = parts.require("backbone", HiViT, "ITPNClipHead")
+        return cls(
+            embed_dim=hivit.embed_dim,
+            fpn_dim=parts.neck_width,
+            num_heads=hivit.num_heads,
+            img_size=hivit.img_size,
+            unit_size=hivit.unit_size,
+            rpe=hivit.rpe,
+            init_values=hivit.init_values,
+            **settings,
+        )
 
     def __init__(
         self,

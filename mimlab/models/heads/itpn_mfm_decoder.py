@@ -15,6 +15,7 @@ Input: the pyramid's ``HiViTEncoding`` (``features = (P4, P8, P16)`` at K visibl
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -22,7 +23,9 @@ from torch import Tensor, nn
 
 from mimlab.models.backbones.hivit import HiViTEncoding, init_weights
 from mimlab.models.heads.itpn_pixel_decoder import scatter_units
+from mimlab.models.parts import Parts, build
 from mimlab.models.pos_embed import sincos_2d_pos_embed
+from mimlab.targets.ema_teacher import EMATeacherTarget
 
 LEVELS = ("s4", "s8", "s16")
 
@@ -67,6 +70,21 @@ class ITPNMFMDecoder(nn.Module):
     ``out_dims`` or as ``teacher_embed_dim`` (teacher D) + ``stages`` (teacher stage per level, as in the target:
     stage 0 gives 16·D/4 = 4D per unit, stage 1 gives 4·D/2 = 2D, stage 2 gives D), embed_dim/depth/num_heads of each
     level decoder, img_size/unit_size (grid)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, pixel_decoder: Any = None, **settings: Any) -> ITPNMFMDecoder:
+        """On the pyramid's width, predicting the EMA teacher's stages (its width is the backbone's);
+        ``pixel_decoder`` (a factory) built for the same parts."""
+        bb, teacher = parts.backbone, parts.require("target", EMATeacherTarget, "ITPNMFMDecoder")
+        return cls(
+            pixel_decoder=build(pixel_decoder, parts),
+            fpn_dim=parts.neck_width,
+            img_size=bb.img_size,
+            unit_size=bb.out_strides[-1],
+            teacher_embed_dim=bb.num_features,
+            stages=list(teacher.stages),
+            **settings,
+        )
 
     def __init__(
         self,

@@ -13,12 +13,14 @@ Output: (N, L, p²·3) pixel predictions for every unit (the loss keeps the mask
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mimlab.models.backbones.hivit import HiViTEncoding, init_weights
+from mimlab.models.parts import Parts
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -53,6 +55,12 @@ class LevelFusion(nn.Module):
 class ITPNPixelDecoder(nn.Module):
     """Args: fpn_dim (pyramid width F), embed_dim/depth/num_heads (512/8/16 official), img_size/patch_size (grid),
     num_levels (pyramid levels fused, 3), out_dim (default patch_size² · in_chans = 768)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> ITPNPixelDecoder:
+        """On the pyramid's width; one HiViT unit (the backbone's last stride) per token of its input size."""
+        bb = parts.backbone
+        return cls(fpn_dim=parts.neck_width, img_size=bb.img_size, patch_size=bb.out_strides[-1], **settings)
 
     def __init__(
         self,

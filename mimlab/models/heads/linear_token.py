@@ -10,10 +10,17 @@ from __future__ import annotations
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from mimlab.models.parts import Parts
+
 
 class LinearTokenHead(nn.Module):
     """Args: in_channels (encoder width), out_dim (target width: 108 for MaskFeat's HOG of a 16-px patch).
     Init as the official head: truncated-normal(0.02) weight, zero bias."""
+
+    @classmethod
+    def attach(cls, parts: Parts) -> LinearTokenHead:
+        """From the backbone's last width to the target's width (``Target.dim``)."""
+        return cls(in_channels=parts.backbone.out_channels[-1], out_dim=parts.target_dim)
 
     def __init__(self, in_channels: int, out_dim: int) -> None:
         super().__init__()

@@ -8,12 +8,14 @@ dropped at the end, as in the official code.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mimlab.models.backbones.vit import ViTEncoding, _init_linear_and_norm
+from mimlab.models.parts import Parts
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -21,6 +23,12 @@ class MAEDecoder(nn.Module):
     """Args: in_dim (encoder width), embed_dim/depth/num_heads (512/8/16 in MAE), img_size and patch_size (grid),
     out_dim (defaults to patch_size**2 * in_chans, i.e. 768 for p16 / 588 for p14). ``with_prediction=False`` drops
     ``decoder_pred`` for heads that only need :meth:`decode` (e.g. Img2Vec's feature head)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> MAEDecoder:
+        """Decode the backbone's final tokens: ``in_dim``, ``patch_size`` (its last width and stride) and ``img_size``."""
+        bb = parts.backbone
+        return cls(in_dim=bb.out_channels[-1], img_size=bb.img_size, patch_size=bb.out_strides[-1], **settings)
 
     def __init__(
         self,

@@ -8,14 +8,29 @@ image, patchified over the ``unit_size``-pixel mask units, (N, L_units, unit_siz
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
+from mimlab.models.parts import Parts
 from mimlab.models.patchify import patchify
 
 
 class SimMIMDecoder(nn.Module):
     """Args: in_channels (encoder width: 768 for ViT-B, 1024 for Swin-B), encoder_stride (16 for ViT-B/16, 32 for
     Swin), unit_size (the mask unit, 32), in_chans (3). Parameters: ``in_channels · stride² · 3 + stride² · 3``."""
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> SimMIMDecoder:
+        """From the backbone's last width and stride (16 for ViT-B/16, 32 for Swin) and the mask unit."""
+        bb = parts.backbone
+        return cls(
+            in_channels=bb.out_channels[-1],
+            encoder_stride=bb.out_strides[-1],
+            unit_size=parts.unit_size,
+            in_chans=bb.in_chans,
+            **settings,
+        )
 
     def __init__(self, in_channels: int, encoder_stride: int, unit_size: int, in_chans: int = 3) -> None:
         super().__init__()

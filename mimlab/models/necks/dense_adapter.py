@@ -8,7 +8,7 @@ Three compositions, all chosen in config (``model/dense``):
   pyramid comes from the pre-training checkpoint (``neck.*`` keys), as in the official iTPN detection code.
 
 The neck may be given as a module (e.g. the iTPN pyramid, whose shape is fixed by pre-training) or as a factory
-(Hydra ``_partial_: true``) called with ``in_channels=backbone.out_channels, in_strides=backbone.out_strides``.
+(Hydra ``_partial_: true``, its class's ``attach``) called with the backbone's :class:`~mimlab.models.parts.Parts`.
 
 ``forward(x: (N, 3, H, W)) -> OrderedDict[str, (N, C, H/s, W/s)]`` with keys ``"0".."k"`` for ``out_strides`` and
 ``"pool"`` for the last extra level when ``pool_name`` is set (torchvision's Mask R-CNN naming). Inputs are padded
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimlab.models.backbones.contract import check_backbone
+from mimlab.models.parts import Parts
 
 
 class DenseFeatureAdapter(nn.Module):
@@ -64,7 +65,7 @@ class DenseFeatureAdapter(nn.Module):
         if isinstance(neck, nn.Identity):  # the pre-training default "no neck"
             neck = None
         if neck is not None and not isinstance(neck, nn.Module):
-            neck = neck(in_channels=list(backbone.out_channels), in_strides=list(backbone.out_strides))  # type: ignore[arg-type]
+            neck = neck(Parts(backbone))
         self.neck = neck
         src = neck if neck is not None else backbone
         src_channels, src_strides = list(src.out_channels), list(src.out_strides)  # type: ignore[arg-type]

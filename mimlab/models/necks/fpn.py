@@ -8,14 +8,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
+from mimlab.models.parts import Parts
+
 
 class TorchvisionFPN(nn.Module):
     """``forward(features: list[(N, C_i, H/s_i, W/s_i)]) -> list[(N, out_channels, H/s_i, W/s_i)]`` (same strides)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> TorchvisionFPN:
+        """On every map of the backbone (its ``out_channels`` / ``out_strides``)."""
+        bb = parts.backbone
+        return cls(in_channels=list(bb.out_channels), in_strides=list(bb.out_strides), **settings)
 
     def __init__(self, in_channels: Sequence[int], in_strides: Sequence[int], out_channels: int = 256):
         super().__init__()

@@ -15,10 +15,12 @@ Module names follow the official code (``mimlab.checkpoints.itpn`` loads them wi
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import Tensor, nn
 
 from mimlab.models.backbones.hivit import HiViTBlock, HiViTEncoding, init_weights, map_to_units, units_to_map
+from mimlab.models.parts import Parts
 
 
 class PatchSplit(nn.Module):
@@ -50,6 +52,11 @@ class ITPNPyramid(nn.Module):
     ``features = (P4 (N,K,4,4,F), P8 (N,K,2,2,F), P16 (N,K,1,1,F))``) or dense maps ``[s4, s8, s16]``
     ``(N, C_i, H/s_i, W/s_i)`` (returns ``[(N, F, H/4, W/4), (N, F, H/8, W/8), (N, F, H/16, W/16)]``).
     """
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> ITPNPyramid:
+        """On the backbone's maps at strides 4/8/16 (its ``out_channels``)."""
+        return cls(in_channels=list(parts.backbone.out_channels), **settings)
 
     def __init__(
         self,

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
+
+from mimlab.models.parts import Parts
 
 
 def _scale_stage(dim: int, scale: float) -> tuple[nn.Module, int]:
@@ -64,6 +67,12 @@ class SimpleFeaturePyramid(nn.Module):
 
     ``forward(features: list[(N, C_i, H/s_i, W/s_i)]) -> list[(N, out, H/s, W/s)]`` for ``s`` in ``out_strides``.
     """
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> SimpleFeaturePyramid:
+        """On the backbone's last map (its ``out_channels`` / ``out_strides``)."""
+        bb = parts.backbone
+        return cls(in_channels=list(bb.out_channels), in_strides=list(bb.out_strides), **settings)
 
     def __init__(
         self,
