@@ -101,7 +101,7 @@ def test_detection_evaluates_on_the_square_canvas_it_trains_on(tmp_path):
 def test_simple_fpn_gives_strides_4_to_32_for_any_patch(patch, size):
     vit = MaskedViT(img_size=size, patch_size=patch, embed_dim=32, depth=1, num_heads=2)
     adapter = DenseFeatureAdapter(
-        vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
+        vit, partial(SimpleFeaturePyramid.attach, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
     )
     out = adapter(torch.randn(1, 3, size, size))
     assert [tuple(y.shape[-2:]) for y in out.values()] == [(size // s, size // s) for s in (4, 8, 16, 32)] + [
@@ -123,7 +123,7 @@ def test_hivit_absolute_pos_embed_resampled_on_load(tmp_path, caplog):
 def test_input_size_not_a_multiple_of_the_largest_stride():
     vit = MaskedViT(img_size=96, patch_size=16, embed_dim=32, depth=1, num_heads=2)
     adapter = DenseFeatureAdapter(
-        vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
+        vit, partial(SimpleFeaturePyramid.attach, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
     )
     with pytest.raises(
         ValueError, match=r"input size 100 \(data\.img_size.*largest stride 16.*data\.img_size=96 or 112"
@@ -134,7 +134,7 @@ def test_input_size_not_a_multiple_of_the_largest_stride():
 def test_checkpoint_of_another_backbone_family(tmp_path):
     convnext = MaskedConvNeXtV2(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=0)
     vit = MaskedViT(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2)
-    adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid, out_channels=8))
+    adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid.attach, out_channels=8))
     ours = _pretrain_checkpoint(tmp_path / "fcmae.ckpt", convnext)
     with pytest.raises(
         CheckpointMismatchError,

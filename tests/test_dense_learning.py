@@ -71,7 +71,7 @@ def test_coco_evaluation_of_the_real_annotations_is_perfect_for_the_ground_truth
     ds = COCOInstances(root, "train", lsj_transforms(128, train=False), keep_crowd=True)
     vit = MaskedViT(img_size=128, patch_size=16, embed_dim=32, depth=1, num_heads=2)
     adapter = DenseFeatureAdapter(
-        vit, partial(SimpleFeaturePyramid, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
+        vit, partial(SimpleFeaturePyramid.attach, out_channels=8), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
     )
     task = MaskRCNNDetection(adapter, optim=None, num_classes=ds.num_classes, min_size=128, max_size=128)
     targets = [ds[i][1] for i in range(12)]
@@ -119,7 +119,7 @@ def test_mask_rcnn_memorises_two_real_coco_images():
     val = COCOInstances(root, "train", lsj_transforms(128, train=False), keep_crowd=True)
     vit = MaskedViT(img_size=128, patch_size=8, embed_dim=192, depth=4, num_heads=3, learnable_pos_embed=True)
     adapter = DenseFeatureAdapter(
-        vit, partial(SimpleFeaturePyramid, out_channels=64), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
+        vit, partial(SimpleFeaturePyramid.attach, out_channels=64), out_strides=(4, 8, 16, 32, 64), pool_name="pool"
     )
     optim = OptimizerFactory(
         partial(torch.optim.AdamW),

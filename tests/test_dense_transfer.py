@@ -54,11 +54,11 @@ def tiny_hivit():
 
 
 def vit_adapter(dim=32, **kw):
-    return DenseFeatureAdapter(tiny_vit(dim), partial(SimpleFeaturePyramid, out_channels=16), **kw)
+    return DenseFeatureAdapter(tiny_vit(dim), partial(SimpleFeaturePyramid.attach, out_channels=16), **kw)
 
 
 def convnext_adapter(**kw):
-    return DenseFeatureAdapter(tiny_convnext(), partial(TorchvisionFPN, out_channels=16), **kw)
+    return DenseFeatureAdapter(tiny_convnext(), partial(TorchvisionFPN.attach, out_channels=16), **kw)
 
 
 def itpn_adapter(**kw):
@@ -330,7 +330,7 @@ def test_masked_vit_from_pretraining_checkpoint_through_simple_fpn(tmp_path):
 
     state = _fake_pretrain_ckpt(tmp_path / "pt.ckpt", DenseFeatureAdapter(vit(), out_strides=(8,)))
     adapter = DenseFeatureAdapter(
-        vit(), partial(SimpleFeaturePyramid, out_channels=16), out_strides=DET_STRIDES, pool_name="pool"
+        vit(), partial(SimpleFeaturePyramid.attach, out_channels=16), out_strides=DET_STRIDES, pool_name="pool"
     )
     adapter.load_pretrained(tmp_path / "pt.ckpt")
     for k, v in adapter.backbone.state_dict().items():

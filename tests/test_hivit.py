@@ -57,11 +57,11 @@ def test_visible_units_do_not_depend_on_masked_pixels(rpe):
     px_mask = mask.reshape(2, 1, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
     a = model(x, mask)
     b = model(x + noise * px_mask, mask)  # change only the masked units' pixels
-    assert a.ids_keep.shape == (2, 4) and a.features[2].shape == (2, 4, 32)
-    for fa, fb in zip(a.features, b.features):
+    assert a.ids_keep.shape == (2, 4) and a.pyramid[2].shape == (2, 4, 32)
+    for fa, fb in zip(a.pyramid, b.pyramid):
         torch.testing.assert_close(fa, fb)
     c = model(x + noise * (1 - px_mask), mask)  # ... while visible pixels do matter
-    assert not torch.allclose(a.features[2], c.features[2])
+    assert not torch.allclose(a.pyramid[2], c.pyramid[2])
 
 
 def test_dropping_only_computes_visible_units_and_matches_rpe_reference():
@@ -106,7 +106,7 @@ def test_patch_merge_concatenation_order():
 def test_inpainting_mode_keeps_all_units_and_uses_mask_token():
     model, mask = tiny(drop_masked=False, keep_hidden=(0,)), masks()
     enc = model(torch.randn(2, 3, 64, 64), mask)
-    assert enc.ids_keep is None and enc.features[2].shape == (2, 16, 32) and set(enc.hidden) == {0}
+    assert enc.ids_keep is None and enc.pyramid[2].shape == (2, 16, 32) and set(enc.hidden) == {0}
     assert model.mask_token is not None
 
 
@@ -144,7 +144,7 @@ def test_itpn_pos_embed_option_reproduces_the_official_per_step_resampling():
     reference = tiny()  # the default ("table") model with the table the official code would use at this step
     reference.absolute_pos_embed.data.copy_(official_interpolate_pos_encoding(table, npatch=8, h=4, w=4))
     with torch.no_grad():
-        torch.testing.assert_close(official_model(x, mask).features[-1], reference(x, mask).features[-1])
+        torch.testing.assert_close(official_model(x, mask).pyramid[-1], reference(x, mask).pyramid[-1])
         torch.testing.assert_close(official_model.forward_features(x)[-1], tiny().forward_features(x)[-1])  # full image
     assert torch.equal(official_model.position_embedding((4, 4), 16), table)  # the early return fires: all tokens
     assert torch.equal(tiny().position_embedding((4, 4), 8), table)  # default: the table as is, masked or not

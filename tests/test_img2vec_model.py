@@ -1,6 +1,9 @@
+import dataclasses
+
 """Img2Vec composition: parameter counts, teacher frozen through a real optimiser step, mask/teacher-grid
 alignment through the decoder, and a tiny pre-training run whose loss falls."""
 
+import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,9 +94,9 @@ def test_block_mask_lines_up_with_teacher_grid_through_the_decoder():
     base = decoder(enc, mask)["tokens"]
     visible_patches = torch.argsort(enc.mask, dim=1, stable=True)[0, :8]
     for j, patch in enumerate(visible_patches.tolist()):
-        hidden = [h.clone() for h in enc.hidden_states]
+        hidden = {i: h.clone() for i, h in enc.hidden.items()}
         hidden[0][:, 1 + j] += 1.0
-        changed = decoder(type(enc)(enc.tokens, enc.mask, enc.ids_restore, enc.grid, hidden), mask)["tokens"]
+        changed = decoder(dataclasses.replace(enc, hidden=hidden), mask)["tokens"]
         moved = (changed - base).abs().sum(-1)[0].nonzero().flatten().tolist()
         r, c = divmod(patch, 4)
         assert moved == [(r // 2) * 2 + c // 2]  # only the teacher token of this patch's 32-px unit

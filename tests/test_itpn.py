@@ -52,7 +52,7 @@ def test_pyramid_dense_contract_and_unit_layout_agree():
     dense = neck(backbone.forward_features(x))
     assert neck.out_strides == [4, 8, 16] and neck.out_channels == [16, 16, 16]
     assert [tuple(m.shape) for m in dense] == [(2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4)]
-    units = neck(backbone.forward_units(x)).features
+    units = neck(backbone(x)).pyramid
     for d, u in zip(dense, units):
         torch.testing.assert_close(units_to_map(u, (4, 4)), d)
     torch.testing.assert_close(map_to_units(dense[0], 4), units[0])

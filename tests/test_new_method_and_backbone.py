@@ -19,9 +19,8 @@ _target_: tests.toy_parts.ToyConvBackbone
 width: 16
 """
 DECODER = """\
-_target_: tests.toy_parts.ToyPixelDecoder
-in_channels: ${model.backbone.width}
-unit_size: ${masking.unit_size}
+_target_: tests.toy_parts.ToyPixelDecoder.attach
+_partial_: true
 """
 METHOD = """\
 # @package _global_

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, upsample_mask
 from mimlab.models.backbones.contract import LayerGroups, check_pool
+from mimlab.models.parts import Parts
 
 
 class ToyConvBackbone(nn.Module):
@@ -58,6 +59,11 @@ class ToyPixelDecoder(nn.Module):
     def __init__(self, in_channels: int, unit_size: int = 8) -> None:
         super().__init__()
         self.pred = nn.Conv2d(in_channels, unit_size * unit_size * 3, 1)
+
+    @classmethod
+    def attach(cls, parts: Parts) -> ToyPixelDecoder:
+        """Built from the parts it attaches to: the backbone's width, the mask unit (no config reads another's keys)."""
+        return cls(in_channels=parts.backbone.out_channels[-1], unit_size=parts.unit_size)
 
     def forward(self, features: Tensor, mask: Tensor) -> Tensor:
         return self.pred(features).flatten(2).transpose(1, 2)

@@ -17,14 +17,16 @@ A part given as a built ``nn.Module`` (tests, checkpoints written before this co
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from torch import nn
 
 if TYPE_CHECKING:
     from mimlab.masking.base import MaskGenerator
+    from mimlab.models.backbones.contract import Backbone
     from mimlab.targets.base import Target
 
 T = TypeVar("T")
@@ -36,9 +38,10 @@ class CompositionError(ValueError):
 
 @dataclass(frozen=True)
 class Parts:
-    """The parts built so far: ``backbone`` always; ``masking``, ``neck`` and ``target`` once built (else None)."""
+    """The parts built so far: ``backbone`` (checked against the contract: :func:`check_backbone`'s result) always;
+    ``masking``, ``neck`` and ``target`` once built (else None)."""
 
-    backbone: nn.Module
+    backbone: Backbone
     masking: MaskGenerator | None = None
     neck: nn.Module | None = None
     target: Target | None = None
@@ -53,6 +56,20 @@ class Parts:
                 f"{type(value).__name__}: choose a {slot} config that fits it, or another part"
             )
         return value
+
+    @property
+    def img_size(self) -> int:
+        """The input size the backbone is built for (a part with a fixed position grid needs one)."""
+        if self.backbone.img_size is None:
+            raise CompositionError(
+                f"this part has a fixed position grid, but the backbone ({type(self.backbone).__name__}) takes any "
+                "input size (img_size None): choose a part without one"
+            )
+        return self.backbone.img_size
+
+    def backbone_copy(self) -> nn.Module:
+        """A copy of the backbone (an EMA teacher of the same architecture)."""
+        return cast(nn.Module, copy.deepcopy(self.backbone))
 
     @property
     def unit_size(self) -> int:

@@ -30,7 +30,6 @@ with ``d = r²·C`` of the chosen teacher stage (r = 4, 2, 1 sub-tokens per unit
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -114,7 +113,7 @@ class EMATeacher(Target):
     def attach(cls, parts: Parts, **settings: Any) -> EMATeacher:
         """The teacher is a copy of the student backbone (the same architecture; synced again before the first
         step, :meth:`sync_`)."""
-        return cls(teacher=copy.deepcopy(parts.backbone), **settings)
+        return cls(teacher=parts.backbone_copy(), **settings)
 
     def train(self, mode: bool = True) -> EMATeacher:
         super().train(mode)
@@ -140,7 +139,7 @@ class EMATeacher(Target):
 
 
 class EMATeacherTarget(EMATeacher):
-    """iTPN MFM target. Args: teacher (a backbone with ``forward_units``, same config as the student), pixel_target
+    """iTPN MFM target. Args: teacher (a hierarchical backbone whose encoding has a ``pyramid``; a copy of the student), pixel_target
     (e.g. ``NormPixTarget``; None = no pixel term), momentum/final_momentum (cosine schedule), stages (teacher stage
     per pyramid level s4/s8/s16), normalize (LayerNorm targets without affine)."""
 
@@ -165,7 +164,7 @@ class EMATeacherTarget(EMATeacher):
     @classmethod
     def attach(cls, parts: Parts, pixel_target: Any = None, **settings: Any) -> EMATeacherTarget:
         """A copy of the student backbone as the teacher; ``pixel_target`` (a factory) built for the same parts."""
-        return cls(teacher=copy.deepcopy(parts.backbone), pixel_target=build(pixel_target, parts), **settings)
+        return cls(teacher=parts.backbone_copy(), pixel_target=build(pixel_target, parts), **settings)
 
     def _flat(self, f: Tensor) -> Tensor:
         if self.normalize:
@@ -174,7 +173,7 @@ class EMATeacherTarget(EMATeacher):
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
-        feats = self.teacher.forward_units(images).features  # type: ignore[operator]  # full, unmasked image
+        feats = self.teacher(images).pyramid  # full, unmasked image
         out = {name: self._flat(feats[s]) for name, s in zip(LEVELS, self.stages)}
         if self.pixel_target is not None:
             out["pixels"] = self.pixel_target(images, mask)

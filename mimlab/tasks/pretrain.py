@@ -20,7 +20,7 @@ from mimlab.data.resumable import mix_seed
 from mimlab.masking import MaskSet
 from mimlab.masking.base import MaskGenerator
 from mimlab.models.backbones.contract import check_backbone
-from mimlab.models.parts import CompositionError, Parts, PartFactory, build
+from mimlab.models.parts import CompositionError, PartFactory, Parts, build
 from mimlab.optim import OptimizerFactory
 from mimlab.targets.base import Target
 
@@ -51,12 +51,12 @@ class MaskedPretraining(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_backbone(backbone)
+        contract = check_backbone(backbone)
         self.backbone = backbone
-        built_neck = build(neck, Parts(backbone, masking))
+        built_neck = build(neck, Parts(contract, masking))
         self.neck = built_neck if built_neck is not None else nn.Identity()
-        built_target: Target = build(target, Parts(backbone, masking, self.neck))
-        self.decoder = build(decoder, Parts(backbone, masking, self.neck, built_target))
+        built_target: Target = build(target, Parts(contract, masking, self.neck))
+        self.decoder = build(decoder, Parts(contract, masking, self.neck, built_target))
         self.target = built_target
         self.loss = loss
         self.masking = masking

@@ -29,9 +29,9 @@ one (HiViT, the post-norm ViT of data2vec 2.0) is exported as its own state dict
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 from torch import Tensor, nn
 
@@ -47,6 +47,82 @@ CONTRACT_ATTRIBUTES = (
     "layer_decay_rules",
     "layer_decay_rule",
 )
+
+
+@dataclass
+class Encoding:
+    """What a token backbone's masked forward ``forward(x, mask)`` returns (ViT, HiViT; the backbones that keep every
+    position — mask-token ViT and Swin, ConvNeXt V2 — return their final map ``(N, C, h, w)`` instead).
+
+    tokens: (N, P+K, D) the final tokens: P prefix tokens (the cls token; P = ``num_prefix_tokens``) then the K kept
+        units in ascending grid order (K = L where masked units are kept, inpainted); N counts mask rows
+        (images x clones).
+    mask: (N, L) over the ``grid`` of units, 1 = masked; None without a mask.
+    grid: (gh, gw) the unit grid of the final stage.
+    ids_keep: (N, K) the grid index of each kept unit; None when nothing was dropped.
+    ids_restore: (N, L) the unshuffle indices of ``[kept, dropped]`` order (MAE's), where the backbone states them.
+    pyramid: the stage outputs of a hierarchical backbone at the kept units, finest first, in unit layout
+        ((N, K, r, r, C), r = units per side at that stage; the last is ``tokens`` (N, K, D)); empty for a plain ViT.
+    hidden: block index -> that block's output before the final norm, for the blocks the backbone was built to keep
+        (``keep_hidden``/``keep_hidden_states``), ascending.
+    """
+
+    tokens: Tensor
+    mask: Tensor | None
+    grid: tuple[int, int]
+    ids_keep: Tensor | None = None
+    ids_restore: Tensor | None = None
+    num_prefix_tokens: int = 0
+    pyramid: tuple[Tensor, ...] = ()
+    hidden: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def restore(self) -> Tensor:
+        """``ids_restore`` (N, L), for a decoder that puts the dropped tokens back; raises where there are none."""
+        if self.ids_restore is None:
+            raise ValueError(
+                "this decoder puts dropped tokens back, but the backbone's encoding has no ids_restore: use a "
+                "drop-masked backbone (MaskedViT)"
+            )
+        return self.ids_restore
+
+    @property
+    def kept(self) -> Tensor:
+        """``ids_keep`` (N, K), the grid index of each kept unit; raises where nothing was dropped."""
+        if self.ids_keep is None:
+            raise ValueError("this part reads the kept units, but the backbone dropped none (drop_masked=false?)")
+        return self.ids_keep
+
+
+class Backbone(Protocol):
+    """The backbone contract as a type (what :func:`check_backbone` verifies and returns): the declared widths and
+    inputs that parts attach to, and the methods every task calls. A backbone is an ``nn.Module`` that has them."""
+
+    @property
+    def out_channels(self) -> Sequence[int]: ...
+    @property
+    def out_strides(self) -> Sequence[int]: ...
+    @property
+    def in_chans(self) -> int: ...
+    @property
+    def img_size(self) -> int | None: ...
+    @property
+    def num_features(self) -> int: ...
+    @property
+    def feature_pools(self) -> tuple[str, ...]: ...
+    @property
+    def global_pool(self) -> str: ...
+    @property
+    def layer_decay_rules(self) -> tuple[str, ...]: ...
+    @property
+    def layer_decay_rule(self) -> str: ...
+
+    def __call__(self, x: Tensor, mask: Any = None) -> Any: ...
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]: ...
+    def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor: ...
+    def no_weight_decay(self) -> set[str]: ...
+    def layer_groups(self, rule: str | None = None) -> LayerGroups: ...
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
 
 
 class BackboneContractError(TypeError):
@@ -120,8 +196,9 @@ def check_pool(backbone: nn.Module, pool: str | None) -> str:
     return pool  # type: ignore[return-value]
 
 
-def check_backbone(backbone: nn.Module) -> None:
-    """Raise :class:`BackboneContractError` naming every missing or inconsistent part of the contract."""
+def check_backbone(backbone: nn.Module) -> Backbone:
+    """``backbone`` as a :class:`Backbone`; raise :class:`BackboneContractError` naming every missing or
+    inconsistent part of the contract."""
     name = type(backbone).__name__
     missing = [m for m in CONTRACT_METHODS if not callable(getattr(backbone, m, None))]
     missing += [a for a in CONTRACT_ATTRIBUTES if not hasattr(backbone, a)]
@@ -161,3 +238,4 @@ def check_backbone(backbone: nn.Module) -> None:
         )
     if problems:
         raise BackboneContractError(f"{name} breaks the backbone contract: " + "; ".join(problems))
+    return cast(Backbone, backbone)

@@ -22,15 +22,13 @@ that the official flat ``blocks`` list (PatchMerge at list indices) is split int
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, fill_masked, keep_indices, num_visible
-from mimlab.models.backbones.contract import LayerGroups, check_pool, resolve_rule
+from mimlab.models.backbones.contract import Encoding, LayerGroups, check_pool, resolve_rule
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -169,22 +167,6 @@ class PatchMerge(nn.Module):
         return self.reduction(self.norm(x))
 
 
-@dataclass
-class HiViTEncoding:
-    """Masked HiViT output, unit layout. ``features = (f4 (N,K,4,4,D/4), f8 (N,K,2,2,D/2), x16 (N,K,D))``.
-
-    ``K`` = visible units (dropping) or all ``L`` units (``drop_masked=False``). ``mask`` (N, L) 1 = masked;
-    ``ids_keep`` (N, K) the unit index of every row (``None`` when nothing was dropped); ``grid`` = (gh, gw);
-    ``hidden`` = main-block outputs requested by ``HiViT(keep_hidden=...)`` keyed by block index.
-    """
-
-    features: tuple[Tensor, ...]
-    mask: Tensor | None
-    ids_keep: Tensor | None
-    grid: tuple[int, int]
-    hidden: dict[int, Tensor]
-
-
 def units_to_map(x: Tensor, grid: tuple[int, int]) -> Tensor:
     """(N, L, r, r, C) or (N, L, C) over a full ``grid`` -> dense (N, C, gh*r, gw*r)."""
     if x.dim() == 3:
@@ -211,7 +193,7 @@ class HiViT(nn.Module):
         img_size: training resolution; fixes the ape grid and the RPE tables.
         rpe: relative position bias (False for pre-training, True for fine-tuning).
         drop_masked: True drops masked units (MAE); False keeps them and inpaints ``mask_token`` (BEiT/iTPN-CLIP).
-        keep_hidden: main-block indices (0-based) whose outputs are returned in ``HiViTEncoding.hidden``.
+        keep_hidden: main-block indices (0-based) whose outputs are returned in ``Encoding.hidden``.
         num_classes: > 0 adds mean-pool + ``fc_norm`` + ``head`` (classification, ``forward_head``).
         layer_decay_rule: "itpn" (default; iTPN ``util/lr_decay.py``: decay renormalised by 13 / num_layers) or
             "hivit" (HiViT's copy of it, without the renormalisation), see :meth:`layer_groups`.
@@ -339,10 +321,11 @@ class HiViT(nn.Module):
     def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor:
         """(N, 3, H, W) -> (N, D): mean of the main-stage tokens (iTPN fine-tuning's global pool, before fc_norm)."""
         pool = check_pool(self, pool)
-        return self.forward_units(x).features[-1].mean(dim=1)
+        return self(x).tokens.mean(dim=1)
 
-    def forward_units(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> HiViTEncoding:
-        """Run the three stages on (N, 3, H, W); ``mask`` (N, L) over 16-px units or a ``MaskSet`` stating its visible
+    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Encoding:
+        """The masked encoding (:class:`~mimlab.models.backbones.contract.Encoding`, ``pyramid`` = (f4 (N,K,4,4,D/4),
+        f8 (N,K,2,2,D/2), x16 (N,K,D))): run the three stages on (N, 3, H, W); ``mask`` (N, L) over 16-px units or a ``MaskSet`` stating its visible
         count, 1 = masked (None = full image)."""
         stated = mask.visible if isinstance(mask, MaskSet) else None
         mask = mask.mask if isinstance(mask, MaskSet) else mask
@@ -383,7 +366,7 @@ class HiViT(nn.Module):
             x = blk(x, rpe_index)
             if i in self.keep_hidden:
                 hidden[i] = x
-        return HiViTEncoding((f4, f8, x), mask, ids_keep, grid, hidden)
+        return Encoding(x, mask, grid, ids_keep=ids_keep, pyramid=(f4, f8, x), hidden=hidden)
 
     def position_embedding(self, grid: tuple[int, int], num_tokens: int) -> Tensor:
         """The (1, gh*gw, D) position embedding for a ``grid`` of units of which ``num_tokens`` enter the main stage.
@@ -421,17 +404,13 @@ class HiViT(nn.Module):
             return idx[None]  # type: ignore[index]
         return idx[ids_keep[:, :, None], ids_keep[:, None, :]]  # type: ignore[index]  # (N, K, K)
 
-    def forward(self, x: Tensor, mask: Tensor | MaskSet) -> HiViTEncoding:
-        """Masked encoding for pre-training (see ``forward_units``)."""
-        return self.forward_units(x, mask)
-
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """Dense maps ``[(N, D/4, H/4, W/4), (N, D/2, H/8, W/8), (N, D, H/16, W/16)]``; masked units are zero."""
-        enc = self.forward_units(x, mask)
+        enc = self(x, mask)
         if enc.ids_keep is None:
-            return [units_to_map(f, enc.grid) for f in enc.features]
+            return [units_to_map(f, enc.grid) for f in enc.pyramid]
         out = []
-        for f in enc.features:
+        for f in enc.pyramid:
             full = f.new_zeros(f.shape[0], enc.grid[0] * enc.grid[1], *f.shape[2:])
             idx = enc.ids_keep.reshape(*enc.ids_keep.shape, *([1] * (f.dim() - 2))).expand_as(f)
             out.append(units_to_map(full.scatter(1, idx, f), enc.grid))

@@ -43,7 +43,7 @@ class MaskTokenSwin(SwinTransformer):
         trunc_normal_(self.mask_token, std=0.02)
         self.out_channels = [info["num_chs"] for info in self.feature_info]
         self.out_strides = [info["reduction"] for info in self.feature_info]
-        self.img_size = int(self.patch_embed.img_size[0])  # timm's SwinTransformer sets in_chans
+        self.img_size = int(kwargs.get("img_size", 224))  # timm's default; timm's SwinTransformer sets in_chans
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
@@ -28,30 +27,11 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, keep_indices, mask_to_token_grid, num_visible, repeat_clones
-from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
+from mimlab.models.backbones.contract import Encoding, LayerGroups, TimmEquivalent, check_pool, resolve_rule
 from mimlab.models.layers.post_norm_block import PostNormBlock, block_with_ffn
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
-
-
-@dataclass
-class ViTEncoding:
-    """Output of :meth:`MaskedViT.forward`.
-
-    tokens: (N, P+K, D) final-normed prefix (cls, P = 1; P = 0 without a cls token) + visible tokens (K visible
-    patches, ascending spatial order); N is the number of mask rows (images × clones).
-    mask: (N, L) patch-grid mask, 1 = masked.  ids_restore: (N, L) unshuffle indices for [visible, masked] order.
-    hidden_states: per-block outputs (N, P+K, D) before the final norm, when ``keep_hidden_states``.
-    grid: (gh, gw) patch grid.  num_prefix_tokens: P.
-    """
-
-    tokens: Tensor
-    mask: Tensor
-    ids_restore: Tensor
-    grid: tuple[int, int]
-    hidden_states: list[Tensor] = field(default_factory=list)
-    num_prefix_tokens: int = 1
 
 
 class MaskedViT(nn.Module):
@@ -291,16 +271,16 @@ class MaskedViT(nn.Module):
             return bias.to(torch.get_autocast_dtype(device))
         return bias.to(x.dtype)
 
-    def _run_blocks(self, x: Tensor, attn_bias: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        hidden = []
+    def _run_blocks(self, x: Tensor, attn_bias: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+        hidden = {}
         x = self.norm_pre(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, attn_mask=attn_bias)
             if self.keep_hidden_states:
-                hidden.append(x)
+                hidden[i] = x
         return self.norm(x), hidden
 
-    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> ViTEncoding:
+    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Encoding:
         """Encode the visible patches of ``x`` (N, C, H, W) given ``mask`` (N·M, L_units), 1 = masked (a
         ``MaskSet`` with M clones repeats each image's embedded patches M times; a plain mask has M = 1).
 
@@ -320,13 +300,14 @@ class MaskedViT(nn.Module):
         ids_keep = keep_indices(mask, num_keep)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
         out, hidden = self._run_blocks(self._prepend_cls(visible), self._attn_bias(visible, ids_keep))
-        return ViTEncoding(
+        return Encoding(
             tokens=out,
             mask=mask,
-            ids_restore=ids_restore,
             grid=grid,
-            hidden_states=hidden,
+            ids_keep=ids_keep,
+            ids_restore=ids_restore,
             num_prefix_tokens=self.num_prefix_tokens,
+            hidden=hidden,
         )
 
     def forward_ffn_outputs(self, x: Tensor, last: int) -> list[Tensor]:
@@ -360,10 +341,13 @@ class MaskedViT(nn.Module):
             grid = enc.grid
             visible = enc.tokens[:, self.num_prefix_tokens :]
             full = torch.cat(
-                [visible, visible.new_zeros(visible.shape[0], enc.mask.shape[1] - visible.shape[1], visible.shape[2])],
+                [
+                    visible,
+                    visible.new_zeros(visible.shape[0], enc.restore.shape[1] - visible.shape[1], visible.shape[2]),
+                ],
                 1,
             )
-            tokens = torch.gather(full, 1, enc.ids_restore.unsqueeze(-1).expand(-1, -1, full.shape[2]))
+            tokens = torch.gather(full, 1, enc.restore.unsqueeze(-1).expand(-1, -1, full.shape[2]))
         n, _, d = tokens.shape
         return [tokens.transpose(1, 2).reshape(n, d, grid[0], grid[1])]
 

@@ -8,7 +8,7 @@ modalities/modules.py`` ``Decoder2d`` with ``ModalitySpecificEncoder.decoder_inp
 3. a Linear back to the encoder width predicts the teacher target of every patch.
 
 ViT-B recipe: 768-d, 6 layers, kernel 3, 16 groups (2.586 M parameters). PyTorch's default init, as the official
-``reset_parameters``. Input: a :class:`~mimlab.models.backbones.vit.ViTEncoding` of R mask rows (images × clones).
+``reset_parameters``. Input: a :class:`~mimlab.models.backbones.contract.Encoding` of R mask rows (images × clones).
 Output: ``{"tokens": (R, L, D) predictions for all L patches, "cls": (R, D) the encoder's cls output}`` (``"cls"`` only
 when the encoder has a cls token). The loss keeps the masked patches.
 """
@@ -21,7 +21,7 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-from mimlab.models.backbones.vit import ViTEncoding
+from mimlab.models.backbones.contract import Encoding
 from mimlab.models.parts import Parts
 
 
@@ -62,19 +62,19 @@ class Data2VecDecoder(nn.Module):
         )
         self.proj = nn.Linear(decoder_dim, embed_dim)
 
-    def fill(self, features: ViTEncoding) -> Tensor:
+    def fill(self, features: Encoding) -> Tensor:
         """(R, P+K, D) encoding -> (R, D, gh, gw) map: visible tokens at their positions, noise elsewhere."""
         visible = features.tokens[:, features.num_prefix_tokens :]
-        rows, length = features.ids_restore.shape
+        rows, length = features.restore.shape
         noise = (
             torch.randn(rows, length - visible.shape[1], visible.shape[2], device=visible.device, dtype=visible.dtype)
             * self.mask_noise_std
         )
         x = torch.cat([visible, noise], dim=1)
-        x = torch.gather(x, 1, features.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.gather(x, 1, features.restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         return x.transpose(1, 2).reshape(rows, -1, *features.grid)
 
-    def forward(self, features: ViTEncoding, mask: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, features: Encoding, mask: Tensor | None = None) -> dict[str, Tensor]:
         x = self.fill(features)
         for block in self.blocks:
             y = block(x)

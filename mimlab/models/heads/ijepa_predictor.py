@@ -7,7 +7,7 @@ For every mask row and every target block t (K_t units):
 blocks → LayerNorm → the last K_t tokens → Linear back to the encoder width. Position embeddings are the fixed 2-D
 sin-cos table of the predictor width (no cls row). Blocks are run on the R·T sequences at once.
 
-Input: the context encoding (:class:`~mimlab.models.backbones.vit.ViTEncoding`, visible = context units, ascending)
+Input: the context encoding (:class:`~mimlab.models.backbones.contract.Encoding`, visible = context units, ascending)
 and the :class:`~mimlab.masking.MaskSet` with ``targets`` (R, T, K_t). Output: (R, T, K_t, D) predictions.
 ViT-H/14 recipe: predictor width 384, depth 12, 16 heads (22.378 M parameters with its fixed position table).
 """
@@ -21,8 +21,9 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from mimlab.masking import MaskSet, keep_indices
-from mimlab.models.backbones.vit import MaskedViT, ViTEncoding, _init_trunc_normal
+from mimlab.masking import MaskSet
+from mimlab.models.backbones.contract import Encoding
+from mimlab.models.backbones.vit import MaskedViT, _init_trunc_normal
 from mimlab.models.parts import Parts
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
@@ -37,7 +38,7 @@ class IJEPAPredictor(nn.Module):
         vit = parts.require("backbone", MaskedViT, "IJEPAPredictor")
         return cls(
             embed_dim=vit.embed_dim,
-            img_size=vit.img_size,
+            img_size=parts.img_size,
             patch_size=vit.patch_size,
             num_heads=vit.num_heads,
             **settings,
@@ -75,7 +76,7 @@ class IJEPAPredictor(nn.Module):
         """(R, ..., K) unit indices -> (R, ..., K, predictor_dim) position embeddings."""
         return self.predictor_pos_embed[0][index]
 
-    def forward(self, features: ViTEncoding, mask: MaskSet) -> Tensor:
+    def forward(self, features: Encoding, mask: MaskSet) -> Tensor:
         if not isinstance(mask, MaskSet) or mask.targets is None:
             raise TypeError("IJEPAPredictor needs a MaskSet with target blocks: use masking=multiblock")
         if tuple(features.grid) != self.grid:
@@ -87,7 +88,7 @@ class IJEPAPredictor(nn.Module):
             raise ValueError("I-JEPA target blocks are patch indices: masking.unit_size must equal the patch size")
         context = features.tokens[:, features.num_prefix_tokens :]
         rows, num_context, _ = context.shape
-        context_index = keep_indices(features.mask, num_context)  # ascending, as the encoder kept them
+        context_index = features.kept  # (R, K_c) ascending, as the encoder kept them
         x = self.predictor_embed(context) + self._positions(context_index)
         targets = mask.targets  # (R, T, K_t)
         num_targets, num_units = targets.shape[1:]

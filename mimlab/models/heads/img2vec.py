@@ -21,18 +21,19 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from mimlab.models.backbones.vit import ViTEncoding, _init_linear_and_norm
+from mimlab.models.backbones.contract import Encoding
+from mimlab.models.backbones.vit import _init_linear_and_norm
 from mimlab.models.heads.mae_decoder import MAEDecoder
 from mimlab.models.parts import CompositionError, Parts
 from mimlab.targets.frozen_teacher import FrozenTeacher
 
 
 class Img2VecDecoder(nn.Module):
-    """``forward(features: ViTEncoding, mask (N, L)) -> {"tokens": (N, K_t, out_dim), "global": (N, out_dim)}``.
+    """``forward(features: Encoding, mask (N, L)) -> {"tokens": (N, K_t, out_dim), "global": (N, out_dim)}``.
 
     ``features`` must come from a ``MaskedViT`` built with ``keep_hidden_states=True``: ``tokens``
     ``(N, 1 + V, D)`` (cls first, V visible patches), ``ids_restore`` ``(N, L_p)`` over the patch grid,
-    ``hidden_states`` one ``(N, 1 + V, D)`` per block. ``mask`` is not needed (the unshuffle follows
+    ``hidden`` one ``(N, 1 + V, D)`` per block. ``mask`` is not needed (the unshuffle follows
     ``ids_restore``); it is accepted for the decoder contract. ``K_t = (H / out_stride) * (W / out_stride)``, row-major.
 
     Args:
@@ -53,7 +54,7 @@ class Img2VecDecoder(nn.Module):
         return cls(
             embed_dim=bb.out_channels[-1],
             out_dim=parts.target_dim,
-            img_size=bb.img_size,
+            img_size=parts.img_size,
             patch_size=bb.out_strides[-1],
             out_stride=teacher.stride,
             **settings,
@@ -90,22 +91,22 @@ class Img2VecDecoder(nn.Module):
         for module in (self.aggregate_norm, self.proj, self.global_proj):
             module.apply(_init_linear_and_norm)
 
-    def aggregate(self, features: ViTEncoding) -> Tensor:
+    def aggregate(self, features: Encoding) -> Tensor:
         """Multi-block feature: uniform mean of the encoder's block outputs (pre-norm), ``(N, 1 + V, D)``."""
         if not self.multi_block:
             return features.tokens
-        if not features.hidden_states:
+        if not features.hidden:
             raise ValueError("Img2VecDecoder(multi_block=True) needs model.backbone.keep_hidden_states=true")
-        return torch.stack(features.hidden_states).mean(0)
+        return torch.stack(list(features.hidden.values())).mean(0)
 
-    def forward(self, features: ViTEncoding, mask: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, features: Encoding, mask: Tensor | None = None) -> dict[str, Tensor]:
         if tuple(features.grid) != self.grid:
             raise ValueError(
                 f"Img2VecDecoder was built for a {self.grid} patch grid but got {tuple(features.grid)}: "
                 "model.decoder.img_size must equal the training crop (data.img_size)"
             )
         n = features.tokens.shape[0]
-        x = self.decoder.decode(self.aggregate_norm(self.aggregate(features)), features.ids_restore)  # (N, L_p, dim)
+        x = self.decoder.decode(self.aggregate_norm(self.aggregate(features)), features.restore)  # (N, L_p, dim)
         if self.pool > 1:
             grid = x.transpose(1, 2).reshape(n, -1, *self.grid)
             x = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # (N, K_t, decoder_dim)

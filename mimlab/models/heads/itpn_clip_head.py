@@ -1,6 +1,6 @@
 """iTPN-CLIP prediction heads (docs/methods.md §4.4): two regressions of the teacher's features at every unit.
 
-Input: the pyramid's ``HiViTEncoding`` of a backbone run with ``drop_masked=False`` (all ``L`` units present, masked
+Input: the pyramid's masked ``Encoding`` of a backbone run with ``drop_masked=False`` (all ``L`` units present, masked
 ones inpainted) and ``keep_hidden=(aux_block,)``.
 
 1. pyramid branch: ``decoder_embed`` projects P16/P8/P4 sub-tokens to D, D/4, D/16 (concatenated per unit to D),
@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mimlab.models.backbones.hivit import HiViT, HiViTBlock, HiViTEncoding, init_weights, relative_position_index
+from mimlab.models.backbones.contract import Encoding
+from mimlab.models.backbones.hivit import HiViT, HiViTBlock, init_weights, relative_position_index
 from mimlab.models.heads.itpn_pixel_decoder import LevelFusion
 from mimlab.models.parts import Parts
 
@@ -75,14 +76,14 @@ class ITPNClipHead(nn.Module):
         self.lm_cls_head = nn.Linear(embed_dim, teacher_dim)
         self.apply(init_weights)
 
-    def forward(self, enc: HiViTEncoding, mask: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, enc: Encoding, mask: Tensor | None = None) -> dict[str, Tensor]:
         if enc.ids_keep is not None:
             raise ValueError("ITPNClipHead needs every unit: build the backbone with drop_masked=false")
         if self.aux_block not in enc.hidden:
             raise KeyError(
                 f"ITPNClipHead reads main block {self.aux_block}; set model.backbone.keep_hidden=[{self.aux_block}]"
             )
-        levels = self.embed(enc.features)
+        levels = self.embed(enc.pyramid)
         x = levels[0]
         for lvl in levels[1:]:
             x = x + lvl

@@ -9,7 +9,7 @@ decoders are **our design** (see ``mimlab/targets/ema_teacher.py`` for what come
   added, ``depth`` transformer blocks run over all L units, then ``LN + Linear(E → out_dim)`` predicts the teacher
   feature of every unit (the loss keeps the masked ones).
 
-Input: the pyramid's ``HiViTEncoding`` (``features = (P4, P8, P16)`` at K visible units). Output: dict of (N, L, ·).
+Input: the pyramid's masked ``Encoding`` (``pyramid = (P4, P8, P16)`` at K visible units). Output: dict of (N, L, ·).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from mimlab.models.backbones.hivit import HiViTEncoding, init_weights
+from mimlab.models.backbones.contract import Encoding
+from mimlab.models.backbones.hivit import init_weights
 from mimlab.models.heads.itpn_pixel_decoder import scatter_units
 from mimlab.models.parts import Parts, build
 from mimlab.models.pos_embed import sincos_2d_pos_embed
@@ -79,7 +80,7 @@ class ITPNMFMDecoder(nn.Module):
         return cls(
             pixel_decoder=build(pixel_decoder, parts),
             fpn_dim=parts.neck_width,
-            img_size=bb.img_size,
+            img_size=parts.img_size,
             unit_size=bb.out_strides[-1],
             teacher_embed_dim=bb.num_features,
             stages=list(teacher.stages),
@@ -117,8 +118,8 @@ class ITPNMFMDecoder(nn.Module):
         for dec in self.level_decoders.values():
             nn.init.normal_(dec.mask_token, std=0.02)  # type: ignore[arg-type]
 
-    def forward(self, enc: HiViTEncoding, mask: Tensor | None = None) -> dict[str, Tensor]:
-        out = {name: dec(level, enc.ids_keep) for (name, dec), level in zip(self.level_decoders.items(), enc.features)}
+    def forward(self, enc: Encoding, mask: Tensor | None = None) -> dict[str, Tensor]:
+        out = {name: dec(level, enc.ids_keep) for (name, dec), level in zip(self.level_decoders.items(), enc.pyramid)}
         if self.pixel_decoder is not None:
             out["pixels"] = self.pixel_decoder(enc, mask)
         return out

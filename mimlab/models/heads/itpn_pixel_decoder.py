@@ -1,6 +1,6 @@
 """iTPN pixel decoder (docs/methods.md §4.3): fuses all three pyramid levels per mask unit, then an MAE decoder.
 
-Input: the pyramid's ``HiViTEncoding`` with ``features = (P4 (N,K,4,4,F), P8 (N,K,2,2,F), P16 (N,K,1,1,F))`` at the
+Input: the pyramid's masked ``Encoding`` with ``pyramid = (P4 (N,K,4,4,F), P8 (N,K,2,2,F), P16 (N,K,1,1,F))`` at the
 ``K`` visible units (``ids_keep``). Per level ``decoder_embed[i] = LN(F) + Linear(F → E/r²)`` is applied to every
 sub-token and the ``r×r`` sub-tokens of a unit are concatenated to ``E`` (index 0 = P16, 1 = P8, 2 = P4, as in the
 official code). Each level is scattered onto the full unit grid with the shared ``mask_token`` at masked units, and
@@ -19,7 +19,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from mimlab.models.backbones.hivit import HiViTEncoding, init_weights
+from mimlab.models.backbones.contract import Encoding
+from mimlab.models.backbones.hivit import init_weights
 from mimlab.models.parts import Parts
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
@@ -60,7 +61,7 @@ class ITPNPixelDecoder(nn.Module):
     def attach(cls, parts: Parts, **settings: Any) -> ITPNPixelDecoder:
         """On the pyramid's width; one HiViT unit (the backbone's last stride) per token of its input size."""
         bb = parts.backbone
-        return cls(fpn_dim=parts.neck_width, img_size=bb.img_size, patch_size=bb.out_strides[-1], **settings)
+        return cls(fpn_dim=parts.neck_width, img_size=parts.img_size, patch_size=bb.out_strides[-1], **settings)
 
     def __init__(
         self,
@@ -89,10 +90,10 @@ class ITPNPixelDecoder(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, enc: HiViTEncoding, mask: Tensor | None = None) -> Tensor:
+    def forward(self, enc: Encoding, mask: Tensor | None = None) -> Tensor:
         """Pyramid encoding at K visible units -> (N, L, out_dim) for all L units."""
         num_units = enc.grid[0] * enc.grid[1]
-        levels = [scatter_units(x, enc.ids_keep, num_units, self.mask_token) for x in self.embed(enc.features)]
+        levels = [scatter_units(x, enc.ids_keep, num_units, self.mask_token) for x in self.embed(enc.pyramid)]
         pos = self.decoder_pos_embed
         if pos.shape[1] != num_units:
             raise ValueError(

@@ -1,6 +1,6 @@
 """MAE decoder: embed visible tokens, append mask tokens, unshuffle, add fixed sin-cos pos-embed, transformer, predict.
 
-Input: a :class:`~mimlab.models.backbones.vit.ViTEncoding` (cls + K visible tokens). Output: (N, L, out_dim)
+Input: a :class:`~mimlab.models.backbones.contract.Encoding` (cls + K visible tokens). Output: (N, L, out_dim)
 predictions for **every** patch (the loss keeps the masked ones). The cls token passes through the decoder and is
 dropped at the end, as in the official code.
 """
@@ -14,7 +14,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from mimlab.models.backbones.vit import ViTEncoding, _init_linear_and_norm
+from mimlab.models.backbones.contract import Encoding
+from mimlab.models.backbones.vit import _init_linear_and_norm
 from mimlab.models.parts import Parts
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
@@ -28,7 +29,7 @@ class MAEDecoder(nn.Module):
     def attach(cls, parts: Parts, **settings: Any) -> MAEDecoder:
         """Decode the backbone's final tokens: ``in_dim``, ``patch_size`` (its last width and stride) and ``img_size``."""
         bb = parts.backbone
-        return cls(in_dim=bb.out_channels[-1], img_size=bb.img_size, patch_size=bb.out_strides[-1], **settings)
+        return cls(in_dim=bb.out_channels[-1], img_size=parts.img_size, patch_size=bb.out_strides[-1], **settings)
 
     def __init__(
         self,
@@ -79,6 +80,6 @@ class MAEDecoder(nn.Module):
             x = block(x)
         return self.decoder_norm(x)[:, 1:]
 
-    def forward(self, enc: ViTEncoding, mask: Tensor | None = None) -> Tensor:
+    def forward(self, enc: Encoding, mask: Tensor | None = None) -> Tensor:
         """(N, 1+K, D_enc) encoding -> (N, L, out_dim) predictions for all L patches."""
-        return self.decoder_pred(self.decode(enc.tokens, enc.ids_restore))
+        return self.decoder_pred(self.decode(enc.tokens, enc.restore))

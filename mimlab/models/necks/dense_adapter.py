@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimlab.models.backbones.contract import check_backbone
-from mimlab.models.parts import Parts
+from mimlab.models.parts import Parts, build
 
 
 class DenseFeatureAdapter(nn.Module):
@@ -60,14 +60,12 @@ class DenseFeatureAdapter(nn.Module):
         size_divisible: int | None = None,
     ):
         super().__init__()
-        check_backbone(backbone)
+        contract = check_backbone(backbone)
         self.backbone = backbone
         if isinstance(neck, nn.Identity):  # the pre-training default "no neck"
             neck = None
-        if neck is not None and not isinstance(neck, nn.Module):
-            neck = neck(Parts(backbone))
-        self.neck = neck
-        src = neck if neck is not None else backbone
+        self.neck: nn.Module | None = build(neck, Parts(contract))
+        src = self.neck if self.neck is not None else backbone
         src_channels, src_strides = list(src.out_channels), list(src.out_strides)  # type: ignore[arg-type]
         self.concat_backbone = concat_backbone
         if concat_backbone:

@@ -19,7 +19,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mimlab.models.backbones.hivit import HiViTBlock, HiViTEncoding, init_weights, map_to_units, units_to_map
+from mimlab.models.backbones.contract import Encoding
+from mimlab.models.backbones.hivit import HiViTBlock, init_weights, map_to_units, units_to_map
 from mimlab.models.parts import Parts
 
 
@@ -48,8 +49,8 @@ class ITPNPyramid(nn.Module):
             (2 for pixel pre-training and segmentation, 1 for CLIP pre-training and detection).
         mlp_ratio: hidden ratio of the pyramid MLP blocks (4).
 
-    ``forward`` accepts either a ``HiViTEncoding`` (unit layout; returns the encoding with
-    ``features = (P4 (N,K,4,4,F), P8 (N,K,2,2,F), P16 (N,K,1,1,F))``) or dense maps ``[s4, s8, s16]``
+    ``forward`` accepts either the backbone's masked :class:`Encoding` (unit layout; returns the encoding with
+    ``pyramid = (P4 (N,K,4,4,F), P8 (N,K,2,2,F), P16 (N,K,1,1,F))``) or dense maps ``[s4, s8, s16]``
     ``(N, C_i, H/s_i, W/s_i)`` (returns ``[(N, F, H/4, W/4), (N, F, H/8, W/8), (N, F, H/16, W/16)]``).
     """
 
@@ -94,12 +95,13 @@ class ITPNPyramid(nn.Module):
         p4 = self.block_8to4(self.split_8to4(p8) + self.align_dim_8to4(f4))
         return self.fpn_modules[2](p4), self.fpn_modules[1](p8), self.fpn_modules[0](p16)
 
-    def forward(self, features: HiViTEncoding | list[Tensor] | tuple[Tensor, ...]):
-        if isinstance(features, HiViTEncoding):
-            return dataclasses.replace(features, features=self.forward_units(*features.features))
+    def forward(self, features: Encoding | list[Tensor] | tuple[Tensor, ...]):
+        if not isinstance(features, (list, tuple)):  # pre-training: the masked encoding
+            return dataclasses.replace(features, pyramid=self.forward_units(*features.pyramid))
         if len(features) != 3 or any(f.dim() != 4 for f in features):
             raise ValueError(
-                "ITPNPyramid expects a HiViTEncoding or three dense maps (N, C, H/s, W/s) at strides 4/8/16"
+                "ITPNPyramid expects a masked Encoding with a 3-level pyramid or three dense maps (N, C, H/s, W/s) at "
+                "strides 4/8/16"
             )
         s4, s8, s16 = features
         grid = tuple(s16.shape[-2:])
