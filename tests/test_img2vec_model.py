@@ -1,9 +1,8 @@
-import dataclasses
-
 """Img2Vec composition: parameter counts, teacher frozen through a real optimiser step, mask/teacher-grid
 alignment through the decoder, and a tiny pre-training run whose loss falls."""
 
 import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
