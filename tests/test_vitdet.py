@@ -47,7 +47,9 @@ def test_loads_plain_mae_checkpoint_with_resampled_pos_embed(tmp_path, caplog):
     pretrain = MaskedViT(**VIT)
     state = _mae_checkpoint(tmp_path / "mae.ckpt", pretrain)
     vit = ViTDetBackbone(**{**VIT, "img_size": 128}, window_size=4, global_blocks=(1, 3))
-    adapter = DenseFeatureAdapter(vit, partial(SimpleFeaturePyramid.attach, out_channels=16), out_strides=(4, 8, 16, 32))
+    adapter = DenseFeatureAdapter(
+        vit, partial(SimpleFeaturePyramid.attach, out_channels=16), out_strides=(4, 8, 16, 32)
+    )
     with caplog.at_level("INFO"):
         report = adapter.load_pretrained(tmp_path / "mae.ckpt")
     assert "pos_embed: resampled from the checkpoint's 8x8 grid to the model's 16x16 grid" in caplog.text
