@@ -113,6 +113,9 @@ def test_inconsistent_declarations_are_named():
         def no_weight_decay(self):
             return {"pos_embed"}
 
+        def drop_final_norm(self):
+            return ()
+
         def layer_groups(self, rule=None):
             from mimlab.models.backbones.contract import LayerGroups
 
@@ -123,3 +126,21 @@ def test_inconsistent_declarations_are_named():
     message = str(err.value)
     assert "feature_pools ('avg', 'max')" in message and "no layer id to ['proj.bias']" in message
     assert "names parameters it does not have: ['pos_embed']" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "dropped"),
+    [("vit_tiny_p8", True), ("mask_token_beit_tiny_p8", True), ("mask_token_swin_base_w6", False)],
+)
+def test_fine_tuning_drops_the_final_norm_only_where_the_family_recipe_does(name, dropped, tmp_path):
+    """MAE's and SimMIM's ViT global-pool fine-tuning replace the final LayerNorm by the head's fc_norm; Swin keeps
+    timm's final norm (SimMIM pools after it) — the backbone declares it (``drop_final_norm``), no task reaches into
+    an attribute by name."""
+    from mimlab.models.heads.classifier import PooledClassifierHead
+    from mimlab.tasks.finetune import FineTuning
+
+    with torch.device("meta"):
+        model = backbone(name, tmp_path, size=192 if "swin" in name else 64)
+        assert isinstance(model.norm, nn.LayerNorm)
+        FineTuning(model, head=PooledClassifierHead, optim=None, num_classes=3, mixup=None)
+    assert isinstance(model.norm, nn.Identity if dropped else nn.LayerNorm)

@@ -46,6 +46,10 @@ class ToyConvBackbone(nn.Module):
         check_pool(self, pool)
         return self(x).mean(dim=(2, 3))
 
+    def drop_final_norm(self) -> tuple[str, ...]:
+        """No final norm."""
+        return ()
+
     def no_weight_decay(self) -> set[str]:
         return set()
 

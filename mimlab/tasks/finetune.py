@@ -147,8 +147,9 @@ class FineTuning(ImageClassification):
         ema_decay: model EMA decay (ConvNeXt V2: 0.9999) or None; validation then uses the EMA weights and also logs
             the raw weights' top-1 as ``val/acc1_raw``.
         ema_warmup: timm's EMA decay warm-up (useful for short runs).
-        drop_backbone_norm: replace the backbone's final ``norm`` by Identity (MAE global-pool fine-tuning: the pooled
-            patch tokens go through ``fc_norm`` instead).
+        drop_backbone_norm: have the backbone drop its final norm where its family's global-pool fine-tuning does
+            (the contract's ``drop_final_norm``: MAE's ViT — the pooled patch tokens go through ``fc_norm`` instead;
+            Swin, ConvNeXt V2 and HiViT keep theirs).
     """
 
     def __init__(
@@ -168,9 +169,9 @@ class FineTuning(ImageClassification):
         self.ema_warmup = ema_warmup
         self.mixup = None
         self.ema: ModelEmaV3 | None = None
-        if drop_backbone_norm and isinstance(getattr(backbone, "norm", None), nn.LayerNorm):
-            backbone.norm = nn.Identity()  # before loading and before the EMA copy; the checkpoint's norm.* is unused
-            kwargs["ignore_unexpected"] = (*kwargs.get("ignore_unexpected", ()), "norm.*")
+        if drop_backbone_norm:  # before loading and before the EMA copy; the checkpoint's final-norm keys are unused
+            unused = check_backbone(backbone).drop_final_norm()
+            kwargs["ignore_unexpected"] = (*kwargs.get("ignore_unexpected", ()), *unused)
         super().__init__(backbone, *args, **kwargs)
 
     def on_head_built(self) -> None:

@@ -16,6 +16,9 @@ Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher
   "avg" for every backbone here (no pre-training loss reaches a ViT's cls output directly);
 * ``no_weight_decay() -> set[str]`` — backbone parameter names trained without weight decay (1-D parameters and
   biases never get weight decay anyway);
+* ``drop_final_norm() -> tuple[str, ...]`` — for global-pool fine-tuning: replace the final norm by Identity where the
+  family's fine-tuning recipe does (MAE's ViT: the pooled tokens go through the head's ``fc_norm`` instead) and return
+  the checkpoint key patterns no longer used; ``()`` where the family keeps it (Swin, ConvNeXt V2's head norm, HiViT);
 * ``layer_decay_rules: tuple[str, ...]`` and ``layer_decay_rule: str`` (the default) — the official layer-wise lr
   decay rules of the family by name; ``layer_groups(rule=None) -> LayerGroups`` gives every parameter its layer id.
 
@@ -35,7 +38,7 @@ from typing import Any, Protocol, cast
 
 from torch import Tensor, nn
 
-CONTRACT_METHODS = ("forward_features", "forward_pooled", "no_weight_decay", "layer_groups")
+CONTRACT_METHODS = ("forward_features", "forward_pooled", "no_weight_decay", "layer_groups", "drop_final_norm")
 CONTRACT_ATTRIBUTES = (
     "out_channels",
     "out_strides",
@@ -121,6 +124,7 @@ class Backbone(Protocol):
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]: ...
     def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor: ...
     def no_weight_decay(self) -> set[str]: ...
+    def drop_final_norm(self) -> tuple[str, ...]: ...
     def layer_groups(self, rule: str | None = None) -> LayerGroups: ...
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
 

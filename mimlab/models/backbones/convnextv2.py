@@ -156,6 +156,10 @@ class MaskedConvNeXtV2(nn.Module):
             nn.init.zeros_(m.bias)  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------------------------------------- contract
+    def drop_final_norm(self) -> tuple[str, ...]:
+        """Kept: ConvNeXt V2's only final norm is its head norm (``num_classes > 0``), which fine-tuning keeps."""
+        return ()
+
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith((".grn.gamma", ".grn.beta"))}
 

@@ -290,6 +290,10 @@ class HiViT(nn.Module):
             trunc_normal_(self.mask_token, std=0.02)
 
     # ----------------------------------------------------------------------------------------------- contract
+    def drop_final_norm(self) -> tuple[str, ...]:
+        """Kept: iTPN fine-tuning pools the last stage into the head's fc_norm; HiViT has no final norm of its own."""
+        return ()
+
     def no_weight_decay(self) -> set[str]:
         names = {n for n, _ in self.named_parameters() if n.endswith(".relative_position_bias_table")}
         return names | {n for n in ("absolute_pos_embed", "mask_token") if getattr(self, n) is not None}

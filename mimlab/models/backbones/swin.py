@@ -45,6 +45,10 @@ class MaskTokenSwin(SwinTransformer):
         self.out_strides = [info["reduction"] for info in self.feature_info]
         self.img_size = int(kwargs.get("img_size", 224))  # timm's default; timm's SwinTransformer sets in_chans
 
+    def drop_final_norm(self) -> tuple[str, ...]:
+        """Kept: SimMIM's Swin fine-tuning pools after the final norm (timm's ``norm``)."""
+        return ()
+
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 

@@ -153,6 +153,14 @@ class MaskedViT(nn.Module):
     layer_decay_rules = ("mae",)
     layer_decay_rule = "mae"
 
+    def drop_final_norm(self) -> tuple[str, ...]:
+        """MAE global-pool fine-tuning: the final LayerNorm becomes Identity (the head's fc_norm follows the pooling);
+        a post-norm ViT has none to drop."""
+        if not isinstance(self.norm, nn.LayerNorm):
+            return ()
+        self.norm = nn.Identity()
+        return ("norm.*",)
+
     def no_weight_decay(self) -> set[str]:
         """``pos_embed`` and ``cls_token`` (MAE's and SimMIM's ViT; SimMIM's mask token and relative bias do decay)."""
         return {n for n, _ in self.named_parameters() if n in ("pos_embed", "cls_token")}
