@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mimlab.checkpoints.files import read_checkpoint, read_state_dict
 from mimlab.checkpoints.load import CheckpointMismatchError, fit_state, pretrained_parts, split_submodel
+from mimlab.models.backbones.contract import check_backbone
 
 _HEADS = {1280: 16, 1408: 16}  # ViT-H (80-d heads) and I-JEPA's ViT-g (88-d); every other width has 64-d heads
 _EVA_BLOCK = {"_target_": "timm.models.eva.EvaBlock", "_partial_": True, "qkv_bias": True, "qkv_fused": True}
@@ -47,10 +48,11 @@ class CheckpointEncoder:
 
 
 def build_backbone(node: Mapping[str, Any], final_norm: bool = True) -> nn.Module:
-    """Instantiate a backbone config node (eval mode); ``final_norm=False`` replaces a LayerNorm ``norm`` by Identity."""
+    """Instantiate a backbone config node (eval mode); ``final_norm=False``: without the final norm that global-pool
+    fine-tuning drops (the contract's ``drop_final_norm``)."""
     backbone = instantiate({**node, "_convert_": "all"})
-    if not final_norm and isinstance(getattr(backbone, "norm", None), nn.LayerNorm):
-        backbone.norm = nn.Identity()
+    if not final_norm:
+        check_backbone(backbone).drop_final_norm()
     return backbone.eval()
 
 
@@ -152,9 +154,8 @@ def checkpoint_encoder(path: str | Path, ema: bool = False, num_heads: int | Non
     if "_target_" not in node:
         node = inferred_node(parts["backbone"], num_heads or node.get("num_heads"))
     backbone = build_backbone(node)
-    final_norm = "norm.weight" in parts["backbone"] or not isinstance(getattr(backbone, "norm", None), nn.LayerNorm)
-    if not final_norm:
-        backbone.norm = nn.Identity()
+    # a file without the final norm's weights comes from global-pool fine-tuning, which dropped it (MAE's ViT)
+    final_norm = "norm.weight" in parts["backbone"] or not check_backbone(backbone).drop_final_norm()
     optional, unused = (getattr(backbone, f"checkpoint_{kind}_keys", ()) for kind in ("optional", "unused"))
     fit_state(backbone, parts["backbone"], str(path), layout, allow_missing=optional, ignore_unexpected=unused)
     head = _head(raw, prefix + "head.") if layout == "mimlab" else {}
