@@ -13,12 +13,15 @@ backbone counts it from the mask (a device read) and a compiled step has no data
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mimlab.masking.mask_set import MaskSet
+
+if TYPE_CHECKING:
+    from mimlab.models.parts import Parts
 
 
 class MaskGenerator:
@@ -29,6 +32,12 @@ class MaskGenerator:
 
     unit_size: int
     per_image: ClassVar[bool] = True  # an image's masks depend only on its own generator
+
+    @classmethod
+    def attach(cls, parts: Parts, unit_size: int | None = None, **settings: Any) -> MaskGenerator:
+        """Build for the backbone (:mod:`mimlab.models.parts`): ``unit_size`` None = one unit per token of its final
+        map (its last stride: the patch of a ViT, 16 px for HiViT, 32 px for ConvNeXt V2)."""
+        return cls(unit_size=unit_size or parts.backbone.out_strides[-1], **settings)  # type: ignore[call-arg]
 
     def __call__(self, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError

@@ -11,14 +11,24 @@ lands in.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mimlab.masking.base import MaskGenerator
 from mimlab.masking.mask_set import MaskSet
+from mimlab.models.parts import Parts, build
 
 
 class MultiMask(MaskGenerator):
     """Args: ``base`` (any mask generator returning (rows, L)), ``clones`` (M; data2vec 2.0 ViT-B: 16)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, unit_size: int | None = None, **settings: Any) -> MaskGenerator:
+        """``base`` (a factory) built for the same parts; the mask unit is the base generator's."""
+        if unit_size is not None:
+            raise ValueError("MultiMask draws with its base generator's unit: set masking.base.unit_size")
+        return cls(base=build(settings.pop("base"), parts), **settings)
 
     def __init__(self, base: MaskGenerator, clones: int) -> None:
         if clones < 1:

@@ -1,8 +1,10 @@
 """How the parts of a method are built from the parts they attach to, so no config reads another group's keys.
 
-A neck, target or decoder config names its class's ``attach`` classmethod with Hydra ``_partial_: true`` and states
-only its own settings; the task calls that factory with the :class:`Parts` built before it, in this order::
+A mask generator, neck, target or decoder config names its class's ``attach`` classmethod with Hydra
+``_partial_: true`` and states only its own settings; the task calls that factory with the :class:`Parts` built before
+it, in this order::
 
+    masking = masking(Parts(backbone))
     neck    = neck(Parts(backbone, masking))
     target  = target(Parts(backbone, masking, neck))
     decoder = decoder(Parts(backbone, masking, neck, target))
@@ -10,7 +12,7 @@ only its own settings; the task calls that factory with the :class:`Parts` built
 ``attach`` reads widths, strides and the input size from the backbone contract (``out_channels``, ``out_strides``,
 ``num_features``, ``img_size``, ``in_chans``; :mod:`mimlab.models.backbones.contract`), the mask unit from the mask
 generator, the pyramid width from the neck, the target width from the target — and an EMA teacher is a copy of the
-backbone. A part that needs more than the contract (a head that mirrors HiViT's blocks) says so with
+backbone, and a mask unit left unset is one final-map token. A part that needs more than the contract (a head that mirrors HiViT's blocks) says so with
 :meth:`Parts.require`, which fails at build time with a :class:`CompositionError` naming the part.
 A part given as a built ``nn.Module`` (tests, checkpoints written before this convention) is used as it is.
 """
@@ -18,6 +20,7 @@ A part given as a built ``nn.Module`` (tests, checkpoints written before this co
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -104,7 +107,6 @@ PartFactory = Callable[[Parts], Any]
 
 
 def build(part: Any, parts: Parts) -> Any:
-    """``part`` itself when it is built (an ``nn.Module`` or None), else the factory called with ``parts``."""
-    if part is None or isinstance(part, nn.Module):
-        return part
-    return part(parts)
+    """The factory ``part`` (a ``functools.partial``: Hydra's ``_partial_``) called with ``parts``; anything else
+    (a built part, None) as it is."""
+    return part(parts) if isinstance(part, functools.partial) else part

@@ -26,8 +26,8 @@ from mimlab.targets.base import Target
 
 
 class MaskedPretraining(L.LightningModule):
-    """Args: the backbone, the mask generator, the optimiser factory, ``seed``, and the parts that attach to the
-    backbone — ``neck`` (optional), ``target``, ``decoder`` — each built or a factory (:mod:`mimlab.models.parts`:
+    """Args: the backbone, the optimiser factory, ``seed``, and the parts that attach to the backbone —
+    ``masking``, ``neck`` (optional), ``target``, ``decoder`` — each built or a factory (:mod:`mimlab.models.parts`:
     configs give ``attach`` with ``_partial_: true``) called here, in that order, with the parts built before it.
 
     Masks come with the batch: at setup the module hands ``masking`` to its DataModule
@@ -45,7 +45,7 @@ class MaskedPretraining(L.LightningModule):
         decoder: nn.Module | PartFactory,
         target: Target | PartFactory,
         loss: nn.Module,
-        masking: MaskGenerator,
+        masking: MaskGenerator | PartFactory,
         optim: OptimizerFactory,
         neck: nn.Module | PartFactory | None = None,
         seed: int = 0,
@@ -53,13 +53,13 @@ class MaskedPretraining(L.LightningModule):
         super().__init__()
         contract = check_backbone(backbone)
         self.backbone = backbone
-        built_neck = build(neck, Parts(contract, masking))
+        self.masking: MaskGenerator = build(masking, Parts(contract))
+        built_neck = build(neck, Parts(contract, self.masking))
         self.neck = built_neck if built_neck is not None else nn.Identity()
-        built_target: Target = build(target, Parts(contract, masking, self.neck))
-        self.decoder = build(decoder, Parts(contract, masking, self.neck, built_target))
+        built_target: Target = build(target, Parts(contract, self.masking, self.neck))
+        self.decoder = build(decoder, Parts(contract, self.masking, self.neck, built_target))
         self.target = built_target
         self.loss = loss
-        self.masking = masking
         self.optim = optim
         self.seed = seed
 
