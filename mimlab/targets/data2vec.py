@@ -10,11 +10,15 @@ versions). ``forward(images (N, C, H, W), mask) -> (N·M, L, D)``; mask conventi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, repeat_clones
+from mimlab.models.backbones.vit import MaskedViT
+from mimlab.models.parts import Parts
 from mimlab.targets.ema_teacher import EMATeacher, LinearMomentum
 
 
@@ -30,6 +34,12 @@ class Data2VecTarget(EMATeacher):
     """Args: teacher (a ``MaskedViT`` built like the student, e.g. ``post_norm=true``), momentum (schedule; default
     the ViT-B recipe's linear 0.9998 → 0.99999 over 26.65 % of training), top_k (10 for ViT-B), instance_norm,
     layer_norm (both on in the image recipes)."""
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> Data2VecTarget:
+        """A copy of the ViT student as the teacher (its targets are a ViT's FFN outputs)."""
+        parts.require("backbone", MaskedViT, "Data2VecTarget")
+        return cls(teacher=parts.backbone_copy(), **settings)
 
     def __init__(
         self,

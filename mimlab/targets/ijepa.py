@@ -8,11 +8,15 @@ The EMA target encoder encodes the **full** image; its output (after the final n
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, repeat_clones
+from mimlab.models.backbones.vit import MaskedViT
+from mimlab.models.parts import Parts
 from mimlab.targets.ema_teacher import EMATeacher, LinearMomentum
 
 
@@ -21,6 +25,12 @@ class IJEPATarget(EMATeacher):
     the official linear 0.996 → 1.0 over training)."""
 
     evaluated_encoder = "target.teacher"  # the target encoder: what the paper evaluates (official linear probes)
+
+    @classmethod
+    def attach(cls, parts: Parts, **settings: Any) -> IJEPATarget:
+        """A copy of the ViT context encoder as the target encoder (its targets are a ViT's patch tokens)."""
+        parts.require("backbone", MaskedViT, "IJEPATarget")
+        return cls(teacher=parts.backbone_copy(), **settings)
 
     def __init__(self, teacher: nn.Module, momentum: LinearMomentum | None = None) -> None:
         super().__init__(teacher, momentum or LinearMomentum(0.996, 1.0))

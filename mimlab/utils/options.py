@@ -33,11 +33,17 @@ class OptionError(ValueError):
 @cache
 def _arguments(target: str) -> tuple[dict[str, Any], bool]:
     """({argument: annotation or None}, takes ``**kwargs``) of the callable ``target``; for a class, an ``__init__``
-    with ``**kwargs`` is assumed to pass them on to its base class's ``__init__``, whose arguments are added."""
+    with ``**kwargs`` is assumed to pass them on to its base class's ``__init__``, whose arguments are added; a
+    classmethod factory (a part's ``attach(parts, **settings)``, :mod:`mimlab.models.parts`) passes its settings on to
+    its class's ``__init__`` the same way."""
     fn = get_object(target)
-    callables = (
-        [k.__dict__["__init__"] for k in fn.__mro__ if "__init__" in k.__dict__] if inspect.isclass(fn) else [fn]
-    )
+    owner = fn.__self__ if inspect.ismethod(fn) and inspect.isclass(fn.__self__) else None
+    if inspect.isclass(fn) or owner is not None:
+        cls = fn if owner is None else owner
+        callables = [k.__dict__["__init__"] for k in cls.__mro__ if "__init__" in k.__dict__]
+        callables = callables if owner is None else [fn, *callables]
+    else:
+        callables = [fn]
     arguments: dict[str, Any] = {}
     open_ended = False
     for call in callables:
@@ -50,7 +56,7 @@ def _arguments(target: str) -> tuple[dict[str, Any], bool]:
         except Exception:  # unresolvable forward references: check names only
             hints = {}
         for name, param in params.items():
-            if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if name not in ("self", "parts") and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 arguments.setdefault(name, hints.get(name))
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             return arguments, open_ended
@@ -87,7 +93,7 @@ def _check_call(node: DictConfig, path: str) -> list[tuple[str, str]]:
         arguments, open_ended = _arguments(target)
     except Exception as err:  # reported as a problem of this key
         return [(f"{path}._target_", f"{path}._target_={target!r} cannot be imported: {err}")]
-    name = target.rsplit(".", 1)[-1]
+    name = target.removesuffix(".attach").rsplit(".", 1)[-1]  # a part's attach factory: named by its class
     raw = OmegaConf.to_container(node, resolve=False)
     problems = []
     for key in node.keys():
