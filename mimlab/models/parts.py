@@ -11,10 +11,11 @@ it, in this order::
 
 ``attach`` reads widths, strides and the input size from the backbone contract (``out_channels``, ``out_strides``,
 ``num_features``, ``img_size``, ``in_chans``; :mod:`mimlab.models.backbones.contract`), the mask unit from the mask
-generator, the pyramid width from the neck, the target width from the target — and an EMA teacher is a copy of the
-backbone, and a mask unit left unset is one final-map token. A part that needs more than the contract (a head that mirrors HiViT's blocks) says so with
-:meth:`Parts.require`, which fails at build time with a :class:`CompositionError` naming the part.
-A part given as a built ``nn.Module`` (tests, checkpoints written before this convention) is used as it is.
+generator, the pyramid width from the neck, the target width from the target; an EMA teacher is a copy of the
+backbone, and a mask unit left unset is one token of the backbone's final map. A part that needs more than the
+contract (a head that mirrors HiViT's blocks) says so with :meth:`Parts.require`, which fails at build time with a
+:class:`CompositionError` naming the part. A part given built (tests; configs of checkpoints written before this
+convention) is used as it is.
 """
 
 from __future__ import annotations

@@ -139,9 +139,9 @@ class EMATeacher(Target):
 
 
 class EMATeacherTarget(EMATeacher):
-    """iTPN MFM target. Args: teacher (a hierarchical backbone whose encoding has a ``pyramid``; a copy of the student), pixel_target
-    (e.g. ``NormPixTarget``; None = no pixel term), momentum/final_momentum (cosine schedule), stages (teacher stage
-    per pyramid level s4/s8/s16), normalize (LayerNorm targets without affine)."""
+    """iTPN MFM target. Args: teacher (a copy of the hierarchical student: its encoding's ``pyramid`` gives the
+    levels), pixel_target (e.g. ``NormPixTarget``; None = no pixel term), momentum/final_momentum (cosine schedule),
+    stages (teacher stage per pyramid level s4/s8/s16), normalize (LayerNorm targets without affine)."""
 
     def __init__(
         self,

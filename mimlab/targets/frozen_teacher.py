@@ -103,7 +103,7 @@ class FrozenTeacher(Target):
         """``match_img_size``: build the timm teacher for the backbone's input size (``model_kwargs.img_size``; ViT
         teachers with a fixed position embedding)."""
         if match_img_size:
-            settings["model_kwargs"] = {**(settings.get("model_kwargs") or {}), "img_size": parts.backbone.img_size}
+            settings["model_kwargs"] = {**(settings.get("model_kwargs") or {}), "img_size": parts.img_size}
         return cls(**settings)
 
     def __init__(

@@ -328,9 +328,9 @@ class HiViT(nn.Module):
         return self(x).tokens.mean(dim=1)
 
     def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Encoding:
-        """The masked encoding (:class:`~mimlab.models.backbones.contract.Encoding`, ``pyramid`` = (f4 (N,K,4,4,D/4),
-        f8 (N,K,2,2,D/2), x16 (N,K,D))): run the three stages on (N, 3, H, W); ``mask`` (N, L) over 16-px units or a ``MaskSet`` stating its visible
-        count, 1 = masked (None = full image)."""
+        """The masked encoding (:class:`~mimlab.models.backbones.contract.Encoding` with ``pyramid`` = (f4
+        (N,K,4,4,D/4), f8 (N,K,2,2,D/2), x16 (N,K,D))) of (N, 3, H, W); ``mask`` (N, L) over 16-px units or a
+        ``MaskSet`` stating its visible count, 1 = masked (None = full image)."""
         stated = mask.visible if isinstance(mask, MaskSet) else None
         mask = mask.mask if isinstance(mask, MaskSet) else mask
         n, _, h, w = x.shape

@@ -27,7 +27,7 @@ class MAEDecoder(nn.Module):
 
     @classmethod
     def attach(cls, parts: Parts, **settings: Any) -> MAEDecoder:
-        """Decode the backbone's final tokens: ``in_dim``, ``patch_size`` (its last width and stride) and ``img_size``."""
+        """Decode the backbone's final tokens: ``in_dim``, ``patch_size`` (its last width, stride), ``img_size``."""
         bb = parts.backbone
         return cls(in_dim=bb.out_channels[-1], img_size=parts.img_size, patch_size=bb.out_strides[-1], **settings)
 
