@@ -180,6 +180,12 @@ def _eval_dir(ckpt: Path, out: str | None) -> Path:
 FRESH_GROUPS = ("hardware", "trainer", "logger")
 
 
+def quoted(value: object) -> str:
+    """``value`` as a quoted Hydra override value, so a path with ``=`` or ``,`` (a sweep job's folder,
+    ``0_experiment=mae,seed=0``) stays one string."""
+    return "'" + str(value).replace("'", "\\'") + "'"  # Hydra unescapes only the quote
+
+
 def task_config(ckpt: Path, checkpoint: dict, overrides: list[str], output_dir: Path):
     """The checkpoint's stored config with ``hardware``/``trainer``/``logger``/``paths`` composed afresh (CSV logger by
     default), the overrides of those groups (``hardware=ddp``, ``hardware.devices=2``, ``+hardware.x=...``) applied by
@@ -197,7 +203,7 @@ def task_config(ckpt: Path, checkpoint: dict, overrides: list[str], output_dir: 
         )
     fresh_overrides = [o for o in overrides if _group_of(o) in FRESH_GROUPS]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        fresh = compose("train", overrides=["logger=csv", *fresh_overrides, f"paths.output_dir={output_dir}"])
+        fresh = compose("train", overrides=["logger=csv", *fresh_overrides, f"paths.output_dir={quoted(output_dir)}"])
     cfg = OmegaConf.create(stored)
     for group in (*FRESH_GROUPS, "paths"):
         cfg[group] = fresh[group]

@@ -52,8 +52,9 @@ def mae_checkpoint(synthetic_root, tmp_path_factory) -> Path:
 
 
 def test_a_pretraining_checkpoint_validates_to_the_figures_its_run_logged(mae_checkpoint, tmp_path, capsys):
-    main([f"ckpt={mae_checkpoint}", f"out={tmp_path}"])
-    record = json.loads((tmp_path / "metrics.json").read_text())
+    out = tmp_path / "0_experiment=mae,seed=0"  # a sweep job's folder name: '=' and ',' in the path
+    main([f"ckpt={mae_checkpoint}", f"out={out}"])
+    record = json.loads((out / "metrics.json").read_text())
     logged = last_logged(mae_checkpoint.parent.parent)
     assert record["task"] == "MaskedPretraining" and record["step"] == 6 and record["processes"] == 1
     assert set(record["metrics"]) == {"val/loss", "knn/acc1"}
