@@ -57,7 +57,7 @@ def test_paper_model_parameter_counts(experiment, enc_dim, depth, encoder, tmp_p
 
 def tiny_parts(img: int = 64):
     torch.manual_seed(0)
-    encoder = MaskedViT(img, 16, 3, 32, depth=2, num_heads=2, keep_hidden_states=True)
+    encoder = MaskedViT(img, 16, 3, 32, depth=2, num_heads=2, keep_hidden="all")
     decoder = Img2VecDecoder(
         32, 512, img_size=img, patch_size=16, out_stride=32, decoder_dim=32, depth=1, num_heads=2, proj_hidden_dim=64
     )
@@ -102,9 +102,9 @@ def test_block_mask_lines_up_with_teacher_grid_through_the_decoder():
 
 
 def test_decoder_errors_name_the_config_keys():
-    with pytest.raises(ValueError, match="keep_hidden_states"):
+    with pytest.raises(ValueError, match="keep_hidden=all"):
         encoder, decoder, _ = tiny_parts()
-        encoder.keep_hidden_states = False
+        encoder.keep_hidden = ()
         decoder(encoder(torch.randn(1, 3, 64, 64), torch.tensor([[0.0, 1.0, 1.0, 1.0]])))
     with pytest.raises(ValueError, match="out_stride"):
         Img2VecDecoder(32, 8, img_size=64, patch_size=16, out_stride=24)

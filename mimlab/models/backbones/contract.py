@@ -66,8 +66,8 @@ class Encoding:
     ids_restore: (N, L) the unshuffle indices of ``[kept, dropped]`` order (MAE's), where the backbone states them.
     pyramid: the stage outputs of a hierarchical backbone at the kept units, finest first, in unit layout
         ((N, K, r, r, C), r = units per side at that stage; the last is ``tokens`` (N, K, D)); empty for a plain ViT.
-    hidden: block index -> that block's output before the final norm, for the blocks the backbone was built to keep
-        (``keep_hidden``/``keep_hidden_states``), ascending.
+    hidden: block index -> that block's output before the final norm, for the blocks the backbone keeps
+        (``keep_hidden``, or asked for by the decoder that reads them: :func:`hidden_blocks`), ascending.
     """
 
     tokens: Tensor
@@ -95,6 +95,17 @@ class Encoding:
         if self.ids_keep is None:
             raise ValueError("this part reads the kept units, but the backbone dropped none (drop_masked=false?)")
         return self.ids_keep
+
+
+def hidden_blocks(keep: Sequence[int] | str, depth: int, known: Sequence[int] = ()) -> tuple[int, ...]:
+    """The block indices (ascending, in ``[0, depth)``) of ``known`` and ``keep`` ("all", or indices; negative ones
+    count from the end) whose outputs a token backbone returns in :attr:`Encoding.hidden`. A decoder that reads them
+    asks its backbone at build time (``request_hidden``), so no recipe has to list them twice."""
+    wanted = range(depth) if keep == "all" else [int(i) for i in keep]
+    out = {i + depth if i < 0 else i for i in [*known, *wanted]}
+    if any(not 0 <= i < depth for i in out):
+        raise ValueError(f"model.backbone.keep_hidden={list(keep)!r} names blocks outside the {depth} blocks")
+    return tuple(sorted(out))
 
 
 class Backbone(Protocol):

@@ -22,13 +22,16 @@ that the official flat ``blocks`` list (PatchMerge at list indices) is split int
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, fill_masked, keep_indices, num_visible
-from mimlab.models.backbones.contract import Encoding, LayerGroups, check_pool, resolve_rule
+from mimlab.models.backbones.contract import Encoding, LayerGroups, check_pool, hidden_blocks, resolve_rule
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -193,7 +196,8 @@ class HiViT(nn.Module):
         img_size: training resolution; fixes the ape grid and the RPE tables.
         rpe: relative position bias (False for pre-training, True for fine-tuning).
         drop_masked: True drops masked units (MAE); False keeps them and inpaints ``mask_token`` (BEiT/iTPN-CLIP).
-        keep_hidden: main-block indices (0-based) whose outputs are returned in ``Encoding.hidden``.
+        keep_hidden: main-block indices (0-based, or "all") whose outputs are returned in ``Encoding.hidden``; a decoder
+            that reads them asks at build time (:meth:`request_hidden`).
         num_classes: > 0 adds mean-pool + ``fc_norm`` + ``head`` (classification, ``forward_head``).
         layer_decay_rule: "itpn" (default; iTPN ``util/lr_decay.py``: decay renormalised by 13 / num_layers) or
             "hivit" (HiViT's copy of it, without the renormalisation), see :meth:`layer_groups`.
@@ -229,7 +233,7 @@ class HiViT(nn.Module):
         rpe: bool = False,
         drop_masked: bool = True,
         init_values: float | None = None,
-        keep_hidden: tuple[int, ...] = (),
+        keep_hidden: Sequence[int] | Literal["all"] = (),
         num_classes: int = 0,
         layer_decay_rule: str = "itpn",
         pos_embed_interpolation: str = "table",
@@ -246,7 +250,7 @@ class HiViT(nn.Module):
         self.unit_size, self.drop_masked = unit_size, drop_masked
         self.img_size, self.in_chans, self.num_heads = img_size, in_chans, num_heads
         self.rpe, self.init_values = rpe, init_values
-        self.keep_hidden = tuple(int(i) for i in keep_hidden)
+        self.keep_hidden = hidden_blocks(keep_hidden, depth)
         self.grid = (img_size // unit_size, img_size // unit_size)
         d4, d8 = embed_dim // 4, embed_dim // 2
         self.out_channels = [d4, d8, embed_dim]
@@ -293,6 +297,10 @@ class HiViT(nn.Module):
     def drop_final_norm(self) -> tuple[str, ...]:
         """Kept: iTPN fine-tuning pools the last stage into the head's fc_norm; HiViT has no final norm of its own."""
         return ()
+
+    def request_hidden(self, blocks: Sequence[int] | Literal["all"]) -> None:
+        """Also return the outputs of main blocks ``blocks`` (indices or "all") in ``Encoding.hidden``."""
+        self.keep_hidden = hidden_blocks(blocks, len(self.main_blocks), self.keep_hidden)
 
     def no_weight_decay(self) -> set[str]:
         names = {n for n, _ in self.named_parameters() if n.endswith(".relative_position_bias_table")}

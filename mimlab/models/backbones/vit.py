@@ -15,7 +15,7 @@ attention logits through the blocks' ``attn_mask``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -27,7 +27,14 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, keep_indices, mask_to_token_grid, num_visible, repeat_clones
-from mimlab.models.backbones.contract import Encoding, LayerGroups, TimmEquivalent, check_pool, resolve_rule
+from mimlab.models.backbones.contract import (
+    Encoding,
+    LayerGroups,
+    TimmEquivalent,
+    check_pool,
+    hidden_blocks,
+    resolve_rule,
+)
 from mimlab.models.layers.post_norm_block import PostNormBlock, block_with_ffn
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
@@ -45,7 +52,9 @@ class MaskedViT(nn.Module):
     Args:
         img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: ViT geometry (ViT-B/16: 224, 16, 3, 768, 12, 12, 4).
         drop_path_rate: stochastic depth, linearly increasing over blocks.
-        keep_hidden_states: also return every block's output (multi-block targets, Img2Vec).
+        keep_hidden: block indices (or "all") whose outputs the encoding returns in ``hidden``; a decoder that reads
+            them asks at build time (:meth:`request_hidden`). ``keep_hidden_states=True`` (configs of older
+            checkpoints) means "all".
         learnable_pos_embed: make the pos-embed trainable (fine-tuning); it is always *initialised* to sin-cos.
         abs_pos_embed: add an absolute pos-embed at all (False for BEiT/SimMIM, which use ``rel_pos_bias`` instead).
         rel_pos_bias: one relative position bias table ``(heads, 1+L, 1+L)`` shared by every block (BEiT "shared rel pos").
@@ -73,6 +82,7 @@ class MaskedViT(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
+        keep_hidden: Sequence[int] | Literal["all"] = (),
         keep_hidden_states: bool = False,
         learnable_pos_embed: bool = False,
         abs_pos_embed: bool = True,
@@ -90,7 +100,7 @@ class MaskedViT(nn.Module):
             raise ValueError("model.backbone.global_pool=cls needs the cls token (class_token=true); use avg")
         self.img_size, self.in_chans, self.patch_size = img_size, in_chans, patch_size
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.keep_hidden_states = keep_hidden_states
+        self.keep_hidden = hidden_blocks("all" if keep_hidden_states else keep_hidden, depth)
         self.num_prefix_tokens = int(class_token)
         if not class_token:  # no cls token to pool
             self.feature_pools = ("avg",)
@@ -160,6 +170,10 @@ class MaskedViT(nn.Module):
             return ()
         self.norm = nn.Identity()
         return ("norm.*",)
+
+    def request_hidden(self, blocks: Sequence[int] | Literal["all"]) -> None:
+        """Also return the outputs of ``blocks`` (indices or "all") in ``Encoding.hidden`` (see ``keep_hidden``)."""
+        self.keep_hidden = hidden_blocks(blocks, len(self.blocks), self.keep_hidden)
 
     def no_weight_decay(self) -> set[str]:
         """``pos_embed`` and ``cls_token`` (MAE's and SimMIM's ViT; SimMIM's mask token and relative bias do decay)."""
@@ -284,7 +298,7 @@ class MaskedViT(nn.Module):
         x = self.norm_pre(x)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask=attn_bias)
-            if self.keep_hidden_states:
+            if i in self.keep_hidden:
                 hidden[i] = x
         return self.norm(x), hidden
 

@@ -22,7 +22,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from mimlab.models.backbones.contract import Encoding
-from mimlab.models.backbones.vit import _init_linear_and_norm
+from mimlab.models.backbones.vit import MaskedViT, _init_linear_and_norm
 from mimlab.models.heads.mae_decoder import MAEDecoder
 from mimlab.models.parts import CompositionError, Parts
 from mimlab.targets.frozen_teacher import FrozenTeacher
@@ -31,7 +31,7 @@ from mimlab.targets.frozen_teacher import FrozenTeacher
 class Img2VecDecoder(nn.Module):
     """``forward(features: Encoding, mask (N, L)) -> {"tokens": (N, K_t, out_dim), "global": (N, out_dim)}``.
 
-    ``features`` must come from a ``MaskedViT`` built with ``keep_hidden_states=True``: ``tokens``
+    ``features`` must come from a ``MaskedViT`` that keeps every block (``keep_hidden="all"``; ``attach`` asks): ``tokens``
     ``(N, 1 + V, D)`` (cls first, V visible patches), ``ids_restore`` ``(N, L_p)`` over the patch grid,
     ``hidden`` one ``(N, 1 + V, D)`` per block. ``mask`` is not needed (the unshuffle follows
     ``ids_restore``); it is accepted for the decoder contract. ``K_t = (H / out_stride) * (W / out_stride)``, row-major.
@@ -47,11 +47,12 @@ class Img2VecDecoder(nn.Module):
 
     @classmethod
     def attach(cls, parts: Parts, **settings: Any) -> Img2VecDecoder:
-        """From the backbone (width, patch stride, input size) and the frozen teacher (its width and stride)."""
+        """From the backbone (width, patch stride, input size) and the frozen teacher (its width and stride); with
+        ``multi_block`` the ViT is asked to return every block's output."""
         bb, teacher = parts.backbone, parts.require("target", FrozenTeacher, "Img2VecDecoder")
         if teacher.stride is None:
             raise CompositionError("Img2VecDecoder pools to the teacher's grid: set target.stride")
-        return cls(
+        decoder = cls(
             embed_dim=bb.out_channels[-1],
             out_dim=parts.target_dim,
             img_size=parts.img_size,
@@ -59,6 +60,9 @@ class Img2VecDecoder(nn.Module):
             out_stride=teacher.stride,
             **settings,
         )
+        if decoder.multi_block:
+            parts.require("backbone", MaskedViT, "Img2VecDecoder(multi_block=True)").request_hidden("all")
+        return decoder
 
     def __init__(
         self,
@@ -96,7 +100,9 @@ class Img2VecDecoder(nn.Module):
         if not self.multi_block:
             return features.tokens
         if not features.hidden:
-            raise ValueError("Img2VecDecoder(multi_block=True) needs model.backbone.keep_hidden_states=true")
+            raise ValueError(
+                "Img2VecDecoder(multi_block=True) needs every block's output: model.backbone.keep_hidden=all"
+            )
         return torch.stack(list(features.hidden.values())).mean(0)
 
     def forward(self, features: Encoding, mask: Tensor | None = None) -> dict[str, Tensor]:

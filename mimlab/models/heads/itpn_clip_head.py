@@ -1,7 +1,7 @@
 """iTPN-CLIP prediction heads (docs/methods.md §4.4): two regressions of the teacher's features at every unit.
 
 Input: the pyramid's masked ``Encoding`` of a backbone run with ``drop_masked=False`` (all ``L`` units present, masked
-ones inpainted) and ``keep_hidden=(aux_block,)``.
+ones inpainted); ``attach`` asks it to return block ``aux_block``'s output.
 
 1. pyramid branch: ``decoder_embed`` projects P16/P8/P4 sub-tokens to D, D/4, D/16 (concatenated per unit to D),
    the three levels are summed, then ``norm`` (LN) and ``lm_head`` Linear(D → teacher_dim);
@@ -32,7 +32,7 @@ class ITPNClipHead(nn.Module):
         """Blocks like the HiViT backbone's (width, heads, unit grid, relative position bias, layer scale) on the
         pyramid's width."""
         hivit = parts.require("backbone", HiViT, "ITPNClipHead")
-        return cls(
+        head = cls(
             embed_dim=hivit.embed_dim,
             fpn_dim=parts.neck_width,
             num_heads=hivit.num_heads,
@@ -42,6 +42,8 @@ class ITPNClipHead(nn.Module):
             init_values=hivit.init_values,
             **settings,
         )
+        hivit.request_hidden([head.aux_block])  # the aux branch reads that block's output
+        return head
 
     def __init__(
         self,
