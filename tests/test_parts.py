@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from conftest import compose_config
 from mimlab.masking import RandomMasking
 from mimlab.models.backbones.hivit import HiViT
+from mimlab.models.backbones.vit import MaskedViT
 from mimlab.models.parts import CompositionError, Parts, build
 from mimlab.targets.data2vec import Data2VecTarget
 from mimlab.targets.ijepa import IJEPATarget
@@ -75,3 +76,14 @@ def test_build_calls_factories_only():
     assert build(masking, Parts(hivit)) is masking and build(None, Parts(hivit)) is None
     built = build(functools.partial(RandomMasking.attach, ratio=0.5), Parts(hivit))
     assert isinstance(built, RandomMasking) and built.unit_size == 16  # HiViT's final stride
+
+
+def test_block_outputs_are_kept_because_the_decoder_that_reads_them_asks(tmp_path):
+    """Img2Vec's decoder averages every block, iTPN-CLIP's head reads block ``aux_block``: each asks its backbone at
+    build time (no recipe lists them); a ViT config of an older checkpoint (``keep_hidden_states: true``) keeps all."""
+    img2vec = instantiate(compose_config(["experiment=img2vec_vit_tiny_synthetic", "logger=csv"], tmp_path).task)
+    assert img2vec.backbone.keep_hidden == tuple(range(len(img2vec.backbone.blocks)))
+    clip_cfg = compose_config(["experiment=itpn_hivit_tiny_clip_synthetic", "logger=csv"], tmp_path)
+    assert list(clip_cfg.model.backbone.keep_hidden) == []
+    assert instantiate(clip_cfg.task).backbone.keep_hidden == (clip_cfg.model.decoder.aux_block,)
+    assert MaskedViT(32, 8, embed_dim=16, depth=3, num_heads=2, keep_hidden_states=True).keep_hidden == (0, 1, 2)
