@@ -20,10 +20,14 @@ Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher
   family's fine-tuning recipe does (MAE's ViT: the pooled tokens go through the head's ``fc_norm`` instead) and return
   the checkpoint key patterns no longer used; ``()`` where the family keeps it (Swin, ConvNeXt V2's head norm, HiViT);
 * ``layer_decay_rules: tuple[str, ...]`` and ``layer_decay_rule: str`` (the default) — the official layer-wise lr
-  decay rules of the family by name; ``layer_groups(rule=None) -> LayerGroups`` gives every parameter its layer id.
+  decay rules of the family by name; ``layer_groups(rule=None) -> LayerGroups`` gives every parameter its layer id;
+* ``forward(x, mask)`` — the masked forward of pre-training: an :class:`Encoding` for token backbones that drop or
+  inpaint units (ViT, HiViT: tokens, kept units, the stage ``pyramid``, the block outputs ``hidden`` asked for with
+  ``keep_hidden`` / ``request_hidden``), the final map for those that keep every position.
 
-:func:`check_backbone` verifies all of it; every task calls it when it is built (composition time, before any data
-is read), so a backbone that forgets part of the contract fails there, naming what is missing.
+:func:`check_backbone` verifies all of it and returns the backbone typed as :class:`Backbone`; every task calls it
+when it is built (composition time, before any data is read), so a backbone that forgets part of the contract fails
+there, naming what is missing.
 
 Optional: ``to_timm(head=None) -> TimmEquivalent | None`` — the timm model that computes exactly what the backbone
 computes (with a fine-tuning head's ``fc_norm.*`` / ``fc.*`` tensors), used by ``mimlab-export``; a backbone without
