@@ -180,12 +180,6 @@ def _eval_dir(ckpt: Path, out: str | None) -> Path:
 FRESH_GROUPS = ("hardware", "trainer", "logger")
 
 
-def quoted(value: object) -> str:
-    """``value`` as a quoted Hydra override value, so a path with ``=`` or ``,`` (a sweep job's folder,
-    ``0_experiment=mae,seed=0``) stays one string."""
-    return "'" + str(value).replace("'", "\\'") + "'"  # Hydra unescapes only the quote
-
-
 def task_config(ckpt: Path, checkpoint: dict, overrides: list[str], output_dir: Path):
     """The checkpoint's stored config with ``hardware``/``trainer``/``logger``/``paths`` composed afresh (CSV logger by
     default), the overrides of those groups (``hardware=ddp``, ``hardware.devices=2``, ``+hardware.x=...``) applied by
@@ -194,6 +188,7 @@ def task_config(ckpt: Path, checkpoint: dict, overrides: list[str], output_dir: 
     from omegaconf import OmegaConf
 
     from mimlab.train import CONFIG_DIR
+    from mimlab.utils.hydra_overrides import hydra_value
 
     stored = ((checkpoint.get("mimlab") or {}).get("config")) or None
     if not stored:
@@ -203,7 +198,10 @@ def task_config(ckpt: Path, checkpoint: dict, overrides: list[str], output_dir: 
         )
     fresh_overrides = [o for o in overrides if _group_of(o) in FRESH_GROUPS]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        fresh = compose("train", overrides=["logger=csv", *fresh_overrides, f"paths.output_dir={quoted(output_dir)}"])
+        # quoted: a sweep job's folder (0_experiment=mae,seed=0) has "=" and ","
+        fresh = compose(
+            "train", overrides=["logger=csv", *fresh_overrides, f"paths.output_dir={hydra_value(str(output_dir))}"]
+        )
     cfg = OmegaConf.create(stored)
     for group in (*FRESH_GROUPS, "paths"):
         cfg[group] = fresh[group]
