@@ -17,7 +17,7 @@ import torch
 
 from mimlab.masking.base import MaskGenerator
 from mimlab.masking.mask_set import MaskSet
-from mimlab.models.parts import Parts, build
+from mimlab.models.parts import Parts
 
 
 class MultiMask(MaskGenerator):
@@ -25,10 +25,10 @@ class MultiMask(MaskGenerator):
 
     @classmethod
     def attach(cls, parts: Parts, unit_size: int | None = None, **settings: Any) -> MaskGenerator:
-        """``base`` (a factory) built for the same parts; the mask unit is the base generator's."""
+        """The mask unit is the base generator's (``base``, built for the same parts by :func:`~mimlab.models.parts.build`)."""
         if unit_size is not None:
             raise ValueError("MultiMask draws with its base generator's unit: set masking.base.unit_size")
-        return cls(base=build(settings.pop("base"), parts), **settings)
+        return cls(**settings)
 
     def __init__(self, base: MaskGenerator, clones: int) -> None:
         if clones < 1:

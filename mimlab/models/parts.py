@@ -108,6 +108,10 @@ PartFactory = Callable[[Parts], Any]
 
 
 def build(part: Any, parts: Parts) -> Any:
-    """The factory ``part`` (a ``functools.partial``: Hydra's ``_partial_``) called with ``parts``; anything else
+    """The factory ``part`` (a ``functools.partial``: Hydra's ``_partial_``) called with ``parts``, the factories among
+    its settings built first for the same parts (an EMA target's pixel target, a mask generator's base); anything else
     (a built part, None) as it is."""
-    return part(parts) if isinstance(part, functools.partial) else part
+    if not isinstance(part, functools.partial):
+        return part
+    settings = {key: build(value, parts) for key, value in part.keywords.items()}
+    return part.func(*part.args, parts, **settings)

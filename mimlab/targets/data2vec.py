@@ -36,10 +36,10 @@ class Data2VecTarget(EMATeacher):
     layer_norm (both on in the image recipes)."""
 
     @classmethod
-    def attach(cls, parts: Parts, **settings: Any) -> Data2VecTarget:
+    def attach(cls, parts: Parts, **settings: Any) -> EMATeacher:
         """A copy of the ViT student as the teacher (its targets are a ViT's FFN outputs)."""
         parts.require("backbone", MaskedViT, "Data2VecTarget")
-        return cls(teacher=parts.backbone_copy(), **settings)
+        return super().attach(parts, **settings)
 
     def __init__(
         self,

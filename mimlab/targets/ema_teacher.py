@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimlab.models.parts import Parts, build
+from mimlab.models.parts import Parts
 from mimlab.targets.base import Target
 
 LEVELS = ("s4", "s8", "s16")
@@ -160,11 +160,6 @@ class EMATeacherTarget(EMATeacher):
         self.pixel_target = pixel_target
         self.momentum, self.final_momentum = momentum, final_momentum
         self.stages, self.normalize = tuple(stages), normalize
-
-    @classmethod
-    def attach(cls, parts: Parts, pixel_target: Any = None, **settings: Any) -> EMATeacherTarget:
-        """A copy of the student backbone as the teacher; ``pixel_target`` (a factory) built for the same parts."""
-        return cls(teacher=parts.backbone_copy(), pixel_target=build(pixel_target, parts), **settings)
 
     def _flat(self, f: Tensor) -> Tensor:
         if self.normalize:

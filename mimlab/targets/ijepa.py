@@ -27,10 +27,10 @@ class IJEPATarget(EMATeacher):
     evaluated_encoder = "target.teacher"  # the target encoder: what the paper evaluates (official linear probes)
 
     @classmethod
-    def attach(cls, parts: Parts, **settings: Any) -> IJEPATarget:
+    def attach(cls, parts: Parts, **settings: Any) -> EMATeacher:
         """A copy of the ViT context encoder as the target encoder (its targets are a ViT's patch tokens)."""
         parts.require("backbone", MaskedViT, "IJEPATarget")
-        return cls(teacher=parts.backbone_copy(), **settings)
+        return super().attach(parts, **settings)
 
     def __init__(self, teacher: nn.Module, momentum: LinearMomentum | None = None) -> None:
         super().__init__(teacher, momentum or LinearMomentum(0.996, 1.0))

@@ -8,7 +8,7 @@ Mask convention: ``mask[n, l] = 1`` means unit ``l`` is masked; 32-px units are 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.layers import trunc_normal_
@@ -43,7 +43,7 @@ class MaskTokenSwin(SwinTransformer):
         trunc_normal_(self.mask_token, std=0.02)
         self.out_channels = [info["num_chs"] for info in self.feature_info]
         self.out_strides = [info["reduction"] for info in self.feature_info]
-        self.img_size = int(kwargs.get("img_size", 224))  # timm's default; timm's SwinTransformer sets in_chans
+        self.img_size = int(cast(tuple[int, int], self.patch_embed.img_size)[0])  # timm's SwinTransformer sets in_chans
 
     def drop_final_norm(self) -> tuple[str, ...]:
         """Kept: SimMIM's Swin fine-tuning pools after the final norm (timm's ``norm``)."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from mimlab.models.backbones.contract import Encoding
 from mimlab.models.backbones.hivit import init_weights
 from mimlab.models.heads.itpn_pixel_decoder import scatter_units
-from mimlab.models.parts import Parts, build
+from mimlab.models.parts import Parts
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 from mimlab.targets.ema_teacher import EMATeacherTarget
 
@@ -73,12 +73,10 @@ class ITPNMFMDecoder(nn.Module):
     level decoder, img_size/unit_size (grid)."""
 
     @classmethod
-    def attach(cls, parts: Parts, pixel_decoder: Any = None, **settings: Any) -> ITPNMFMDecoder:
-        """On the pyramid's width, predicting the EMA teacher's stages (its width is the backbone's);
-        ``pixel_decoder`` (a factory) built for the same parts."""
+    def attach(cls, parts: Parts, **settings: Any) -> ITPNMFMDecoder:
+        """On the pyramid's width, predicting the EMA teacher's stages (its width is the backbone's)."""
         bb, teacher = parts.backbone, parts.require("target", EMATeacherTarget, "ITPNMFMDecoder")
         return cls(
-            pixel_decoder=build(pixel_decoder, parts),
             fpn_dim=parts.neck_width,
             img_size=parts.img_size,
             unit_size=bb.out_strides[-1],
