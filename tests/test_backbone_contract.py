@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from conftest import compose_config
-from mimlab.models.backbones.contract import BackboneContractError, check_backbone
+from mimlab.masking import RandomMasking
+from mimlab.models.backbones.contract import BackboneContractError, BackboneDefaults, check_backbone
 from mimlab.train import CONFIG_DIR, build
 
 BACKBONES = sorted(p.stem for p in (Path(CONFIG_DIR) / "model" / "backbone").glob("*.yaml"))
@@ -91,6 +92,8 @@ def test_a_backbone_that_forgets_the_contract_fails_at_composition_naming_what_i
     for part in (
         "PlainEncoder",
         "forward_pooled",
+        "forward_intermediates",
+        "to_timm",
         "no_weight_decay",
         "layer_groups",
         "num_features",
@@ -102,7 +105,7 @@ def test_a_backbone_that_forgets_the_contract_fails_at_composition_naming_what_i
 
 
 def test_inconsistent_declarations_are_named():
-    class HalfDone(PlainEncoder):
+    class HalfDone(BackboneDefaults, PlainEncoder):
         num_features, feature_pools, global_pool = 16, ("avg", "max"), "avg"
         in_chans, img_size = 3, None
         layer_decay_rules, layer_decay_rule = ("mine",), "mine"
@@ -115,6 +118,9 @@ def test_inconsistent_declarations_are_named():
 
         def drop_final_norm(self):
             return ()
+
+        def forward_intermediates(self, x, indices, mask=None):
+            return self.forward_features(x, mask)
 
         def layer_groups(self, rule=None):
             from mimlab.models.backbones.contract import LayerGroups
@@ -144,3 +150,44 @@ def test_fine_tuning_drops_the_final_norm_only_where_the_family_recipe_does(name
         assert isinstance(model.norm, nn.LayerNorm)
         FineTuning(model, head=PooledClassifierHead, optim=None, num_classes=3, mixup=None)
     assert isinstance(model.norm, nn.Identity if dropped else nn.LayerNorm)
+
+
+@pytest.mark.parametrize("name", [*SMALL, "mask_token_beit_tiny_p8"])
+def test_intermediate_features_are_what_the_encoding_keeps_and_end_at_its_output(name, tmp_path):
+    """``forward_intermediates`` (timm's name) is the one way to reach block or stage outputs: under a mask they are
+    the tensors a token backbone's ``Encoding.hidden`` keeps, and the last one (final-normed) is the encoding's
+    tokens; a stage backbone's are its ``forward_features`` maps, the last one the encoding's ``map``."""
+    model = backbone(name, tmp_path).eval()
+    unit = model.out_strides[-1]
+    masking = RandomMasking(0.5, unit_size=unit)
+    mask = masking(2, masking.grid((64, 64)), torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        every = model.forward_intermediates(x, "all", mask)
+        torch.testing.assert_close(model.forward_intermediates(x, [-1], mask)[0], every[-1])
+        assert len(model.forward_intermediates(x, [0, -1])) == 2 and len(every) > 1
+        encoding = model(x, mask)
+        if hasattr(model, "request_hidden"):  # a token backbone
+            model.request_hidden("all")
+            kept = model(x, mask).hidden
+            assert list(kept) == list(range(len(every)))
+            for ours, theirs in zip(kept.values(), every):
+                torch.testing.assert_close(ours, theirs)
+            final_norm = model.norm if hasattr(model, "norm") else nn.Identity()
+            torch.testing.assert_close(final_norm(every[-1]), encoding.tokens)
+        else:
+            for ours, theirs in zip(every, model.forward_features(x, mask)):
+                torch.testing.assert_close(ours, theirs)
+            torch.testing.assert_close(encoding.map, every[-1])
+    with pytest.raises(ValueError, match="outside"):
+        model.forward_intermediates(x, [len(every)])
+
+
+def test_a_map_of_an_encoding_that_dropped_units_is_refused_naming_what_to_use(tmp_path):
+    model = backbone("vit_tiny_p8", tmp_path).eval()
+    mask = RandomMasking(0.5, unit_size=8)(1, (8, 8), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        encoding = model(torch.randn(1, 3, 64, 64), mask)
+        assert model(torch.randn(1, 3, 64, 64)).map.shape == (1, model.num_features, 8, 8)  # nothing dropped
+    with pytest.raises(ValueError, match="MaskTokenViT"):
+        _ = encoding.map

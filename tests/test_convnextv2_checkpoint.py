@@ -77,7 +77,7 @@ def test_dense_finetuned_checkpoint_round_trips_through_a_file(tmp_path):
     assert_same(src, dst)
     assert not report["missing"] and not report["ignored"]
     x = torch.randn(1, 3, 64, 64)
-    torch.testing.assert_close(dst.forward_head(dst(x)), src.forward_head(src(x)))
+    torch.testing.assert_close(dst.forward_head(dst(x).map), src.forward_head(src(x).map))
 
 
 def test_sparse_fcmae_state_dict_loads_and_drops_the_decoder():

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
+from mimlab.models.backbones.contract import Encoding
 from mimlab.models.backbones.convnextv2 import MaskedConvNeXtV2
 from mimlab.models.heads.fcmae_decoder import FCMAEDecoder
+
+
+def encoded(feature_map: torch.Tensor) -> Encoding:
+    return Encoding.of_map(feature_map, None)
 
 
 def count(module):
@@ -31,10 +36,10 @@ def test_mask_token_replaces_masked_units_only():
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
     changed = x.clone()
     changed[:, :, 0, 1] += 5.0  # unit 1 is masked: its encoder value is discarded for the token
-    torch.testing.assert_close(decoder(changed, mask), decoder(x, mask))
-    assert not torch.allclose(decoder(x + 1.0, mask), decoder(x, mask))
+    torch.testing.assert_close(decoder(encoded(changed), mask), decoder(encoded(x), mask))
+    assert not torch.allclose(decoder(encoded(x + 1.0), mask), decoder(encoded(x), mask))
     with pytest.raises(ValueError, match="unit_size=32"):
-        decoder(x, torch.zeros(1, 16))
+        decoder(encoded(x), torch.zeros(1, 16))
 
 
 def test_encoder_and_decoder_compile_without_graph_breaks():

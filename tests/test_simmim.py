@@ -114,9 +114,10 @@ def test_encoder_head_and_loss_match_the_official_math():
     patch_mask = upsample_mask(unit_mask, (4, 4), 2).reshape(3, 8, 8)  # data_simmim.MaskGenerator: units -> patches
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        z = model(x, unit_mask)
+        encoding = model(x, unit_mask)
+        z = encoding.map
         z_ref = official_simmim_vit(model, x, patch_mask)
-        loss = MaskedL1()(decoder(z), NormPixTarget(16, norm_pix=False)(x), unit_mask)["loss"]
+        loss = MaskedL1()(decoder(encoding), NormPixTarget(16, norm_pix=False)(x), unit_mask)["loss"]
         loss_ref = official_simmim_loss(x, z_ref, decoder.decoder[0], 8, patch_mask, 8)
     assert z.shape == (3, 32, 8, 8)
     assert (z - z_ref).abs().max() < 1e-5
@@ -150,10 +151,10 @@ def test_masked_pixels_never_reach_the_encoder(encoder):
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0] * 4])  # 4x4 units of 16 px
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        out = model(x, mask)
-        assert torch.allclose(model(_perturb_unit(x, 16, 0, 4), mask), out, atol=1e-6)  # unit 0 masked
-        assert not torch.allclose(model(_perturb_unit(x, 16, 1, 4), mask), out, atol=1e-3)  # unit 1 visible
-        assert not torch.allclose(model(x), out, atol=1e-3)  # without a mask every patch is seen
+        out = model(x, mask).map
+        assert torch.allclose(model(_perturb_unit(x, 16, 0, 4), mask).map, out, atol=1e-6)  # unit 0 masked
+        assert not torch.allclose(model(_perturb_unit(x, 16, 1, 4), mask).map, out, atol=1e-3)  # unit 1 visible
+        assert not torch.allclose(model(x).map, out, atol=1e-3)  # without a mask every patch is seen
 
 
 def test_dropped_tokens_get_the_relative_bias_of_their_own_positions():

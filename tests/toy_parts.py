@@ -3,17 +3,20 @@ writes to add a backbone family and a method (CONTRIBUTING.md's checklists), in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, upsample_mask
-from mimlab.models.backbones.contract import LayerGroups, check_pool
+from mimlab.models.backbones.contract import BackboneDefaults, Encoding, LayerGroups, check_pool, hidden_blocks
 from mimlab.models.parts import Parts
 
 
-class ToyConvBackbone(nn.Module):
+class ToyConvBackbone(BackboneDefaults, nn.Module):
     """Two strided convolutions: (N, 3, H, W) -> one map (N, width, H/8, W/8). Masked 8-px units are zeroed in the input
-    and in the map (mask (N, L) over 8-px units or a ``MaskSet``, 1 = masked). Layer ids: stem 0, body 1."""
+    and in the map (mask (N, L) over 8-px units or a ``MaskSet``, 1 = masked). Layer ids: stem 0, body 1. No timm
+    equivalent, nothing optional in its checkpoints (``BackboneDefaults``)."""
 
     feature_pools = ("avg",)
     layer_decay_rules = ("stem_body",)
@@ -33,18 +36,25 @@ class ToyConvBackbone(nn.Module):
         plain = as_mask_set(mask).mask.to(x.device)
         return upsample_mask(plain, grid, factor).reshape(x.shape[0], 1, grid[0] * factor, grid[1] * factor)
 
-    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Encoding:
+        """Every position of the map, masked ones zero."""
+        return Encoding.of_map(self.forward_features(x, mask)[0], None if mask is None else as_mask_set(mask).mask)
+
+    def forward_features(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> list[Tensor]:
         if mask is not None:
             x = x * (1 - self._unit_map(mask, x, 8))
         out = self.body(torch.relu(self.stem(x)))
-        return out if mask is None else out * (1 - self._unit_map(mask, x, 1))
+        return [out if mask is None else out * (1 - self._unit_map(mask, x, 1))]
 
-    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
-        return [self(x, mask)]
+    def forward_intermediates(
+        self, x: Tensor, indices: Sequence[int] | str, mask: Tensor | None = None
+    ) -> list[Tensor]:
+        hidden_blocks(indices, 1)  # one stage: checks the indices
+        return self.forward_features(x, mask)
 
     def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor:
         check_pool(self, pool)
-        return self(x).mean(dim=(2, 3))
+        return self.forward_features(x)[0].mean(dim=(2, 3))
 
     def drop_final_norm(self) -> tuple[str, ...]:
         """No final norm."""
@@ -69,5 +79,5 @@ class ToyPixelDecoder(nn.Module):
         """Built from the parts it attaches to: the backbone's width, the mask unit (no config reads another's keys)."""
         return cls(in_channels=parts.backbone.out_channels[-1], unit_size=parts.unit_size)
 
-    def forward(self, features: Tensor, mask: Tensor) -> Tensor:
-        return self.pred(features).flatten(2).transpose(1, 2)
+    def forward(self, features: Encoding, mask: Tensor) -> Tensor:
+        return self.pred(features.map).flatten(2).transpose(1, 2)

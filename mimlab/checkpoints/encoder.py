@@ -155,8 +155,9 @@ def checkpoint_encoder(path: str | Path, ema: bool = False, num_heads: int | Non
         node = inferred_node(parts["backbone"], num_heads or node.get("num_heads"))
     backbone = build_backbone(node)
     # a file without the final norm's weights comes from global-pool fine-tuning, which dropped it (MAE's ViT)
-    final_norm = "norm.weight" in parts["backbone"] or not check_backbone(backbone).drop_final_norm()
-    optional, unused = (getattr(backbone, f"checkpoint_{kind}_keys", ()) for kind in ("optional", "unused"))
+    declared = check_backbone(backbone)
+    final_norm = "norm.weight" in parts["backbone"] or not declared.drop_final_norm()
+    optional, unused = declared.checkpoint_optional_keys, declared.checkpoint_unused_keys
     fit_state(backbone, parts["backbone"], str(path), layout, allow_missing=optional, ignore_unexpected=unused)
     head = _head(raw, prefix + "head.") if layout == "mimlab" else {}
     return CheckpointEncoder(backbone.eval(), dict(node), head, final_norm, config, layout)

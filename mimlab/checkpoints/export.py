@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from mimlab.checkpoints.encoder import build_backbone, checkpoint_encoder
 from mimlab.checkpoints.files import load_file
 from mimlab.checkpoints.load import split_submodel
-from mimlab.models.backbones.contract import TimmEquivalent
+from mimlab.models.backbones.contract import Backbone, check_backbone
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,8 @@ class Exported:
         return "timm" if "model_name" in self.spec else "mimlab"
 
 
-def _probe_images(backbone: nn.Module, node: dict[str, Any]) -> Tensor:
-    size = node.get("img_size") or 64
-    grid = getattr(backbone, "grid", None)
-    if grid is not None and hasattr(backbone, "patch_size"):
-        size = grid[0] * backbone.patch_size
+def _probe_images(backbone: Backbone) -> Tensor:
+    size = backbone.img_size or 64
     return torch.randn(2, 3, int(size), int(size), generator=torch.Generator().manual_seed(0))
 
 
@@ -140,9 +137,8 @@ def export(
     ckpt = Path(ckpt)
     encoder = checkpoint_encoder(ckpt, ema, num_heads)
     backbone, node, head, final_norm = encoder.backbone, encoder.node, encoder.head, encoder.final_norm
-    to_timm = getattr(backbone, "to_timm", None)
-    equivalent: TimmEquivalent | None = to_timm(head or None) if to_timm is not None else None
-    images = _probe_images(backbone, node)
+    equivalent = check_backbone(backbone).to_timm(head or None)
+    images = _probe_images(check_backbone(backbone))
     if equivalent is not None:
         out = Path(out) if out is not None else _default_out(ckpt, "timm")
         spec: dict[str, Any] = {"model_name": equivalent.name, "kwargs": equivalent.kwargs}

@@ -41,6 +41,7 @@ from mimlab.checkpoints.convnextv2 import convert_convnextv2_state_dict
 from mimlab.checkpoints.files import read_checkpoint, read_state_dict
 from mimlab.checkpoints.itpn import convert_official_itpn
 from mimlab.checkpoints.layout import CheckpointMismatchError, Converted, Layout
+from mimlab.models.backbones.contract import check_backbone
 
 __all__ = ["CheckpointMismatchError", "fit_state", "load_pretrained", "pretrained_parts"]
 
@@ -290,8 +291,9 @@ def load_pretrained(
         )
     config = (checkpoint.get("mimlab") or {}).get("config") if isinstance(checkpoint, Mapping) else None
     trained_target = (((config or {}).get("model") or {}).get("backbone") or {}).get("_target_")
-    allow_missing = (*allow_missing, *getattr(backbone, "checkpoint_optional_keys", ()))
-    ignore_unexpected = (*ignore_unexpected, *getattr(backbone, "checkpoint_unused_keys", ()))
+    declared = check_backbone(backbone)
+    allow_missing = (*allow_missing, *declared.checkpoint_optional_keys)
+    ignore_unexpected = (*ignore_unexpected, *declared.checkpoint_unused_keys)
     report = {
         "backbone": fit_state(
             backbone, parts["backbone"], name, layout, allow_missing, ignore_unexpected, trained_target

@@ -21,17 +21,27 @@ Modelled on the model-zoo conventions of timm (``feature_info``, ``group_matcher
   the checkpoint key patterns no longer used; ``()`` where the family keeps it (Swin, ConvNeXt V2's head norm, HiViT);
 * ``layer_decay_rules: tuple[str, ...]`` and ``layer_decay_rule: str`` (the default) — the official layer-wise lr
   decay rules of the family by name; ``layer_groups(rule=None) -> LayerGroups`` gives every parameter its layer id;
-* ``forward(x, mask)`` — the masked forward of pre-training: an :class:`Encoding` for token backbones that drop or
-  inpaint units (ViT, HiViT: tokens, kept units, the stage ``pyramid``, the block outputs ``hidden`` asked for with
-  ``keep_hidden`` / ``request_hidden``), the final map for those that keep every position.
+* ``forward(x, mask)`` — the masked forward of pre-training, an :class:`Encoding` for every backbone: the kept tokens
+  of one that drops masked units (ViT, HiViT; with the stage ``pyramid`` and the block outputs ``hidden`` asked for
+  with ``keep_hidden`` / ``request_hidden``), every position of one that keeps them (mask-token ViT and Swin,
+  ConvNeXt V2: :meth:`Encoding.of_map`; decoders read :attr:`Encoding.map`);
+* ``forward_intermediates(x, indices, mask=None) -> list[Tensor]`` — timm's way to reach intermediate features: the
+  outputs of blocks (ViT, HiViT's main blocks; tokens (N, P+K, D) before the final norm, the tensors of
+  ``Encoding.hidden``) or stages (ConvNeXt V2, Swin: the maps of ``forward_features``) ``indices`` (ints, negative
+  ones from the end, or "all"), under ``mask`` when one is given;
+* ``checkpoint_optional_keys`` / ``checkpoint_unused_keys`` — key patterns a checkpoint may lack (they keep their
+  init: a mask token, ViTDet's relative position tables) / that the backbone does not use (ViTDet's final norm);
+* ``to_timm(head=None) -> TimmEquivalent | None`` — the timm model that computes exactly what the backbone computes
+  (with a fine-tuning head's ``fc_norm.*`` / ``fc.*`` tensors), used by ``mimlab-export``; None where timm builds no
+  such model (HiViT, the post-norm ViT of data2vec 2.0): the backbone is then exported as its own state dict and
+  config.
+
+:class:`BackboneDefaults` gives the last three their "nothing declared" values (no optional or unused keys, no timm
+equivalent) for a family to inherit.
 
 :func:`check_backbone` verifies all of it and returns the backbone typed as :class:`Backbone`; every task calls it
 when it is built (composition time, before any data is read), so a backbone that forgets part of the contract fails
 there, naming what is missing.
-
-Optional: ``to_timm(head=None) -> TimmEquivalent | None`` — the timm model that computes exactly what the backbone
-computes (with a fine-tuning head's ``fc_norm.*`` / ``fc.*`` tensors), used by ``mimlab-export``; a backbone without
-one (HiViT, the post-norm ViT of data2vec 2.0) is exported as its own state dict and config.
 """
 
 from __future__ import annotations
@@ -42,8 +52,20 @@ from typing import Any, Protocol, cast
 
 from torch import Tensor, nn
 
-CONTRACT_METHODS = ("forward_features", "forward_pooled", "no_weight_decay", "layer_groups", "drop_final_norm")
+from mimlab.masking import mask_to_token_grid
+
+CONTRACT_METHODS = (
+    "forward_features",
+    "forward_intermediates",
+    "forward_pooled",
+    "no_weight_decay",
+    "layer_groups",
+    "drop_final_norm",
+    "to_timm",
+)
 CONTRACT_ATTRIBUTES = (
+    "checkpoint_optional_keys",
+    "checkpoint_unused_keys",
     "out_channels",
     "out_strides",
     "in_chans",
@@ -58,14 +80,14 @@ CONTRACT_ATTRIBUTES = (
 
 @dataclass
 class Encoding:
-    """What a token backbone's masked forward ``forward(x, mask)`` returns (ViT, HiViT; the backbones that keep every
-    position — mask-token ViT and Swin, ConvNeXt V2 — return their final map ``(N, C, h, w)`` instead).
+    """What every backbone's masked forward ``forward(x, mask)`` returns.
 
     tokens: (N, P+K, D) the final tokens: P prefix tokens (the cls token; P = ``num_prefix_tokens``) then the K kept
-        units in ascending grid order (K = L where masked units are kept, inpainted); N counts mask rows
-        (images x clones).
-    mask: (N, L) over the ``grid`` of units, 1 = masked; None without a mask.
-    grid: (gh, gw) the unit grid of the final stage.
+        units in ascending grid order (K = L where masked units are kept: inpainted by a mask token or zeroed, and for
+        every position of a backbone that keeps them all, :meth:`of_map`); N counts mask rows (images x clones).
+    mask: (N, L) over the ``grid`` of units, 1 = masked; None without a mask (or, for :meth:`of_map`, where the mask
+        units are finer than the final map).
+    grid: (gh, gw) the unit grid of the final stage (the final map's positions for :meth:`of_map`).
     ids_keep: (N, K) the grid index of each kept unit; None when nothing was dropped.
     ids_restore: (N, L) the unshuffle indices of ``[kept, dropped]`` order (MAE's), where the backbone states them.
     pyramid: the stage outputs of a hierarchical backbone at the kept units, finest first, in unit layout
@@ -82,6 +104,29 @@ class Encoding:
     num_prefix_tokens: int = 0
     pyramid: tuple[Tensor, ...] = ()
     hidden: dict[int, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of_map(cls, feature_map: Tensor, mask: Tensor | None) -> Encoding:
+        """The encoding of a backbone that keeps every position: its final map (N, D, h, w) as tokens (N, h·w, D) (a
+        view), ``mask`` (N, L_units) brought onto the (h, w) grid where the units tile it."""
+        grid = (int(feature_map.shape[-2]), int(feature_map.shape[-1]))
+        if mask is not None:
+            units = mask.shape[1]
+            tiles = (grid[0] * grid[1]) % units == 0 and grid[0] * grid[1] >= units
+            mask = mask_to_token_grid(mask.to(feature_map.device), grid) if tiles else None
+        return cls(feature_map.flatten(2).transpose(1, 2), mask, grid)
+
+    @property
+    def map(self) -> Tensor:
+        """(N, D, gh, gw) the final tokens of every unit as a map (prefix tokens dropped), for a decoder that reads a
+        dense map (SimMIM, MaskFeat, FCMAE); raises where masked units were dropped."""
+        if self.tokens.shape[1] - self.num_prefix_tokens != self.grid[0] * self.grid[1]:
+            raise ValueError(
+                "this decoder reads a map of every position, but the backbone dropped the masked units: use a "
+                "backbone that keeps them (MaskTokenViT, MaskTokenSwin, MaskedConvNeXtV2, or drop_masked=false)"
+            )
+        tokens = self.tokens[:, self.num_prefix_tokens :]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.grid)
 
     @property
     def restore(self) -> Tensor:
@@ -135,13 +180,34 @@ class Backbone(Protocol):
     @property
     def layer_decay_rule(self) -> str: ...
 
-    def __call__(self, x: Tensor, mask: Any = None) -> Any: ...
+    @property
+    def checkpoint_optional_keys(self) -> tuple[str, ...]: ...
+    @property
+    def checkpoint_unused_keys(self) -> tuple[str, ...]: ...
+
+    def __call__(self, x: Tensor, mask: Any = None) -> Encoding: ...
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]: ...
+    def forward_intermediates(
+        self, x: Tensor, indices: Sequence[int] | str, mask: Tensor | None = None
+    ) -> list[Tensor]: ...
     def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor: ...
     def no_weight_decay(self) -> set[str]: ...
     def drop_final_norm(self) -> tuple[str, ...]: ...
     def layer_groups(self, rule: str | None = None) -> LayerGroups: ...
+    def to_timm(self, head: dict[str, Tensor] | None = None) -> TimmEquivalent | None: ...
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+
+class BackboneDefaults:
+    """The optional declarations of the contract at their "nothing declared" values, for a family to inherit (and
+    override what it has): a checkpoint must hold every key and use all of them, and timm builds no equivalent model
+    (the export writes the mimlab state dict and config)."""
+
+    checkpoint_optional_keys: tuple[str, ...] = ()
+    checkpoint_unused_keys: tuple[str, ...] = ()
+
+    def to_timm(self, head: dict[str, Tensor] | None = None) -> TimmEquivalent | None:
+        return None
 
 
 class BackboneContractError(TypeError):

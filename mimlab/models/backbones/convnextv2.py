@@ -27,7 +27,15 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set
-from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
+from mimlab.models.backbones.contract import (
+    BackboneDefaults,
+    Encoding,
+    LayerGroups,
+    TimmEquivalent,
+    check_pool,
+    hidden_blocks,
+    resolve_rule,
+)
 from mimlab.models.layers.grn import GRN
 
 __all__ = ["ConvNeXtV2Block", "MaskedConvNeXtV2", "mask_to_map"]
@@ -80,7 +88,7 @@ class ConvNeXtV2Block(nn.Module):
         return x
 
 
-class MaskedConvNeXtV2(nn.Module):
+class MaskedConvNeXtV2(BackboneDefaults, nn.Module):
     """ConvNeXt V2 encoder, mask-aware.
 
     Args:
@@ -260,10 +268,18 @@ class MaskedConvNeXtV2(nn.Module):
             feats.append(x)
         return feats
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | MaskSet | None = None) -> torch.Tensor:
-        """Masked encoding for FCMAE: the last stage ``(N, dims[-1], H/32, W/32)``, zero at masked positions; ``mask``
-        (N, L_units), 1 = masked, or its ``MaskSet``."""
-        return self.forward_features(x, None if mask is None else as_mask_set(mask).mask)[-1]
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int] | str, mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The maps of stages ``indices`` (ints, negative from the end, or "all"; ascending) of :meth:`forward_features`."""
+        feats = self.forward_features(x, mask)
+        return [feats[i] for i in hidden_blocks(indices, len(feats))]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | MaskSet | None = None) -> Encoding:
+        """Masked encoding for FCMAE: every position of the last stage (``Encoding.map`` (N, dims[-1], H/32, W/32), zero
+        at masked positions); ``mask`` (N, L_units), 1 = masked, or its ``MaskSet``."""
+        plain = None if mask is None else as_mask_set(mask).mask
+        return Encoding.of_map(self.forward_features(x, plain)[-1], plain)
 
     def forward_head(self, feature: torch.Tensor) -> torch.Tensor:
         """Global average pool -> LN -> Linear on the last stage map ``(N, C, h, w)`` -> ``(N, num_classes)``."""

@@ -31,7 +31,14 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, fill_masked, keep_indices, num_visible
-from mimlab.models.backbones.contract import Encoding, LayerGroups, check_pool, hidden_blocks, resolve_rule
+from mimlab.models.backbones.contract import (
+    BackboneDefaults,
+    Encoding,
+    LayerGroups,
+    check_pool,
+    hidden_blocks,
+    resolve_rule,
+)
 from mimlab.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -186,7 +193,7 @@ def map_to_units(x: Tensor, unit: int) -> Tensor:
     return x.reshape(n, c, gh, unit, gw, unit).permute(0, 2, 4, 3, 5, 1).reshape(n, gh * gw, unit, unit, c)
 
 
-class HiViT(nn.Module):
+class HiViT(BackboneDefaults, nn.Module):
     """HiViT / iTPN backbone (see module docstring).
 
     Args:
@@ -339,6 +346,17 @@ class HiViT(nn.Module):
         """The masked encoding (:class:`~mimlab.models.backbones.contract.Encoding` with ``pyramid`` = (f4
         (N,K,4,4,D/4), f8 (N,K,2,2,D/2), x16 (N,K,D))) of (N, 3, H, W); ``mask`` (N, L) over 16-px units or a
         ``MaskSet`` stating its visible count, 1 = masked (None = full image)."""
+        return self._encode(x, mask, self.keep_hidden)
+
+    def forward_intermediates(
+        self, x: Tensor, indices: Sequence[int] | str, mask: Tensor | MaskSet | None = None
+    ) -> list[Tensor]:
+        """The outputs (N, K, D) of main blocks ``indices`` (ints, negative from the end, or "all"; ascending) for the
+        units ``mask`` (1 = masked) leaves in (all of them without a mask)."""
+        keep = hidden_blocks(indices, len(self.main_blocks))
+        return list(self._encode(x, mask, keep).hidden.values())
+
+    def _encode(self, x: Tensor, mask: Tensor | MaskSet | None, keep: Sequence[int]) -> Encoding:
         stated = mask.visible if isinstance(mask, MaskSet) else None
         mask = mask.mask if isinstance(mask, MaskSet) else mask
         n, _, h, w = x.shape
@@ -376,7 +394,7 @@ class HiViT(nn.Module):
         hidden = {}
         for i, blk in enumerate(self.main_blocks):
             x = blk(x, rpe_index)
-            if i in self.keep_hidden:
+            if i in keep:
                 hidden[i] = x
         return Encoding(x, mask, grid, ids_keep=ids_keep, pyramid=(f4, f8, x), hidden=hidden)
 

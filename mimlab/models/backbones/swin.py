@@ -8,6 +8,7 @@ Mask convention: ``mask[n, l] = 1`` means unit ``l`` is masked; 32-px units are 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -16,15 +17,24 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, fill_masked, mask_to_token_grid
-from mimlab.models.backbones.contract import LayerGroups, TimmEquivalent, check_pool, resolve_rule
+from mimlab.models.backbones.contract import (
+    BackboneDefaults,
+    Encoding,
+    LayerGroups,
+    TimmEquivalent,
+    check_pool,
+    hidden_blocks,
+    resolve_rule,
+)
 
 
-class MaskTokenSwin(SwinTransformer):
+class MaskTokenSwin(BackboneDefaults, SwinTransformer):
     """timm ``SwinTransformer`` (its keyword arguments; no classifier) plus ``mask_token`` (1, 1, C0).
 
     Swin-B for SimMIM: ``embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)``, 192 px with ``window_size=6``.
     Backbone contract: ``forward_features(x, mask=None)`` -> four NCHW maps at ``out_strides`` (4, 8, 16, 32) with
-    ``out_channels`` (C0, 2C0, 4C0, 8C0), the last one final-normed; ``forward(x, mask)`` -> the last map (dense kind);
+    ``out_channels`` (C0, 2C0, 4C0, 8C0), the last one final-normed; ``forward(x, mask)`` -> every position of the last
+    map (``Encoding.of_map``);
     pooled feature "avg" (timm's head input, ``num_features = 8C0``); layer-decay rule "simmim" (:meth:`layer_groups`);
     no weight decay on the relative position bias tables and ``mask_token`` (SimMIM). A checkpoint of the plain Swin
     (fine-tuned, timm) may lack ``mask_token``, which then keeps its init (``checkpoint_optional_keys``).
@@ -110,6 +120,15 @@ class MaskTokenSwin(SwinTransformer):
             maps.append(self.norm(tokens) if i == len(self.layers) - 1 else tokens)
         return [m.permute(0, 3, 1, 2) for m in maps]
 
-    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Tensor:
-        """(N, 3, H, W), (N, L_units) 1 = masked (or its ``MaskSet``) -> (N, 8C0, H/32, W/32), every position encoded."""
-        return self.forward_features(x, None if mask is None else as_mask_set(mask).mask)[-1]
+    def forward_intermediates(  # type: ignore[override]
+        self, x: Tensor, indices: Sequence[int] | str, mask: Tensor | None = None
+    ) -> list[Tensor]:
+        """The maps of stages ``indices`` (ints, negative from the end, or "all"; ascending) of :meth:`forward_features`."""
+        feats = self.forward_features(x, mask)
+        return [feats[i] for i in hidden_blocks(indices, len(feats))]
+
+    def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Encoding:  # type: ignore[override]
+        """(N, 3, H, W), (N, L_units) 1 = masked (or its ``MaskSet``) -> every position of the last stage
+        (``Encoding.map`` (N, 8C0, H/32, W/32))."""
+        plain = None if mask is None else as_mask_set(mask).mask
+        return Encoding.of_map(self.forward_features(x, plain)[-1], plain)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, keep_indices, mask_to_token_grid, num_visible, repeat_clones
 from mimlab.models.backbones.contract import (
+    BackboneDefaults,
     Encoding,
     LayerGroups,
     TimmEquivalent,
@@ -41,7 +42,7 @@ from mimlab.models.pos_embed import sincos_2d_pos_embed
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
 
-class MaskedViT(nn.Module):
+class MaskedViT(BackboneDefaults, nn.Module):
     """ViT encoder with MAE masking: cls token, fixed 2-D sin-cos pos-embed (zero cls row), pre-norm timm blocks.
 
     Backbone contract (``mimlab.models.backbones.contract``): one map at stride ``patch_size`` with ``embed_dim``
@@ -293,12 +294,15 @@ class MaskedViT(nn.Module):
             return bias.to(torch.get_autocast_dtype(device))
         return bias.to(x.dtype)
 
-    def _run_blocks(self, x: Tensor, attn_bias: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    def _run_blocks(
+        self, x: Tensor, attn_bias: Tensor | None = None, keep: Sequence[int] = ()
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Blocks then the final norm on (N, P+K, D); also the outputs of blocks ``keep`` (before the norm)."""
         hidden = {}
         x = self.norm_pre(x)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask=attn_bias)
-            if i in self.keep_hidden:
+            if i in keep:
                 hidden[i] = x
         return self.norm(x), hidden
 
@@ -308,6 +312,17 @@ class MaskedViT(nn.Module):
 
         The visible count comes from the ``MaskSet`` (``visible``, stated by the generator), else from the mask; the mask
         may live on the host and is moved to the device of ``x``."""
+        return self._encode(x, mask, self.keep_hidden)
+
+    def forward_intermediates(
+        self, x: Tensor, indices: Sequence[int] | str, mask: Tensor | MaskSet | None = None
+    ) -> list[Tensor]:
+        """The outputs (N, P+K, D) of blocks ``indices`` (ints, negative from the end, or "all"; ascending), before the
+        final norm, for the patches ``mask`` (1 = masked) leaves in (all of them without a mask)."""
+        keep = hidden_blocks(indices, len(self.blocks))
+        return list(self._encode(x, mask, keep).hidden.values())
+
+    def _encode(self, x: Tensor, mask: Tensor | MaskSet | None, keep: Sequence[int]) -> Encoding:
         tokens, grid = self._embed(x)
         if mask is None:
             mask = torch.zeros(tokens.shape[0], tokens.shape[1], device=x.device)
@@ -321,7 +336,7 @@ class MaskedViT(nn.Module):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = keep_indices(mask, num_keep)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-        out, hidden = self._run_blocks(self._prepend_cls(visible), self._attn_bias(visible, ids_keep))
+        out, hidden = self._run_blocks(self._prepend_cls(visible), self._attn_bias(visible, ids_keep), keep)
         return Encoding(
             tokens=out,
             mask=mask,

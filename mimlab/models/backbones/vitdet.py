@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from timm.models.vision_transformer_sam import Block as WindowedBlock
 from torch import Tensor, nn
 
-from mimlab.models.backbones.contract import check_pool
+from mimlab.masking import MaskSet
+from mimlab.models.backbones.contract import check_pool, hidden_blocks
 from mimlab.models.backbones.vit import MaskedViT
 
 
@@ -80,10 +81,19 @@ class ViTDetBackbone(MaskedViT):
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """One map (N, D, H/p, W/p) at stride ``patch_size`` from the patch tokens (no cls token, no final norm)."""
+        return self.forward_intermediates(x, [-1], mask)
+
+    def forward_intermediates(
+        self, x: Tensor, indices: Sequence[int] | str, mask: Tensor | MaskSet | None = None
+    ) -> list[Tensor]:
+        """The maps (N, D, H/p, W/p) after blocks ``indices`` (ints, negative from the end, or "all"; ascending)."""
         if mask is not None:
             raise ValueError("ViTDetBackbone does not take a mask (windowed attention needs the whole patch grid).")
+        keep = hidden_blocks(indices, len(self.blocks))
         tokens, (gh, gw) = self._embed(x)
-        y = tokens.reshape(tokens.shape[0], gh, gw, tokens.shape[-1])
-        for block in self.blocks:
+        y, out = tokens.reshape(tokens.shape[0], gh, gw, tokens.shape[-1]), []
+        for i, block in enumerate(self.blocks):
             y = block(y)
-        return [y.permute(0, 3, 1, 2)]
+            if i in keep:
+                out.append(y.permute(0, 3, 1, 2))
+        return out

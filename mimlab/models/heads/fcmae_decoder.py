@@ -12,6 +12,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
+from mimlab.models.backbones.contract import Encoding
 from mimlab.models.backbones.convnextv2 import ConvNeXtV2Block, mask_to_map
 from mimlab.models.parts import Parts
 
@@ -21,7 +22,8 @@ __all__ = ["FCMAEDecoder"]
 class FCMAEDecoder(nn.Module):
     """Predict pixels of every mask unit from the last encoder stage.
 
-    ``forward(x, mask)``: ``x`` (N, in_channels, gh, gw) — one position per mask unit (stride 32, 32-px units);
+    ``forward(features, mask)``: ``features`` the encoding of every position (its ``map`` (N, in_channels, gh, gw): one
+    position per mask unit, stride 32, 32-px units);
     ``mask`` (N, gh*gw), 1 = masked. Returns ``(N, gh*gw, out_dim)`` with ``out_dim = patch_size² · in_chans``,
     ordered like ``mimlab.models.patchify`` (row-in-patch, col-in-patch, channel), so it is compared directly
     with ``NormPixTarget(patch_size)``; the loss keeps masked units only.
@@ -56,7 +58,8 @@ class FCMAEDecoder(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)  # type: ignore[arg-type]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: Encoding, mask: torch.Tensor) -> torch.Tensor:
+        x = features.map
         gh, gw = x.shape[-2:]
         if mask.shape[1] != gh * gw:
             raise ValueError(

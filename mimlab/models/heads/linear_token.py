@@ -1,7 +1,7 @@
 """A linear prediction per token, MaskFeat's head (github.com/facebookresearch/SlowFast ``MSSeparateHead`` without
 decoder blocks: LayerNorm + Linear; the LayerNorm is the encoder's final norm here).
 
-Input: a dense encoder map (N, C, h, w). Output: (N, h·w, out_dim), row-major tokens, predicted for every token (the
+Input: the ``Encoding`` of an encoder that keeps every position (its ``map`` (N, C, h, w)). Output: (N, h·w, out_dim), row-major tokens, predicted for every token (the
 loss keeps the masked ones). The token grid must be the mask-unit grid (MaskFeat masks single 16-px patches).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from mimlab.models.backbones.contract import Encoding
 from mimlab.models.parts import Parts
 
 
@@ -28,6 +29,6 @@ class LinearTokenHead(nn.Module):
         trunc_normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(N, C, h, w) -> (N, h·w, out_dim)."""
-        return self.proj(features.flatten(2).transpose(1, 2))
+    def forward(self, features: Encoding, mask: Tensor | None = None) -> Tensor:
+        """Encoding of every position (map (N, C, h, w)) -> (N, h·w, out_dim)."""
+        return self.proj(features.map.flatten(2).transpose(1, 2))

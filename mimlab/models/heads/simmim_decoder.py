@@ -1,7 +1,7 @@
 """SimMIM's one-layer prediction head (github.com/microsoft/SimMIM ``models/simmim.py``): a 1x1 convolution to
 ``stride² · 3`` channels and ``PixelShuffle(stride)`` back to image resolution.
 
-Input: the dense encoder map (N, C, H/s, W/s) of a mask-token encoder (every position encoded). Output: the predicted
+Input: the ``Encoding`` of a mask-token encoder (every position encoded; its ``map`` (N, C, H/s, W/s)). Output: the predicted
 image, patchified over the ``unit_size``-pixel mask units, (N, L_units, unit_size² · 3), in
 :mod:`mimlab.models.patchify` order, so it is compared with ``NormPixTarget(unit_size, norm_pix=False)`` on masked units.
 """
@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from mimlab.models.backbones.contract import Encoding
 from mimlab.models.parts import Parts
 from mimlab.models.patchify import patchify
 
@@ -40,6 +41,7 @@ class SimMIMDecoder(nn.Module):
             nn.PixelShuffle(encoder_stride),
         )
 
-    def forward(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(N, C, h, w) -> (N, L_units, unit_size² · in_chans); ``mask`` is not needed (the loss selects units)."""
-        return patchify(self.decoder(features), self.unit_size)
+    def forward(self, features: Encoding, mask: Tensor | None = None) -> Tensor:
+        """Encoding of every position (map (N, C, h, w)) -> (N, L_units, unit_size² · in_chans); ``mask`` is not
+        needed (the loss selects units)."""
+        return patchify(self.decoder(features.map), self.unit_size)
