@@ -66,7 +66,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"),
         instantiate_part(cfg.guard),
     ]
-    callbacks = [instantiate_part(c) for c in cfg.callbacks.values()] + infrastructure
+    callbacks = [instantiate_part(c) for c in cfg.callbacks.values() if c is not None] + infrastructure  # null: off
     loggers = [instantiate_part(c) for c in cfg.logger.values()]
     plugins = [AtomicCheckpointIO(), *(instantiate_part(cfg.hardware.get("plugins")) or [])]  # e.g. SLURMEnvironment
     trainer = instantiate_part(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)

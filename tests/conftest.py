@@ -59,16 +59,7 @@ TINY_MAE = [
     "logger=csv",
     *TINY_VIT,
 ]
-TINY_MAE_QUIET = [
-    *TINY_MAE,
-    "model.decoder.embed_dim=16",
-    "model.decoder.num_heads=2",
-    "~callbacks.progress",
-    "~callbacks.reconstruction",
-    "~callbacks.knn",
-    "~callbacks.dashboard",
-    "~callbacks.throughput",
-]
+TINY_MAE_QUIET = [*TINY_MAE, "model.decoder.embed_dim=16", "model.decoder.num_heads=2", "debug=quiet"]
 
 # The EMA-teacher CPU recipes at test size (with TINY_VIT): their decoders, teacher depth and mask clones.
 TINY_EMA_TARGETS = {

@@ -139,3 +139,16 @@ def test_detection_optimiser_knobs_live_in_the_optim_group(tmp_path):
         steps_per_epoch=1000, epochs=1, warmup_epochs=module.optim.warmup_epochs, min_lr_ratio=0.0
     )
     assert schedule(50) == pytest.approx(0.5 * (1 - 50 / 1000), rel=1e-5)  # warm-up x poly
+
+
+@pytest.mark.parametrize("experiment", ["mae_vit_tiny_synthetic", "finetune_vit_tiny_synthetic"])
+def test_debug_quiet_builds_no_drawing_probing_or_timing_callback(experiment, tmp_path):
+    """``debug=quiet`` (conf/debug/): the callbacks it sets to null are not built; checkpoints and lr logging stay."""
+    names = {}
+    for debug in ([], ["debug=quiet"]):
+        cfg = compose_config([f"experiment={experiment}", "logger=csv", "data.root=/never/read", *debug], tmp_path)
+        _, _, trainer = build(cfg)
+        names[bool(debug)] = {type(c).__name__ for c in trainer.callbacks}
+    assert {"RunCheckpoint", "LearningRateMonitor", "NonFiniteGuard"} <= names[True]
+    assert {"WallClockThroughput", "ProgressBar"} <= names[False] - names[True]
+    assert not {"KNNMonitor", "ReconstructionPanel", "TrainingDashboard", "TeacherTargetPanel"} & names[True]

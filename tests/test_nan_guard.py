@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_MAE_QUIET, compose_config
+from conftest import TINY_MAE_QUIET, TINY_VIT, compose_config
 from mimlab.callbacks.nan_guard import NonFiniteLossError
 from mimlab.train import build
 
@@ -139,7 +139,6 @@ class NaNImagesAt(L.Callback):
             self.after = {k: v.clone() for k, v in pl_module.named_buffers()}
 
 
-TINY_VIT = ["model.backbone.embed_dim=32", "model.backbone.depth=1", "model.backbone.num_heads=2"]
 TASKS = {
     "linear_probe": ["experiment=linprobe_vit_tiny_synthetic", "data.img_size=32", "data.batch_size=8"],
     "detection": [
