@@ -261,24 +261,26 @@ class TimmEquivalent:
 
 def resolve_rule(backbone: nn.Module, rule: str | None) -> str:
     """``rule`` (or the backbone's default ``layer_decay_rule``), checked against ``layer_decay_rules``."""
-    rule = backbone.layer_decay_rule if rule is None else rule  # type: ignore[assignment]
-    if rule not in backbone.layer_decay_rules:  # type: ignore[operator]
+    declared = cast(Backbone, backbone)
+    rule = declared.layer_decay_rule if rule is None else rule
+    if rule not in declared.layer_decay_rules:
         raise ValueError(
             f"{type(backbone).__name__} has no layer-decay rule {rule!r}; its rules are "
-            f"{list(backbone.layer_decay_rules)} (set model.backbone.layer_decay_rule)"  # type: ignore[arg-type]
+            f"{list(declared.layer_decay_rules)} (set model.backbone.layer_decay_rule)"
         )
-    return rule  # type: ignore[return-value]
+    return rule
 
 
 def check_pool(backbone: nn.Module, pool: str | None) -> str:
     """``pool`` (None: the backbone's ``global_pool``), raising unless it is one of the backbone's ``feature_pools``."""
-    pool = backbone.global_pool if pool is None else pool  # type: ignore[assignment]
-    if pool not in backbone.feature_pools:  # type: ignore[operator]
+    declared = cast(Backbone, backbone)
+    pool = declared.global_pool if pool is None else pool
+    if pool not in declared.feature_pools:
         raise ValueError(
             f"{type(backbone).__name__} has no {pool!r} feature; its pooled features are "
-            f"{list(backbone.feature_pools)} (set task.features.pool)"  # type: ignore[arg-type]
+            f"{list(declared.feature_pools)} (set task.features.pool)"
         )
-    return pool  # type: ignore[return-value]
+    return pool
 
 
 def check_backbone(backbone: nn.Module) -> Backbone:
@@ -292,35 +294,36 @@ def check_backbone(backbone: nn.Module) -> Backbone:
             f"{name} does not implement the backbone contract: missing {', '.join(missing)}. Every backbone family "
             "declares them (CONTRIBUTING.md, 'Adding a backbone family'; mimlab.models.backbones.contract)."
         )
+    declared = cast(Backbone, backbone)
     problems = []
-    if len(backbone.out_channels) != len(backbone.out_strides) or not backbone.out_strides:  # type: ignore[arg-type]
+    if len(declared.out_channels) != len(declared.out_strides) or not declared.out_strides:
         problems.append(
-            f"out_channels {list(backbone.out_channels)} and out_strides {list(backbone.out_strides)} "  # type: ignore[arg-type]
+            f"out_channels {list(declared.out_channels)} and out_strides {list(declared.out_strides)} "
             "must be non-empty lists of the same length"
         )
-    unknown_pools = set(backbone.feature_pools) - {"avg", "cls"}  # type: ignore[arg-type]
-    if unknown_pools or not backbone.feature_pools:
-        problems.append(f"feature_pools {tuple(backbone.feature_pools)} must be a non-empty subset of ('avg', 'cls')")  # type: ignore[arg-type]
-    if backbone.global_pool not in backbone.feature_pools:  # type: ignore[operator]
+    unknown_pools = set(declared.feature_pools) - {"avg", "cls"}
+    if unknown_pools or not declared.feature_pools:
+        problems.append(f"feature_pools {tuple(declared.feature_pools)} must be a non-empty subset of ('avg', 'cls')")
+    if declared.global_pool not in declared.feature_pools:
         problems.append(
-            f"global_pool {backbone.global_pool!r} is not one of feature_pools {tuple(backbone.feature_pools)}"  # type: ignore[arg-type]
+            f"global_pool {declared.global_pool!r} is not one of feature_pools {tuple(declared.feature_pools)}"
         )
-    params = {n for n, _ in backbone.named_parameters()}
-    for rule in backbone.layer_decay_rules:  # type: ignore[union-attr]
-        groups = backbone.layer_groups(rule)  # type: ignore[operator]
+    params = {n for n, _ in declared.named_parameters()}
+    for rule in declared.layer_decay_rules:
+        groups = declared.layer_groups(rule)
         uncovered = sorted(params - set(groups.ids))
         outside = sorted(n for n, i in groups.ids.items() if not 0 <= i <= groups.num_layers)
         if uncovered:
             problems.append(f"layer_groups({rule!r}) gives no layer id to {uncovered[:5]}")
         if outside:
             problems.append(f"layer_groups({rule!r}) gives ids outside [0, {groups.num_layers}] to {outside[:5]}")
-    unknown_nwd = sorted(set(backbone.no_weight_decay()) - params)  # type: ignore[operator]
+    unknown_nwd = sorted(set(declared.no_weight_decay()) - params)
     if unknown_nwd:
         problems.append(f"no_weight_decay() names parameters it does not have: {unknown_nwd[:5]}")
-    if backbone.layer_decay_rule not in backbone.layer_decay_rules:  # type: ignore[operator]
+    if declared.layer_decay_rule not in declared.layer_decay_rules:
         problems.append(
-            f"layer_decay_rule {backbone.layer_decay_rule!r} is not one of {list(backbone.layer_decay_rules)}"  # type: ignore[arg-type]
+            f"layer_decay_rule {declared.layer_decay_rule!r} is not one of {list(declared.layer_decay_rules)}"
         )
     if problems:
         raise BackboneContractError(f"{name} breaks the backbone contract: " + "; ".join(problems))
-    return cast(Backbone, backbone)
+    return declared
