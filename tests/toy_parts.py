@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mimlab.masking import MaskSet, as_mask_set, upsample_mask
-from mimlab.models.backbones.contract import BackboneDefaults, Encoding, LayerGroups, check_pool, hidden_blocks
+from mimlab.models.backbones.contract import BackboneDefaults, Encoding, LayerGroups, check_pool, stage_intermediates
 from mimlab.models.parts import Parts
 
 
@@ -49,8 +49,7 @@ class ToyConvBackbone(BackboneDefaults, nn.Module):
     def forward_intermediates(
         self, x: Tensor, indices: Sequence[int] | str, mask: Tensor | None = None
     ) -> list[Tensor]:
-        hidden_blocks(indices, 1)  # one stage: checks the indices
-        return self.forward_features(x, mask)
+        return stage_intermediates(self.forward_features(x, mask), indices)
 
     def forward_pooled(self, x: Tensor, pool: str | None = None) -> Tensor:
         check_pool(self, pool)

@@ -137,8 +137,9 @@ def export(
     ckpt = Path(ckpt)
     encoder = checkpoint_encoder(ckpt, ema, num_heads)
     backbone, node, head, final_norm = encoder.backbone, encoder.node, encoder.head, encoder.final_norm
-    equivalent = check_backbone(backbone).to_timm(head or None)
-    images = _probe_images(check_backbone(backbone))
+    declared = check_backbone(backbone)
+    equivalent = declared.to_timm(head or None)
+    images = _probe_images(declared)
     if equivalent is not None:
         out = Path(out) if out is not None else _default_out(ckpt, "timm")
         spec: dict[str, Any] = {"model_name": equivalent.name, "kwargs": equivalent.kwargs}

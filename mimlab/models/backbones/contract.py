@@ -157,6 +157,12 @@ def hidden_blocks(keep: Sequence[int] | str, depth: int, known: Sequence[int] = 
     return tuple(sorted(out))
 
 
+def stage_intermediates(stages: list[Tensor], indices: Sequence[int] | str) -> list[Tensor]:
+    """``forward_intermediates`` of a stage backbone: the maps of ``stages`` (its ``forward_features``) at ``indices``
+    (ints, negative from the end, or "all"), ascending."""
+    return [stages[i] for i in hidden_blocks(indices, len(stages))]
+
+
 class Backbone(Protocol):
     """The backbone contract as a type (what :func:`check_backbone` verifies and returns): the declared widths and
     inputs that parts attach to, and the methods every task calls. A backbone is an ``nn.Module`` that has them."""

@@ -33,8 +33,8 @@ from mimlab.models.backbones.contract import (
     LayerGroups,
     TimmEquivalent,
     check_pool,
-    hidden_blocks,
     resolve_rule,
+    stage_intermediates,
 )
 from mimlab.models.layers.grn import GRN
 
@@ -272,8 +272,7 @@ class MaskedConvNeXtV2(BackboneDefaults, nn.Module):
         self, x: torch.Tensor, indices: Sequence[int] | str, mask: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         """The maps of stages ``indices`` (ints, negative from the end, or "all"; ascending) of :meth:`forward_features`."""
-        feats = self.forward_features(x, mask)
-        return [feats[i] for i in hidden_blocks(indices, len(feats))]
+        return stage_intermediates(self.forward_features(x, mask), indices)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | MaskSet | None = None) -> Encoding:
         """Masked encoding for FCMAE: every position of the last stage (``Encoding.map`` (N, dims[-1], H/32, W/32), zero

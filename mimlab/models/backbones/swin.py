@@ -23,8 +23,8 @@ from mimlab.models.backbones.contract import (
     LayerGroups,
     TimmEquivalent,
     check_pool,
-    hidden_blocks,
     resolve_rule,
+    stage_intermediates,
 )
 
 
@@ -124,8 +124,7 @@ class MaskTokenSwin(BackboneDefaults, SwinTransformer):
         self, x: Tensor, indices: Sequence[int] | str, mask: Tensor | None = None
     ) -> list[Tensor]:
         """The maps of stages ``indices`` (ints, negative from the end, or "all"; ascending) of :meth:`forward_features`."""
-        feats = self.forward_features(x, mask)
-        return [feats[i] for i in hidden_blocks(indices, len(feats))]
+        return stage_intermediates(self.forward_features(x, mask), indices)
 
     def forward(self, x: Tensor, mask: Tensor | MaskSet | None = None) -> Encoding:  # type: ignore[override]
         """(N, 3, H, W), (N, L_units) 1 = masked (or its ``MaskSet``) -> every position of the last stage
