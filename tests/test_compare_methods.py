@@ -52,6 +52,17 @@ def test_rows_are_grouped_by_method_with_mean_and_std_over_seeds(tmp_path):
     assert (tmp_path / "acc1_vs_method.png").stat().st_size > 0 and (tmp_path / "results.csv").exists()
 
 
+def test_runs_of_different_lengths_are_never_averaged(tmp_path):
+    rows = [
+        {"method": "ijepa", "seed": s, "steps": n, "metrics": {"knn": k, "knn_random": 28.0, "probe": 40.0}}
+        for s, n, k in ((0, 700, 29.0), (0, 2100, 35.0), (1, 2100, 37.0))
+    ] + [{"method": "mae", "seed": 0, "steps": 700, "metrics": {"knn": 40.0, "knn_random": 30.0, "probe": 50.0}}]
+    groups = compare.by_method(rows)
+    assert [g["method"] for g in groups] == ["ijepa (700 steps)", "ijepa (2,100 steps)", "mae"]
+    assert groups[1]["seeds"] == [0, 1] and groups[1]["mean"]["knn"] == pytest.approx(36.0)
+    assert "ijepa (2,100 steps)" in compare.write_table(groups, tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_job_composes_under_the_protocol_and_its_encoder_transfers(experiment, tmp_path):

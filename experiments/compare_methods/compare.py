@@ -9,9 +9,9 @@ a linear probe on frozen pooled features of the job's ``data.root``, :mod:`mimla
 two random inits of the same architecture, seeded by the job's seed: the exported model's own (timm's init; the
 mimlab class's for a mimlab-format export) and the mimlab backbone's. Results are cached in
 ``<job>/eval/representation.json``. Rows are grouped by method, mean ± std over the seeds of the sweep and of the
-``--also`` sweeps (seeds run later); ``knn_margin`` / ``probe_margin`` are each seed's trained figure minus its better
-random init, ``rank`` / ``cosine`` the trained features' effective rank and mean pairwise cosine (collapse shows as a
-low rank and a cosine near 1).
+``--also`` sweeps (seeds run later), one row per schedule where a method ran for several; ``knn_margin`` /
+``probe_margin`` are each seed's trained figure minus its better random init, ``rank`` / ``cosine`` the trained
+features' effective rank and mean pairwise cosine (collapse shows as a low rank and a cosine near 1).
 
 **Transfer** (``--transfer``): for each job ``<sweep>/<n>_experiment=<recipe>`` (its ``checkpoints/last.ckpt``), the transfer recipes of
 ``transfer.yaml`` run with ``task.pretrained=`` that checkpoint, the job's encoder config group and every encoder key
@@ -172,16 +172,29 @@ def row(job: Path, runs: dict[str, Path], measured: dict[str, dict[str, float]])
         if name.startswith("random init"):
             tag = name.removeprefix("random init (").removesuffix(")")
             metrics[f"knn_{tag}"], metrics[f"probe_{tag}"] = r["knn_top1"], r["probe_top1"]
-    return {"method": cfg.name, "seed": cfg.seed, "metrics": {k: v for k, v in metrics.items() if v is not None}}
+    return {
+        "method": cfg.name,
+        "seed": cfg.seed,
+        "steps": None if steps is None else int(steps) + 1,
+        "metrics": {k: v for k, v in metrics.items() if v is not None},
+    }
 
 
 def by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows grouped by method (first-seen order): ``{"method", "seeds", "mean": {...}, "std": {...}}``."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """Rows grouped by method and schedule (first-seen order): ``{"method", "seeds", "mean": {...}, "std": {...}}``.
+
+    A method run for more than one number of optimiser steps (a longer schedule, or a job that stopped early) gets one
+    row per step count, labelled ``<method> (<steps> steps)``, so runs of different lengths are never averaged.
+    """
+    groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(r["method"], []).append(r)
+        groups.setdefault((r["method"], r.get("steps")), []).append(r)
+    schedules: dict[str, int] = {}
+    for method, _ in groups:
+        schedules[method] = schedules.get(method, 0) + 1
     out = []
-    for method, members in groups.items():
+    for (name, steps), members in groups.items():
+        method = f"{name} ({steps:,} steps)" if schedules[name] > 1 else name
         keys = sorted({k for m in members for k in m["metrics"]})
         values = {k: [m["metrics"][k] for m in members if k in m["metrics"]] for k in keys}
         out.append(
@@ -230,7 +243,7 @@ def bar_chart(groups: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [g["method"].removesuffix("_synthetic") for g in groups]
+    names = [g["method"].replace("_synthetic", "") for g in groups]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(groups) + 1.6), sharey=True)
     for ax, (metric, title) in zip(axes, (("knn", "kNN top-1 (%)"), ("probe", "linear probe top-1 (%)"))):
         for i, (key, label) in enumerate(((metric, "pre-trained"), (f"{metric}_random", "best random init"))):
