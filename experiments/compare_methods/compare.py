@@ -254,13 +254,13 @@ def bar_chart(groups: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(title)
         ax.grid(axis="x", alpha=0.3)
     axes[0].invert_yaxis()
-    axes[0].legend(loc="lower right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2)  # below the panels, over no bar
     counts = sorted({len(g["seeds"]) for g in groups})
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     fig.suptitle(
         f"MIM methods under one protocol: pre-trained vs random init (mean ± std over {seeds} seeds per method)"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
