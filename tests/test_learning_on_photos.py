@@ -1,7 +1,7 @@
-"""Learning checks on real photos, per pre-training method family (MAE's, FCMAE's and data2vec 2.0's): a short pre-training of
-the method's own CPU recipe on CIFAR-10 photos (the staged ``cifar10_slice``), then the representation check (kNN and a
-linear probe on frozen features, :mod:`mimlab.evaluation.representation`) of the encoder it wrote against the same
-architecture with random init. A method whose loss falls while its features stay at random-init quality fails here.
+"""Learning checks on real photos, per pre-training method family (MAE's, FCMAE's and data2vec 2.0's): a short
+pre-training of the method's own CPU recipe on CIFAR-10 photos (the staged ``cifar10_slice``), then the representation
+check (kNN and a linear probe on frozen features, :mod:`mimlab.evaluation.representation`) of the encoder it wrote
+against the same architecture with random init. A method whose loss falls while its features stay at random-init quality fails here.
 
 The full protocol (9,000 photos, 700 steps) is experiments/compare_methods; these checks are the same recipe on a
 2,000-photo subset for fewer steps, with margins set well inside what that budget measured (printed with ``-s``).
@@ -11,8 +11,8 @@ their margin over random init was under 3 points on both measures, too close to 
 MaskFeat (mask token, HOG target): kNN 26.2 vs 25.8, probe 32.2 vs 30.2. Img2Vec (random teacher features): kNN 26.0
 vs 25.8, probe 30.2 vs 30.2. iTPN (HiViT, pixels): kNN 24.6 vs 23.6, probe 22.8 vs 24.0. data2vec 2.0 was as close at
 186 steps (kNN 24.6 vs 23.6, probe 26.6 vs 25.4) and clears the probe at 620 (below), so the EMA-teacher family has
-its check at that budget. SimMIM (+1.8 kNN, +3.6 probe at the full protocol, the smallest of the
-methods that learn there) was not measured here. I-JEPA learns measurably only with ~2,100 steps on 9,000 photos
+its check at that budget. SimMIM (+1.8 kNN, +3.6 probe at the full protocol, the smallest of the methods that learn
+there) was not measured here. I-JEPA learns measurably only with ~2,100 steps on 9,000 photos
 (experiments/compare_methods/README.md), far beyond a CI budget.
 """
 

@@ -31,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +190,7 @@ def by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["method"], r.get("steps")), []).append(r)
-    schedules: dict[str, int] = {}
-    for method, _ in groups:
-        schedules[method] = schedules.get(method, 0) + 1
+    schedules = Counter(name for name, _ in groups)
     out = []
     for (name, steps), members in groups.items():
         method = f"{name} ({steps:,} steps)" if schedules[name] > 1 else name
