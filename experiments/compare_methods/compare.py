@@ -143,11 +143,12 @@ def representation(job: Path, threads: int | None = None) -> dict[str, dict[str,
 
 
 def row(job: Path, runs: dict[str, Path], measured: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """One job's figures: its method name, seed and the COLUMNS values."""
+    """One job's figures: its method name, seed, optimiser steps and the COLUMNS values."""
     pre = read_metrics(job)
     cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
     gflops = pre.get("perf/train_gflops_per_img")
-    steps = pre.get("step")
+    last_step = pre.get("step")
+    steps = None if last_step is None else int(last_step) + 1  # optimiser steps taken (the logged step counts from 0)
     random = [r for name, r in measured.items() if name.startswith("random init")]
     metrics = {
         "params_M": encoder_params(job),
@@ -160,12 +161,9 @@ def row(job: Path, runs: dict[str, Path], measured: dict[str, dict[str, float]])
         **{f"{kind}/acc1": read_metrics(run).get("val/acc1") for kind, run in runs.items()},
         # images ÷ wall-clock seconds of the whole run (WallClockThroughput's last value); runs logged before it had
         # only ThroughputMonitor's windowed train/device/samples_per_sec, read as its median
-        "img_per_s": read_metrics(job).get("perf/img_per_s")
-        or read_metrics(job, "median").get("train/device/samples_per_sec"),
+        "img_per_s": pre.get("perf/img_per_s") or read_metrics(job, "median").get("train/device/samples_per_sec"),
         "gflops_per_img": gflops,
-        "pflops": gflops * (steps + 1) * cfg.data.batch_size / 1e6
-        if gflops is not None and steps is not None
-        else None,
+        "pflops": gflops * steps * cfg.data.batch_size / 1e6 if gflops is not None and steps is not None else None,
     }
     metrics["knn_margin"] = metrics["knn"] - metrics["knn_random"]  # over the better random init, per seed
     metrics["probe_margin"] = metrics["probe"] - metrics["probe_random"]
@@ -176,7 +174,7 @@ def row(job: Path, runs: dict[str, Path], measured: dict[str, dict[str, float]])
     return {
         "method": cfg.name,
         "seed": cfg.seed,
-        "steps": None if steps is None else int(steps) + 1,
+        "steps": steps,
         "metrics": {k: v for k, v in metrics.items() if v is not None},
     }
 
